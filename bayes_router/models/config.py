@@ -1,0 +1,97 @@
+"""One dataclass configures the routed language model; every submodule receives it whole."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TinyLMConfig:
+    """Configuration of :class:`~bayes_router.models.tinylm.TinyLM` and its routed layers.
+
+    :param vocab_size: number of token ids.
+    :param d_model: width ``D`` of the residual stream.
+    :param n_heads: attention heads ``H``; must divide ``d_model``.
+    :param n_layers: number of transformer blocks ``L``.
+    :param max_seq_len: longest sequence; fixes the position feature ``t / (max_seq_len - 1)``.
+    :param experts: names of the attention experts of every layer (see the expert registry).
+    :param window: look-back ``w`` of the ``local`` expert (it sees ``[t - w, t]``).
+    :param chunk_size: chunk length of the ``linear`` expert's chunked prefix sums.
+    :param shared_qkv: if true (default) the experts of a layer share one q/k/v/out projection
+        and differ only in how they mix; otherwise every expert owns its projections.
+    :param causal: causal (language-model) attention; ``False`` gives the bidirectional form.
+    :param mlp_ratio: hidden width of the feed-forward block relative to ``d_model``.
+    :param controller_hidden: hidden width of the routing controller's MLP.
+    :param tie_weights: tie the output head to the token embedding.
+    :param cost_preset: ``"flops"`` (costs from the FLOP model at ``max_seq_len``) or ``"seed"``
+        (the paper prototype's fixed ``[1.0, 0.15, 0.30]``).
+    :param cost_includes_projections: count the q/k/v/out projections in the cost vector.
+    """
+
+    vocab_size: int = 128
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 2
+    max_seq_len: int = 256
+    experts: tuple[str, ...] = ("full", "linear", "local")
+    window: int = 32
+    chunk_size: int = 64
+    shared_qkv: bool = True
+    causal: bool = True
+    mlp_ratio: int = 4
+    controller_hidden: int = 64
+    tie_weights: bool = True
+    cost_preset: str = "flops"
+    cost_includes_projections: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "experts", tuple(self.experts))
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "mlp_ratio",
+                     "controller_hidden", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be an integer >= 2, got {self.max_seq_len!r}")
+        if self.window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"n_heads must divide d_model, got n_heads={self.n_heads}, d_model={self.d_model}"
+            )
+        if not self.experts:
+            raise ValueError("experts must name at least one expert")
+        if len(set(self.experts)) != len(self.experts):
+            raise ValueError(f"experts must not repeat a name, got {self.experts}")
+        from bayes_router.models.experts import expert_names
+
+        unknown = [e for e in self.experts if e not in expert_names()]
+        if unknown:
+            raise ValueError(f"experts: unknown {unknown}; registered experts are {expert_names()}")
+        if self.cost_preset not in COST_PRESETS:
+            raise ValueError(
+                f"cost_preset must be one of {sorted(COST_PRESETS)}, got {self.cost_preset!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.experts)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TinyLMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"TinyLMConfig: unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+
+COST_PRESETS = ("flops", "seed")
