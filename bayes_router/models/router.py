@@ -1,0 +1,175 @@
+"""The routed attention layer and the routing contract between the LM and its router.
+
+:class:`RoutedAttention` mixes the outputs of its experts with per-token weights ``(B, T, K)``.
+With ``sparse=True`` an expert computes outputs only for the query rows whose weight for it is
+non-zero (gather the rows, keep keys and values whole, scatter back): one-hot weights give hard
+routing whose saving is real, and a mixture of one-hot and dense rows gives uncertainty-gated
+routing, all through one code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.experts import build_expert
+
+ROUTING_MODES = ("soft", "hard", "gated")
+
+
+@dataclass
+class RoutingDecision:
+    """What a router returns for one layer.
+
+    :param weights: ``(..., T, K)`` routing weights used by soft routing (a posterior sample for
+        the Bayesian router, the softmax for the prior-free one).
+    :param mean: ``(..., T, K)`` expected weights, whose argmax drives hard routing.
+    :param uncertainty: ``(..., T)`` routing uncertainty used by gated routing, if known.
+    :param concentration: ``(..., T, K)`` Dirichlet concentration of the guide, if any.
+    :param logits: ``(..., T, K)`` the controller's raw outputs.
+    """
+
+    weights: Tensor
+    mean: Tensor
+    uncertainty: Tensor | None = None
+    concentration: Tensor | None = None
+    logits: Tensor | None = None
+
+
+class Router(Protocol):
+    """Supplies routing weights: ``router(layer, features) -> RoutingDecision``."""
+
+    def __call__(self, layer: int, features: Tensor) -> RoutingDecision: ...
+
+
+@dataclass
+class LayerRouting:
+    """Intermediates of one routed layer, returned with the LM output for analysis code."""
+
+    features: Tensor  # (..., T, F)
+    decision: RoutingDecision
+    applied_weights: Tensor  # (..., T, K) weights the layer actually used
+    expert_index: Tensor | None  # (..., T) expert of each hard-routed token, else None
+    hard_mask: Tensor | None  # (..., T) which tokens went hard (gated and hard modes)
+
+
+def controller_features(h: Tensor, max_seq_len: int) -> Tensor:
+    """Features ``[h_t, ||h_t|| / sqrt(D) (detached), t / (max_seq_len - 1)]`` -> ``(..., T, D+2)``.
+
+    The position feature depends only on ``t`` and ``max_seq_len``, so a token's features do not
+    change when later tokens arrive.
+    """
+    T, D = h.shape[-2:]
+    if T > max_seq_len:
+        raise ValueError(f"sequence length {T} exceeds max_seq_len={max_seq_len}")
+    norm = (h.detach().norm(dim=-1, keepdim=True) / D**0.5)
+    position = torch.arange(T, device=h.device, dtype=h.dtype) / (max_seq_len - 1)
+    position = position[:, None].expand(*h.shape[:-1], 1)
+    return torch.cat([h, norm, position], dim=-1)
+
+
+def selected_positions(selected: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions of the selected tokens of each row, ascending, padded to the longest row.
+
+    :param selected: ``(B, T)`` boolean.
+    :returns: ``positions (B, R)`` and ``valid (B, R)``; padding repeats the row's last selected
+        position (or 0), so it is real work with zero weight.
+    """
+    counts = selected.sum(1)
+    R = int(counts.max())
+    order = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :R]  # (B, R)
+    valid = torch.arange(R, device=selected.device) < counts[:, None]
+    last = order.gather(1, (counts - 1).clamp(min=0)[:, None])
+    return torch.where(valid, order, last), valid
+
+
+class RoutedAttention(nn.Module):
+    """Per-token mixture of attention experts ``(..., T, D) x (..., T, K) -> (..., T, D)``.
+
+    With ``cfg.shared_qkv`` the experts share one q/k/v and out projection (the outputs are mixed
+    per head before the single out projection); otherwise every expert owns its projections.
+    """
+
+    def __init__(self, cfg: TinyLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.experts = nn.ModuleList(build_expert(name, cfg) for name in cfg.experts)
+        D = cfg.d_model
+        if cfg.shared_qkv:
+            self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        else:
+            self.qkv = nn.ModuleList(nn.Linear(D, 3 * D) for _ in cfg.experts)
+            self.out = nn.ModuleList(nn.Linear(D, D) for _ in cfg.experts)
+
+    def _heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = qkv.shape
+        H, d = self.cfg.n_heads, self.cfg.head_dim
+        q, k, v = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d)
+        return q, k, v
+
+    def forward(self, x: Tensor, weights: Tensor, sparse: bool = False) -> Tensor:
+        """Mix the experts with ``weights``; ``sparse`` skips the rows an expert has weight 0 on."""
+        K = len(self.experts)
+        if weights.shape[-1] != K or weights.shape[-2] != x.shape[-2]:
+            raise ValueError(f"weights must have shape (..., T={x.shape[-2]}, K={K}), "
+                             f"got {tuple(weights.shape)}")
+        lead = torch.broadcast_shapes(x.shape[:-2], weights.shape[:-2])
+        T, D = x.shape[-2:]
+        x = x.expand(*lead, T, D).reshape(-1, T, D)  # (B, T, D), particles folded into B
+        weights = weights.expand(*lead, T, K).reshape(-1, T, K)
+        B, shared = x.shape[0], self.cfg.shared_qkv
+        H, d = self.cfg.n_heads, self.cfg.head_dim
+        y = x.new_zeros(B, T, H, d) if shared else x.new_zeros(B, T, D)
+        if shared:
+            q, k, v = self._heads(self.qkv(x))
+        for i, expert in enumerate(self.experts):
+            w = weights[..., i]  # (B, T)
+            selected = w != 0
+            if sparse and not bool(selected.any()):
+                continue
+            if not shared:
+                q, k, v = self._heads(self.qkv[i](x))
+            if not sparse or bool(selected.all()):
+                o = expert(q, k, v).transpose(1, 2)  # (B, T, H, d)
+                if not shared:
+                    o = self.out[i](o.reshape(B, T, D))
+                y = y + w.view(B, T, *[1] * (o.dim() - 2)) * o
+                continue
+            positions, valid = selected_positions(selected)  # (B, R)
+            o = expert(q, k, v, positions).transpose(1, 2)  # (B, R, H, d)
+            if not shared:
+                o = self.out[i](o.reshape(B, -1, D))
+            w_rows = w.gather(1, positions) * valid
+            contribution = w_rows.view(*w_rows.shape, *[1] * (o.dim() - 2)) * o
+            index = positions.view(*positions.shape, *[1] * (o.dim() - 2)).expand_as(o)
+            y = y.scatter_add(1, index, contribution)
+        if shared:
+            y = self.out(y.reshape(B, T, D))
+        return y.reshape(*lead, T, D)
+
+
+def routing_weights(decision: RoutingDecision, mode: str, gate_threshold: float | None = None
+                    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Turn a router's decision into the weights a layer applies in ``mode``.
+
+    Returns ``(weights, expert_index, hard_mask)``; ``hard`` uses the one-hot argmax of the
+    expected weights, ``gated`` does so only where ``uncertainty < gate_threshold``.
+    """
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"mode must be one of {ROUTING_MODES}, got {mode!r}")
+    if mode == "soft":
+        return decision.weights, None, None
+    index = decision.mean.argmax(-1)
+    one_hot = nn.functional.one_hot(index, decision.mean.shape[-1]).to(decision.weights.dtype)
+    if mode == "hard":
+        return one_hot, index, torch.ones_like(index, dtype=torch.bool)
+    if decision.uncertainty is None or gate_threshold is None:
+        raise ValueError("gated routing needs a router that reports uncertainty and a "
+                         "gate_threshold")
+    hard = decision.uncertainty < gate_threshold
+    weights = torch.where(hard[..., None], one_hot, decision.weights)
+    return weights, torch.where(hard, index, -1), hard

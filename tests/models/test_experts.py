@@ -1,0 +1,155 @@
+"""Every expert against its naive twin (outputs and gradients), causality, registry contract."""
+
+import pytest
+import torch
+
+from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.experts import (
+    NAIVE_TWINS,
+    SEED_COSTS,
+    AttentionExpert,
+    build_expert,
+    cost_vector,
+    expert_flops,
+    expert_names,
+    register_expert,
+    unregister_expert,
+)
+
+SHAPES = [(1, 1), (2, 7), (2, 16), (1, 37)]  # (B, T): T=1, odd lengths, multiples of the chunk
+
+
+def _qkv(B, T, H=2, d=4, requires_grad=False):
+    return [torch.randn(B, H, T, d, dtype=torch.float64, requires_grad=requires_grad)
+            for _ in range(3)]
+
+
+@pytest.mark.parametrize("name", ["full", "linear", "local"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B,T", SHAPES)
+def test_expert_matches_naive_twin(name, causal, B, T):
+    expert = build_expert(name, TinyLMConfig(window=3, chunk_size=8, causal=causal))
+    q, k, v = _qkv(B, T, requires_grad=True)
+    out = expert(q, k, v)
+    ref = NAIVE_TWINS[name](q, k, v, expert)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), upstream)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), upstream)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["full", "linear", "local"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gathered_rows_match_dense_rows(name, causal, monkeypatch):
+    import bayes_router.models.experts as experts
+
+    monkeypatch.setattr(experts, "ROW_TILE", 5)  # several tiles, a ragged last one
+    expert = build_expert(name, TinyLMConfig(window=4, chunk_size=8, causal=causal))
+    B, T = 2, 45
+    q, k, v = _qkv(B, T, requires_grad=True)
+    positions = torch.stack([torch.randperm(T)[:17].sort().values for _ in range(B)])
+    out = expert(q, k, v, positions)
+    ref = NAIVE_TWINS[name](q, k, v, expert)
+    ref = ref.gather(2, positions[:, None, :, None].expand(B, 2, 17, 4))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    upstream = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), upstream),
+                    torch.autograd.grad(ref, (q, k, v), upstream)):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["full", "linear", "local"])
+def test_causal_experts_ignore_future(name):
+    expert = build_expert(name, TinyLMConfig(window=3, chunk_size=4))
+    q, k, v = _qkv(2, 23)
+    t = 11
+    out = expert(q, k, v)
+    q2, k2, v2 = (a.clone() for a in (q, k, v))
+    for a in (q2, k2, v2):
+        a[:, :, t:] = torch.randn_like(a[:, :, t:]) * 10
+    out2 = expert(q2, k2, v2)
+    assert (out[:, :, :t] - out2[:, :, :t]).abs().max() < 1e-6
+    assert (out[:, :, t:] - out2[:, :, t:]).abs().max() > 1e-3  # the perturbation is visible
+
+
+def test_local_window_is_exact_size():
+    """Token t sees exactly [t - w, t]: changing key t - w - 1 leaves it unchanged, t - w not."""
+    w, t = 3, 10
+    expert = build_expert("local", TinyLMConfig(window=w))
+    q, k, v = _qkv(1, 16)
+    base = expert(q, k, v)[:, :, t]
+    for position, changes in ((t - w - 1, False), (t - w, True)):
+        v2 = v.clone()
+        v2[:, :, position] += 1.0
+        moved = (expert(q, k, v2)[:, :, t] - base).abs().max() > 1e-8
+        assert bool(moved) == changes
+
+
+@pytest.mark.parametrize("name", expert_names())
+def test_registered_experts_share_one_signature(name):
+    expert = build_expert(name, TinyLMConfig(window=2, chunk_size=4))
+    assert isinstance(expert, AttentionExpert)
+    q, k, v = _qkv(2, 9)
+    assert expert(q, k, v).shape == q.shape
+    positions = torch.tensor([[0, 4, 8], [1, 2, 3]])
+    assert expert(q, k, v, positions).shape == (2, 2, 3, 4)
+    assert expert.flops_per_token(9, 8, 2) > 0
+
+
+def test_user_registered_expert_with_fixed_cost():
+    class MeanAttention(AttentionExpert):
+        name = "mean"
+
+        def forward(self, q, k, v, positions=None):
+            out = v.cumsum(2) / torch.arange(1, v.shape[2] + 1, dtype=v.dtype)[:, None]
+            if positions is not None:
+                out = out.gather(2, positions[:, None, :, None].expand(*out.shape[:2],
+                                                                      positions.shape[1],
+                                                                      out.shape[-1]))
+            return out
+
+        def flops_per_token(self, seq_len, d_model, n_heads):
+            return d_model
+
+    register_expert("mean", MeanAttention, fixed_cost=0.05)
+    try:
+        cfg = TinyLMConfig(experts=("full", "mean"))
+        assert cost_vector(cfg).tolist() == pytest.approx([1.0, 0.05])
+        with pytest.raises(ValueError, match="already registered"):
+            register_expert("mean", MeanAttention)
+    finally:
+        unregister_expert("mean")
+
+
+def test_flop_model_closed_forms():
+    cfg = TinyLMConfig(d_model=64, n_heads=4, window=8, chunk_size=16, max_seq_len=100)
+    flops = expert_flops(cfg)
+    assert flops["full"] == pytest.approx(4 * 64 * 50.5)
+    assert flops["local"] == pytest.approx(4 * 64 * 16)
+    assert flops["linear"] == pytest.approx(4 * 64 * 16 + 4 * 64 * 8.5)
+    with_proj = expert_flops(cfg, include_projections=True)
+    assert with_proj["full"] - flops["full"] == pytest.approx(8 * 64 * 64)
+    costs = cost_vector(cfg)
+    assert costs[0] == 1.0 and (costs[1:] < 1).all()
+    # at long T the linear and local experts become relatively cheaper
+    assert (cost_vector(cfg, seq_len=4096)[1:] < costs[1:]).all()
+
+
+def test_seed_preset():
+    cfg = TinyLMConfig(cost_preset="seed")
+    assert cost_vector(cfg).tolist() == pytest.approx([SEED_COSTS[n] for n in cfg.experts])
+    assert cost_vector(cfg).tolist() == pytest.approx([1.0, 0.15, 0.30])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("window", 0, "window"),
+    ("n_heads", 3, "n_heads must divide d_model"),
+    ("experts", ("full", "nope"), "unknown"),
+    ("cost_preset", "cheap", "cost_preset"),
+    ("max_seq_len", 1, "max_seq_len"),
+])
+def test_config_validation(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TinyLMConfig(**{field: value})
