@@ -213,13 +213,13 @@ class LocalAttention(AttentionExpert):
         qb = F.pad(q, (0, 0, 0, pad)).view(B, H, n_blocks, P, d)
         kb = F.pad(k, (0, 0, 0, pad)).view(B, H, n_blocks, P, d)
         vb = F.pad(v, (0, 0, 0, pad)).view(B, H, n_blocks, P, d)
-        previous = (F.pad(kb, (0, 0, 0, 0, 1, 0))[:, :, :-1], F.pad(vb, (0, 0, 0, 0, 1, 0))[:, :, :-1])
+        previous = [F.pad(a, (0, 0, 0, 0, 1, 0))[:, :, :-1] for a in (kb, vb)]  # block j - 1
         if self.causal:
             keys = torch.cat([previous[0], kb], dim=3)  # (B, H, n, 2P, d)
             values = torch.cat([previous[1], vb], dim=3)
             key_offset = -P
         else:
-            following = (F.pad(kb, (0, 0, 0, 0, 0, 1))[:, :, 1:], F.pad(vb, (0, 0, 0, 0, 0, 1))[:, :, 1:])
+            following = [F.pad(a, (0, 0, 0, 0, 0, 1))[:, :, 1:] for a in (kb, vb)]  # block j + 1
             keys = torch.cat([previous[0], kb, following[0]], dim=3)  # (B, H, n, 3P, d)
             values = torch.cat([previous[1], vb, following[1]], dim=3)
             key_offset = -P
@@ -298,9 +298,9 @@ def register_expert(name: str, cls: type[AttentionExpert], fixed_cost: float | N
                     overwrite: bool = False) -> None:
     """Register an expert class under ``name``.
 
-    The class must subclass :class:`AttentionExpert` and implement ``forward(q, k, v, positions)``
-    and ``flops_per_token(seq_len, d_model, n_heads)``; alternatively give ``fixed_cost`` (relative to
-    ``full = 1``), which the cost vector then uses as is.
+    The class must subclass :class:`AttentionExpert` and implement
+    ``forward(q, k, v, positions)`` and ``flops_per_token(seq_len, d_model, n_heads)``;
+    alternatively give ``fixed_cost`` (relative to ``full = 1``), which the cost vector uses as is.
     """
     if not isinstance(cls, type) or not issubclass(cls, AttentionExpert):
         raise TypeError(f"cls must subclass AttentionExpert, got {cls!r}")
