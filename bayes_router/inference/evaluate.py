@@ -1,0 +1,123 @@
+"""Evaluation of a routed LM: held-out NLL / bits per character and the routing metrics.
+
+Metric names follow DESIGN.md: ``projected_flop_cost``, ``expected_flop_cost`` and
+``routing_entropy`` in %, ``expert_share`` per layer, ``val_nll`` (nats/token), ``val_bpc``.
+``abar`` is the posterior mean (Bayesian) or the softmax weights (prior-free) in every mode.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bayes_router.analysis.metrics import (
+    expected_flop_cost,
+    expert_share,
+    projected_flop_cost,
+    routing_entropy,
+)
+from bayes_router.models.bayesian import RoutedLM
+from bayes_router.models.router import RoutingDecision
+
+
+@torch.no_grad()
+def collect(model: RoutedLM, data, split: str, seq_len: int, mode: str = "soft",
+            gate_threshold: float | None = None, max_batches: int | None = None,
+            batch_size: int = 16, gate_measure: str = "total") -> dict:
+    """Per-token arrays over a split: ``nll (N,)``, ``abar (L, N, K)``, ``logits (N, V)``,
+    ``concentration (L, N, K)`` (Bayesian), ``hard (L, N)``, ``tokens (N,)``, ``targets (N,)``."""
+    model.eval()
+    nll, abar, conc, hard, logits_all, xs, ys = [], [], [], [], [], [], []
+    for x, y in data.eval_batches(split, batch_size, seq_len, max_batches=max_batches):
+        out = model.predict(x, mode=mode, gate_threshold=gate_threshold,
+                            gate_measure=gate_measure)
+        logits = out.logits
+        nll.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                   reduction="none"))
+        abar.append(torch.stack([r.decision.mean.reshape(-1, r.decision.mean.shape[-1])
+                                 for r in out.routing]))
+        if out.routing[0].decision.concentration is not None:
+            conc.append(torch.stack([r.decision.concentration.reshape(abar[-1].shape[1:])
+                                     for r in out.routing]))
+        if out.routing[0].hard_mask is not None:
+            hard.append(torch.stack([r.hard_mask.reshape(-1) for r in out.routing]))
+        logits_all.append(logits.reshape(-1, logits.shape[-1]))
+        xs.append(x.reshape(-1))
+        ys.append(y.reshape(-1))
+    if not nll:
+        raise ValueError(f"split {split!r} is too short for one window of {seq_len} tokens")
+    return {
+        "nll": torch.cat(nll),
+        "abar": torch.cat(abar, dim=1),
+        "concentration": torch.cat(conc, dim=1) if conc else None,
+        "hard": torch.cat(hard, dim=1) if hard else None,
+        "logits": torch.cat(logits_all),
+        "tokens": torch.cat(xs),
+        "targets": torch.cat(ys),
+    }
+
+
+def routing_metrics(abar: torch.Tensor, costs: torch.Tensor) -> dict:
+    """The routing metrics of DESIGN.md from ``abar (L, N, K)`` and the cost vector."""
+    abar_np, costs_np = abar.double().numpy(), costs.double().numpy()
+    share = expert_share(abar_np)
+    return {
+        "projected_flop_cost": float(projected_flop_cost(abar_np, costs_np)),
+        "expected_flop_cost": float(expected_flop_cost(abar_np, costs_np)),
+        "routing_entropy": float(routing_entropy(abar_np)),
+        "expert_share": np.asarray(share).tolist(),
+        "expert_share_mean": np.asarray(share).mean(0).tolist(),
+    }
+
+
+def evaluate(model: RoutedLM, data, split: str, seq_len: int, mode: str = "soft",
+             gate_threshold: float | None = None, max_batches: int | None = None,
+             batch_size: int = 16) -> dict:
+    """``{split}_nll``, ``{split}_bpc`` and the routing metrics under routing ``mode``."""
+    arrays = collect(model, data, split, seq_len, mode, gate_threshold, max_batches, batch_size)
+    mean_nll = float(arrays["nll"].mean())
+    metrics = {f"{split}_nll": mean_nll, f"{split}_bpc": mean_nll / math.log(2),
+               "mode": mode, "tokens": int(arrays["nll"].numel())}
+    metrics.update(routing_metrics(arrays["abar"], model.costs))
+    if arrays["hard"] is not None:
+        metrics["hard_fraction"] = float(arrays["hard"].float().mean())
+    return metrics
+
+
+@torch.no_grad()
+def timed_forward(model: RoutedLM, x: torch.Tensor, mode: str = "hard", repeats: int = 5,
+                  gate_threshold: float | None = None) -> dict:
+    """Median seconds of the routed forward pass in ``mode`` beside the full-only forward pass
+    (every token on ``full``, computed by the same sparse code path), measured interleaved."""
+    model.eval()
+    if "full" not in model.cfg.experts:
+        raise ValueError("timing relative to full-only needs a 'full' expert")
+    full_index = model.cfg.experts.index("full")
+
+    def full_only(layer, features):
+        weights = torch.zeros(*features.shape[:-1], model.cfg.n_experts, dtype=features.dtype)
+        weights[..., full_index] = 1.0
+        return RoutingDecision(weights=weights, mean=weights)
+
+    def routed():
+        model.predict(x, mode=mode, gate_threshold=gate_threshold)
+
+    def reference():
+        model.lm(x, full_only, mode="hard")
+
+    routed(), reference()  # warm-up
+    routed_times, full_times = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        routed()
+        routed_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        reference()
+        full_times.append(time.perf_counter() - start)
+    routed_s, full_s = float(np.median(routed_times)), float(np.median(full_times))
+    return {"routed_seconds": routed_s, "full_only_seconds": full_s,
+            "time_ratio": routed_s / full_s, "repeats": repeats, "mode": mode}

@@ -1,0 +1,358 @@
+"""The SVI training loop shared by the Bayesian router and the prior-free baseline.
+
+``Trace_ELBO``-style objectives run as ``loss = objective(model, guide, x, y)`` with a torch
+optimiser over the module's parameters (``pyro.settings`` ``module_local_params=True``: no global
+parameter store). The loop anneals the KL term, clips gradients, moves the soft-to-hard gate
+threshold, validates periodically, writes atomic checkpoints and resumes from them, and stops a
+diverging run at the failing step while keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from bayes_router.inference.objective import loss_and_surrogate
+from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM, RoutedLM
+from bayes_router.models.config import TinyLMConfig
+
+logger = logging.getLogger(__name__)
+
+ROUTERS = ("bayesian", "prior-free")
+CHECKPOINT_FORMAT = "bayes-router-checkpoint/1"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; carries the step and the last good checkpoint."""
+
+    def __init__(self, step: int, loss: float, checkpoint: Path | None):
+        self.step, self.loss, self.checkpoint = step, loss, checkpoint
+        kept = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
+        super().__init__(f"training diverged at step {step}: loss = {loss}{kept}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is corrupted, not ours, or from a different configuration."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run besides the LM configuration.
+
+    :param router: ``"bayesian"`` or ``"prior-free"``.
+    :param estimator: ELBO estimator name (see :func:`~bayes_router.inference.estimator_names`).
+    :param num_particles: vectorised particles per step.
+    :param beta0: prior concentration, a positive number, one per layer, or ``"learn"``.
+    :param kl_anneal_steps: the KL weight rises linearly from ``kl_anneal_start`` to 1 over these.
+    :param gate_final: final soft-to-hard gate threshold on the normalised routing entropy of
+        the sampled weights (0 disables gating); it rises linearly from 0 between
+        ``gate_start`` and ``gate_end`` (fractions of training).
+    :param dataset: corpus spec: ``"stdlib"``, a path, or ``"synthetic:<task>"``.
+    """
+
+    router: str = "bayesian"
+    estimator: str = "reparam-analytic"
+    num_particles: int = 1
+    beta0: float | tuple[float, ...] | str = 1.0
+    beta0_init: float = 1.0
+    eta: float = 1.0
+    a_min: float = 0.05
+    tau: float = 1.0
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    kl_anneal_steps: int = 0
+    kl_anneal_start: float = 0.0
+    gate_final: float = 0.0
+    gate_start: float = 0.5
+    gate_end: float = 0.9
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    seed: int = 0
+    dataset: str = "stdlib"
+    dataset_max_chars: int | None = 1_000_000
+
+    def __post_init__(self):
+        if isinstance(self.beta0, list):
+            object.__setattr__(self, "beta0", tuple(self.beta0))
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
+        from bayes_router.inference.estimators import estimator_names
+
+        if self.estimator not in estimator_names():
+            raise ValueError(f"estimator must be one of {estimator_names()}, got "
+                             f"{self.estimator!r}")
+        for name in ("num_particles", "steps", "batch_size", "seq_len", "eval_every",
+                     "eval_batches", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.beta0, str):
+            if self.beta0 != "learn":
+                raise ValueError(f"beta0 must be > 0, a list of values > 0, or 'learn'; got "
+                                 f"{self.beta0!r}")
+        else:
+            values = self.beta0 if isinstance(self.beta0, tuple) else (self.beta0,)
+            if not values or not all(math.isfinite(v) and v > 0 for v in values):
+                raise ValueError(f"beta0 must be > 0, got {self.beta0!r}")
+        for name in ("beta0_init", "a_min", "tau", "lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.kl_anneal_steps < 0 or not 0 <= self.kl_anneal_start <= 1:
+            raise ValueError("kl_anneal_steps must be >= 0 and kl_anneal_start in [0, 1]")
+        if not 0 <= self.gate_final <= 1 or not 0 <= self.gate_start <= self.gate_end <= 1:
+            raise ValueError("gate_final must be in [0, 1] and 0 <= gate_start <= gate_end <= 1")
+        if self.dataset_max_chars is not None and self.dataset_max_chars < 1:
+            raise ValueError(f"dataset_max_chars must be >= 1 or None, got "
+                             f"{self.dataset_max_chars}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(data) - known:
+            raise ValueError(f"TrainConfig: unknown fields {sorted(set(data) - known)}")
+        return cls(**data)
+
+    def kl_scale(self, step: int) -> float:
+        if self.kl_anneal_steps == 0:
+            return 1.0
+        frac = min(1.0, step / self.kl_anneal_steps)
+        return self.kl_anneal_start + (1.0 - self.kl_anneal_start) * frac
+
+    def gate_threshold(self, step: int) -> float:
+        if self.gate_final == 0:
+            return 0.0
+        frac = step / self.steps
+        if frac <= self.gate_start:
+            return 0.0
+        if self.gate_end == self.gate_start or frac >= self.gate_end:
+            return self.gate_final
+        return self.gate_final * (frac - self.gate_start) / (self.gate_end - self.gate_start)
+
+
+def build_routed_lm(model_cfg: TinyLMConfig, train_cfg: TrainConfig) -> RoutedLM:
+    """The routed LM that ``train_cfg.router`` names, with its prior or temperature."""
+    if train_cfg.router == "bayesian":
+        return BayesianRoutedLM(model_cfg, beta0=train_cfg.beta0, eta=train_cfg.eta,
+                                a_min=train_cfg.a_min, estimator=train_cfg.estimator,
+                                beta0_init=train_cfg.beta0_init)
+    return PriorFreeRoutedLM(model_cfg, tau=train_cfg.tau)
+
+
+def make_objective(train_cfg: TrainConfig):
+    """The ELBO object of the configured estimator (the prior-free router has no latents)."""
+    from bayes_router.inference.estimators import get_estimator
+
+    name = "reparam-mc" if train_cfg.router == "prior-free" else train_cfg.estimator
+    particles = 1 if train_cfg.router == "prior-free" else train_cfg.num_particles
+    return get_estimator(name).make_elbo(num_particles=particles, vectorize_particles=True,
+                                         max_plate_nesting=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write ``payload`` atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint with ``weights_only=True`` and check that it is one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupted, truncated, or not a torch file at all
+        raise CheckpointError(f"{path} is not a readable bayes-router checkpoint: {error}"
+                              ) from error
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a bayes-router checkpoint "
+                              f"(expected format {CHECKPOINT_FORMAT!r})")
+    return payload
+
+
+def check_same_config(payload: dict, model_cfg: TinyLMConfig, train_cfg: TrainConfig) -> None:
+    """Refuse to resume a checkpoint written under another configuration (``steps`` may grow)."""
+    saved_model = json.loads(payload["model_config"])
+    saved_train = json.loads(payload["train_config"])
+    current_train = json.loads(json.dumps(train_cfg.to_dict()))
+    diffs = [k for k in set(saved_model) | set(model_cfg.to_dict())
+             if saved_model.get(k) != json.loads(json.dumps(model_cfg.to_dict())).get(k)]
+    diffs += [k for k in set(saved_train) | set(current_train)
+              if k != "steps" and saved_train.get(k) != current_train.get(k)]
+    if diffs:
+        raise CheckpointError(f"checkpoint was written with a different configuration "
+                              f"(fields {sorted(diffs)}); start a new run directory instead")
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or resumed) run returns: the model and its loss trace."""
+
+    model: RoutedLM
+    history: list[dict] = field(default_factory=list)
+    evaluations: list[dict] = field(default_factory=list)
+    step: int = 0
+    seconds: float = 0.0
+
+
+def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data, out_dir: Path | None = None,
+          resume: bool = False, progress: bool = True, max_steps: int | None = None
+          ) -> TrainResult:
+    """Fit the routed LM by SVI on ``data`` (a :class:`~bayes_router.inference.data.TokenData`).
+
+    :param out_dir: where checkpoints go (``None``: no checkpoints).
+    :param resume: continue from ``out_dir/checkpoint.pt`` (same configuration required).
+    :param max_steps: stop after this step even if ``train_cfg.steps`` is larger (used to
+        interrupt a run in tests; the schedules still follow ``train_cfg.steps``).
+    """
+    from bayes_router.inference.evaluate import evaluate
+
+    if data.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"the corpus has {data.vocab_size} token ids but vocab_size is "
+                         f"{model_cfg.vocab_size}")
+    if train_cfg.seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"seq_len ({train_cfg.seq_len}) must be <= max_seq_len "
+                         f"({model_cfg.max_seq_len})")
+    checkpoint_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    with pyro.settings.context(module_local_params=True):
+        torch.manual_seed(train_cfg.seed)
+        model = build_routed_lm(model_cfg, train_cfg)
+        optimiser = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr,
+                                      weight_decay=train_cfg.weight_decay)
+        objective = make_objective(train_cfg)
+        batch_rng = torch.Generator().manual_seed(train_cfg.seed)
+        result = TrainResult(model)
+        if resume:
+            if checkpoint_path is None:
+                raise ValueError("resume needs an output directory holding a checkpoint")
+            payload = load_checkpoint(checkpoint_path)
+            check_same_config(payload, model_cfg, train_cfg)
+            model.load_state_dict(payload["model"])
+            optimiser.load_state_dict(payload["optimizer"])
+            torch.set_rng_state(payload["rng"])
+            batch_rng.set_state(payload["batch_rng"])
+            result.history = list(payload["history"])
+            result.evaluations = list(payload["evaluations"])
+            result.step = int(payload["step"])
+            result.seconds = float(payload["seconds"])
+            logger.info("resumed from %s at step %d", checkpoint_path, result.step)
+        dataset_size = data.num_windows("train", train_cfg.seq_len)
+        last_good = checkpoint_path if (checkpoint_path and checkpoint_path.exists()) else None
+        stop = train_cfg.steps if max_steps is None else min(train_cfg.steps, max_steps)
+        bar = tqdm(total=stop, initial=result.step, disable=not progress, desc=model.kind,
+                   dynamic_ncols=True)
+        start = time.perf_counter() - result.seconds
+        while result.step < stop:
+            step = result.step + 1
+            model.train()
+            model.gate_threshold = train_cfg.gate_threshold(step)
+            x, y = data.sample_batch("train", train_cfg.batch_size, train_cfg.seq_len, batch_rng)
+            kl_scale = train_cfg.kl_scale(step)
+            loss, surrogate = loss_and_surrogate(objective, model.model, model.guide, x, y,
+                                                 dataset_size=dataset_size, kl_scale=kl_scale)
+            per_token = float(loss) / (dataset_size * x.shape[1])
+            if not math.isfinite(per_token):
+                bar.close()
+                raise TrainingDiverged(step, per_token, last_good)
+            optimiser.zero_grad(set_to_none=True)
+            (surrogate / (dataset_size * x.shape[1])).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            if not torch.isfinite(grad_norm):
+                bar.close()
+                raise TrainingDiverged(step, float(grad_norm), last_good)
+            optimiser.step()
+            result.step = step
+            record = {"step": step, "loss": per_token, "grad_norm": float(grad_norm),
+                      "kl_scale": kl_scale, "gate_threshold": model.gate_threshold}
+            if isinstance(model, BayesianRoutedLM) and model.learn_beta0:
+                record["beta0"] = model.beta0.detach().tolist()
+            result.history.append(record)
+            postfix = {"loss": f"{per_token:.3f}"}
+            if step % train_cfg.eval_every == 0 or step == stop:
+                metrics = evaluate(model, data, "val", train_cfg.seq_len,
+                                   max_batches=train_cfg.eval_batches)
+                metrics["step"] = step
+                result.evaluations.append(metrics)
+                postfix["val_bpc"] = f"{metrics['val_bpc']:.3f}"
+                postfix["share"] = "/".join(f"{s:.2f}" for s in metrics["expert_share_mean"])
+                logger.info("step %d: loss %.4f, val bpc %.4f", step, per_token,
+                            metrics["val_bpc"])
+            bar.set_postfix(postfix)
+            bar.update(1)
+            result.seconds = time.perf_counter() - start
+            if checkpoint_path is not None and (step % train_cfg.checkpoint_every == 0
+                                                or step == stop):
+                save_checkpoint(checkpoint_path, _checkpoint_payload(
+                    model, optimiser, batch_rng, result, model_cfg, train_cfg))
+                last_good = checkpoint_path
+        bar.close()
+        model.gate_threshold = 0.0
+    return result
+
+
+def _checkpoint_payload(model, optimiser, batch_rng, result: TrainResult,
+                        model_cfg: TinyLMConfig, train_cfg: TrainConfig) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": result.step,
+        "seconds": result.seconds,
+        "model": model.state_dict(),
+        "optimizer": optimiser.state_dict(),
+        "rng": torch.get_rng_state(),
+        "batch_rng": batch_rng.get_state(),
+        "history": result.history,
+        "evaluations": result.evaluations,
+        "model_config": json.dumps(model_cfg.to_dict()),
+        "train_config": json.dumps(train_cfg.to_dict()),
+    }
+
+
+def load_trained(run_dir: Path) -> tuple[RoutedLM, TinyLMConfig, TrainConfig, dict]:
+    """Rebuild the routed LM of a run directory from its checkpoint."""
+    payload = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)
+    model_cfg = TinyLMConfig.from_dict(json.loads(payload["model_config"]))
+    train_cfg = TrainConfig.from_dict(json.loads(payload["train_config"]))
+    with pyro.settings.context(module_local_params=True):
+        model = build_routed_lm(model_cfg, train_cfg)
+        model.load_state_dict(payload["model"])
+    model.eval()
+    return model, model_cfg, train_cfg, payload

@@ -1,0 +1,331 @@
+"""The Bayesian router as a Pyro model/guide pair, and the prior-free baseline.
+
+Model (per layer ``l`` and sequence ``b`` in a subsampled ``batch`` plate)::
+
+    alpha_l[b, t] ~ Dirichlet(beta0[l] * pi)           # compute-aware prior, pi ∝ c^-eta
+    y[b, t]       ~ Categorical(logits = LM(x; alpha)_t)
+
+Guide::
+
+    alpha_l[b, t] ~ Dirichlet(softplus(MLP_phi_l(features_l[b, t])) + a_min)
+
+Tokens are an *event* dimension of the ``alpha_l`` and ``obs`` sites, not a plate: in a causal LM
+``alpha_l[t]`` influences every ``y[t' >= t]``, so a token plate would be a false
+conditional-independence statement, and Pyro's score-function estimators (``Trace_ELBO`` without
+reparameterisation, ``TraceGraph_ELBO``) would silently drop the cross-token terms of the gradient.
+
+**One forward pass per particle.** The guide must run the network to compute each layer's input,
+and the model needs the logits of the same network under the same samples. The guide memoises
+its logits keyed by the identity of its sample tensors; the model, replayed against the guide
+trace, receives those very tensors and reuses the logits (the autograd graph is the same one).
+Run on its own (prior predictive, or under other samples) the model computes the network itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.nn import PyroModule, PyroParam
+from torch import Tensor, nn
+from torch.distributions import constraints
+
+from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.experts import cost_vector
+from bayes_router.models.router import RoutingDecision
+from bayes_router.models.tinylm import LMOutput, TinyLM
+
+OBS_SITE = "obs"
+BATCH_PLATE = "batch"
+
+
+def alpha_site(layer: int) -> str:
+    """Name of the routing-weight sample site of ``layer`` (shared by model and guide)."""
+    return f"alpha_{layer}"
+
+
+def compute_aware_prior(costs: Tensor, beta0: float | Sequence[float] | Tensor, eta: float = 1.0
+                        ) -> Tensor:
+    """Dirichlet concentration ``beta0[l] * pi`` with ``pi ∝ c^-eta`` normalised to sum 1.
+
+    :param costs: ``(K,)`` positive relative costs.
+    :param beta0: total concentration, a scalar or one value per layer (``(L,)``).
+    :param eta: cost sensitivity; ``eta = 0`` gives the uniform, cost-blind prior.
+    :returns: ``(K,)`` for a scalar ``beta0``, else ``(L, K)``.
+    """
+    costs = torch.as_tensor(costs, dtype=torch.get_default_dtype())
+    if costs.dim() != 1 or not bool((costs > 0).all()) or not bool(torch.isfinite(costs).all()):
+        raise ValueError(f"costs must be a 1-D tensor of positive finite values, got {costs}")
+    beta0 = torch.as_tensor(beta0, dtype=costs.dtype)
+    if not bool((beta0 > 0).all()) or not bool(torch.isfinite(beta0).all()):
+        raise ValueError(f"beta0 must be > 0 (a scalar or one value per layer), got {beta0}")
+    if not math.isfinite(eta):
+        raise ValueError(f"eta must be finite, got {eta}")
+    pi = costs.pow(-eta)
+    pi = pi / pi.sum()
+    return beta0[..., None] * pi
+
+
+def normalised_entropy(p: Tensor) -> Tensor:
+    """``H(p) / log K`` along the last dimension, in ``[0, 1]``."""
+    return -(p * p.clamp_min(1e-30).log()).sum(-1) / math.log(p.shape[-1])
+
+
+def check_batch(x: Tensor, y: Tensor | None, vocab_size: int) -> None:
+    """Clear errors for token batches of the wrong type, shape or range."""
+    for name, t in (("x", x), ("y", y)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an integer tensor of token ids")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must have shape (B, T), got {tuple(t.shape)}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
+            raise ValueError(f"{name} holds token ids outside [0, {vocab_size})")
+    if y is not None and x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+
+
+class Controller(nn.Module):
+    """The routing controller: an MLP from features ``(..., F)`` to ``K`` outputs."""
+
+    def __init__(self, in_dim: int, hidden: int, n_experts: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(),
+                                 nn.Linear(hidden, n_experts))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features)
+
+
+class RoutedLM(PyroModule):
+    """Base of the two routed LMs: the TinyLM, one controller per layer, the cost vector.
+
+    Subclasses provide ``model(x, y, dataset_size)``, ``guide(x, y, dataset_size)`` and
+    :meth:`decision` (the evaluation-time routing of a layer).
+    """
+
+    kind = ""
+
+    def __init__(self, cfg: TinyLMConfig, costs: Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.lm = TinyLM(cfg)
+        self.controllers = nn.ModuleList(
+            Controller(self.lm.feature_dim, cfg.controller_hidden, cfg.n_experts)
+            for _ in range(cfg.n_layers)
+        )
+        costs = cost_vector(cfg) if costs is None else torch.as_tensor(costs, dtype=torch.float32)
+        if costs.shape != (cfg.n_experts,) or not bool((costs > 0).all()):
+            raise ValueError(f"costs must hold {cfg.n_experts} positive values, got {costs}")
+        self.register_buffer("costs", costs)
+        self.gate_threshold = 0.0  # training-time soft-to-hard threshold (see training loop)
+
+    def _plate(self, x: Tensor, dataset_size: int | None):
+        B = x.shape[0]
+        size = B if dataset_size is None else int(dataset_size)
+        if size < B:
+            raise ValueError(f"dataset_size ({size}) must be >= the batch size ({B})")
+        return pyro.plate(BATCH_PLATE, size, subsample=torch.arange(B, device=x.device), dim=-1)
+
+    def _observe(self, logits: Tensor, y: Tensor | None) -> None:
+        pyro.sample(OBS_SITE, dist.Categorical(logits=logits).to_event(1), obs=y)
+
+    def _training_mode(self) -> tuple[str, float | None]:
+        return ("gated", self.gate_threshold) if self.gate_threshold > 0 else ("soft", None)
+
+    def decision(self, layer: int, features: Tensor, gate_measure: str = "total"
+                 ) -> RoutingDecision:
+        raise NotImplementedError
+
+    def predict(self, x: Tensor, mode: str = "soft", gate_threshold: float | None = None,
+                gate_measure: str = "total") -> LMOutput:
+        """Evaluation forward pass with the posterior-mean (or softmax) routing in ``mode``."""
+        return self.lm(x, lambda layer, f: self.decision(layer, f, gate_measure), mode=mode,
+                       gate_threshold=gate_threshold)
+
+
+def _sample_gate(alpha: Tensor) -> RoutingDecision:
+    """Training-time gate on a sampled ``alpha``: confident samples route hard to their argmax.
+
+    A deterministic function of the sample, so model and guide compute the same likelihood.
+    """
+    return RoutingDecision(weights=alpha, mean=alpha, uncertainty=normalised_entropy(alpha))
+
+
+class BayesianRoutedLM(RoutedLM):
+    """Routed LM with a compute-aware Dirichlet prior over routing weights and a Dirichlet guide.
+
+    :param cfg: the LM configuration.
+    :param beta0: prior concentration: a positive scalar, one value per layer, or ``"learn"``
+        (type-II maximum likelihood: ``beta0`` becomes a positive ``pyro.param`` of the model).
+    :param eta: cost sensitivity of the prior mean ``pi ∝ c^-eta``.
+    :param a_min: floor added to the guide's concentrations.
+    :param estimator: name of the ELBO estimator; selects the guide's Dirichlet family.
+    :param beta0_init: initial value when ``beta0 == "learn"``.
+    """
+
+    kind = "bayesian"
+
+    def __init__(self, cfg: TinyLMConfig, beta0: float | Sequence[float] | str = 1.0,
+                 eta: float = 1.0, a_min: float = 0.05, estimator: str = "reparam-analytic",
+                 beta0_init: float = 1.0, costs: Tensor | None = None):
+        super().__init__(cfg, costs)
+        from bayes_router.inference.estimators import get_estimator
+
+        if not a_min > 0:
+            raise ValueError(f"a_min must be > 0, got {a_min}")
+        self.a_min, self.eta = float(a_min), float(eta)
+        self.estimator = get_estimator(estimator)
+        self.learn_beta0 = beta0 == "learn"
+        if self.learn_beta0:
+            compute_aware_prior(self.costs, beta0_init, eta)  # validates
+            self.beta0 = PyroParam(torch.full((cfg.n_layers,), float(beta0_init)),
+                                   constraint=constraints.positive)
+        else:
+            if isinstance(beta0, str):
+                raise ValueError(f"beta0 must be a positive number, a list, or 'learn'; "
+                                 f"got {beta0!r}")
+            values = torch.as_tensor(beta0, dtype=torch.float32).expand(cfg.n_layers).clone()
+            compute_aware_prior(self.costs, values, eta)  # validates
+            self.register_buffer("beta0_fixed", values)
+        self._memo: tuple[tuple[Tensor, ...], Tensor] | None = None
+
+    # -- prior and guide distributions -----------------------------------------------------------
+
+    def prior_concentration(self) -> Tensor:
+        """``(L, K)`` Dirichlet concentration of the compute-aware prior."""
+        beta0 = self.beta0 if self.learn_beta0 else self.beta0_fixed
+        return compute_aware_prior(self.costs, beta0, self.eta)
+
+    def concentration(self, layer: int, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Guide concentration ``a = softplus(MLP(features)) + a_min`` and the raw logits."""
+        logits = self.controllers[layer](features)
+        return F.softplus(logits) + self.a_min, logits
+
+    # -- the Pyro program pair -------------------------------------------------------------------
+
+    def model(self, x: Tensor, y: Tensor | None = None, dataset_size: int | None = None,
+              kl_scale: float = 1.0) -> Tensor:
+        check_batch(x, y, self.cfg.vocab_size)
+        prior = self.prior_concentration()
+        T, K = x.shape[1], self.cfg.n_experts
+        with self._plate(x, dataset_size):
+            with poutine.scale(scale=kl_scale):
+                alphas = tuple(
+                    pyro.sample(alpha_site(layer),
+                                dist.Dirichlet(prior[layer].expand(T, K)).to_event(1))
+                    for layer in range(self.cfg.n_layers)
+                )
+            memo, self._memo = self._memo, None
+            if memo is not None and all(a is b for a, b in zip(memo[0], alphas, strict=True)):
+                logits = memo[1]
+            else:
+                mode, threshold = self._training_mode()
+                logits = self.lm(x, lambda layer, f: _sample_gate(alphas[layer]), mode=mode,
+                                 gate_threshold=threshold).logits
+            self._observe(logits, y)
+        return logits
+
+    def guide(self, x: Tensor, y: Tensor | None = None, dataset_size: int | None = None,
+              kl_scale: float = 1.0) -> LMOutput:
+        check_batch(x, y, self.cfg.vocab_size)
+        infer = self.estimator.site_infer()
+
+        def router(layer: int, features: Tensor) -> RoutingDecision:
+            concentration, logits = self.concentration(layer, features)
+            with poutine.scale(scale=kl_scale):
+                alpha = pyro.sample(alpha_site(layer),
+                                    self.estimator.dirichlet(concentration).to_event(1),
+                                    infer=dict(infer))
+            decision = _sample_gate(alpha)
+            decision.concentration, decision.logits = concentration, logits
+            return decision
+
+        with self._plate(x, dataset_size):
+            mode, threshold = self._training_mode()
+            out = self.lm(x, router, mode=mode, gate_threshold=threshold)
+        self._memo = (tuple(r.decision.weights for r in out.routing), out.logits)
+        return out
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def decision(self, layer: int, features: Tensor, gate_measure: str = "total"
+                 ) -> RoutingDecision:
+        """Posterior-mean routing with the guide's uncertainty (for hard and gated modes)."""
+        from bayes_router.analysis.uncertainty import routing_uncertainty
+
+        concentration, logits = self.concentration(layer, features)
+        mean = concentration / concentration.sum(-1, keepdim=True)
+        parts = routing_uncertainty(concentration)
+        measures = {"total": parts.total, "aleatoric": parts.aleatoric,
+                    "epistemic": parts.epistemic}
+        if gate_measure not in measures:
+            raise ValueError(f"gate_measure must be one of {sorted(measures)}, got "
+                             f"{gate_measure!r}")
+        uncertainty = measures[gate_measure] / math.log(self.cfg.n_experts)
+        return RoutingDecision(weights=mean, mean=mean, uncertainty=uncertainty,
+                               concentration=concentration, logits=logits)
+
+    def sample_predict(self, x: Tensor, num_samples: int) -> Tensor:
+        """Bayesian model average: mean predictive probabilities over routing samples ``(B,T,V)``.
+
+        Layers are sampled in order (layer ``l``'s guide depends on the samples below it), with
+        all ``num_samples`` samples vectorised along a leading dimension.
+        """
+        def router(layer: int, features: Tensor) -> RoutingDecision:
+            concentration, _ = self.concentration(layer, features)
+            if concentration.dim() == 3:
+                concentration = concentration.expand(num_samples, *concentration.shape)
+            alpha = dist.Dirichlet(concentration).sample()
+            return RoutingDecision(weights=alpha, mean=alpha)
+
+        logits = self.lm(x, router).logits  # (S, B, T, V)
+        return logits.softmax(-1).mean(0)
+
+
+class PriorFreeRoutedLM(RoutedLM):
+    """The prior-free baseline: ``alpha = softmax(MLP(features) / tau)``, deterministic.
+
+    Its Pyro model has only the ``obs`` site and its guide is empty, so the same SVI loop trains
+    it on the log-likelihood (its ELBO), through the same code path as the Bayesian router.
+    """
+
+    kind = "prior-free"
+
+    def __init__(self, cfg: TinyLMConfig, tau: float = 1.0, costs: Tensor | None = None):
+        super().__init__(cfg, costs)
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        self.tau = float(tau)
+
+    def decision(self, layer: int, features: Tensor, gate_measure: str = "total"
+                 ) -> RoutingDecision:
+        if gate_measure != "total":
+            raise ValueError("the prior-free router has a single uncertainty measure: "
+                             "gate_measure must be 'total'")
+        logits = self.controllers[layer](features)
+        weights = torch.softmax(logits / self.tau, -1)
+        return RoutingDecision(weights=weights, mean=weights,
+                               uncertainty=normalised_entropy(weights), logits=logits)
+
+    def model(self, x: Tensor, y: Tensor | None = None, dataset_size: int | None = None,
+              kl_scale: float = 1.0) -> Tensor:
+        check_batch(x, y, self.cfg.vocab_size)
+        mode, threshold = self._training_mode()
+        with self._plate(x, dataset_size):
+            logits = self.predict(x, mode=mode, gate_threshold=threshold).logits
+            self._observe(logits, y)
+        return logits
+
+    def guide(self, x: Tensor, y: Tensor | None = None, dataset_size: int | None = None,
+              kl_scale: float = 1.0) -> None:
+        check_batch(x, y, self.cfg.vocab_size)
