@@ -1,0 +1,79 @@
+"""Metrics, uncertainty decomposition, calibration diagnostics and plots of routed models."""
+
+from bayes_router.analysis.diagnostics import (
+    auroc,
+    kl_divergence_categorical,
+    mean_by_uncertainty_bin,
+    routing_accuracy_by_decile,
+    spearman,
+    top_fraction_mask,
+    uncertainty_diagnostics,
+)
+from bayes_router.analysis.metrics import (
+    ReliabilityCurve,
+    bootstrap_ci,
+    brier_score,
+    expected_calibration_error,
+    expected_flop_cost,
+    expert_share,
+    maximum_calibration_error,
+    negative_log_likelihood,
+    projected_flop_cost,
+    reliability_curve,
+    routing_entropy,
+)
+from bayes_router.analysis.plots import (
+    plot_beta0_sensitivity,
+    plot_estimator_bars,
+    plot_expert_share,
+    plot_reliability_diagram,
+    plot_routing_simplex,
+    plot_uncertainty_strip,
+    plot_uncertainty_vs_damage,
+)
+from bayes_router.analysis.uncertainty import (
+    RoutingUncertainty,
+    aleatoric_uncertainty,
+    epistemic_uncertainty,
+    routing_uncertainty,
+    total_concentration,
+    total_uncertainty,
+)
+
+__all__ = [
+    # metrics
+    "ReliabilityCurve",
+    "bootstrap_ci",
+    "brier_score",
+    "expected_calibration_error",
+    "expected_flop_cost",
+    "expert_share",
+    "maximum_calibration_error",
+    "negative_log_likelihood",
+    "projected_flop_cost",
+    "reliability_curve",
+    "routing_entropy",
+    # uncertainty
+    "RoutingUncertainty",
+    "aleatoric_uncertainty",
+    "epistemic_uncertainty",
+    "routing_uncertainty",
+    "total_concentration",
+    "total_uncertainty",
+    # diagnostics
+    "auroc",
+    "kl_divergence_categorical",
+    "mean_by_uncertainty_bin",
+    "routing_accuracy_by_decile",
+    "spearman",
+    "top_fraction_mask",
+    "uncertainty_diagnostics",
+    # plots
+    "plot_beta0_sensitivity",
+    "plot_estimator_bars",
+    "plot_expert_share",
+    "plot_reliability_diagram",
+    "plot_routing_simplex",
+    "plot_uncertainty_strip",
+    "plot_uncertainty_vs_damage",
+]

@@ -1,0 +1,292 @@
+"""Routing metrics, prediction (calibration) metrics and a bootstrap for any of them.
+
+Routing metrics take the posterior-mean routing weights ``abar`` of shape ``(L, N, K)`` (layers,
+tokens, experts) or ``(N, K)`` and, where compute matters, the cost vector ``costs (K,)`` in units
+of the ``full`` expert (``c_full = 1``), so that a cost of 100 % means all-full attention.
+
+Prediction metrics take probabilities ``probs (N, C)`` (rows on the simplex, not logits) and
+integer ``labels (N,)``. All metrics accept NumPy arrays or torch tensors and return Python floats
+(or NumPy arrays); they never modify their inputs.
+
+**Bin convention of the calibration metrics.** Equal-width bins follow torchmetrics'
+``multiclass_calibration_error``: boundaries ``torch.linspace(0, 1, n_bins + 1)`` and the bin of a
+confidence ``s`` is ``torch.bucketize(s, boundaries, right=True) - 1``, i.e. bin ``j`` is the
+half-open interval ``[b_j, b_{j+1})``, so a confidence exactly on an inner edge belongs to the
+bin *above* it. torchmetrics then counts a confidence of exactly 1.0 in a hidden
+``(n_bins + 1)``-th bin of its own (Lightning-AI/torchmetrics issue #3510); we clamp the index to
+``n_bins - 1`` instead, so the last bin is the closed interval ``[1 - 1/n_bins, 1]`` as in Guo et
+al. (2017). Bins are computed in the precision of ``probs``: float32 probabilities are assigned
+exactly as torchmetrics assigns them (it casts to float32); float64 ones are binned in float64.
+Equal-mass bins sort the confidences (stably) and cut them into ``n_bins`` runs whose sizes differ
+by at most one.
+
+References:
+  - *On Calibration of Modern Neural Networks*, Guo, Pleiss, Sun, Weinberger (ICML 2017)
+  - *Measuring Calibration in Deep Learning*, Nixon, Dusenberry, Zhang, Jerfel, Tran (2019)
+  - *Verification of forecasts expressed in terms of probability*, Brier (1950)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.special import entr
+
+from bayes_router.analysis._checks import (
+    check_n_bins,
+    check_same_length,
+    check_simplex,
+    equal_mass_bin_index,
+    float_array,
+    label_array,
+    to_numpy,
+)
+
+BINNINGS = ("equal-width", "equal-mass")
+
+
+# ----------------------------------------------------------------------------- routing metrics
+
+
+def _routing_weights(abar) -> np.ndarray:
+    """``abar`` as a float64 array ``(L, N, K)`` of probability vectors."""
+    weights = float_array(abar, "abar", ndims=(2, 3))
+    if weights.ndim == 2:
+        weights = weights[None]  # (1, N, K)
+    check_simplex(weights, "abar")
+    return weights
+
+
+def _cost_vector(costs, n_experts: int) -> np.ndarray:
+    cost = float_array(costs, "costs", ndims=(1,))
+    if cost.shape != (n_experts,):
+        raise ValueError(f"costs must have shape ({n_experts},) to match abar, got {cost.shape}")
+    if np.any(cost <= 0):
+        raise ValueError(f"costs must be positive, got {cost.tolist()}")
+    return cost
+
+
+def projected_flop_cost(abar, costs) -> float:
+    """Mean over layers and tokens of ``c[argmax_k abar[l, t, k]]``, in % of all-full attention:
+    the cost of hard (argmax) routing.
+
+    :param abar: posterior-mean routing weights ``(L, N, K)`` or ``(N, K)``.
+    :param costs: cost of each expert relative to ``full`` ``(K,)``.
+    """
+    weights = _routing_weights(abar)
+    cost = _cost_vector(costs, weights.shape[-1])
+    return float(100.0 * cost[weights.argmax(-1)].mean())
+
+
+def expected_flop_cost(abar, costs) -> float:
+    """Mean over layers and tokens of ``sum_k abar[l, t, k] c[k]``, in % of all-full attention."""
+    weights = _routing_weights(abar)
+    cost = _cost_vector(costs, weights.shape[-1])
+    return float(100.0 * (weights @ cost).mean())
+
+
+def routing_entropy(abar) -> float:
+    """Mean over layers and tokens of ``H(abar[l, t]) / log K``, in % (0: committed, 100: uniform).
+
+    Needs ``K >= 2``; ``0 log 0 = 0``.
+    """
+    weights = _routing_weights(abar)
+    n_experts = weights.shape[-1]
+    if n_experts < 2:
+        raise ValueError(f"abar must have K >= 2 experts for a normalised entropy, got {n_experts}")
+    return float(100.0 * entr(weights).sum(-1).mean() / math.log(n_experts))
+
+
+def expert_share(abar) -> np.ndarray:
+    """Fraction of tokens whose argmax is each expert, per layer: an array ``(L, K)`` whose rows
+    sum to 1 (``(1, K)`` for an ``(N, K)`` input). Ties go to the lower expert index."""
+    weights = _routing_weights(abar)
+    n_experts = weights.shape[-1]
+    choice = weights.argmax(-1)  # (L, N)
+    return (choice[..., None] == np.arange(n_experts)).mean(1)  # (L, K)
+
+
+# -------------------------------------------------------------------------- prediction metrics
+
+
+def _predictions(probs, labels) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``probs (N, C)`` (float32 or float64) and ``labels (N,)`` (int64)."""
+    p = float_array(probs, "probs", ndims=(2,), keep_float32=True)
+    check_simplex(p, "probs")
+    y = label_array(labels, "labels", n_classes=p.shape[1])
+    check_same_length(probs=p, labels=y)
+    return p, y
+
+
+def _check_binning(binning: str) -> None:
+    if binning not in BINNINGS:
+        raise ValueError(f"binning must be one of {BINNINGS}, got {binning!r}")
+
+
+def _equal_width_edges(n_bins: int, dtype) -> np.ndarray:
+    torch_dtype = torch.float32 if dtype == np.float32 else torch.float64
+    return torch.linspace(0, 1, n_bins + 1, dtype=torch_dtype).numpy()
+
+
+@dataclass(frozen=True)
+class ReliabilityCurve:
+    """Per-bin summary of top-label predictions; empty bins hold NaN confidence and accuracy.
+
+    :ivar confidence: mean top-label confidence per bin ``(n_bins,)``.
+    :ivar accuracy: fraction of correct top-label predictions per bin ``(n_bins,)``.
+    :ivar count: number of predictions per bin ``(n_bins,)``.
+    :ivar edges: bin boundaries ``(n_bins + 1,)`` from 0 to 1. For equal-mass bins an inner edge
+        is the midpoint between the neighbouring runs' extreme confidences (1 past the data).
+    :ivar binning: ``"equal-width"`` or ``"equal-mass"``.
+    """
+
+    confidence: np.ndarray
+    accuracy: np.ndarray
+    count: np.ndarray
+    edges: np.ndarray
+    binning: str = "equal-width"
+
+    def __post_init__(self):
+        n_bins = len(self.count)
+        if not (len(self.confidence) == len(self.accuracy) == n_bins == len(self.edges) - 1):
+            raise ValueError(
+                "curve: confidence, accuracy and count must share the length n_bins and edges "
+                f"must have n_bins + 1 entries, got {len(self.confidence)}, {len(self.accuracy)}, "
+                f"{n_bins} and {len(self.edges)}"
+            )
+
+    @property
+    def n_bins(self) -> int:
+        return len(self.count)
+
+    @property
+    def calibration_gap(self) -> np.ndarray:
+        """``|accuracy - confidence|`` per bin (NaN for empty bins)."""
+        return np.abs(np.asarray(self.accuracy) - np.asarray(self.confidence))
+
+
+def reliability_curve(probs, labels, n_bins: int = 15,
+                      binning: str = "equal-width") -> ReliabilityCurve:
+    """Bin the top-label confidences and report per-bin confidence, accuracy and count.
+
+    :param probs: predicted probabilities ``(N, C)``.
+    :param labels: true classes ``(N,)``.
+    :param n_bins: number of bins (15 is the torchmetrics default).
+    :param binning: ``"equal-width"`` (torchmetrics' convention, see the module docstring) or
+        ``"equal-mass"``.
+    """
+    n_bins = check_n_bins(n_bins)
+    _check_binning(binning)
+    p, y = _predictions(probs, labels)
+    confidence = p.max(1)  # (N,) in the precision of probs
+    correct = (p.argmax(1) == y).astype(np.float64)
+    if binning == "equal-width":
+        edges = _equal_width_edges(n_bins, p.dtype)
+        index = np.searchsorted(edges, confidence, side="right") - 1  # bucketize(right=True) - 1
+        index = np.clip(index, 0, n_bins - 1)
+        edges = edges.astype(np.float64)
+    else:
+        index = equal_mass_bin_index(confidence, n_bins)
+        ordered = np.sort(confidence.astype(np.float64))
+        starts = np.cumsum(np.bincount(index, minlength=n_bins))[:-1]  # first sample of bin j+1
+        inner = np.ones(n_bins - 1)
+        has_both = (starts > 0) & (starts < len(ordered))
+        inner[has_both] = (ordered[starts[has_both] - 1] + ordered[starts[has_both]]) / 2
+        edges = np.concatenate([[0.0], inner, [1.0]])
+    count = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(index, confidence.astype(np.float64), n_bins) / count
+        accuracy = np.bincount(index, correct, n_bins) / count
+    return ReliabilityCurve(mean_confidence, accuracy, count, edges, binning)
+
+
+def expected_calibration_error(probs, labels, n_bins: int = 15,
+                               binning: str = "equal-width") -> float:
+    """Top-label expected calibration error ``sum_j (n_j / N) |acc_j - conf_j|`` (a fraction in
+    ``[0, 1]``). See the module docstring for the bin convention.
+
+    :param probs: predicted probabilities ``(N, C)``.
+    :param labels: true classes ``(N,)``.
+    :param n_bins: number of bins.
+    :param binning: ``"equal-width"`` or ``"equal-mass"``.
+    """
+    curve = reliability_curve(probs, labels, n_bins, binning)
+    filled = curve.count > 0
+    weights = curve.count[filled] / curve.count.sum()
+    return float(np.sum(weights * curve.calibration_gap[filled]))
+
+
+def maximum_calibration_error(probs, labels, n_bins: int = 15,
+                              binning: str = "equal-width") -> float:
+    """Top-label maximum calibration error ``max_j |acc_j - conf_j|`` over non-empty bins."""
+    curve = reliability_curve(probs, labels, n_bins, binning)
+    return float(np.max(curve.calibration_gap[curve.count > 0]))
+
+
+def brier_score(probs, labels) -> float:
+    """Multiclass Brier score: mean over samples of ``sum_c (p_c - onehot(label)_c)^2``, in
+    ``[0, 2]``."""
+    p, y = _predictions(probs, labels)
+    p = p.astype(np.float64)
+    target = np.zeros_like(p)
+    target[np.arange(len(y)), y] = 1.0
+    return float(np.mean(np.sum((p - target) ** 2, axis=1)))
+
+
+def negative_log_likelihood(probs, labels) -> float:
+    """Mean ``-log p[label]`` in nats (``inf`` when a true class has probability 0)."""
+    p, y = _predictions(probs, labels)
+    with np.errstate(divide="ignore"):
+        return float(-np.mean(np.log(p[np.arange(len(y)), y].astype(np.float64))))
+
+
+# -------------------------------------------------------------------------------- bootstrap
+
+
+def bootstrap_ci(metric: Callable[..., float], *arrays, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """Point estimate and percentile-bootstrap interval of ``metric(*arrays)``.
+
+    Rows (the first axis) of all arrays are resampled jointly, with replacement, ``n_boot`` times.
+    Bind extra arguments with :func:`functools.partial`, e.g.
+    ``bootstrap_ci(partial(expected_calibration_error, n_bins=10), probs, labels)``.
+
+    .. warning:: The percentile interval assumes the metric is roughly unbiased under resampling.
+        Binned calibration errors are biased upward on resamples (duplicated rows add noise), so
+        for them the interval can sit above, and even exclude, the point estimate.
+
+    :param metric: a function of the arrays returning a float.
+    :param arrays: arrays or tensors sharing the length of their first axis.
+    :param n_boot: number of bootstrap resamples.
+    :param level: coverage of the interval, in ``(0, 1)``.
+    :param seed: seed of the resampling generator.
+    :return: ``(point, low, high)``.
+    """
+    if not arrays:
+        raise ValueError("arrays: bootstrap_ci needs at least one array to resample")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level!r}")
+    data = [to_numpy(array, f"arrays[{i}]") for i, array in enumerate(arrays)]
+    for i, array in enumerate(data):
+        if array.ndim == 0:
+            raise ValueError(f"arrays[{i}] must have a first (row) axis, got a scalar")
+    n_rows = check_same_length(**{f"arrays[{i}]": array for i, array in enumerate(data)})
+    if n_rows == 0:
+        raise ValueError("arrays are empty: nothing to resample")
+    point = float(metric(*data))
+    rng = np.random.default_rng(seed)
+    replicates = np.empty(n_boot)
+    for b in range(n_boot):
+        rows = rng.integers(0, n_rows, n_rows)
+        replicates[b] = metric(*(array[rows] for array in data))
+    tail = (1.0 - level) / 2.0
+    # order statistics without interpolation when a replicate is infinite (inf - inf is NaN)
+    method = "linear" if np.all(np.isfinite(replicates)) else "inverted_cdf"
+    low, high = np.quantile(replicates, [tail, 1.0 - tail], method=method)
+    return point, float(low), float(high)

@@ -1,0 +1,304 @@
+"""Figures of routing, calibration and uncertainty (matplotlib only).
+
+Every function is ``plot_<thing>(..., ax=None) -> Axes``: it draws into ``ax`` (a new figure's
+axes when ``None``) and returns it, so figures compose and tests can inspect the artists. Plots
+take precomputed values or compute them with the functions of :mod:`~bayes_router.analysis.metrics`
+and :mod:`~bayes_router.analysis.diagnostics`. A plot with nothing to draw raises ``ValueError``
+rather than returning an empty figure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+
+from bayes_router.analysis._checks import check_same_length, check_simplex, float_array
+from bayes_router.analysis.diagnostics import mean_by_uncertainty_bin
+from bayes_router.analysis.metrics import ReliabilityCurve, expert_share, reliability_curve
+
+DEFAULT_EXPERT_NAMES = ("full", "linear", "local")
+_SIMPLEX_VERTICES = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3.0) / 2.0]])  # (3, 2)
+_SIMPLEX_GID = "routing-simplex-triangle"
+
+
+def _axes(ax: Axes | None) -> Axes:
+    if ax is None:
+        _, ax = plt.subplots()
+    return ax
+
+
+def _nothing_to_draw(name: str, what: str) -> ValueError:
+    return ValueError(f"{name} is empty: nothing to draw ({what})")
+
+
+def _checked(values, name: str, ndims: tuple[int, ...], what: str) -> np.ndarray:
+    """``float_array`` that reports empty input as 'nothing to draw'."""
+    if np.size(values) == 0:
+        raise _nothing_to_draw(name, what)
+    return float_array(values, name, ndims=ndims)
+
+
+def plot_reliability_diagram(probs=None, labels=None, *, curve: ReliabilityCurve | None = None,
+                             n_bins: int = 15, binning: str = "equal-width",
+                             ax: Axes | None = None, label: str | None = None) -> Axes:
+    """Accuracy per confidence bin as bars spanning the bins, the diagonal of perfect calibration,
+    and each bin's count written above its bar. Empty bins draw no bar.
+
+    :param probs: predicted probabilities ``(N, C)`` (with ``labels``), or
+    :param curve: a precomputed :class:`~bayes_router.analysis.metrics.ReliabilityCurve`.
+    :param n_bins: bins when computing the curve.
+    :param binning: ``"equal-width"`` or ``"equal-mass"`` when computing the curve.
+    :param label: legend entry of the bars.
+    """
+    if curve is None:
+        if probs is None or labels is None:
+            raise ValueError("plot_reliability_diagram needs probs and labels, or curve")
+        if np.size(probs) == 0 or np.size(labels) == 0:
+            raise _nothing_to_draw("probs", "no predictions")
+        curve = reliability_curve(probs, labels, n_bins=n_bins, binning=binning)
+    elif probs is not None or labels is not None:
+        raise ValueError("pass either probs and labels, or curve, not both")
+    count = np.asarray(curve.count)
+    filled = count > 0
+    if not filled.any():
+        raise _nothing_to_draw("curve", "every bin is empty")
+    edges = np.asarray(curve.edges, dtype=np.float64)
+    left, width = edges[:-1][filled], np.diff(edges)[filled]
+    accuracy = np.asarray(curve.accuracy)[filled]
+    ax = _axes(ax)
+    ax.bar(left, accuracy, width=width, align="edge", edgecolor="black", alpha=0.7, label=label)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1)
+    for x, y, n in zip(left + width / 2, accuracy, count[filled], strict=True):
+        ax.annotate(str(int(n)), (x, y), xytext=(0, 2), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.08)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    if label is not None:
+        ax.legend()
+    return ax
+
+
+def _escape(character: str) -> str:
+    return {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(character, character)
+
+
+def plot_uncertainty_strip(text: str, uncertainty, ax: Axes | None = None,
+                           layer_names: Sequence[str] | None = None, cmap: str = "viridis",
+                           colorbar: bool = False) -> Axes:
+    """A heat strip of per-token uncertainty under the characters of ``text``: one image row per
+    layer, the characters (``\\n`` and ``\\t`` escaped) as x tick labels.
+
+    :param text: the ``T`` characters.
+    :param uncertainty: ``(L, T)`` or ``(T,)`` values.
+    :param layer_names: ``L`` row labels (default ``layer 0``, ``layer 1``, ...).
+    :param colorbar: add a colorbar to the axes' figure.
+    """
+    if len(text) == 0:
+        raise _nothing_to_draw("text", "no characters")
+    values = _checked(uncertainty, "uncertainty", (1, 2), "no tokens")
+    if values.ndim == 1:
+        values = values[None]  # (1, T)
+    n_layers, n_tokens = values.shape
+    if n_tokens != len(text):
+        raise ValueError(f"uncertainty has {n_tokens} columns but text has {len(text)} characters")
+    if layer_names is None:
+        layer_names = [f"layer {layer}" for layer in range(n_layers)]
+    elif len(layer_names) != n_layers:
+        raise ValueError(f"layer_names must have {n_layers} entries, got {len(layer_names)}")
+    ax = _axes(ax)
+    image = ax.imshow(values, aspect="auto", cmap=cmap, interpolation="nearest")
+    ax.set_xticks(np.arange(n_tokens), [_escape(c) for c in text], fontfamily="monospace")
+    ax.set_yticks(np.arange(n_layers), list(layer_names))
+    ax.tick_params(axis="x", length=0)
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, label="uncertainty (nats)")
+    return ax
+
+
+def _simplex_xy(points: np.ndarray) -> np.ndarray:
+    """Barycentric ``(S, 3)`` -> Cartesian ``(S, 2)`` on the triangle of ``_SIMPLEX_VERTICES``."""
+    return points @ _SIMPLEX_VERTICES
+
+
+def plot_routing_simplex(samples, ax: Axes | None = None, prior_mean=None,
+                         expert_names: Sequence[str] = DEFAULT_EXPERT_NAMES,
+                         label: str | None = None, alpha: float = 0.4, size: float = 8.0) -> Axes:
+    """Ternary scatter of routing-weight samples on the 2-simplex.
+
+    The triangle and its vertex names are drawn once per axes, so calling again on the same
+    ``ax`` adds another token's samples (one scatter collection per call).
+
+    :param samples: Dirichlet samples ``(S, 3)``, rows on the simplex.
+    :param prior_mean: optional point ``(3,)`` marked with a star.
+    :param expert_names: names of the three vertices (bottom-left, bottom-right, top).
+    :param label: legend entry of the samples.
+    """
+    points = _checked(samples, "samples", (2,), "no samples")
+    if points.shape[1] != 3:
+        raise ValueError(f"samples must have shape (S, 3), got {points.shape}")
+    check_simplex(points, "samples")
+    if len(expert_names) != 3:
+        raise ValueError(f"expert_names must name 3 experts, got {len(expert_names)}")
+    ax = _axes(ax)
+    if not any(line.get_gid() == _SIMPLEX_GID for line in ax.lines):
+        corners = np.vstack([_SIMPLEX_VERTICES, _SIMPLEX_VERTICES[:1]])
+        ax.plot(corners[:, 0], corners[:, 1], color="black", linewidth=1, gid=_SIMPLEX_GID)
+        offsets = [(0, -10), (0, -10), (0, 4)]
+        alignments = ["right", "left", "center"]
+        for vertex, name, offset, ha in zip(_SIMPLEX_VERTICES, expert_names, offsets, alignments,
+                                            strict=True):
+            ax.annotate(name, vertex, xytext=offset, textcoords="offset points", ha=ha)
+        ax.set_aspect("equal")
+        ax.set_xlim(-0.08, 1.08)
+        ax.set_ylim(-0.1, 0.96)
+        ax.set_axis_off()
+    xy = _simplex_xy(points)
+    ax.scatter(xy[:, 0], xy[:, 1], s=size, alpha=alpha, label=label)
+    if prior_mean is not None:
+        mean = float_array(prior_mean, "prior_mean", ndims=(1,))
+        if mean.shape != (3,):
+            raise ValueError(f"prior_mean must have shape (3,), got {mean.shape}")
+        check_simplex(mean, "prior_mean")
+        mean_xy = _simplex_xy(mean[None])
+        ax.scatter(mean_xy[:, 0], mean_xy[:, 1], marker="*", s=150, color="black",
+                   zorder=3, label="prior mean")
+    return ax
+
+
+def plot_expert_share(share=None, ax: Axes | None = None,
+                      expert_names: Sequence[str] = DEFAULT_EXPERT_NAMES, *, abar=None) -> Axes:
+    """Stacked bars of the fraction of tokens routed to each expert, one bar per layer.
+
+    :param share: ``(L, K)`` shares (rows summing to 1), or
+    :param abar: routing weights ``(L, N, K)`` passed to
+        :func:`~bayes_router.analysis.metrics.expert_share`.
+    :param expert_names: ``K`` legend entries.
+    """
+    if (share is None) == (abar is None):
+        raise ValueError("pass exactly one of share or abar")
+    if abar is not None:
+        if np.size(abar) == 0:
+            raise _nothing_to_draw("abar", "no tokens")
+        share = expert_share(abar)
+    values = _checked(share, "share", (1, 2), "no layers")
+    if values.ndim == 1:
+        values = values[None]  # (1, K)
+    n_layers, n_experts = values.shape
+    if len(expert_names) != n_experts:
+        raise ValueError(f"expert_names must have {n_experts} entries, got {len(expert_names)}")
+    ax = _axes(ax)
+    layers = np.arange(n_layers)
+    bottom = np.zeros(n_layers)
+    for k, name in enumerate(expert_names):
+        ax.bar(layers, values[:, k], bottom=bottom, label=name)
+        bottom += values[:, k]
+    ax.set_xticks(layers, [str(layer) for layer in layers])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of tokens")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    return ax
+
+
+def plot_uncertainty_vs_damage(uncertainty, damage, ax: Axes | None = None, n_bins: int = 10,
+                               label: str | None = None) -> Axes:
+    """Mean damage per equal-mass uncertainty bin (deciles by default), plotted at each bin's
+    mean uncertainty: a rising line means uncertainty flags the tokens hard routing hurts.
+
+    :param uncertainty: per-token uncertainty ``(N,)``.
+    :param damage: per-token ``KL(soft || hard)`` ``(N,)``.
+    """
+    score = _checked(uncertainty, "uncertainty", (1,), "no tokens")
+    harm = _checked(damage, "damage", (1,), "no tokens")
+    check_same_length(uncertainty=score, damage=harm)
+    binned = mean_by_uncertainty_bin(harm, score, n_bins)
+    filled = binned["count"] > 0
+    ax = _axes(ax)
+    ax.plot(binned["mean_uncertainty"][filled], binned["mean_value"][filled], marker="o",
+            label=label)
+    ax.set_xlabel("routing uncertainty (bin mean)")
+    ax.set_ylabel("mean damage KL(soft || hard) (nats)")
+    if label is not None:
+        ax.legend()
+    return ax
+
+
+def plot_beta0_sensitivity(beta0_values, values=None, ax: Axes | None = None, *,
+                           mean=None, low=None, high=None, ylabel: str = "projected FLOP cost (%)",
+                           mark: float | None = None, label: str | None = None) -> Axes:
+    """A metric against the prior concentration ``beta0`` on a log axis: the mean line and a band.
+
+    :param beta0_values: the ``beta0`` grid ``(n_values,)``, all > 0.
+    :param values: ``(n_seeds, n_values)`` results; the line is the mean over seeds and the band
+        spans the seeds' minimum to maximum. Or pass
+    :param mean: precomputed line ``(n_values,)``, with optional ``low`` and ``high`` for the band
+        (e.g. a bootstrap interval).
+    :param mark: an empirical-Bayes estimate of ``beta0``, drawn as a vertical line.
+    """
+    beta0 = _checked(beta0_values, "beta0_values", (1,), "no beta0 values")
+    if np.any(beta0 <= 0):
+        raise ValueError("beta0_values must be > 0 for a log axis")
+    if (values is None) == (mean is None):
+        raise ValueError("pass exactly one of values or mean")
+    if values is not None:
+        grid = _checked(values, "values", (1, 2), "no results")
+        if grid.ndim == 1:
+            grid = grid[None]  # (1, n_values)
+        line, low, high = grid.mean(0), grid.min(0), grid.max(0)
+        if len(grid) == 1:
+            low = high = None
+    else:
+        line = _checked(mean, "mean", (1,), "no results")
+        if (low is None) != (high is None):
+            raise ValueError("pass both low and high for a band, or neither")
+        if low is not None:
+            low = float_array(low, "low", ndims=(1,))
+            high = float_array(high, "high", ndims=(1,))
+            check_same_length(mean=line, low=low, high=high)
+    check_same_length(beta0_values=beta0, **{"values" if values is not None else "mean": line})
+    order = np.argsort(beta0)
+    ax = _axes(ax)
+    (drawn,) = ax.plot(beta0[order], line[order], marker="o", label=label)
+    if low is not None:
+        ax.fill_between(beta0[order], low[order], high[order], alpha=0.25,
+                        color=drawn.get_color(), linewidth=0)
+    if mark is not None:
+        if not mark > 0:
+            raise ValueError(f"mark must be > 0 (a beta0 value), got {mark!r}")
+        ax.axvline(mark, color="black", linestyle=":", label=f"empirical Bayes ({mark:.3g})")
+    ax.set_xscale("log")
+    ax.set_xlabel("prior concentration beta0")
+    ax.set_ylabel(ylabel)
+    if label is not None or mark is not None:
+        ax.legend()
+    return ax
+
+
+def plot_estimator_bars(names: Sequence[str], values, ax: Axes | None = None,
+                        ylabel: str = "gradient variance", log: bool = True) -> Axes:
+    """One bar per estimator (variance, SNR, efficiency...), on a log scale by default.
+
+    :param names: estimator names ``(E,)``.
+    :param values: one value per estimator ``(E,)``; positive when ``log``.
+    """
+    if len(names) == 0:
+        raise _nothing_to_draw("names", "no estimators")
+    heights = _checked(values, "values", (1,), "no estimators")
+    if len(heights) != len(names):
+        raise ValueError(f"values has {len(heights)} entries but names has {len(names)}")
+    if log and np.any(heights <= 0):
+        raise ValueError("values must be > 0 on a log axis (pass log=False)")
+    ax = _axes(ax)
+    positions = np.arange(len(names))
+    ax.bar(positions, heights)
+    ax.set_xticks(positions, list(names), rotation=30, ha="right")
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    return ax

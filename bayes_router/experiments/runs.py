@@ -1,0 +1,205 @@
+"""Run directories: train a routed LM into a folder, evaluate it, and write its report.
+
+A run directory holds ``config.json`` (configurations, seed, versions), ``checkpoint.pt``,
+``history.json`` (the loss trace), ``metrics.json`` (held-out metrics under soft and hard routing
+and the timed hard-routing forward pass), ``training.png`` and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pyro
+import torch
+
+from bayes_router.data.tokens import TokenData, token_data
+from bayes_router.inference.evaluate import evaluate, timed_forward
+from bayes_router.inference.train import (
+    CHECKPOINT_NAME,
+    TrainConfig,
+    load_trained,
+    train,
+)
+from bayes_router.models.config import TinyLMConfig
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+RUN_FILES = ("config.json", CHECKPOINT_NAME, "metrics.json")
+
+
+def versions() -> dict:
+    """Versions of the libraries a result depends on."""
+    import bayes_router
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "pyro": pyro.__version__, "numpy": np.__version__,
+            "bayes_router": getattr(bayes_router, "__version__", "unknown"),
+            "platform": platform.platform(), "threads": torch.get_num_threads()}
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def _json_default(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def load_data(train_cfg: TrainConfig, model_cfg: TinyLMConfig | None = None) -> TokenData:
+    """The corpus a training configuration names (synthetic tasks sized to the run)."""
+    options = {}
+    if train_cfg.dataset.startswith("synthetic:"):
+        options = {"seq_len": train_cfg.seq_len}
+        if model_cfg is not None:
+            options["window"] = model_cfg.window
+    return token_data(train_cfg.dataset, max_chars=train_cfg.dataset_max_chars,
+                      seed=train_cfg.seed, **options)
+
+
+def check_run_dir(run_dir: Path) -> Path:
+    """A run directory with every file an analysis needs, or a clear error naming what is missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir} does not exist")
+    missing = [name for name in RUN_FILES if not (run_dir / name).exists()]
+    if missing:
+        raise ValueError(f"{run_dir} is not a finished run directory: missing {missing} "
+                         "(train one with `bayes-router train --out DIR`)")
+    return run_dir
+
+
+def final_metrics(model, data: TokenData, train_cfg: TrainConfig, eval_batches: int | None,
+                  gate_threshold: float | None = None, timing_repeats: int = 5) -> dict:
+    """Held-out metrics in soft and hard mode (and gated, if a threshold is given), and timing."""
+    metrics = {}
+    modes = ["soft", "hard"] + (["gated"] if gate_threshold else [])
+    for mode in modes:
+        metrics[mode] = evaluate(model, data, "val", train_cfg.seq_len, mode=mode,
+                                 gate_threshold=gate_threshold if mode == "gated" else None,
+                                 max_batches=eval_batches)
+    x, _ = next(data.eval_batches("val", 8, train_cfg.seq_len))
+    metrics["timing"] = timed_forward(model, x, mode="hard", repeats=timing_repeats)
+    return metrics
+
+
+def train_run(model_cfg: TinyLMConfig, train_cfg: TrainConfig, out_dir: Path,
+              resume: bool = False, progress: bool = True, eval_batches: int | None = 32,
+              data: TokenData | None = None) -> dict:
+    """Train into ``out_dir`` and write config, history, metrics, figure and report.
+
+    :raises ValueError: if ``out_dir`` already holds a run and ``resume`` is false (nothing is
+        overwritten).
+    """
+    from bayes_router.inference.train import TrainingDiverged
+
+    out_dir = Path(out_dir)
+    if (out_dir / CHECKPOINT_NAME).exists() and not resume:
+        raise ValueError(f"{out_dir} already holds a run; pass resume=True (--resume) to "
+                         "continue it or choose another directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = load_data(train_cfg, model_cfg) if data is None else data
+    config = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
+              "seed": train_cfg.seed, "corpus": data.name, "versions": versions()}
+    if not resume:
+        write_json(out_dir / "config.json", config)
+    try:
+        result = train(model_cfg, train_cfg, data, out_dir=out_dir, resume=resume,
+                       progress=progress)
+    except TrainingDiverged as error:
+        write_json(out_dir / "diverged.json", {"step": error.step, "loss": error.loss,
+                                               "checkpoint": error.checkpoint})
+        raise
+    write_json(out_dir / "history.json", {"history": result.history,
+                                          "evaluations": result.evaluations})
+    metrics = final_metrics(result.model, data, train_cfg, eval_batches)
+    metrics.update({"router": train_cfg.router, "steps": result.step,
+                    "train_seconds": result.seconds,
+                    "final_loss": result.history[-1]["loss"] if result.history else None,
+                    "costs": result.model.costs.tolist()})
+    if getattr(result.model, "learn_beta0", False):
+        metrics["beta0"] = result.model.beta0.detach().tolist()
+    write_json(out_dir / "metrics.json", metrics)
+    plot_training(result.history, result.evaluations, out_dir / "training.png")
+    (out_dir / "report.md").write_text(run_report(config, metrics))
+    return metrics
+
+
+def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None = None,
+                 split: str = "val", max_batches: int | None = None) -> dict:
+    """Evaluate a trained run under a routing ``mode``; writes ``metrics_<mode>.json``."""
+    run_dir = check_run_dir(run_dir)
+    with pyro.settings.context(module_local_params=True):
+        model, model_cfg, train_cfg, _ = load_trained(run_dir)
+        data = load_data(train_cfg, model_cfg)
+        metrics = evaluate(model, data, split, train_cfg.seq_len, mode=mode,
+                           gate_threshold=gate_threshold, max_batches=max_batches)
+        x, _ = next(data.eval_batches(split, 8, train_cfg.seq_len))
+        metrics["timing"] = timed_forward(model, x, mode=mode, gate_threshold=gate_threshold)
+    write_json(run_dir / f"metrics_{mode}.json", metrics)
+    return metrics
+
+
+def plot_training(history: list[dict], evaluations: list[dict], path: Path) -> None:
+    """Loss trace and validation bits per character of a run."""
+    if not history:
+        raise ValueError("nothing to plot: the run has no training history")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps = [r["step"] for r in history]
+    axes[0].plot(steps, [r["loss"] for r in history], lw=0.8)
+    axes[0].set(xlabel="step", ylabel="loss (nats/token)", title="training objective")
+    if evaluations:
+        axes[1].plot([e["step"] for e in evaluations], [e["val_bpc"] for e in evaluations], "o-")
+    axes[1].set(xlabel="step", ylabel="val bits/char", title="validation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def run_report(config: dict, metrics: dict) -> str:
+    """A short markdown report of one run."""
+    lines = [f"# Run: {metrics['router']} router", "",
+             f"Corpus `{config['corpus']}`, seed {config['seed']}, {metrics['steps']} steps "
+             f"({metrics['train_seconds']:.0f} s), cost vector "
+             f"{[round(c, 3) for c in metrics['costs']]}.", "",
+             "| routing | val NLL (nats) | val bpc | projected FLOP % | expected FLOP % | "
+             "routing entropy % |", "|---|---|---|---|---|---|"]
+    for mode in ("soft", "hard", "gated"):
+        if mode in metrics:
+            m = metrics[mode]
+            lines.append(f"| {mode} | {_fmt(m['val_nll'])} | {_fmt(m['val_bpc'])} | "
+                         f"{_fmt(m['projected_flop_cost'], 1)} | "
+                         f"{_fmt(m['expected_flop_cost'], 1)} | {_fmt(m['routing_entropy'], 1)} |")
+    share = metrics["soft"]["expert_share"]
+    lines += ["", "Expert share per layer (argmax of the posterior mean / softmax weights): "
+              + "; ".join(f"layer {i}: " + "/".join(f"{s:.2f}" for s in row)
+                          for i, row in enumerate(share)) + ".", ""]
+    t = metrics["timing"]
+    lines += [f"Timed hard-routed forward pass: {t['routed_seconds'] * 1e3:.1f} ms vs "
+              f"{t['full_only_seconds'] * 1e3:.1f} ms full-only (ratio {t['time_ratio']:.2f}).",
+              "", "![training](training.png)", ""]
+    return "\n".join(lines)
