@@ -76,7 +76,7 @@ def load_data(train_cfg: TrainConfig, model_cfg: TinyLMConfig | None = None) -> 
 
 
 def check_run_dir(run_dir: Path) -> Path:
-    """A run directory with every file an analysis needs, or a clear error naming what is missing."""
+    """The run directory if it holds every file an analysis needs, else a clear error."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"run directory {run_dir} does not exist")

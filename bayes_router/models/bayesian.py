@@ -198,6 +198,7 @@ class BayesianRoutedLM(RoutedLM):
             compute_aware_prior(self.costs, values, eta)  # validates
             self.register_buffer("beta0_fixed", values)
         self._memo: tuple[tuple[Tensor, ...], Tensor] | None = None
+        self.one_pass = True  # False: the naive pair, the model reruns the network (reference)
 
     # -- prior and guide distributions -----------------------------------------------------------
 
@@ -253,7 +254,8 @@ class BayesianRoutedLM(RoutedLM):
         with self._plate(x, dataset_size):
             mode, threshold = self._training_mode()
             out = self.lm(x, router, mode=mode, gate_threshold=threshold)
-        self._memo = (tuple(r.decision.weights for r in out.routing), out.logits)
+        if self.one_pass:
+            self._memo = (tuple(r.decision.weights for r in out.routing), out.logits)
         return out
 
     # -- evaluation ------------------------------------------------------------------------------
