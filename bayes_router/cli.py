@@ -11,9 +11,11 @@ from pathlib import Path
 COMMANDS = {}
 
 
-def command(name: str, help: str):
+def command(name: str, help: str, arguments=None):
+    """Register ``fn(args) -> exit code`` as subcommand ``name``; ``arguments(parser)`` adds its
+    options."""
     def register(fn):
-        COMMANDS[name] = (fn, help)
+        COMMANDS[name] = (fn, help, arguments)
         return fn
     return register
 
@@ -102,7 +104,15 @@ def _configs(args, vocab_size: int):
     return model_cfg, train_cfg
 
 
-@command("train", "train a Bayesian or prior-free routed LM into a run directory")
+def _train_arguments(p):
+    _add_model_args(p)
+    _add_train_args(p)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true")
+
+
+@command("train", "train a Bayesian or prior-free routed LM into a run directory",
+         _train_arguments)
 def cmd_train(args) -> int:
     from bayes_router.experiments.runs import load_data, train_run
 
@@ -124,7 +134,15 @@ def cmd_train(args) -> int:
     return 0
 
 
-@command("evaluate", "evaluate a trained run under soft, hard or gated routing")
+def _evaluate_arguments(p):
+    p.add_argument("run_dir")
+    p.add_argument("--routing", default="soft", choices=["soft", "hard", "gated"])
+    p.add_argument("--gate-threshold", type=float, default=None)
+    p.add_argument("--split", default="val", choices=["val", "test"])
+
+
+@command("evaluate", "evaluate a trained run under soft, hard or gated routing",
+         _evaluate_arguments)
 def cmd_evaluate(args) -> int:
     from bayes_router.experiments.runs import evaluate_run
 
@@ -136,7 +154,14 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-@command("phase1", "the Phase-1 comparison of Bayesian and prior-free routing")
+def _phase1_arguments(p):
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=200)
+
+
+@command("phase1", "the Phase-1 comparison of Bayesian and prior-free routing",
+         _phase1_arguments)
 def cmd_phase1(args) -> int:
     from bayes_router.experiments.phase1 import phase1_table, run_phase1
 
@@ -149,7 +174,13 @@ def cmd_phase1(args) -> int:
     return 0
 
 
-@command("bench", "speed benchmark of the experts and the hard-routed layer")
+def _bench_arguments(p):
+    p.add_argument("--out", required=True)
+    p.add_argument("--seq-lens", type=lambda s: s.split(","),
+                   default=["128", "512", "1024", "2048", "4096"])
+
+
+@command("bench", "speed benchmark of the experts and the hard-routed layer", _bench_arguments)
 def cmd_bench(args) -> int:
     from bayes_router.bench import format_table, run_benchmark
 
@@ -159,7 +190,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
-@command("data", "print statistics of a corpus")
+def _data_arguments(p):
+    p.add_argument("--corpus", default="stdlib")
+    p.add_argument("--max-chars", type=int, default=None)
+
+
+@command("data", "print statistics of a corpus", _data_arguments)
 def cmd_data(args) -> int:
     from bayes_router.data import corpus_statistics, load_corpus
 
@@ -174,29 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bayesian per-token attention routing: train, evaluate, analyse.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
+    for name, (_, help_text, arguments) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == "train":
-            _add_model_args(p)
-            _add_train_args(p)
-            p.add_argument("--out", required=True, help="run directory")
-            p.add_argument("--resume", action="store_true")
-        elif name == "evaluate":
-            p.add_argument("run_dir")
-            p.add_argument("--routing", default="soft", choices=["soft", "hard", "gated"])
-            p.add_argument("--gate-threshold", type=float, default=None)
-            p.add_argument("--split", default="val", choices=["val", "test"])
-        elif name == "phase1":
-            p.add_argument("--out", required=True)
-            p.add_argument("--seeds", type=int, default=3)
-            p.add_argument("--steps", type=int, default=200)
-        elif name == "bench":
-            p.add_argument("--out", required=True)
-            p.add_argument("--seq-lens", type=lambda s: s.split(","),
-                           default=["128", "512", "1024", "2048", "4096"])
-        elif name == "data":
-            p.add_argument("--corpus", default="stdlib")
-            p.add_argument("--max-chars", type=int, default=None)
+        if arguments is not None:
+            arguments(p)
     return parser
 
 
@@ -208,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    fn, _ = COMMANDS[args.command]
+    fn, _, _ = COMMANDS[args.command]
     try:
         return fn(args)
     except (ValueError, TypeError) as error:
