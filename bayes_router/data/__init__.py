@@ -26,8 +26,11 @@ from bayes_router.data.synthetic import (
     synthetic_corpus,
     token_layout,
 )
+from bayes_router.data.tokens import TokenData, token_data
 
 __all__ = [
+    "TokenData",
+    "token_data",
     "ANY_LABEL",
     "CharVocab",
     "DEFAULT_CHARS",

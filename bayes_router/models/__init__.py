@@ -1,0 +1,73 @@
+"""Attention experts, the routed layer, TinyLM, and the Bayesian / prior-free routed LMs."""
+
+from bayes_router.models.bayesian import (
+    BATCH_PLATE,
+    OBS_SITE,
+    BayesianRoutedLM,
+    Controller,
+    PriorFreeRoutedLM,
+    RoutedLM,
+    alpha_site,
+    compute_aware_prior,
+)
+from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.experts import (
+    SEED_COSTS,
+    AttentionExpert,
+    FullAttention,
+    LinearAttention,
+    LocalAttention,
+    build_expert,
+    cost_vector,
+    expert_flops,
+    expert_names,
+    naive_full,
+    naive_linear,
+    naive_local,
+    register_expert,
+)
+from bayes_router.models.router import (
+    ROUTING_MODES,
+    LayerRouting,
+    RoutedAttention,
+    Router,
+    RoutingDecision,
+    controller_features,
+    routing_weights,
+)
+from bayes_router.models.tinylm import FixedRouting, LMOutput, TinyLM
+
+__all__ = [
+    "BATCH_PLATE",
+    "OBS_SITE",
+    "ROUTING_MODES",
+    "SEED_COSTS",
+    "AttentionExpert",
+    "BayesianRoutedLM",
+    "Controller",
+    "FixedRouting",
+    "FullAttention",
+    "LMOutput",
+    "LayerRouting",
+    "LinearAttention",
+    "LocalAttention",
+    "PriorFreeRoutedLM",
+    "RoutedAttention",
+    "RoutedLM",
+    "Router",
+    "RoutingDecision",
+    "TinyLM",
+    "TinyLMConfig",
+    "alpha_site",
+    "build_expert",
+    "compute_aware_prior",
+    "controller_features",
+    "cost_vector",
+    "expert_flops",
+    "expert_names",
+    "naive_full",
+    "naive_linear",
+    "naive_local",
+    "register_expert",
+    "routing_weights",
+]
