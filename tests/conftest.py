@@ -4,6 +4,8 @@ import pytest
 import torch
 
 matplotlib.use("Agg")
+# The test models are tiny: one thread avoids OpenMP spin-waits when the machine is shared.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
