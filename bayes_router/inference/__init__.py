@@ -1,0 +1,47 @@
+"""Inference: the SVI training loop, evaluation, ELBO estimators, the conjugate toy, empirical
+Bayes for beta0, and step timing."""
+
+from bayes_router.inference.empirical_bayes import (
+    expected_log_alpha,
+    fit_dirichlet,
+    fit_precision,
+    fit_precision_from_samples,
+)
+from bayes_router.inference.estimators import Estimator, estimator_names, get_estimator
+from bayes_router.inference.evaluate import collect, evaluate, routing_metrics, timed_forward
+from bayes_router.inference.objective import loss_and_surrogate
+from bayes_router.inference.train import (
+    CheckpointError,
+    TrainConfig,
+    TrainingDiverged,
+    TrainResult,
+    build_routed_lm,
+    load_checkpoint,
+    load_trained,
+    save_checkpoint,
+    train,
+)
+
+__all__ = [
+    "CheckpointError",
+    "Estimator",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "build_routed_lm",
+    "collect",
+    "estimator_names",
+    "evaluate",
+    "expected_log_alpha",
+    "fit_dirichlet",
+    "fit_precision",
+    "fit_precision_from_samples",
+    "get_estimator",
+    "load_checkpoint",
+    "load_trained",
+    "loss_and_surrogate",
+    "routing_metrics",
+    "save_checkpoint",
+    "timed_forward",
+    "train",
+]

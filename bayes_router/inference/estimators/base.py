@@ -1,0 +1,83 @@
+"""The contract every ELBO gradient estimator of the registry fulfils.
+
+An estimator is two choices made together: the *family of samplers* the guide uses for its
+Dirichlet sites (which decides how gradients flow through the samples: implicit pathwise,
+normalised Gamma, rejection-sampler reparameterisation, or none at all) and the *ELBO* whose
+surrogate loss turns those samples into a gradient. Model/guide pairs select the sampler through
+:meth:`Estimator.dirichlet` and attach :meth:`Estimator.site_infer` to their ``pyro.sample``
+calls, so the same program runs under every estimator.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import pyro.distributions as dist
+from pyro.infer import ELBO
+from torch import Tensor
+
+
+class Estimator(ABC):
+    """Abstract base of the ELBO gradient estimators.
+
+    The guide of a model/guide pair uses this object in two places::
+
+        infer = estimator.site_infer()
+        pyro.sample("alpha_0", estimator.dirichlet(concentration).to_event(1), infer=infer)
+
+    and training or the gradient-variance lab builds the loss with :meth:`make_elbo`.
+
+    :cvar str name: registry name, e.g. ``"reparam-mc"``.
+    :cvar bool unbiased: whether the gradient estimate is unbiased for the gradient of the
+        (single-sample, standard) ELBO.
+    :cvar str reference: the paper the estimator comes from.
+    :cvar int min_particles: the fewest particles the estimator is defined for.
+    """
+
+    name: str = ""
+    unbiased: bool = True
+    reference: str = ""
+    min_particles: int = 1
+
+    def dirichlet(self, concentration: Tensor) -> dist.TorchDistribution:
+        """The Dirichlet distribution the guide must use for its routing-weight sites.
+
+        :param concentration: ``(..., K)`` positive concentration.
+        :returns: a distribution over the simplex of the last dimension, with batch shape
+            ``concentration.shape[:-1]``.
+        """
+        return dist.Dirichlet(concentration)
+
+    def site_infer(self) -> dict:
+        """The ``infer`` dict the guide attaches to its Dirichlet ``pyro.sample`` calls.
+
+        A fresh dict on each call (empty unless the estimator configures baselines).
+        """
+        return {}
+
+    @abstractmethod
+    def make_elbo(self, num_particles: int = 1, vectorize_particles: bool = True,
+                  **kwargs) -> ELBO:
+        """A :class:`~pyro.infer.elbo.ELBO` computing this estimator's surrogate loss.
+
+        :param int num_particles: number of samples per gradient estimate.
+        :param bool vectorize_particles: draw the particles in one vectorised pass.
+        :param kwargs: further options of the underlying ELBO class (e.g.
+            ``max_plate_nesting``).
+        :raises ValueError: if ``num_particles`` is below :attr:`min_particles`.
+        """
+        raise NotImplementedError
+
+    def check_num_particles(self, num_particles: int) -> int:
+        """Validate a particle count for this estimator and return it."""
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int):
+            raise TypeError(f"num_particles must be an int, got {num_particles!r}")
+        if num_particles < self.min_particles:
+            raise ValueError(
+                f"estimator {self.name!r} does not apply with num_particles={num_particles}: "
+                f"it needs num_particles >= {self.min_particles}"
+            )
+        return num_particles
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, unbiased={self.unbiased})"
