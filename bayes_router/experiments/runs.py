@@ -46,22 +46,31 @@ def versions() -> dict:
             "platform": platform.platform(), "threads": torch.get_num_threads()}
 
 
-def write_json(path: Path, data) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
-
-
-def _json_default(value):
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, np.ndarray | np.generic):
-        return value.tolist()
+def json_safe(value):
+    """``value`` with arrays as lists, paths as strings and NaN or infinite floats as ``None``
+    (strict JSON)."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    if isinstance(value, np.ndarray | torch.Tensor):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
     if isinstance(value, Path):
         return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: Path, data) -> None:
+    """Write strict JSON through a temporary file and a rename: a reader never sees half a
+    file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
 
 
 def load_data(train_cfg: TrainConfig, model_cfg: TinyLMConfig | None = None) -> TokenData:
@@ -119,8 +128,7 @@ def train_run(model_cfg: TinyLMConfig, train_cfg: TrainConfig, out_dir: Path,
     data = load_data(train_cfg, model_cfg) if data is None else data
     config = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
               "seed": train_cfg.seed, "corpus": data.name, "versions": versions()}
-    if not resume:
-        write_json(out_dir / "config.json", config)
+    write_json(out_dir / "config.json", config)  # a resumed run records its new step count
     try:
         result = train(model_cfg, train_cfg, data, out_dir=out_dir, resume=resume,
                        progress=progress)

@@ -23,6 +23,7 @@ Run on its own (prior predictive, or under other samples) the model computes the
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -39,6 +40,8 @@ from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.experts import cost_vector
 from bayes_router.models.router import RoutingDecision
 from bayes_router.models.tinylm import LMOutput, TinyLM
+
+logger = logging.getLogger(__name__)
 
 OBS_SITE = "obs"
 BATCH_PLATE = "batch"
@@ -197,6 +200,13 @@ class BayesianRoutedLM(RoutedLM):
             values = torch.as_tensor(beta0, dtype=torch.float32).expand(cfg.n_layers).clone()
             compute_aware_prior(self.costs, values, eta)  # validates
             self.register_buffer("beta0_fixed", values)
+        if not self.learn_beta0:
+            smallest = float(self.prior_concentration().min())
+            if smallest < self.a_min:
+                logger.warning(
+                    "the prior concentration beta0 * pi has an entry %.3g below a_min=%.3g: the "
+                    "guide cannot match the prior there (lower a_min to study such beta0)",
+                    smallest, self.a_min)
         self._memo: tuple[tuple[Tensor, ...], Tensor] | None = None
         self.one_pass = True  # False: the naive pair, the model reruns the network (reference)
 
