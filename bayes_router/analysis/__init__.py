@@ -20,6 +20,7 @@ from bayes_router.analysis.metrics import (
     negative_log_likelihood,
     projected_flop_cost,
     reliability_curve,
+    reliability_curve_from_confidence,
     routing_entropy,
 )
 from bayes_router.analysis.plots import (
@@ -52,6 +53,7 @@ __all__ = [
     "negative_log_likelihood",
     "projected_flop_cost",
     "reliability_curve",
+    "reliability_curve_from_confidence",
     "routing_entropy",
     # uncertainty
     "RoutingUncertainty",

@@ -179,13 +179,28 @@ def reliability_curve(probs, labels, n_bins: int = 15,
     :param binning: ``"equal-width"`` (torchmetrics' convention, see the module docstring) or
         ``"equal-mass"``.
     """
-    n_bins = check_n_bins(n_bins)
-    _check_binning(binning)
     p, y = _predictions(probs, labels)
     confidence = p.max(1)  # (N,) in the precision of probs
-    correct = (p.argmax(1) == y).astype(np.float64)
+    return reliability_curve_from_confidence(confidence, p.argmax(1) == y, n_bins, binning)
+
+
+def reliability_curve_from_confidence(confidence, correct, n_bins: int = 15,
+                                      binning: str = "equal-width") -> ReliabilityCurve:
+    """:func:`reliability_curve` from top-label confidences ``(N,)`` in ``[0, 1]`` and whether
+    each top label was right ``(N,)`` (all a top-label curve depends on; cheap to resample)."""
+    n_bins = check_n_bins(n_bins)
+    _check_binning(binning)
+    confidence = np.asarray(confidence)
+    if confidence.dtype not in (np.float32, np.float64):
+        confidence = confidence.astype(np.float64)
+    correct = np.asarray(correct).astype(np.float64)
+    if confidence.ndim != 1 or confidence.shape != correct.shape or confidence.size == 0:
+        raise ValueError(f"confidence and correct must be non-empty 1-D arrays of one length, "
+                         f"got shapes {confidence.shape} and {correct.shape}")
+    if not np.all((confidence >= 0) & (confidence <= 1)):
+        raise ValueError("confidence must lie in [0, 1]")
     if binning == "equal-width":
-        edges = _equal_width_edges(n_bins, p.dtype)
+        edges = _equal_width_edges(n_bins, confidence.dtype)
         index = np.searchsorted(edges, confidence, side="right") - 1  # bucketize(right=True) - 1
         index = np.clip(index, 0, n_bins - 1)
         edges = edges.astype(np.float64)

@@ -114,12 +114,14 @@ def claims(table: dict, nll_margin_nats: float) -> list[dict]:
     ]
 
 
-def run_phase1(out_dir: Path, seeds: int = 3, steps: int = 200,
+def run_phase1(out_dir: Path, seeds: int = 3, steps: int = 300,
                model_cfg: TinyLMConfig | None = None, train_cfg: TrainConfig | None = None,
-               progress: bool = True, resume: bool = True) -> dict:
+               progress: bool = True, resume: bool = True, report: bool = True) -> dict:
     """Train both routers for ``seeds`` seeds and write ``phase1.json`` and ``phase1.md``.
 
-    Finished runs in ``out_dir`` are reused (an interrupted comparison resumes).
+    Finished runs in ``out_dir`` are reused (an interrupted comparison resumes). With ``report``
+    every run also gets its analysis report (calibration, uncertainty diagnostics, figures) and
+    ``out_dir/comparison`` a side-by-side calibration comparison.
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -148,6 +150,12 @@ def run_phase1(out_dir: Path, seeds: int = 3, steps: int = 200,
               "train": base_train.to_dict(), "table": table, "published": PUBLISHED,
               "claims": claims(table, margin), "versions": versions(),
               "runs": {r: [f"{r}-seed{s}" for s in range(seeds)] for r in runs}}
+    if report:
+        from bayes_router.experiments.report import report_runs
+
+        run_dirs = [out_dir / name for names in result["runs"].values() for name in names]
+        report_runs(run_dirs, out_dir=out_dir / "comparison", progress=progress)
+        result["comparison"] = "comparison/comparison.md"
     write_json(out_dir / "phase1.json", result)
     (out_dir / "phase1.md").write_text(phase1_report(result))
     return result
@@ -196,5 +204,10 @@ def phase1_report(result: dict) -> str:
             f"layer {i}: " + "/".join(f"{s:.2f}" for s in row)
             for i, row in enumerate(share["mean"])))
     lines += ["", "Runs: " + ", ".join(f"[{r}]({r}/report.md)" for rs in result["runs"].values()
-                                        for r in rs), ""]
+                                        for r in rs) + "."]
+    if "comparison" in result:
+        lines += ["", "Calibration and routing-uncertainty analysis of every run: "
+                  "`<run>/analysis/report.md`; side by side: "
+                  f"[{result['comparison']}]({result['comparison']})."]
+    lines.append("")
     return "\n".join(lines)

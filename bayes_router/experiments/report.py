@@ -55,6 +55,7 @@ from bayes_router.analysis import (
     plot_uncertainty_strip,
     plot_uncertainty_vs_damage,
     reliability_curve,
+    reliability_curve_from_confidence,
     routing_accuracy_by_decile,
     routing_uncertainty,
     uncertainty_diagnostics,
@@ -203,11 +204,33 @@ def collect_tokens(model, data, split: str, seq_len: int, max_batches: int | Non
 # the numbers
 
 
-def _over_windows(metric, n_classes: int):
-    """``metric(probs (N, C), labels (N,))`` as a function of windows ``(W, T, C), (W, T)``."""
-    def per_windows(probs, labels):
-        return metric(probs.reshape(-1, n_classes), labels.reshape(-1))
-    return per_windows
+def token_summary(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-token top-label confidence, correctness, Brier term and NLL: everything the
+    calibration metrics depend on, so that bootstrap resamples need not copy ``(N, V)``."""
+    confidence = probs.max(-1)
+    rows = np.arange(len(labels))
+    correct = probs.argmax(-1) == labels
+    brier = np.square(probs.astype(np.float64)).sum(-1) - 2 * probs[rows, labels] + 1.0
+    with np.errstate(divide="ignore"):
+        nll = -np.log(probs[rows, labels].astype(np.float64))
+    return {"confidence": confidence, "correct": correct, "brier": brier, "nll": nll}
+
+
+def _summary_metric(name: str):
+    """Metric ``name`` as a function of windows of the per-token summary arrays."""
+    def metric(confidence, correct, brier, nll):
+        if name == "brier":
+            return float(brier.mean())
+        if name == "nll":
+            return float(nll.mean())
+        binning = "equal-mass" if name == "ece_equal_mass" else "equal-width"
+        curve = reliability_curve_from_confidence(confidence.reshape(-1), correct.reshape(-1),
+                                                  CALIBRATION_BINS, binning)
+        gap, filled = curve.calibration_gap, curve.count > 0
+        if name == "mce":
+            return float(gap[filled].max())
+        return float(np.sum(curve.count[filled] / curve.count.sum() * gap[filled]))
+    return metric
 
 
 def _curve_dict(curve: ReliabilityCurve) -> dict:
@@ -229,14 +252,11 @@ def calibration_summary(probs: np.ndarray, labels: np.ndarray, window_len: int,
     :param probs: predictive probabilities ``(N, V)``, ``N`` a multiple of ``window_len``.
     :param labels: next tokens ``(N,)``.
     """
-    n_classes = probs.shape[-1]
-    windows = (-1, window_len)
+    summary = [a.reshape(-1, window_len) for a in token_summary(probs, labels).values()]
     result = {}
     for name, metric in CALIBRATION_METRICS.items():
-        point, low, high = bootstrap_ci(_over_windows(metric, n_classes),
-                                        probs.reshape(*windows, n_classes),
-                                        labels.reshape(windows), n_boot=n_boot, seed=seed)
-        result[name] = {"value": point, "low": low, "high": high}
+        _, low, high = bootstrap_ci(_summary_metric(name), *summary, n_boot=n_boot, seed=seed)
+        result[name] = {"value": metric(probs, labels), "low": low, "high": high}
     result["accuracy"] = float(np.mean(probs.argmax(-1) == labels))
     result["reliability"] = {
         binning: _curve_dict(reliability_curve(probs, labels, CALIBRATION_BINS, binning))
@@ -247,13 +267,14 @@ def calibration_summary(probs: np.ndarray, labels: np.ndarray, window_len: int,
 def paired_difference(metric, probs_a: np.ndarray, probs_b: np.ndarray, labels: np.ndarray,
                       window_len: int, n_boot: int = 1000, seed: int = 0) -> dict:
     """``metric(b) - metric(a)`` with a paired bootstrap interval over windows."""
-    n_classes = probs_a.shape[-1]
-    per_windows = _over_windows(metric, n_classes)
-    point, low, high = bootstrap_ci(
-        lambda a, b, y: per_windows(b, y) - per_windows(a, y),
-        probs_a.reshape(-1, window_len, n_classes), probs_b.reshape(-1, window_len, n_classes),
-        labels.reshape(-1, window_len), n_boot=n_boot, seed=seed)
-    return {"value": point, "low": low, "high": high}
+    name = next(k for k, v in CALIBRATION_METRICS.items() if v is metric)
+    per_windows = _summary_metric(name)
+    a = [x.reshape(-1, window_len) for x in token_summary(probs_a, labels).values()]
+    b = [x.reshape(-1, window_len) for x in token_summary(probs_b, labels).values()]
+    _, low, high = bootstrap_ci(lambda *ab: per_windows(*ab[4:]) - per_windows(*ab[:4]),
+                                *a, *b, n_boot=n_boot, seed=seed)
+    return {"value": metric(probs_b, labels) - metric(probs_a, labels), "low": low,
+            "high": high}
 
 
 def token_uncertainty(arrays: TokenArrays) -> dict[str, np.ndarray]:

@@ -303,3 +303,20 @@ def test_cli_calibrate_and_report_compare(runs, tmp_path, capsys):
     assert main(["report", str(runs["bayesian"]), str(runs["prior-free"]), "--out",
                  str(tmp_path / "x")]) == 2
     assert "prior-free" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["ece", "ece_equal_mass", "mce", "brier", "nll"])
+def test_token_summary_metrics_equal_the_public_metrics(name):
+    """The bootstrap resamples per-token summaries; on the full data they give the metric."""
+    from bayes_router.experiments.report import (
+        CALIBRATION_METRICS,
+        _summary_metric,
+        token_summary,
+    )
+
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.full(7, 0.4), size=600)
+    labels = rng.integers(0, 7, size=600)
+    summary = token_summary(probs, labels).values()
+    assert _summary_metric(name)(*summary) == pytest.approx(
+        CALIBRATION_METRICS[name](probs, labels), rel=1e-12, abs=1e-12)
