@@ -56,6 +56,9 @@ class TrainConfig:
     :param num_particles: vectorised particles per step.
     :param beta0: prior concentration, a positive number, one per layer, or ``"learn"``.
     :param kl_anneal_steps: the KL weight rises linearly from ``kl_anneal_start`` to 1 over these.
+    :param kl_weight: a constant factor on the KL term after annealing (beta-VAE style ablation).
+
+        .. warning:: with ``kl_weight != 1`` the objective is no longer the ELBO.
     :param gate_final: final soft-to-hard gate threshold on the normalised routing entropy of
         the sampled weights (0 disables gating); it rises linearly from 0 between
         ``gate_start`` and ``gate_end`` (fractions of training).
@@ -78,6 +81,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     kl_anneal_steps: int = 0
     kl_anneal_start: float = 0.0
+    kl_weight: float = 1.0
     gate_final: float = 0.0
     gate_start: float = 0.5
     gate_end: float = 0.9
@@ -111,7 +115,7 @@ class TrainConfig:
             values = self.beta0 if isinstance(self.beta0, tuple) else (self.beta0,)
             if not values or not all(math.isfinite(v) and v > 0 for v in values):
                 raise ValueError(f"beta0 must be > 0, got {self.beta0!r}")
-        for name in ("beta0_init", "a_min", "tau", "lr", "grad_clip"):
+        for name in ("beta0_init", "a_min", "tau", "lr", "grad_clip", "kl_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.kl_anneal_steps < 0 or not 0 <= self.kl_anneal_start <= 1:
@@ -134,9 +138,9 @@ class TrainConfig:
 
     def kl_scale(self, step: int) -> float:
         if self.kl_anneal_steps == 0:
-            return 1.0
+            return self.kl_weight
         frac = min(1.0, step / self.kl_anneal_steps)
-        return self.kl_anneal_start + (1.0 - self.kl_anneal_start) * frac
+        return self.kl_weight * (self.kl_anneal_start + (1.0 - self.kl_anneal_start) * frac)
 
     def gate_threshold(self, step: int) -> float:
         if self.gate_final == 0:

@@ -1,11 +1,10 @@
 """The SVI loop: learning, checkpoint/resume, divergence, bad configurations and checkpoints."""
 
+import importlib
 import json
 
 import pytest
 import torch
-
-import bayes_router.inference.train as train_module
 from bayes_router.data.tokens import token_data
 from bayes_router.inference.train import (
     CheckpointError,
@@ -15,6 +14,9 @@ from bayes_router.inference.train import (
     train,
 )
 from bayes_router.models.config import TinyLMConfig
+
+# the package re-exports the function `train`, which hides the module of the same name
+train_module = importlib.import_module("bayes_router.inference.train")
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 60
 
@@ -103,7 +105,7 @@ def test_checkpoint_loads_with_weights_only(data, tmp_path):
 @pytest.mark.parametrize("kwargs,match", [
     ({"num_particles": 0}, "num_particles"), ({"estimator": "magic"}, "reparam-mc"),
     ({"beta0": 0.0}, "beta0"), ({"beta0": "auto"}, "beta0"), ({"router": "moe"}, "router"),
-    ({"steps": 0}, "steps"), ({"gate_final": 2.0}, "gate_final"),
+    ({"steps": 0}, "steps"), ({"gate_final": 2.0}, "gate_final"), ({"kl_weight": 0}, "kl_weight"),
 ])
 def test_bad_train_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -115,6 +117,8 @@ def test_schedules():
                       gate_start=0.5, gate_end=0.9)
     assert cfg.kl_scale(0) == pytest.approx(0.2) and cfg.kl_scale(25) == pytest.approx(0.6)
     assert cfg.kl_scale(80) == 1.0
+    weighted = TrainConfig(steps=100, kl_anneal_steps=50, kl_weight=0.1)
+    assert weighted.kl_scale(25) == pytest.approx(0.05) and weighted.kl_scale(90) == 0.1
     assert cfg.gate_threshold(50) == 0.0 and cfg.gate_threshold(70) == pytest.approx(0.2)
     assert cfg.gate_threshold(95) == pytest.approx(0.4)
 
