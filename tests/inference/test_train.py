@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+
 from bayes_router.data.tokens import token_data
 from bayes_router.inference.train import (
     CheckpointError,
