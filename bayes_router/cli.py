@@ -76,6 +76,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--kl-anneal-steps", type=int, default=0)
+    g.add_argument("--kl-weight", type=float, default=1.0,
+                   help="constant factor on the KL term (1: the ELBO; else a beta-VAE ablation)")
     g.add_argument("--gate-final", type=float, default=0.0,
                    help="final soft-to-hard gate threshold (normalised entropy); 0: off")
     g.add_argument("--tau", type=float, default=1.0, help="prior-free softmax temperature")
@@ -98,6 +100,7 @@ def _configs(args, vocab_size: int):
         beta0=args.beta0, beta0_init=args.beta0_init, eta=args.eta, tau=args.tau,
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         grad_clip=args.grad_clip, kl_anneal_steps=args.kl_anneal_steps,
+        kl_weight=args.kl_weight,
         gate_final=args.gate_final, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed, dataset=args.corpus,
         dataset_max_chars=args.max_chars)
@@ -157,7 +160,8 @@ def cmd_evaluate(args) -> int:
 def _phase1_arguments(p):
     p.add_argument("--out", required=True)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--no-report", action="store_true", help="skip the per-run analysis reports")
 
 
 @command("phase1", "the Phase-1 comparison of Bayesian and prior-free routing",
@@ -165,7 +169,8 @@ def _phase1_arguments(p):
 def cmd_phase1(args) -> int:
     from bayes_router.experiments.phase1 import phase1_table, run_phase1
 
-    result = run_phase1(Path(args.out), seeds=args.seeds, steps=args.steps)
+    result = run_phase1(Path(args.out), seeds=args.seeds, steps=args.steps,
+                        report=not args.no_report)
     print(phase1_table(result))
     print()
     for claim in result["claims"]:
@@ -204,11 +209,215 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _analysis_options(p):
+    p.add_argument("--max-batches", type=int, default=8,
+                   help="validation batches of 16 windows to analyse")
+    p.add_argument("--num-samples", type=int, default=8,
+                   help="routing samples of the Bayesian model average")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (of windows)")
+
+
+def _calibrate_arguments(p):
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/analysis)")
+    _analysis_options(p)
+
+
+@command("calibrate", "calibration of a run's plug-in and Bayesian-model-average predictives",
+         _calibrate_arguments)
+def cmd_calibrate(args) -> int:
+    from bayes_router.experiments.report import calibrate_run, calibration_table
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "analysis"
+    result = calibrate_run(Path(args.run_dir), out, max_batches=args.max_batches,
+                           num_samples=args.num_samples, n_boot=args.n_boot)
+    print("\n".join(calibration_table(result)))
+    print(f"\nwrote {out}/calibration.json and {out}/calibration.md")
+    return 0
+
+
+def _report_arguments(p):
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default=None,
+                   help="output folder of a single run's analysis (default RUN_DIR/analysis)")
+    p.add_argument("--compare", default=None, metavar="DIR",
+                   help="with several runs: write their calibration comparison into DIR")
+    _analysis_options(p)
+
+
+@command("report", "analysis of a run: calibration, routing uncertainty, damage of hard routing",
+         _report_arguments)
+def cmd_report(args) -> int:
+    from bayes_router.experiments.report import analyse_run, report_runs
+
+    options = dict(max_batches=args.max_batches, num_samples=args.num_samples,
+                   n_boot=args.n_boot)
+    if args.out is not None and len(args.run_dirs) > 1:
+        raise ValueError("--out takes a single RUN_DIR; several runs are each analysed into "
+                         "RUN_DIR/analysis (use --compare DIR for a side-by-side comparison)")
+    if args.out is not None:
+        results = [analyse_run(Path(args.run_dirs[0]), Path(args.out), **options)]
+        outs = [Path(args.out)]
+    else:
+        results = report_runs(args.run_dirs, out_dir=args.compare, **options)
+        outs = [Path(d) / "analysis" for d in args.run_dirs]
+    for out, result in zip(outs, results, strict=True):
+        c = result["calibration"]["predictives"]
+        print(f"{result['run_dir']} ({result['router']}): " + ", ".join(
+            f"{name} ECE {p['ece']['value']:.4f} NLL {p['nll']['value']:.4f}"
+            for name, p in c.items())
+              + f"; damage mean {result['damage']['mean']:.4f} nats -> {out}/report.md")
+    if args.compare:
+        print(f"wrote {args.compare}/comparison.md")
+    return 0
+
+
+def _sweep_beta0_arguments(p):
+    _add_model_args(p)
+    _add_train_args(p)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--values", type=_floats, default=[0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
+                   help="comma-separated beta0 values (each > 0); --beta0 is ignored")
+    g.add_argument("--seeds", type=int, default=3, help="seeds --seed .. --seed + N - 1")
+    g.add_argument("--out", required=True, help="sweep folder")
+    g.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    g.add_argument("--mark", default=None,
+                   help="JSON file with an empirical-Bayes beta0 to mark on the plots")
+    g.add_argument("--eval-batches", type=int, default=8,
+                   help="validation batches per evaluation of a point")
+
+
+@command("sweep-beta0", "train and evaluate Bayesian runs over a grid of beta0 values x seeds",
+         _sweep_beta0_arguments)
+def cmd_sweep_beta0(args) -> int:
+    from bayes_router.experiments.runs import load_data
+    from bayes_router.experiments.sweep import sweep_beta0, sweep_report
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    args.beta0 = 1.0  # replaced by each sweep value
+    _, probe = _configs(args, vocab_size=128)
+    data = load_data(probe)
+    model_cfg, train_cfg = _configs(args, vocab_size=data.vocab_size)
+    result = sweep_beta0(args.values, list(range(args.seed, args.seed + args.seeds)),
+                         Path(args.out), model_cfg, train_cfg, jobs=args.jobs, mark=args.mark,
+                         eval_batches=args.eval_batches)
+    print(sweep_report(result))
+    print(f"wrote {args.out}/sweep.json and {args.out}/report.md")
+    return 0
+
+
+def _comma_ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
+                                         ) from None
+
+
+def _comma_names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _variance_arguments(p):
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--checkpoint", default=None, metavar="RUN_DIR",
+                   help="measure a trained Bayesian run (default: train a small model here)")
+    p.add_argument("--toy", action="store_true",
+                   help="the conjugate toy instead: bias against the exact gradient")
+    p.add_argument("--estimators", type=_comma_names, default=None,
+                   help="comma-separated estimator names (default: all registered)")
+    p.add_argument("--draws", type=int, default=None,
+                   help="gradient estimates M per estimator (default 50; toy 20000)")
+    p.add_argument("--num-particles", type=int, default=None,
+                   help="particles per estimate (default: each estimator's fewest, 1 or 2)")
+    p.add_argument("--particles", type=_comma_ints, default=[1, 2, 4, 8],
+                   help="particle counts of the particle sweep ('' to skip)")
+    p.add_argument("--particle-estimators", type=_comma_names,
+                   default=["reparam-mc", "reparam-analytic", "stl", "score-baseline", "iwae",
+                            "dreg"])
+    p.add_argument("--beta0-values", type=_floats, default=[0.1, 1.0, 10.0],
+                   help="beta0 values of the beta0 sweep, guide fixed ('' to skip)")
+    p.add_argument("--sweep-estimators", type=_comma_names,
+                   default=["reparam-mc", "reparam-analytic", "stl", "score-baseline"],
+                   help="estimators of the beta0 and along-training sweeps")
+    p.add_argument("--along-training", type=_comma_ints, default=[],
+                   help="training steps at which to measure, training afresh in segments "
+                        "(e.g. 0,50,100,200,300; default: skip)")
+    p.add_argument("--sweep-draws", type=int, default=None,
+                   help="M of the sweeps (default min(draws, 30))")
+    p.add_argument("--train-steps", type=int, default=100,
+                   help="steps of the small model trained without --checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("variance", "gradient-variance lab: variance, SNR and cost of every ELBO estimator",
+         _variance_arguments)
+def cmd_variance(args) -> int:
+    from bayes_router.inference.variance import variance_lab, variance_report
+
+    if args.toy and args.checkpoint:
+        raise ValueError("--toy and --checkpoint exclude each other")
+    result = variance_lab(
+        Path(args.out), checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        toy=args.toy, estimators=args.estimators, num_draws=args.draws,
+        num_particles=args.num_particles, particles=args.particles,
+        particle_estimators=args.particle_estimators, beta0_values=args.beta0_values,
+        sweep_estimators=args.sweep_estimators, along_training=args.along_training,
+        sweep_draws=args.sweep_draws, train_steps=args.train_steps, seed=args.seed)
+    print(variance_report(result))
+    print(f"wrote {args.out}/variance.json and {args.out}/report.md")
+    return 0
+
+
+def _fit_beta0_arguments(p):
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--method", default="both", choices=["svi", "minka", "both"])
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/empirical-bayes)")
+    p.add_argument("--svi-steps", type=int, default=200,
+                   help="SVI steps continuing a fixed-beta0 run with beta0 learned")
+    p.add_argument("--beta0-lr", type=float, default=0.05,
+                   help="learning rate of log beta0 in those steps")
+    p.add_argument("--stat-batches", type=int, default=16,
+                   help="training batches of the guide's expected statistics (Minka)")
+    p.add_argument("--eval-batches", type=int, default=8,
+                   help="validation batches of the held-out ELBO")
+    p.add_argument("--update-pi", action="store_true",
+                   help="also fit the prior mean pi (Minka, full Dirichlet)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("fit-beta0", "empirical-Bayes beta0 of a run: type-II ML in SVI and Minka's M-step",
+         _fit_beta0_arguments)
+def cmd_fit_beta0(args) -> int:
+    from bayes_router.inference.empirical_bayes import beta0_report, fit_beta0_run
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "empirical-bayes"
+    result = fit_beta0_run(Path(args.run_dir), args.method, out, svi_steps=args.svi_steps,
+                           beta0_lr=args.beta0_lr, stat_batches=args.stat_batches,
+                           eval_batches=args.eval_batches, update_pi=args.update_pi,
+                           seed=args.seed)
+    print(beta0_report(result))
+    print(f"wrote {out}/beta0.json and {out}/report.md")
+    return 0
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bayes-router",
         description="Bayesian per-token attention routing: train, evaluate, analyse.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: 1 for the small-model commands, where intra-op "
+             "threading does not pay and OpenMP spin-waits are slow on shared machines; all "
+             "cores for `bench`)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text, arguments) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -226,6 +435,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     fn, _, _ = COMMANDS[args.command]
+    if args.threads is not None:
+        if args.threads < 1:
+            print("bayes-router: error: --threads must be >= 1", file=sys.stderr)
+            return 2
+        torch_threads(args.threads)
+    elif args.command != "bench":
+        torch_threads(1)
     try:
         return fn(args)
     except (ValueError, TypeError) as error:

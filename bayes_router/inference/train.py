@@ -211,8 +211,11 @@ def load_checkpoint(path: Path) -> dict:
 
 def check_same_config(payload: dict, model_cfg: TinyLMConfig, train_cfg: TrainConfig) -> None:
     """Refuse to resume a checkpoint written under another configuration (``steps`` may grow)."""
-    saved_model = json.loads(payload["model_config"])
-    saved_train = json.loads(payload["train_config"])
+    # through the dataclasses, so fields added since the checkpoint was written take defaults
+    saved_model = json.loads(json.dumps(TinyLMConfig.from_dict(
+        json.loads(payload["model_config"])).to_dict()))
+    saved_train = json.loads(json.dumps(TrainConfig.from_dict(
+        json.loads(payload["train_config"])).to_dict()))
     current_train = json.loads(json.dumps(train_cfg.to_dict()))
     diffs = [k for k in set(saved_model) | set(model_cfg.to_dict())
              if saved_model.get(k) != json.loads(json.dumps(model_cfg.to_dict())).get(k)]
@@ -265,6 +268,7 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data, out_dir: Path |
         objective = make_objective(train_cfg)
         batch_rng = torch.Generator().manual_seed(train_cfg.seed)
         result = TrainResult(model)
+        aux_optimiser = None
         if resume:
             if checkpoint_path is None:
                 raise ValueError("resume needs an output directory holding a checkpoint")
@@ -304,6 +308,7 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data, out_dir: Path |
                 bar.close()
                 raise TrainingDiverged(step, float(grad_norm), last_good)
             optimiser.step()
+            aux_optimiser = _step_auxiliary(objective, aux_optimiser, train_cfg.lr)
             result.step = step
             record = {"step": step, "loss": per_token, "grad_norm": float(grad_norm),
                       "kl_scale": kl_scale, "gate_threshold": model.gate_threshold}
@@ -331,6 +336,26 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data, out_dir: Path |
         bar.close()
         model.gate_threshold = 0.0
     return result
+
+
+def _step_auxiliary(objective, optimiser, lr: float):
+    """Train parameters the ELBO owns itself (the learned baselines of ``score-nn-baseline``,
+    created on first sight of a site) with their own Adam. They are not checkpointed: a resumed
+    run starts them afresh, which changes the variance, not the expectation, of the gradient."""
+    modules = getattr(objective, "baselines", None)
+    if modules is None or not len(modules):
+        return optimiser
+    params = list(modules.parameters())
+    if optimiser is None:
+        optimiser = torch.optim.Adam(params, lr=lr)
+    else:
+        known = {id(p) for group in optimiser.param_groups for p in group["params"]}
+        new = [p for p in params if id(p) not in known]
+        if new:
+            optimiser.add_param_group({"params": new})
+    optimiser.step()
+    optimiser.zero_grad(set_to_none=True)
+    return optimiser
 
 
 def _checkpoint_payload(model, optimiser, batch_rng, result: TrainResult,

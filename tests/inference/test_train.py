@@ -129,3 +129,35 @@ def test_gated_training_runs(data):
     result = train(model_cfg, train_cfg, data, progress=False)
     assert result.history[-1]["gate_threshold"] == pytest.approx(0.9)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+
+
+def test_neural_baselines_are_trained(data, monkeypatch):
+    """score-nn-baseline's nets (created on first sight of a site) get optimiser steps."""
+    model_cfg, train_cfg = _cfgs(data, steps=3, estimator="score-nn-baseline")
+    seen = {}
+    real = train_module._step_auxiliary
+
+    def record(objective, optimiser, lr):
+        if "initial" not in seen:
+            seen["initial"] = [p.detach().clone() for p in objective.baselines.parameters()]
+        seen["objective"] = objective
+        return real(objective, optimiser, lr)
+
+    monkeypatch.setattr(train_module, "_step_auxiliary", record)
+    train(model_cfg, train_cfg, data, progress=False)
+    final = list(seen["objective"].baselines.parameters())
+    assert seen["initial"] and len(final) == len(seen["initial"])
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(seen["initial"], final))
+
+
+def test_resume_accepts_checkpoints_without_newer_fields(data, tmp_path):
+    """A checkpoint written before a config field existed resumes with that field's default."""
+    model_cfg, train_cfg = _cfgs(data, steps=4)
+    train(model_cfg, train_cfg, data, out_dir=tmp_path, progress=False, max_steps=2)
+    payload = load_checkpoint(tmp_path / "checkpoint.pt")
+    old = json.loads(payload["train_config"])
+    del old["kl_weight"]
+    payload["train_config"] = json.dumps(old)
+    train_module.save_checkpoint(tmp_path / "checkpoint.pt", payload)
+    result = train(model_cfg, train_cfg, data, out_dir=tmp_path, progress=False, resume=True)
+    assert result.step == 4

@@ -13,17 +13,17 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.elbo import ELBO
-from pyro.infer.util import get_dependent_plate_dims, is_validation_enabled, torch_item
+from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
 
 from bayes_router.inference.estimators._util import detach_parameters
 from bayes_router.inference.estimators.base import Estimator
-
-
-def _sum_keepdim(tensor, dims):
-    dims = [d for d in dims if -d <= tensor.dim()]
-    return tensor.sum(dims, keepdim=True) if dims else tensor
+from bayes_router.inference.estimators.iwae import (
+    importance_plates,
+    log_weight_term,
+    particles_first,
+)
 
 
 def _with_detached_values(trace):
@@ -48,8 +48,10 @@ class DReG_ELBO(ELBO):
     ``sum_k wt_k^2 d log w_k / dz_k dz_k / dphi`` (no score terms); model parameters receive
     ``wt_k^2 + (wt_k - wt_k^2) = wt_k`` times ``grad log p``, the ordinary IWAE gradient. The
     second sum needs the model replayed once more against the detached guide trace. As in
-    :class:`~pyro.infer.RenyiELBO`, log-weights are formed per element of the plates that
-    every site shares. All guide sites must be reparameterised.
+    :class:`~bayes_router.inference.estimators.iwae.IWAE_ELBO`, log-weights are formed per
+    element of the plates that every site shares, and a subsampled shared plate's factor scales
+    the bound, not the log-weights. All guide sites must be reparameterised.
+    :meth:`loss_and_surrogate` exposes the bound and the surrogate to the training loop.
 
     :param int num_particles: number of importance samples, at least 2.
     """
@@ -91,38 +93,51 @@ class DReG_ELBO(ELBO):
         return model_trace, guide_trace, frozen_model_trace
 
     def _particle_terms(self, model_trace, guide_trace, frozen_model_trace):
-        """Log-weights (detached), path log-weights, and ``log p(x, sg(z))`` of one trace."""
-        sum_dims = get_dependent_plate_dims(model_trace.nodes.values())
+        """Log-weights (detached), path log-weights, ``log p(x, sg(z))`` and the subsampling
+        factor of one trace (see :func:`.iwae.importance_plates`)."""
+        sum_dims, scale = importance_plates(model_trace)
         log_weight, path_log_weight, frozen_log_joint = 0.0, 0.0, 0.0
         for site in model_trace.nodes.values():
             if site["type"] == "sample":
-                log_prob = _sum_keepdim(site["log_prob"], sum_dims)
+                log_prob = log_weight_term(site["log_prob"], sum_dims, scale)
                 log_weight = log_weight + log_prob.detach()
                 path_log_weight = path_log_weight + log_prob
         for site in frozen_model_trace.nodes.values():
             if site["type"] == "sample":
-                frozen_log_joint = frozen_log_joint + _sum_keepdim(site["log_prob"], sum_dims)
+                frozen_log_joint = frozen_log_joint + log_weight_term(site["log_prob"], sum_dims,
+                                                                      scale)
         for site in guide_trace.nodes.values():
             if site["type"] == "sample":
-                log_weight = log_weight - _sum_keepdim(site["log_prob"], sum_dims).detach()
+                log_weight = log_weight - log_weight_term(site["log_prob"], sum_dims,
+                                                          scale).detach()
                 path_log_prob = detach_parameters(site["fn"]).log_prob(site["value"])
                 path_log_prob = scale_and_mask(path_log_prob, site["scale"], site["mask"])
-                path_log_weight = path_log_weight - _sum_keepdim(path_log_prob, sum_dims)
-        return log_weight, path_log_weight, frozen_log_joint
+                path_log_weight = path_log_weight - log_weight_term(path_log_prob, sum_dims,
+                                                                    scale)
+        return log_weight, path_log_weight, frozen_log_joint, scale
 
     def _bound_and_surrogate(self, model, guide, args, kwargs):
         terms = [self._particle_terms(*traces)
                  for traces in self._get_traces(model, guide, args, kwargs)]
+        scale = terms[0][3]
         if self.vectorize_particles:
-            log_weight, path_log_weight, frozen_log_joint = terms[0]
+            log_weight, path_log_weight, frozen_log_joint = (
+                particles_first(terms[0][i], self.num_particles, self.max_plate_nesting)
+                for i in range(3))
         else:
             log_weight, path_log_weight, frozen_log_joint = (
-                torch.stack([torch.as_tensor(t[i]) for t in terms]) for i in range(3))
+                torch.stack(torch.broadcast_tensors(*(torch.as_tensor(t[i]) for t in terms)))
+                for i in range(3))
         weight = torch.softmax(log_weight, dim=0)  # (num_particles, ...) normalised weights
-        bound = (torch.logsumexp(log_weight, dim=0) - math.log(self.num_particles)).sum()
-        surrogate = ((weight**2 * path_log_weight).sum()
-                     + ((weight - weight**2) * frozen_log_joint).sum())
+        bound = scale * (torch.logsumexp(log_weight, dim=0) - math.log(self.num_particles)).sum()
+        surrogate = scale * ((weight**2 * path_log_weight).sum()
+                             + ((weight - weight**2) * frozen_log_joint).sum())
         return bound, surrogate
+
+    def loss_and_surrogate(self, model, guide, *args, **kwargs):
+        """Minus the bound (detached) and a surrogate loss carrying the DReG gradient."""
+        bound, surrogate = self._bound_and_surrogate(model, guide, args, kwargs)
+        return -bound.detach(), -surrogate
 
     @torch.no_grad()
     def loss(self, model, guide, *args, **kwargs):
