@@ -62,6 +62,7 @@ from bayes_router.analysis import (
 )
 from bayes_router.data.synthetic import ORACLE_LABELS
 from bayes_router.experiments.runs import (
+    EVAL_BATCHES,
     check_run_dir,
     json_safe,
     load_data,
@@ -74,7 +75,7 @@ from bayes_router.models.bayesian import BayesianRoutedLM, normalised_entropy
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCHES = 8
+DEFAULT_MAX_BATCHES = EVAL_BATCHES  # the windows behind metrics.json
 CALIBRATION_BINS = 15
 EXCERPT_LEN = 80
 SIMPLEX_SAMPLES = 400

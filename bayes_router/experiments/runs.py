@@ -34,6 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 logger = logging.getLogger(__name__)
 
 RUN_FILES = ("config.json", CHECKPOINT_NAME, "metrics.json")
+#: Validation batches (of 16 windows) behind metrics.json and the analysis report alike.
+EVAL_BATCHES = 32
 
 
 def versions() -> dict:
@@ -111,7 +113,7 @@ def final_metrics(model, data: TokenData, train_cfg: TrainConfig, eval_batches: 
 
 
 def train_run(model_cfg: TinyLMConfig, train_cfg: TrainConfig, out_dir: Path,
-              resume: bool = False, progress: bool = True, eval_batches: int | None = 32,
+              resume: bool = False, progress: bool = True, eval_batches: int | None = EVAL_BATCHES,
               data: TokenData | None = None) -> dict:
     """Train into ``out_dir`` and write config, history, metrics, figure and report.
 
