@@ -162,15 +162,26 @@ def _phase1_arguments(p):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--no-report", action="store_true", help="skip the per-run analysis reports")
+    p.add_argument("--beta0", type=_beta0, default=1.0)
+    p.add_argument("--elbo", "--estimator", dest="estimator", default="reparam-analytic")
+    p.add_argument("--kl-weight", type=float, default=1.0,
+                   help="constant KL factor (1: the ELBO; else a beta-VAE style ablation)")
+    p.add_argument("--corpus", default="stdlib")
+    p.add_argument("--max-chars", type=int, default=1_000_000)
 
 
 @command("phase1", "the Phase-1 comparison of Bayesian and prior-free routing",
          _phase1_arguments)
 def cmd_phase1(args) -> int:
-    from bayes_router.experiments.phase1 import phase1_table, run_phase1
+    import dataclasses
 
+    from bayes_router.experiments.phase1 import default_train_config, phase1_table, run_phase1
+
+    train_cfg = dataclasses.replace(
+        default_train_config(args.steps), beta0=args.beta0, estimator=args.estimator,
+        kl_weight=args.kl_weight, dataset=args.corpus, dataset_max_chars=args.max_chars)
     result = run_phase1(Path(args.out), seeds=args.seeds, steps=args.steps,
-                        report=not args.no_report)
+                        train_cfg=train_cfg, report=not args.no_report)
     print(phase1_table(result))
     print()
     for claim in result["claims"]:

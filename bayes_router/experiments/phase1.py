@@ -190,7 +190,8 @@ def phase1_report(result: dict) -> str:
     lines = ["# Phase-1 comparison: Bayesian vs prior-free routing", "",
              f"{result['seeds']} seed(s), {result['steps']} steps each, corpus "
              f"`{result['train']['dataset']}`, costs preset `{result['model']['cost_preset']}`, "
-             f"beta0 = {result['train']['beta0']}, estimator `{result['train']['estimator']}`. "
+             f"beta0 = {result['train']['beta0']}, estimator `{result['train']['estimator']}`, "
+             f"KL weight {result['train']['kl_weight']}. "
              "Mean [95 % CI over seeds].", "", phase1_table(result), "",
              "## Claims", "", "| claim | Bayesian − prior-free | published | verdict |",
              "|---|---|---|---|"]

@@ -1,0 +1,453 @@
+"""Speed benchmark of the attention experts and of the hard-routed layer on this machine.
+
+:func:`run_benchmark` measures, in one run and under the same thread settings:
+
+1. the machine's fp32 matmul throughput (the yardstick every other number is compared with);
+2. each expert's attention core (``expert(q, k, v)`` on random ``(B, H, T, D/H)`` heads, causal),
+   forward and forward + backward, at every sequence length, with the achieved GFLOP/s of the FLOP
+   model and their fraction of the matmul throughput; the naive twins at short lengths;
+3. the :class:`~bayes_router.models.router.RoutedAttention` layer at one long length with one-hot
+   (hard) weights in several expert mixes, ``sparse=True``, against the full-only layer, beside the
+   cost the FLOP model projects for each mix; and the soft (all experts dense) layer;
+4. the speed targets, each recorded as passed or failed.
+
+Results go to ``out_dir/bench.json``; :func:`format_table` renders them for the command line.
+Times are medians of ``repeats`` runs after ``warmup`` runs, measured with
+:func:`time.perf_counter`; forward times are taken under :func:`torch.no_grad`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.experts import NAIVE_TWINS, build_expert, cost_vector, expert_flops
+from bayes_router.models.router import RoutedAttention
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "bayes_router.bench/1"
+EXPERTS = ("full", "linear", "local")
+FWD_BWD_FLOP_FACTOR = 3.0
+MATMUL_SIZE = 2048
+# speed targets: (expert fraction of matmul throughput, length), local scaling, hard-layer slack
+THROUGHPUT_TARGET = 0.40
+THROUGHPUT_TARGET_SEQ_LEN = 2048
+SCALING_SEQ_LENS = (2048, 4096)
+SCALING_TARGET = 2.5
+HARD_MIX_TARGET = (0.25, 0.5, 0.25)
+HARD_SLACK_TARGET = 1.3
+
+CONVENTIONS = {
+    "time": "median wall-clock milliseconds (time.perf_counter) of `repeats` runs after `warmup` "
+            "runs; forward runs under torch.no_grad()",
+    "fwd_flops": "FLOP model of the expert's attention core: "
+                 "expert.flops_per_token(T, D, H) * B * T (multiply-add = 2 FLOPs; q/k/v/out "
+                 "projections not included)",
+    "fwd_bwd_flops": "3 x fwd_flops by convention (backward ~ 2 x forward), not counted",
+    "fraction_of_matmul": "achieved GFLOP/s divided by this run's fp32 matmul GFLOP/s",
+    "fwd_bwd": "forward, then torch.autograd.grad of the output against a random cotangent with "
+               "respect to q, k, v (experts) or the input and all parameters (layer)",
+    "hard_layer": "RoutedAttention with one-hot weights, sparse=True: tokens are assigned to "
+                  "experts at random in the mix's proportions (exact counts per sequence)",
+    "measured_ratio": "layer time of the mix / layer time of the full-only layer (every token "
+                      "one-hot on full, i.e. the mix (1, 0, 0))",
+    "projected_cost_attention_core": "sum_k share_k * c_k with c = cost_vector(cfg, T), "
+                                     "projections excluded: the attention-core FLOPs relative "
+                                     "to full",
+    "projected_cost_with_projections": "sum_k share_k * c_k with c from expert_flops(cfg, T, "
+                                       "include_projections=True) relative to full: the layer's "
+                                       "FLOPs including the shared q/k/v/out projections "
+                                       "(8 D^2 per token), the fair comparison for "
+                                       "measured_ratio",
+    "hard_layer_target": "measured_ratio <= 1.3 x projected_cost_with_projections (the layer times "
+                         "include the projections); the attention-core version is recorded too",
+}
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_throughput(size: int = MATMUL_SIZE, repeats: int = 5, warmup: int = 2,
+                      generator: torch.Generator | None = None) -> dict:
+    """fp32 ``size x size`` matmul throughput: ``{"size", "ms", "gflops"}``."""
+    a = torch.randn(size, size, generator=generator)
+    b = torch.randn(size, size, generator=generator)
+    seconds = median_time(lambda: a @ b, repeats, warmup)
+    return {"size": size, "ms": 1e3 * seconds, "gflops": 2.0 * size**3 / seconds / 1e9}
+
+
+def _forward(fn: Callable[..., Tensor], *args, **kwargs) -> Callable[[], Tensor]:
+    """A closure running ``fn(*args, **kwargs)`` under :func:`torch.no_grad`."""
+    def run():
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return run
+
+
+def _forward_backward(fn: Callable[..., Tensor], args: Sequence, wrt: Sequence[Tensor],
+                      cotangent: Tensor, **kwargs) -> Callable[[], object]:
+    """A closure running ``fn(*args, **kwargs)`` and its backward pass into ``wrt``.
+
+    :func:`torch.autograd.grad` returns the gradients instead of accumulating them in ``.grad``.
+    """
+    def run():
+        return torch.autograd.grad(fn(*args, **kwargs), wrt, cotangent)
+    return run
+
+
+def one_hot_mix(batch: int, seq_len: int, shares: Sequence[float],
+                generator: torch.Generator | None = None) -> tuple[Tensor, list[float]]:
+    """One-hot weights ``(batch, seq_len, K)`` assigning tokens to experts in proportion ``shares``.
+
+    Every sequence gets the same counts (largest-remainder rounding of ``share * seq_len``) at
+    random positions. Returns the weights and the realised shares.
+    """
+    exact = [share * seq_len for share in shares]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(shares)), key=lambda k: counts[k] - exact[k])
+    for k in by_remainder[:seq_len - sum(counts)]:
+        counts[k] += 1
+    labels = torch.repeat_interleave(torch.arange(len(shares)), torch.tensor(counts))  # (T,)
+    index = torch.stack([labels[torch.randperm(seq_len, generator=generator)]
+                         for _ in range(batch)])  # (B, T)
+    weights = torch.nn.functional.one_hot(index, len(shares)).float()
+    return weights, [count / seq_len for count in counts]
+
+
+def _check_mixes(mixes: Sequence[Sequence[float]], n_experts: int) -> list[tuple[float, ...]]:
+    checked = []
+    for mix in mixes:
+        mix = tuple(float(x) for x in mix)
+        if len(mix) != n_experts or min(mix) < 0 or not math.isclose(sum(mix), 1.0, abs_tol=1e-6):
+            raise ValueError(f"mixes: each mix must be {n_experts} non-negative shares of "
+                             f"{EXPERTS} summing to 1, got {mix}")
+        checked.append(mix)
+    return checked
+
+
+def _validate(seq_lens, batch, d_model, n_heads, window, repeats, warmup, hard_seq_len,
+              matmul_size):
+    if not seq_lens or any(not isinstance(t, int) or t < 2 for t in seq_lens):
+        raise ValueError(f"seq_lens must be integers >= 2, got {seq_lens}")
+    for name, value in (("batch", batch), ("d_model", d_model), ("n_heads", n_heads),
+                        ("window", window), ("repeats", repeats), ("hard_seq_len", hard_seq_len),
+                        ("matmul_size", matmul_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if hard_seq_len < 2:
+        raise ValueError(f"hard_seq_len must be an integer >= 2, got {hard_seq_len!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
+    if d_model % n_heads:
+        raise ValueError(f"n_heads must divide d_model, got n_heads={n_heads}, d_model={d_model}")
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (other processes competing for the cores skew every time)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _environment() -> dict:
+    return {
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "num_threads": torch.get_num_threads(),
+        "num_interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "machine": platform.machine(),
+        "load_average_1min": _load_average(),
+        "cuda_available": torch.cuda.is_available(),
+        "device": "cpu",
+        "dtype": "float32",
+    }
+
+
+def _target(name: str, description: str, value: float | None, threshold: float,
+            comparison: str, **extra) -> dict:
+    passed = None
+    if value is not None:
+        passed = bool(value >= threshold) if comparison == ">=" else bool(value <= threshold)
+    return {"name": name, "description": description, "value": value, "threshold": threshold,
+            "comparison": comparison, "passed": passed, **extra}
+
+
+def check_targets(results: dict) -> list[dict]:
+    """The speed targets, each ``{"name", "description", "value", "comparison", "threshold",
+    "passed"}`` (``passed`` iff ``value <comparison> threshold``).
+
+    ``passed`` is ``None`` when the run did not measure what a target needs (e.g. ``T = 2048``
+    missing from ``seq_lens``, or the 25/50/25 mix missing from ``mixes``).
+    """
+    fwd = {(r["expert"], r["seq_len"]): r for r in results["experts"]}
+    targets = []
+    for name in ("full", "local"):
+        row = fwd.get((name, THROUGHPUT_TARGET_SEQ_LEN))
+        targets.append(_target(
+            f"{name}_fwd_throughput_T{THROUGHPUT_TARGET_SEQ_LEN}",
+            f"{name} fwd at T={THROUGHPUT_TARGET_SEQ_LEN}: fraction of matmul GFLOP/s",
+            None if row is None else row["fwd_fraction_of_matmul"], THROUGHPUT_TARGET, ">="))
+    short, long = (fwd.get(("local", t)) for t in SCALING_SEQ_LENS)
+    targets.append(_target(
+        f"local_fwd_scaling_T{SCALING_SEQ_LENS[0]}_to_T{SCALING_SEQ_LENS[1]}",
+        f"local fwd time T={SCALING_SEQ_LENS[1]} / T={SCALING_SEQ_LENS[0]}",
+        None if short is None or long is None else long["fwd_ms"] / short["fwd_ms"],
+        SCALING_TARGET, "<="))
+    mix = next((m for m in results["hard_layer"]["mixes"]
+                if tuple(m["mix"]) == HARD_MIX_TARGET), None)
+    for basis in ("with_projections", "attention_core"):
+        targets.append(_target(
+            f"hard_layer_fwd_vs_projected_{basis}",
+            f"hard layer fwd at mix {'/'.join(f'{s:g}' for s in HARD_MIX_TARGET)}: "
+            f"measured_ratio / projected_cost_{basis}",
+            None if mix is None else mix["fwd_ratio"] / mix[f"projected_cost_{basis}"],
+            HARD_SLACK_TARGET, "<=", primary=basis == "with_projections"))
+    return targets
+
+
+def run_benchmark(out_dir: str | os.PathLike,
+                  seq_lens: Sequence[int] = (128, 512, 1024, 2048, 4096),
+                  batch: int = 2, d_model: int = 256, n_heads: int = 4, window: int = 64,
+                  repeats: int = 5,
+                  mixes: Sequence[Sequence[float]] = ((1, 0, 0), (0.25, 0.5, 0.25), (0, 1, 0)),
+                  hard_seq_len: int = 4096, progress: bool = True, warmup: int = 2,
+                  naive_max_seq_len: int = 512, chunk_size: int = 64,
+                  matmul_size: int = MATMUL_SIZE, seed: int = 0) -> dict:
+    """Benchmark the experts and the hard-routed layer; write ``out_dir/bench.json``.
+
+    :param out_dir: output folder (created if missing).
+    :param seq_lens: sequence lengths ``T`` at which every expert is timed.
+    :param batch: batch size ``B``.
+    :param d_model: model width ``D`` (heads have ``D / H`` dimensions).
+    :param n_heads: number of heads ``H``.
+    :param window: look-back of the ``local`` expert.
+    :param repeats: timed runs per measurement (the median is reported).
+    :param mixes: expert shares ``(full, linear, local)`` of the hard-routed layer.
+    :param hard_seq_len: sequence length of the layer benchmark (also its ``max_seq_len``).
+    :param progress: show a progress bar over the measurements.
+    :param warmup: untimed runs before each measurement.
+    :param naive_max_seq_len: the naive twins are timed (forward) at the lengths up to this one.
+    :param chunk_size: chunk length of the ``linear`` expert.
+    :param matmul_size: side of the square fp32 matmul that measures the machine's throughput.
+    :param seed: seed of the random inputs and token assignments (a private generator; the
+        global RNG is left alone).
+    :returns: the results also written to ``bench.json`` (see :data:`CONVENTIONS`).
+    """
+    seq_lens = tuple(seq_lens)
+    _validate(seq_lens, batch, d_model, n_heads, window, repeats, warmup, hard_seq_len,
+              matmul_size)
+    mixes = _check_mixes(mixes, len(EXPERTS))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    head_dim = d_model // n_heads
+    cfg = TinyLMConfig(d_model=d_model, n_heads=n_heads, window=window, chunk_size=chunk_size,
+                       max_seq_len=hard_seq_len, experts=EXPERTS)
+    naive_lens = [t for t in seq_lens if t <= naive_max_seq_len]
+    layer_runs = 2 + 2 * sum(mix != (1.0, 0.0, 0.0) for mix in mixes)  # fwd, fwd+bwd per run
+    total = 1 + 2 * len(EXPERTS) * len(seq_lens) + len(EXPERTS) * len(naive_lens) + layer_runs + 1
+    bar = tqdm(total=total, disable=not progress, desc="bench", unit="measurement")
+
+    def measure(label: str, fn: Callable[[], object]) -> float:
+        bar.set_postfix_str(label)
+        seconds = median_time(fn, repeats, warmup)
+        bar.update()
+        logger.debug("%s: %.3f ms", label, 1e3 * seconds)
+        return 1e3 * seconds
+
+    results: dict = {
+        "schema": SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "environment": _environment(),
+        "config": {"seq_lens": list(seq_lens), "batch": batch, "d_model": d_model,
+                   "n_heads": n_heads, "head_dim": head_dim, "window": window,
+                   "chunk_size": chunk_size, "repeats": repeats, "warmup": warmup,
+                   "mixes": [list(m) for m in mixes], "expert_order": list(EXPERTS),
+                   "hard_seq_len": hard_seq_len, "naive_max_seq_len": naive_max_seq_len,
+                   "matmul_size": matmul_size, "seed": seed, "causal": cfg.causal},
+        "conventions": CONVENTIONS,
+    }
+    try:
+        bar.set_postfix_str("matmul")
+        results["matmul"] = matmul_throughput(matmul_size, repeats=max(repeats, 3), warmup=2,
+                                              generator=generator)
+        bar.update()
+        peak = results["matmul"]["gflops"]
+        logger.info("fp32 matmul %d: %.1f GFLOP/s", matmul_size, peak)
+        results["experts"], results["naive"] = _bench_experts(
+            cfg, seq_lens, batch, naive_lens, peak, generator, measure)
+        results["hard_layer"] = _bench_layer(cfg, hard_seq_len, batch, mixes, generator, measure)
+    finally:
+        bar.close()
+    results["environment"]["load_average_1min_after"] = _load_average()
+    results["targets"] = check_targets(results)
+    decided = [t["passed"] for t in results["targets"] if t["passed"] is not None]
+    results["all_targets_passed"] = bool(decided) and all(decided)
+    path = out_dir / "bench.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, path)
+    logger.info("wrote %s", path)
+    return results
+
+
+def _bench_experts(cfg: TinyLMConfig, seq_lens, batch, naive_lens, peak, generator, measure):
+    """Forward and forward + backward of every expert's core at every length; naive forwards."""
+    H, d, D = cfg.n_heads, cfg.head_dim, cfg.d_model
+    rows, naive_rows = [], []
+    for T in seq_lens:
+        q, k, v, cotangent = (torch.randn(batch, H, T, d, generator=generator) for _ in range(4))
+        q_, k_, v_ = (x.clone().requires_grad_() for x in (q, k, v))
+        for name in EXPERTS:
+            expert = build_expert(name, cfg)
+            fwd_flops = expert.flops_per_token(T, D, H) * batch * T
+            fwd_ms = measure(f"{name} T={T} fwd", _forward(expert, q, k, v))
+            fwd_bwd_ms = measure(f"{name} T={T} fwd+bwd", _forward_backward(
+                expert, (q_, k_, v_), (q_, k_, v_), cotangent))
+            fwd_gflops = fwd_flops / fwd_ms / 1e6
+            fwd_bwd_gflops = FWD_BWD_FLOP_FACTOR * fwd_flops / fwd_bwd_ms / 1e6
+            rows.append({
+                "expert": name, "seq_len": T, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms,
+                "fwd_flops": fwd_flops, "fwd_bwd_flops": FWD_BWD_FLOP_FACTOR * fwd_flops,
+                "fwd_gflops": fwd_gflops, "fwd_bwd_gflops": fwd_bwd_gflops,
+                "fwd_fraction_of_matmul": fwd_gflops / peak,
+                "fwd_bwd_fraction_of_matmul": fwd_bwd_gflops / peak,
+            })
+            if T in naive_lens:
+                naive = NAIVE_TWINS[name]
+                naive_ms = measure(f"naive {name} T={T} fwd", _forward(naive, q, k, v, expert))
+                naive_rows.append({"expert": name, "seq_len": T, "fwd_ms": naive_ms,
+                                   "speedup_of_fast": naive_ms / fwd_ms})
+    return rows, naive_rows
+
+
+def _bench_layer(cfg: TinyLMConfig, T: int, batch: int, mixes, generator, measure) -> dict:
+    """The hard-routed layer in each mix against the full-only layer; the soft layer."""
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+    layer = RoutedAttention(cfg)
+    params = list(layer.parameters())
+    x = torch.randn(batch, T, cfg.d_model, generator=generator)
+    x_ = x.clone().requires_grad_()
+    cotangent = torch.randn(batch, T, cfg.d_model, generator=generator)
+    core = cost_vector(cfg, T).tolist()
+    with_proj = expert_flops(cfg, T, include_projections=True)
+    with_proj = [with_proj[name] / with_proj["full"] for name in EXPERTS]
+
+    def time_layer(label, weights, sparse):
+        fwd = measure(f"layer {label} fwd", _forward(layer, x, weights, sparse=sparse))
+        fwd_bwd = measure(f"layer {label} fwd+bwd", _forward_backward(
+            layer, (x_, weights), (x_, *params), cotangent, sparse=sparse))
+        return fwd, fwd_bwd
+
+    full_only = (1.0, 0.0, 0.0)
+    weights, _ = one_hot_mix(batch, T, full_only, generator)
+    ref_fwd, ref_fwd_bwd = time_layer("full-only", weights, sparse=True)
+    soft = torch.full((batch, T, len(EXPERTS)), 1.0 / len(EXPERTS))
+    soft_fwd = measure("layer soft fwd", _forward(layer, x, soft, sparse=False))
+    rows = []
+    for mix in mixes:
+        if mix == full_only:
+            realised, fwd, fwd_bwd = list(full_only), ref_fwd, ref_fwd_bwd
+        else:
+            weights, realised = one_hot_mix(batch, T, mix, generator)
+            fwd, fwd_bwd = time_layer("/".join(f"{s:g}" for s in mix), weights, sparse=True)
+        rows.append({
+            "mix": list(mix), "realised_shares": realised, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
+            "fwd_ratio": fwd / ref_fwd, "fwd_bwd_ratio": fwd_bwd / ref_fwd_bwd,
+            "projected_cost_attention_core": sum(s * c for s, c in zip(realised, core)),
+            "projected_cost_with_projections": sum(s * c for s, c in zip(realised, with_proj)),
+        })
+    return {
+        "seq_len": T, "batch": batch, "cfg": cfg.to_dict(), "sparse": True,
+        "cost_attention_core": dict(zip(EXPERTS, core)),
+        "cost_with_projections": dict(zip(EXPERTS, with_proj)),
+        "full_only_fwd_ms": ref_fwd, "full_only_fwd_bwd_ms": ref_fwd_bwd,
+        "soft_fwd_ms": soft_fwd, "soft_fwd_ratio": soft_fwd / ref_fwd,
+        "mixes": rows,
+    }
+
+
+def _format_load(load: float | None) -> str:
+    return "n/a" if load is None else f"{load:.2f}"
+
+
+def format_table(results: dict) -> str:
+    """A fixed-width text rendering of :func:`run_benchmark`'s results."""
+    env, cfg, mm = results["environment"], results["config"], results["matmul"]
+    lines = [
+        f"torch {env['torch']}, {env['num_threads']} threads, {env['processor']} "
+        f"({env['platform']})",
+        f"fp32 matmul {mm['size']}x{mm['size']}: {mm['gflops']:.1f} GFLOP/s; 1-min load average "
+        f"{_format_load(env.get('load_average_1min'))} before, "
+        f"{_format_load(env.get('load_average_1min_after'))} after",
+        "",
+        f"Attention core, causal: B={cfg['batch']} H={cfg['n_heads']} D={cfg['d_model']} "
+        f"w={cfg['window']} chunk={cfg['chunk_size']}  (fwd+bwd GFLOP/s use 3 x fwd FLOPs)",
+        f"{'expert':<7}{'T':>6}{'fwd ms':>10}{'GFLOP/s':>9}{'%mm':>6}"
+        f"{'f+b ms':>10}{'GFLOP/s':>9}{'%mm':>6}{'naive ms':>10}",
+    ]
+    naive = {(r["expert"], r["seq_len"]): r["fwd_ms"] for r in results["naive"]}
+    for r in results["experts"]:
+        naive_ms = naive.get((r["expert"], r["seq_len"]))
+        lines.append(
+            f"{r['expert']:<7}{r['seq_len']:>6}{r['fwd_ms']:>10.2f}{r['fwd_gflops']:>9.1f}"
+            f"{100 * r['fwd_fraction_of_matmul']:>6.0f}{r['fwd_bwd_ms']:>10.2f}"
+            f"{r['fwd_bwd_gflops']:>9.1f}{100 * r['fwd_bwd_fraction_of_matmul']:>6.0f}"
+            + (f"{naive_ms:>10.2f}" if naive_ms is not None else f"{'-':>10}"))
+    hard = results["hard_layer"]
+    lines += [
+        "",
+        f"Hard-routed layer (RoutedAttention, shared q/k/v/out, sparse=True), T={hard['seq_len']}: "
+        f"full-only {hard['full_only_fwd_ms']:.1f} ms fwd, {hard['full_only_fwd_bwd_ms']:.1f} ms "
+        f"fwd+bwd; soft (all experts dense) {hard['soft_fwd_ms']:.1f} ms fwd "
+        f"({hard['soft_fwd_ratio']:.2f}x)",
+        "ratio = time / full-only time; projected = sum_k share_k c_k (core: attention only; "
+        "+proj: with q/k/v/out)",
+        f"{'full/linear/local':<19}{'fwd ms':>9}{'ratio':>7}{'f+b ms':>9}{'ratio':>7}"
+        f"{'proj core':>11}{'proj +proj':>12}",
+    ]
+    for r in hard["mixes"]:
+        mix = "/".join(f"{s:.2f}" for s in r["mix"])
+        lines.append(
+            f"{mix:<19}{r['fwd_ms']:>9.1f}{r['fwd_ratio']:>7.2f}{r['fwd_bwd_ms']:>9.1f}"
+            f"{r['fwd_bwd_ratio']:>7.2f}{r['projected_cost_attention_core']:>11.3f}"
+            f"{r['projected_cost_with_projections']:>12.3f}")
+    lines += ["", "Targets"]
+    for t in results["targets"]:
+        status = {True: "PASS", False: "FAIL", None: "n/a "}[t["passed"]]
+        value = "not measured" if t["value"] is None else f"{t['value']:.3f}"
+        lines.append(f"[{status}] {t['description']}: {value} "
+                     f"({t['comparison']} {t['threshold']:g})")
+    return "\n".join(lines)
+
+
+__all__ = ["CONVENTIONS", "check_targets", "format_table", "matmul_throughput", "median_time",
+           "one_hot_mix", "run_benchmark"]
