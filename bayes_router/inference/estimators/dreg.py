@@ -13,13 +13,14 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.elbo import ELBO
-from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
+from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
 from bayes_router.inference.estimators._util import detach_parameters
 from bayes_router.inference.estimators.base import Estimator
 from bayes_router.inference.estimators.iwae import (
+    BoundSurrogateMixin,
     importance_plates,
     log_weight_term,
     particles_first,
@@ -35,7 +36,7 @@ def _with_detached_values(trace):
     return frozen
 
 
-class DReG_ELBO(ELBO):
+class DReG_ELBO(BoundSurrogateMixin, ELBO):
     """The importance-weighted bound with the doubly-reparameterised gradient estimator.
 
     With self-normalised weights ``wt_k = w_k / sum_j w_j`` of ``log w_k = log p(x, z_k) -
@@ -133,35 +134,6 @@ class DReG_ELBO(ELBO):
         surrogate = scale * ((weight**2 * path_log_weight).sum()
                              + ((weight - weight**2) * frozen_log_joint).sum())
         return bound, surrogate
-
-    def loss_and_surrogate(self, model, guide, *args, **kwargs):
-        """Minus the bound (detached) and a surrogate loss carrying the DReG gradient."""
-        bound, surrogate = self._bound_and_surrogate(model, guide, args, kwargs)
-        return -bound.detach(), -surrogate
-
-    @torch.no_grad()
-    def loss(self, model, guide, *args, **kwargs):
-        """:returns: minus a Monte-Carlo estimate of the importance-weighted bound (a float)."""
-        bound, _ = self._bound_and_surrogate(model, guide, args, kwargs)
-        loss = -torch_item(bound)
-        warn_if_nan(loss, "loss")
-        return loss
-
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        """Minus the bound, carrying the DReG gradient."""
-        bound, surrogate = self._bound_and_surrogate(model, guide, args, kwargs)
-        loss = -bound + (surrogate.detach() - surrogate)
-        warn_if_nan(loss, "loss")
-        return loss
-
-    def loss_and_grads(self, model, guide, *args, **kwargs):
-        """Minus the bound (a float); accumulates the DReG gradient into ``.grad``."""
-        bound, surrogate = self._bound_and_surrogate(model, guide, args, kwargs)
-        if getattr(surrogate, "requires_grad", False):
-            (-surrogate).backward(retain_graph=self.retain_graph)
-        loss = -torch_item(bound)
-        warn_if_nan(loss, "loss")
-        return loss
 
 
 class DReG(Estimator):

@@ -63,7 +63,42 @@ def particles_first(value, num_particles: int, max_plate_nesting: int) -> Tensor
     return value.expand((num_particles,) + tuple(value.shape[1:]))
 
 
-class IWAE_ELBO(RenyiELBO):
+class BoundSurrogateMixin:
+    """The ELBO entry points of an importance-weighted objective, given
+    ``_bound_and_surrogate(model, guide, args, kwargs) -> (bound, surrogate)``: the bound's
+    value and a surrogate whose gradient is the estimator's."""
+
+    def loss_and_surrogate(self, model, guide, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Minus the bound (detached) and a surrogate loss carrying the estimator's gradient."""
+        bound, surrogate = self._bound_and_surrogate(model, guide, args, kwargs)
+        return -bound.detach(), -surrogate
+
+    @torch.no_grad()
+    def loss(self, model, guide, *args, **kwargs):
+        """:returns: minus a Monte-Carlo estimate of the importance-weighted bound (a float)."""
+        bound, _ = self._bound_and_surrogate(model, guide, args, kwargs)
+        loss = -torch_item(bound)
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """Minus the bound in value, carrying the estimator's gradient."""
+        bound, surrogate = self._bound_and_surrogate(model, guide, args, kwargs)
+        loss = -bound.detach() + (surrogate.detach() - surrogate)
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        """Minus the bound (a float); accumulates the estimator's gradient into ``.grad``."""
+        bound, surrogate = self._bound_and_surrogate(model, guide, args, kwargs)
+        if getattr(surrogate, "requires_grad", False):
+            (-surrogate).backward(retain_graph=self.retain_graph)
+        loss = -torch_item(bound)
+        warn_if_nan(loss, "loss")
+        return loss
+
+
+class IWAE_ELBO(BoundSurrogateMixin, RenyiELBO):
     """The ``N``-particle importance-weighted bound ``E[log mean_k w_k]`` with its IWAE gradient.
 
     ``RenyiELBO`` with ``alpha = 0``, whose surrogate is also exposed through
@@ -129,35 +164,6 @@ class IWAE_ELBO(RenyiELBO):
         bound = scale * (torch.logsumexp(log_weight, dim=0) - math.log(self.num_particles)).sum()
         surrogate = scale * (weight * surrogate_log_weight).sum()
         return bound, surrogate
-
-    def loss_and_surrogate(self, model, guide, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        """Minus the bound (detached) and a surrogate loss carrying the IWAE gradient."""
-        bound, surrogate = self._bound_and_surrogate(model, guide, args, kwargs)
-        return -bound.detach(), -surrogate
-
-    @torch.no_grad()
-    def loss(self, model, guide, *args, **kwargs):
-        """:returns: minus a Monte-Carlo estimate of the importance-weighted bound (a float)."""
-        bound, _ = self._bound_and_surrogate(model, guide, args, kwargs)
-        loss = -torch_item(bound)
-        warn_if_nan(loss, "loss")
-        return loss
-
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        """Minus the bound, carrying the IWAE gradient."""
-        bound, surrogate = self._bound_and_surrogate(model, guide, args, kwargs)
-        loss = -bound.detach() + (surrogate.detach() - surrogate)
-        warn_if_nan(loss, "loss")
-        return loss
-
-    def loss_and_grads(self, model, guide, *args, **kwargs):
-        """Minus the bound (a float); accumulates the IWAE gradient into ``.grad``."""
-        bound, surrogate = self._bound_and_surrogate(model, guide, args, kwargs)
-        if getattr(surrogate, "requires_grad", False):
-            (-surrogate).backward(retain_graph=self.retain_graph)
-        loss = -torch_item(bound)
-        warn_if_nan(loss, "loss")
-        return loss
 
 
 class IWAE(Estimator):
