@@ -26,7 +26,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -51,10 +51,20 @@ SCALING_SEQ_LENS = (2048, 4096)
 SCALING_TARGET = 2.5
 HARD_MIX_TARGET = (0.25, 0.5, 0.25)
 HARD_SLACK_TARGET = 1.3
+#: A Bayesian SVI step may cost at most this multiple of a prior-free step of the same LM.
+SVI_STEP_TARGET = 1.25
+#: LM sizes of the SVI step-time comparison: the Phase-1 TinyLM and a larger one.
+SVI_CONFIGS = (
+    {"vocab_size": 98, "d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 128,
+     "window": 16, "chunk_size": 32, "batch_size": 16},
+    {"vocab_size": 98, "d_model": 128, "n_heads": 4, "n_layers": 4, "max_seq_len": 256,
+     "window": 32, "chunk_size": 64, "batch_size": 16},
+)
 
 CONVENTIONS = {
     "time": "median wall-clock milliseconds (time.perf_counter) of `repeats` runs after `warmup` "
-            "runs; forward runs under torch.no_grad()",
+            "runs; forward runs under torch.no_grad(); the layer measurements that are compared "
+            "with each other (all forwards; all forward + backwards) are timed round-robin",
     "fwd_flops": "FLOP model of the expert's attention core: "
                  "expert.flops_per_token(T, D, H) * B * T (multiply-add = 2 FLOPs; q/k/v/out "
                  "projections not included)",
@@ -74,21 +84,39 @@ CONVENTIONS = {
                                        "FLOPs including the shared q/k/v/out projections "
                                        "(8 D^2 per token), the fair comparison for "
                                        "measured_ratio",
+    "projected_cost_timed": "sum_k share_k * c_k with c_k = (full-only layer time - dense full "
+                            "core time + dense core time of expert k) / full-only layer time, "
+                            "the dense cores timed on the layer's own heads: what the mix would "
+                            "cost if every expert ran its rows at its dense speed. "
+                            "measured_ratio / projected_cost_timed isolates the overhead of the "
+                            "sparse (gathered-row) paths from the FLOP model's optimism",
     "hard_layer_target": "measured_ratio <= 1.3 x projected_cost_with_projections (the layer times "
                          "include the projections); the attention-core version is recorded too",
 }
 
 
+def median_times(fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1
+                 ) -> dict[str, float]:
+    """Median wall-clock seconds of each ``fns[label]()`` over ``repeats`` calls.
+
+    The functions are timed round-robin (one call of each per round, after ``warmup`` rounds), so
+    a slow spell of the machine hits them alike and the ratios between them stay fair.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_times({"": fn}, repeats, warmup)[""]
 
 
 def matmul_throughput(size: int = MATMUL_SIZE, repeats: int = 5, warmup: int = 2,
@@ -221,6 +249,12 @@ def check_targets(results: dict) -> list[dict]:
         f"local fwd time T={SCALING_SEQ_LENS[1]} / T={SCALING_SEQ_LENS[0]}",
         None if short is None or long is None else long["fwd_ms"] / short["fwd_ms"],
         SCALING_TARGET, "<="))
+    for i, step in enumerate(results.get("svi_step", [])):
+        c = step["config"]
+        targets.append(_target(
+            f"svi_step_ratio_{i}", f"Bayesian / prior-free SVI step (D={c['d_model']}, "
+            f"L={c['n_layers']}, T={step['seq_len']}, B={step['batch_size']})",
+            step["ratio"], SVI_STEP_TARGET, "<=", primary=i == len(results["svi_step"]) - 1))
     mix = next((m for m in results["hard_layer"]["mixes"]
                 if tuple(m["mix"]) == HARD_MIX_TARGET), None)
     for basis in ("with_projections", "attention_core"):
@@ -240,7 +274,8 @@ def run_benchmark(out_dir: str | os.PathLike,
                   mixes: Sequence[Sequence[float]] = ((1, 0, 0), (0.25, 0.5, 0.25), (0, 1, 0)),
                   hard_seq_len: int = 4096, progress: bool = True, warmup: int = 2,
                   naive_max_seq_len: int = 512, chunk_size: int = 64,
-                  matmul_size: int = MATMUL_SIZE, seed: int = 0) -> dict:
+                  matmul_size: int = MATMUL_SIZE, seed: int = 0,
+                  svi_configs: Sequence[dict] | None = None) -> dict:
     """Benchmark the experts and the hard-routed layer; write ``out_dir/bench.json``.
 
     :param out_dir: output folder (created if missing).
@@ -259,6 +294,9 @@ def run_benchmark(out_dir: str | os.PathLike,
     :param matmul_size: side of the square fp32 matmul that measures the machine's throughput.
     :param seed: seed of the random inputs and token assignments (a private generator; the
         global RNG is left alone).
+    :param svi_configs: LM sizes (``TinyLMConfig`` fields plus ``batch_size``) at which one
+        Bayesian SVI step is timed against one prior-free step (default :data:`SVI_CONFIGS`;
+        ``()`` skips them).
     :returns: the results also written to ``bench.json`` (see :data:`CONVENTIONS`).
     """
     seq_lens = tuple(seq_lens)
@@ -272,16 +310,20 @@ def run_benchmark(out_dir: str | os.PathLike,
     cfg = TinyLMConfig(d_model=d_model, n_heads=n_heads, window=window, chunk_size=chunk_size,
                        max_seq_len=hard_seq_len, experts=EXPERTS)
     naive_lens = [t for t in seq_lens if t <= naive_max_seq_len]
-    layer_runs = 2 + 2 * sum(mix != (1.0, 0.0, 0.0) for mix in mixes)  # fwd, fwd+bwd per run
-    total = 1 + 2 * len(EXPERTS) * len(seq_lens) + len(EXPERTS) * len(naive_lens) + layer_runs + 1
+    n_routed = len({(1.0, 0.0, 0.0), *mixes})
+    layer_runs = 2 * n_routed + 1 + len(EXPERTS)  # fwd and fwd+bwd, soft, dense cores
+    total = 1 + 2 * len(EXPERTS) * len(seq_lens) + len(EXPERTS) * len(naive_lens) + layer_runs
     bar = tqdm(total=total, disable=not progress, desc="bench", unit="measurement")
 
-    def measure(label: str, fn: Callable[[], object]) -> float:
-        bar.set_postfix_str(label)
-        seconds = median_time(fn, repeats, warmup)
-        bar.update()
-        logger.debug("%s: %.3f ms", label, 1e3 * seconds)
-        return 1e3 * seconds
+    def measure(label: str | Mapping[str, Callable[[], object]], fn=None):
+        """Milliseconds of ``fn``, or of each function of a mapping timed round-robin."""
+        fns = {label: fn} if fn is not None else label
+        bar.set_postfix_str(", ".join(fns)[:60])
+        ms = {name: 1e3 * seconds for name, seconds in median_times(fns, repeats, warmup).items()}
+        bar.update(len(fns))
+        for name, value in ms.items():
+            logger.debug("%s: %.3f ms", name, value)
+        return ms[label] if fn is not None else ms
 
     results: dict = {
         "schema": SCHEMA,
@@ -305,6 +347,8 @@ def run_benchmark(out_dir: str | os.PathLike,
         results["experts"], results["naive"] = _bench_experts(
             cfg, seq_lens, batch, naive_lens, peak, generator, measure)
         results["hard_layer"] = _bench_layer(cfg, hard_seq_len, batch, mixes, generator, measure)
+        results["svi_step"] = [_bench_svi_step(dict(c), repeats, warmup, seed)
+                               for c in (SVI_CONFIGS if svi_configs is None else svi_configs)]
     finally:
         bar.close()
     results["environment"]["load_average_1min_after"] = _load_average()
@@ -317,6 +361,21 @@ def run_benchmark(out_dir: str | os.PathLike,
     os.replace(tmp, path)
     logger.info("wrote %s", path)
     return results
+
+
+def _bench_svi_step(spec: dict, repeats: int, warmup: int, seed: int) -> dict:
+    """One Bayesian SVI step (one-pass and naive two-pass) against one prior-free step."""
+    from bayes_router.inference.timing import svi_step_times
+
+    batch_size = spec.pop("batch_size", 16)
+    cfg = TinyLMConfig(**spec)
+    timing = svi_step_times(cfg, batch_size=batch_size, repeats=repeats, warmup=warmup,
+                            seed=seed)
+    return {key: timing[key] for key in ("bayesian_s", "bayesian_two_pass_s", "prior_free_s",
+                                         "ratio", "two_pass_ratio", "batch_size", "seq_len",
+                                         "estimator")} | {"config": {
+        k: timing["config"][k] for k in ("d_model", "n_heads", "n_layers", "max_seq_len",
+                                         "window", "chunk_size")}}
 
 
 def _bench_experts(cfg: TinyLMConfig, seq_lens, batch, naive_lens, peak, generator, measure):
@@ -350,9 +409,11 @@ def _bench_experts(cfg: TinyLMConfig, seq_lens, batch, naive_lens, peak, generat
 
 
 def _bench_layer(cfg: TinyLMConfig, T: int, batch: int, mixes, generator, measure) -> dict:
-    """The hard-routed layer in each mix against the full-only layer; the soft layer."""
-    torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
-    layer = RoutedAttention(cfg)
+    """The hard-routed layer in each mix against the full-only layer; the soft layer; the dense
+    expert cores on the layer's heads. Each group is timed round-robin so its ratios are fair."""
+    with torch.random.fork_rng():  # seeded parameters, the caller's global RNG untouched
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+        layer = RoutedAttention(cfg)
     params = list(layer.parameters())
     x = torch.randn(batch, T, cfg.d_model, generator=generator)
     x_ = x.clone().requires_grad_()
@@ -360,37 +421,52 @@ def _bench_layer(cfg: TinyLMConfig, T: int, batch: int, mixes, generator, measur
     core = cost_vector(cfg, T).tolist()
     with_proj = expert_flops(cfg, T, include_projections=True)
     with_proj = [with_proj[name] / with_proj["full"] for name in EXPERTS]
-
-    def time_layer(label, weights, sparse):
-        fwd = measure(f"layer {label} fwd", _forward(layer, x, weights, sparse=sparse))
-        fwd_bwd = measure(f"layer {label} fwd+bwd", _forward_backward(
-            layer, (x_, weights), (x_, *params), cotangent, sparse=sparse))
-        return fwd, fwd_bwd
+    with torch.no_grad():
+        q, k, v = layer._heads(layer.qkv(x))  # the heads exactly as the layer hands them over
 
     full_only = (1.0, 0.0, 0.0)
-    weights, _ = one_hot_mix(batch, T, full_only, generator)
-    ref_fwd, ref_fwd_bwd = time_layer("full-only", weights, sparse=True)
+    routed = {full_only: one_hot_mix(batch, T, full_only, generator)}
+    for mix in mixes:
+        if mix not in routed:
+            routed[mix] = one_hot_mix(batch, T, mix, generator)
+    labels = {mix: "full-only" if mix == full_only else "/".join(f"{s:g}" for s in mix)
+              for mix in routed}
     soft = torch.full((batch, T, len(EXPERTS)), 1.0 / len(EXPERTS))
-    soft_fwd = measure("layer soft fwd", _forward(layer, x, soft, sparse=False))
+    fwd = measure({
+        **{f"layer {labels[m]} fwd": _forward(layer, x, w, sparse=True)
+           for m, (w, _) in routed.items()},
+        "layer soft fwd": _forward(layer, x, soft, sparse=False),
+        **{f"layer core {e.name} fwd": _forward(e, q, k, v) for e in layer.experts},
+    })
+    fwd_bwd = measure({
+        f"layer {labels[m]} fwd+bwd": _forward_backward(layer, (x_, w), (x_, *params), cotangent,
+                                                        sparse=True)
+        for m, (w, _) in routed.items()})
+    ref_fwd, ref_fwd_bwd = fwd["layer full-only fwd"], fwd_bwd["layer full-only fwd+bwd"]
+    dense_core = {e.name: fwd[f"layer core {e.name} fwd"] for e in layer.experts}
+    outside_core = max(ref_fwd - dense_core["full"], 0.0)  # projections, mixing, bookkeeping
+    timed = [(outside_core + dense_core[name]) / ref_fwd for name in EXPERTS]
     rows = []
     for mix in mixes:
-        if mix == full_only:
-            realised, fwd, fwd_bwd = list(full_only), ref_fwd, ref_fwd_bwd
-        else:
-            weights, realised = one_hot_mix(batch, T, mix, generator)
-            fwd, fwd_bwd = time_layer("/".join(f"{s:g}" for s in mix), weights, sparse=True)
+        realised = routed[mix][1]
+        mix_fwd = fwd[f"layer {labels[mix]} fwd"]
+        mix_fwd_bwd = fwd_bwd[f"layer {labels[mix]} fwd+bwd"]
         rows.append({
-            "mix": list(mix), "realised_shares": realised, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
-            "fwd_ratio": fwd / ref_fwd, "fwd_bwd_ratio": fwd_bwd / ref_fwd_bwd,
+            "mix": list(mix), "realised_shares": realised,
+            "fwd_ms": mix_fwd, "fwd_bwd_ms": mix_fwd_bwd,
+            "fwd_ratio": mix_fwd / ref_fwd, "fwd_bwd_ratio": mix_fwd_bwd / ref_fwd_bwd,
             "projected_cost_attention_core": sum(s * c for s, c in zip(realised, core)),
             "projected_cost_with_projections": sum(s * c for s, c in zip(realised, with_proj)),
+            "projected_cost_timed": sum(s * c for s, c in zip(realised, timed)),
         })
     return {
         "seq_len": T, "batch": batch, "cfg": cfg.to_dict(), "sparse": True,
         "cost_attention_core": dict(zip(EXPERTS, core)),
         "cost_with_projections": dict(zip(EXPERTS, with_proj)),
+        "cost_timed": dict(zip(EXPERTS, timed)),
+        "dense_core_fwd_ms": dense_core,
         "full_only_fwd_ms": ref_fwd, "full_only_fwd_bwd_ms": ref_fwd_bwd,
-        "soft_fwd_ms": soft_fwd, "soft_fwd_ratio": soft_fwd / ref_fwd,
+        "soft_fwd_ms": fwd["layer soft fwd"], "soft_fwd_ratio": fwd["layer soft fwd"] / ref_fwd,
         "mixes": rows,
     }
 
@@ -431,15 +507,27 @@ def format_table(results: dict) -> str:
         f"({hard['soft_fwd_ratio']:.2f}x)",
         "ratio = time / full-only time; projected = sum_k share_k c_k (core: attention only; "
         "+proj: with q/k/v/out)",
+        "timed = the mix at each expert's dense speed (dense cores timed on the layer's heads: "
+        + ", ".join(f"{n} {ms:.1f} ms" for n, ms in hard["dense_core_fwd_ms"].items()) + ")",
         f"{'full/linear/local':<19}{'fwd ms':>9}{'ratio':>7}{'f+b ms':>9}{'ratio':>7}"
-        f"{'proj core':>11}{'proj +proj':>12}",
+        f"{'proj core':>11}{'proj +proj':>12}{'timed':>8}",
     ]
     for r in hard["mixes"]:
         mix = "/".join(f"{s:.2f}" for s in r["mix"])
         lines.append(
             f"{mix:<19}{r['fwd_ms']:>9.1f}{r['fwd_ratio']:>7.2f}{r['fwd_bwd_ms']:>9.1f}"
             f"{r['fwd_bwd_ratio']:>7.2f}{r['projected_cost_attention_core']:>11.3f}"
-            f"{r['projected_cost_with_projections']:>12.3f}")
+            f"{r['projected_cost_with_projections']:>12.3f}{r['projected_cost_timed']:>8.3f}")
+    if results.get("svi_step"):
+        lines += ["", "SVI step (loss + backward + Adam), median seconds; ratio to prior-free",
+                  f"{'D':>5}{'L':>3}{'T':>6}{'B':>4}{'bayesian':>10}{'two-pass':>10}"
+                  f"{'prior-free':>11}{'ratio':>7}{'2-pass':>8}"]
+        for r in results["svi_step"]:
+            c = r["config"]
+            lines.append(f"{c['d_model']:>5}{c['n_layers']:>3}{r['seq_len']:>6}"
+                         f"{r['batch_size']:>4}{r['bayesian_s']:>10.3f}"
+                         f"{r['bayesian_two_pass_s']:>10.3f}{r['prior_free_s']:>11.3f}"
+                         f"{r['ratio']:>7.2f}{r['two_pass_ratio']:>8.2f}")
     lines += ["", "Targets"]
     for t in results["targets"]:
         status = {True: "PASS", False: "FAIL", None: "n/a "}[t["passed"]]
@@ -450,4 +538,4 @@ def format_table(results: dict) -> str:
 
 
 __all__ = ["CONVENTIONS", "check_targets", "format_table", "matmul_throughput", "median_time",
-           "one_hot_mix", "run_benchmark"]
+           "median_times", "one_hot_mix", "run_benchmark"]

@@ -16,6 +16,7 @@ optionally the q/k/v/out projections ``8 D^2``. See ``docs/experts.md``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,23 +29,14 @@ ROW_TILE = 128  # query rows per tile when computing gathered rows (bounds memor
 
 
 def _gather_rows(x: Tensor, positions: Tensor) -> Tensor:
-    """``x (B, H, T, d)``, ``positions (B, R)`` -> ``(B, H, R, d)``."""
-    B, H, _, d = x.shape
-    index = positions[:, None, :, None].expand(B, H, positions.shape[1], d)
-    return x.gather(2, index)
+    """``x (B, H, T, d)``, ``positions (B, R)`` -> ``(B, H, R, d)``.
 
-
-def _gather_windows(x: Tensor, starts: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """Windows ``x[:, :, s:s+length]`` for each start ``s`` in ``starts (B, R)``.
-
-    Returns the windows ``(B, H, R, length, d)`` and their absolute positions ``(B, R, length)``
-    (indices outside ``[0, T)`` are clamped for the gather; callers mask them with the positions).
+    One ``index_select`` of whole ``d``-rows of the flattened ``(B H T, d)`` view: ``Tensor.gather``
+    with an index expanded over ``d`` reads an int64 index per element and is several times slower.
     """
     B, H, T, d = x.shape
-    R = starts.shape[1]
-    window_pos = starts[:, :, None] + torch.arange(length, device=x.device)  # (B, R, length)
-    index = window_pos.clamp(0, T - 1).reshape(B, 1, R * length, 1).expand(B, H, R * length, d)
-    return x.gather(2, index).view(B, H, R, length, d), window_pos
+    flat_index = torch.arange(B * H, device=x.device).view(B, H, 1) * T + positions[:, None, :]
+    return x.reshape(B * H * T, d).index_select(0, flat_index.reshape(-1)).view(B, H, -1, d)
 
 
 def _row_tiles(positions: Tensor):
@@ -53,11 +45,56 @@ def _row_tiles(positions: Tensor):
         yield positions[:, start:start + ROW_TILE]
 
 
-def _masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
-    """``q (..., d)`` against windows ``k, v (..., W, d)`` with boolean ``valid (..., W)``."""
-    scores = torch.einsum("...d,...wd->...w", q, k) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~valid, float("-inf"))
-    return torch.einsum("...w,...wd->...d", scores.softmax(-1), v)
+def _block_layout(positions: Tensor, block: int, n_blocks: int, seq_len: int
+                  ) -> tuple[Tensor, Tensor, int]:
+    """Group ascending query rows by the block of ``block`` positions they fall in.
+
+    Blocked kernels then run on ``(n_blocks, M)`` query slots, ``M`` the most rows in any block,
+    with the same batched matmuls as the dense path, instead of gathering per-row windows or states.
+
+    :param positions: ``(B, R)`` non-decreasing positions (padding may repeat the last one).
+    :returns: ``slot (B, R)``, each row's index in the ``n_blocks * M`` slots; ``source
+        (B, n_blocks * M)``, the position each slot computes (an empty slot computes its block's
+        first position: a valid query whose output is never read); and ``M``.
+    """
+    B, R = positions.shape
+    block_of = positions // block  # (B, R), non-decreasing
+    rank = torch.arange(R, device=positions.device) - torch.searchsorted(block_of, block_of)
+    M = int(rank.max()) + 1
+    slot = block_of * M + rank  # (B, R)
+    source = torch.arange(n_blocks * M, device=positions.device) // M * block
+    source = source.clamp(max=seq_len - 1).expand(B, -1).clone().scatter_(1, slot, positions)
+    return slot, source, M
+
+
+def _additive_mask(valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """Boolean ``valid`` -> ``0`` where true, ``-inf`` where false."""
+    mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+    return mask.masked_fill_(~valid, -math.inf)
+
+
+@functools.lru_cache(maxsize=16)
+def _local_block_mask(n_blocks: int, block: int, n_keys: int, seq_len: int, window: int,
+                      causal: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Additive mask ``(n_blocks, block, n_keys)`` of the dense blocked local kernel (cached: it
+    depends only on the shapes; callers must not modify it)."""
+    block_start = torch.arange(n_blocks, device=device)[:, None, None] * block
+    query_pos = block_start + torch.arange(block, device=device)[:, None]  # (n, P, 1)
+    key_pos = block_start - block + torch.arange(n_keys, device=device)  # (n, 1, S)
+    offset = key_pos - query_pos
+    valid = (key_pos >= 0) & (key_pos < seq_len) & (offset >= -window)
+    valid = valid & (offset <= 0) if causal else valid & (offset <= window)
+    return _additive_mask(valid, dtype)
+
+
+def _masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """``q (..., M, d)`` against ``k, v (..., S, d)`` with an additive ``mask (..., M, S)``.
+
+    Explicit matmuls: on CPU, at the block shapes of the local expert, ~1.3x faster than
+    ``F.scaled_dot_product_attention`` with a boolean ``attn_mask``.
+    """
+    scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-2, -1)) + mask
+    return torch.matmul(scores.softmax(-1), v)
 
 
 def elu_feature_map(x: Tensor) -> Tensor:
@@ -155,34 +192,24 @@ class LinearAttention(AttentionExpert):
             denominator = scores.sum(-1) + (phi_q * prior_norm[:, :, :, None]).sum(-1)
             out = numerator / (denominator[..., None] + self.eps)
             return out.reshape(B, H, n_chunks * C, d)[:, :, :T]
-        phi_k = phi_k.reshape(B, H, n_chunks * C, d)
-        v_flat = v_chunks.reshape(B, H, n_chunks * C, d)
-        outputs = []
-        for rows in _row_tiles(positions):
-            R = rows.shape[1]
-            q_rows = _gather_rows(phi_q, rows)  # (B, H, R, d)
-            chunk = rows // C  # (B, R)
-            k_win, win_pos = _gather_windows(phi_k, chunk * C, C)  # (B, H, R, C, d)
-            v_win, _ = _gather_windows(v_flat, chunk * C, C)
-            scores = torch.einsum("bhrd,bhrcd->bhrc", q_rows, k_win)
-            scores = scores * (win_pos <= rows[:, :, None])[:, None]
-            idx = chunk[:, None, :, None, None].expand(B, H, R, d, d)
-            state = prior_state.gather(2, idx)  # (B, H, R, d, d)
-            norm = prior_norm.gather(2, chunk[:, None, :, None].expand(B, H, R, d))
-            numerator = torch.einsum("bhrc,bhrcd->bhrd", scores, v_win)
-            numerator = numerator + torch.einsum("bhrd,bhrde->bhre", q_rows, state)
-            denominator = scores.sum(-1) + (q_rows * norm).sum(-1)
-            outputs.append(numerator / (denominator[..., None] + self.eps))
-        return torch.cat(outputs, dim=2)
+        slot, source, M = _block_layout(positions, C, n_chunks, T)
+        phi_q = _gather_rows(phi_q, source).view(B, H, n_chunks, M, d)  # rows grouped by chunk
+        key_pos = torch.arange(n_chunks * C, device=q.device).view(n_chunks, 1, C)
+        causal = (key_pos <= source.view(B, n_chunks, M, 1)).to(q.dtype)[:, None]  # (B,1,n,M,C)
+        scores = (phi_q @ phi_k.transpose(-2, -1)) * causal  # (B, H, n, M, C)
+        numerator = scores @ v_chunks + phi_q @ prior_state
+        denominator = scores.sum(-1) + (phi_q * prior_norm[:, :, :, None]).sum(-1)
+        out = numerator / (denominator[..., None] + self.eps)  # (B, H, n, M, d)
+        return _gather_rows(out.reshape(B, H, n_chunks * M, d), slot)
 
     def flops_per_token(self, seq_len, d_model, n_heads):
-        # chunk state + readout: 2 x 2 D d with d = D / H is folded into 4 D d; intra-chunk
-        # quadratic part over (C + 1) / 2 keys on average (numerator and denominator).
+        # chunk state and readout, 2 x 2 D d (d = D / H); the intra-chunk block is computed
+        # whole and then masked: C keys for the scores and C for the values, 4 D C
         head_dim = d_model // n_heads
         if not self.causal:
             return 4.0 * d_model * head_dim
         C = min(self.chunk_size, seq_len)
-        return 4.0 * d_model * head_dim + 4.0 * d_model * (C + 1) / 2
+        return 4.0 * d_model * head_dim + 4.0 * d_model * C
 
 
 class LocalAttention(AttentionExpert):
@@ -196,41 +223,37 @@ class LocalAttention(AttentionExpert):
 
     def forward(self, q, k, v, positions=None):
         w = self.window
-        if positions is not None:
-            length = w + 1 if self.causal else 2 * w + 1
-            outputs = []
-            for rows in _row_tiles(positions):
-                k_win, win_pos = _gather_windows(k, rows - w, length)
-                v_win, _ = _gather_windows(v, rows - w, length)
-                valid = (win_pos >= 0) & (win_pos < q.shape[2])
-                q_rows = _gather_rows(q, rows)
-                outputs.append(_masked_softmax_attention(q_rows, k_win, v_win, valid[:, None]))
-            return torch.cat(outputs, dim=2)
         B, H, T, d = q.shape
         P = w  # block size
         n_blocks = -(-T // P)
         pad = n_blocks * P - T
-        qb = F.pad(q, (0, 0, 0, pad)).view(B, H, n_blocks, P, d)
         kb = F.pad(k, (0, 0, 0, pad)).view(B, H, n_blocks, P, d)
         vb = F.pad(v, (0, 0, 0, pad)).view(B, H, n_blocks, P, d)
         previous = [F.pad(a, (0, 0, 0, 0, 1, 0))[:, :, :-1] for a in (kb, vb)]  # block j - 1
         if self.causal:
             keys = torch.cat([previous[0], kb], dim=3)  # (B, H, n, 2P, d)
             values = torch.cat([previous[1], vb], dim=3)
-            key_offset = -P
         else:
             following = [F.pad(a, (0, 0, 0, 0, 0, 1))[:, :, 1:] for a in (kb, vb)]  # block j + 1
             keys = torch.cat([previous[0], kb, following[0]], dim=3)  # (B, H, n, 3P, d)
             values = torch.cat([previous[1], vb, following[1]], dim=3)
-            key_offset = -P
-        block_start = torch.arange(n_blocks, device=q.device)[:, None, None] * P
-        query_pos = block_start + torch.arange(P, device=q.device)[None, :, None]  # (n, P, 1)
-        key_pos = block_start + key_offset + torch.arange(keys.shape[3], device=q.device)  # (n,1,S)
-        offset = key_pos - query_pos
-        valid = (key_pos >= 0) & (key_pos < T) & (offset >= -w)
-        valid = valid & (offset <= 0) if self.causal else valid & (offset <= w)
-        out = F.scaled_dot_product_attention(qb, keys, values, attn_mask=valid)
-        return out.reshape(B, H, n_blocks * P, d)[:, :, :T]
+        if positions is None:
+            qb = F.pad(q, (0, 0, 0, pad)).view(B, H, n_blocks, P, d)
+            mask = _local_block_mask(n_blocks, P, keys.shape[3], T, w, self.causal, q.dtype,
+                                     q.device)  # (n, P, S)
+        else:  # the rows of each block in a padded (n, M) layout
+            slot, source, M = _block_layout(positions, P, n_blocks, T)
+            qb = _gather_rows(q, source).view(B, H, n_blocks, M, d)
+            key_pos = (torch.arange(n_blocks, device=q.device)[:, None, None] * P - P
+                       + torch.arange(keys.shape[3], device=q.device))  # (n, 1, S)
+            offset = key_pos - source.view(B, n_blocks, M, 1)
+            valid = (key_pos >= 0) & (key_pos < T) & (offset >= -w)
+            valid = valid & (offset <= 0) if self.causal else valid & (offset <= w)
+            mask = _additive_mask(valid, q.dtype)[:, None]  # (B, 1, n, M, S)
+        out = _masked_softmax_attention(qb, keys, values, mask)  # (B, H, n, M, d)
+        if positions is None:
+            return out.reshape(B, H, n_blocks * P, d)[:, :, :T]
+        return _gather_rows(out.reshape(B, H, -1, d), slot)
 
     def flops_per_token(self, seq_len, d_model, n_heads):
         # the blocked kernel evaluates 2w (causal) or 3w keys per query, never more than T

@@ -108,7 +108,8 @@ class RoutedAttention(nn.Module):
     def _heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = qkv.shape
         H, d = self.cfg.n_heads, self.cfg.head_dim
-        q, k, v = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d)
+        # one contiguous copy here saves every expert (and every row tile) its own copy
+        q, k, v = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4).contiguous()  # 3 x (B, H, T, d)
         return q, k, v
 
     def forward(self, x: Tensor, weights: Tensor, sparse: bool = False) -> Tensor:

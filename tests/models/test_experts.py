@@ -128,7 +128,7 @@ def test_flop_model_closed_forms():
     flops = expert_flops(cfg)
     assert flops["full"] == pytest.approx(4 * 64 * 50.5)
     assert flops["local"] == pytest.approx(4 * 64 * 16)
-    assert flops["linear"] == pytest.approx(4 * 64 * 16 + 4 * 64 * 8.5)
+    assert flops["linear"] == pytest.approx(4 * 64 * 16 + 4 * 64 * 16)
     with_proj = expert_flops(cfg, include_projections=True)
     assert with_proj["full"] - flops["full"] == pytest.approx(8 * 64 * 64)
     costs = cost_vector(cfg)

@@ -1,0 +1,127 @@
+"""Smoke test of the speed benchmark at toy size (the real run is benchmarks/bench_experts.py)."""
+
+import json
+import math
+
+import pytest
+
+from bayes_router.bench import EXPERTS, format_table, one_hot_mix, run_benchmark
+from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.experts import cost_vector
+
+TOY = dict(seq_lens=(16, 32), d_model=32, n_heads=2, window=4, hard_seq_len=32, repeats=1,
+           warmup=0, progress=False, matmul_size=256,
+           svi_configs=({"vocab_size": 20, "d_model": 16, "n_heads": 2, "n_layers": 1,
+                         "max_seq_len": 16, "window": 4, "chunk_size": 8, "batch_size": 2},))
+
+
+def _numbers(obj):
+    """Every int/float leaf of a JSON tree (bools excluded)."""
+    if isinstance(obj, dict):
+        for value in obj.values():
+            yield from _numbers(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _numbers(value)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    results = run_benchmark(out, **TOY)
+    return out, results
+
+
+def test_writes_valid_json_matching_the_results(toy_run):
+    out, results = toy_run
+    loaded = json.loads((out / "bench.json").read_text())
+    assert loaded == json.loads(json.dumps(results))
+    for key in ("schema", "environment", "config", "conventions", "matmul", "experts", "naive",
+                "hard_layer", "targets", "all_targets_passed"):
+        assert key in loaded
+    for key in ("torch", "num_threads", "platform", "processor"):
+        assert loaded["environment"][key]
+    assert loaded["config"]["seq_lens"] == [16, 32]
+    assert "3 x fwd_flops" in loaded["conventions"]["fwd_bwd_flops"]
+    step = loaded["svi_step"][0]
+    assert step["ratio"] == pytest.approx(step["bayesian_s"] / step["prior_free_s"])
+    assert any(t["name"] == "svi_step_ratio_0" for t in loaded["targets"])
+    assert "SVI step" in format_table(results)
+
+
+def test_expert_rows_cover_every_expert_and_length(toy_run):
+    _, results = toy_run
+    rows = {(r["expert"], r["seq_len"]): r for r in results["experts"]}
+    assert set(rows) == {(name, t) for name in EXPERTS for t in (16, 32)}
+    for r in rows.values():
+        assert r["fwd_bwd_flops"] == pytest.approx(3 * r["fwd_flops"])
+        assert r["fwd_gflops"] == pytest.approx(r["fwd_flops"] / r["fwd_ms"] / 1e6)
+        assert r["fwd_fraction_of_matmul"] == pytest.approx(
+            r["fwd_gflops"] / results["matmul"]["gflops"])
+    assert {(r["expert"], r["seq_len"]) for r in results["naive"]} == set(rows)
+
+
+def test_every_number_is_positive_and_finite(toy_run):
+    _, results = toy_run
+    numbers = list(_numbers({k: v for k, v in results.items() if k != "targets"}))
+    assert numbers
+    # costs and shares may be 0 (the full-only mix has no linear/local tokens); times may not
+    assert all(math.isfinite(x) and x >= 0 for x in numbers)
+    timed = [r[key] for section in (results["experts"], results["hard_layer"]["mixes"])
+             for r in section for key in r if key.endswith("_ms") or key.endswith("ratio")]
+    timed += [results["matmul"]["gflops"], results["hard_layer"]["soft_fwd_ms"]]
+    assert timed and all(math.isfinite(x) and x > 0 for x in timed)
+
+
+def test_hard_layer_reports_both_projected_costs(toy_run):
+    _, results = toy_run
+    hard = results["hard_layer"]
+    assert [m["mix"] for m in hard["mixes"]] == [[1, 0, 0], [0.25, 0.5, 0.25], [0, 1, 0]]
+    reference = hard["mixes"][0]
+    assert reference["fwd_ratio"] == 1.0
+    assert reference["projected_cost_attention_core"] == pytest.approx(1.0)
+    assert reference["projected_cost_with_projections"] == pytest.approx(1.0)
+    assert set(hard["dense_core_fwd_ms"]) == set(EXPERTS)
+    assert all(m["projected_cost_timed"] > 0 for m in hard["mixes"])
+    cfg = TinyLMConfig.from_dict(hard["cfg"])
+    core_costs = cost_vector(cfg, hard["seq_len"]).tolist()
+    for m in hard["mixes"]:
+        assert sum(m["realised_shares"]) == pytest.approx(1.0)
+        core = sum(s * c for s, c in zip(m["realised_shares"], core_costs))
+        assert m["projected_cost_attention_core"] == pytest.approx(core)
+        # the projections are paid by every token alike, so they pull the cost toward 1
+        assert core <= m["projected_cost_with_projections"] + 1e-6 or core > 1
+
+
+def test_targets_skip_what_was_not_measured(toy_run):
+    _, results = toy_run
+    by_name = {t["name"]: t for t in results["targets"]}
+    assert by_name["full_fwd_throughput_T2048"]["passed"] is None  # T=2048 not in the toy run
+    hard = by_name["hard_layer_fwd_vs_projected_with_projections"]
+    assert hard["primary"] and isinstance(hard["passed"], bool)
+    assert hard["value"] > 0
+
+
+def test_format_table_mentions_every_section(toy_run):
+    _, results = toy_run
+    table = format_table(results)
+    for word in ("GFLOP/s", "full", "linear", "local", "Hard-routed layer", "Targets"):
+        assert word in table
+
+
+def test_one_hot_mix_has_exact_counts():
+    weights, shares = one_hot_mix(3, 10, (0.25, 0.5, 0.25))
+    assert weights.shape == (3, 10, 3)
+    assert (weights.sum(-1) == 1).all()
+    counts = weights.sum(1)  # (B, K)
+    assert (counts == counts[0]).all() and counts[0].sum() == 10
+    assert shares == pytest.approx((counts[0] / 10).tolist())
+
+
+@pytest.mark.parametrize("bad", [dict(mixes=((0.5, 0.5),)), dict(mixes=((0.5, 0.6, 0.0),)),
+                                 dict(repeats=0), dict(n_heads=3), dict(seq_lens=())])
+def test_bad_arguments_raise_value_error(tmp_path, bad):
+    with pytest.raises(ValueError):
+        run_benchmark(tmp_path, **{**TOY, **bad})
