@@ -209,14 +209,20 @@ def cmd_bench(args) -> int:
 def _data_arguments(p):
     p.add_argument("--corpus", default="stdlib")
     p.add_argument("--max-chars", type=int, default=None)
+    p.add_argument("--out", default=None, help="also write data.json, data.png and report.md")
 
 
 @command("data", "print statistics of a corpus", _data_arguments)
 def cmd_data(args) -> int:
-    from bayes_router.data import corpus_statistics, load_corpus
+    if args.out:
+        from bayes_router.experiments.runs import corpus_report
 
-    corpus = load_corpus(args.corpus, max_chars=args.max_chars)
-    print(json.dumps(corpus_statistics(corpus), indent=2))
+        stats = corpus_report(args.corpus, Path(args.out), max_chars=args.max_chars)
+    else:
+        from bayes_router.data import corpus_statistics, load_corpus
+
+        stats = corpus_statistics(load_corpus(args.corpus, max_chars=args.max_chars))
+    print(json.dumps(stats, indent=2))
     return 0
 
 

@@ -165,7 +165,63 @@ def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None
         x, _ = next(data.eval_batches(split, 8, train_cfg.seq_len))
         metrics["timing"] = timed_forward(model, x, mode=mode, gate_threshold=gate_threshold)
     write_json(run_dir / f"metrics_{mode}.json", metrics)
+    _evaluation_report(run_dir, metrics, mode, split, model.cfg.experts)
     return metrics
+
+
+def _evaluation_report(run_dir: Path, metrics: dict, mode: str, split: str, experts) -> None:
+    from bayes_router.analysis.plots import plot_expert_share
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    plot_expert_share(np.asarray(metrics["expert_share"]), ax=ax, expert_names=experts)
+    ax.set_title(f"expert share ({mode} routing)")
+    fig.tight_layout()
+    fig.savefig(run_dir / f"expert_share_{mode}.png", dpi=110)
+    plt.close(fig)
+    t = metrics["timing"]
+    lines = [f"# Evaluation: {mode} routing on the {split} split", "",
+             "| metric | value |", "|---|---|",
+             f"| {split} NLL (nats/token) | {metrics[f'{split}_nll']:.4f} |",
+             f"| {split} bits per character | {metrics[f'{split}_bpc']:.4f} |",
+             f"| projected FLOP cost (%) | {metrics['projected_flop_cost']:.1f} |",
+             f"| expected FLOP cost (%) | {metrics['expected_flop_cost']:.1f} |",
+             f"| routing entropy (%) | {metrics['routing_entropy']:.1f} |"]
+    if "hard_fraction" in metrics:
+        lines.append(f"| tokens routed hard | {100 * metrics['hard_fraction']:.1f} % |")
+    lines += [f"| forward time / full-only | {t['time_ratio']:.2f} |", "",
+              f"{metrics['tokens']} tokens. ![expert share](expert_share_{mode}.png)", ""]
+    (run_dir / f"evaluation_{mode}.md").write_text("\n".join(lines))
+
+
+def corpus_report(spec: str, out_dir: Path, max_chars: int | None = None) -> dict:
+    """Statistics of a corpus into ``out_dir``: ``data.json``, ``data.png``, ``report.md``."""
+    from bayes_router.data import corpus_statistics, load_corpus
+
+    stats = corpus_statistics(load_corpus(spec, max_chars=max_chars), top_k=30)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "data.json", stats)
+    if stats["kind"] == "text":
+        labels = ["space" if c == " " else repr(c)[1:-1] for c, _ in stats["top_characters"]]
+        shares = [p for _, p in stats["top_characters"]]
+        title = "most frequent characters"
+    else:
+        labels, shares = list(stats["oracle_label_share"]), list(
+            stats["oracle_label_share"].values())
+        title = "oracle label share of the targets"
+    fig, ax = plt.subplots(figsize=(9, 3))
+    ax.bar(range(len(shares)), shares)
+    ax.set_xticks(range(len(shares)), labels, fontsize=7)
+    ax.set(ylabel="share", title=f"{stats['name']}: {title}")
+    fig.tight_layout()
+    fig.savefig(out_dir / "data.png", dpi=110)
+    plt.close(fig)
+    lines = [f"# Corpus `{stats['name']}`", "", "```json",
+             json.dumps({k: v for k, v in stats.items()
+                         if k not in ("top_characters", "top_tokens")}, indent=2),
+             "```", "", "![corpus](data.png)", ""]
+    (out_dir / "report.md").write_text("\n".join(lines))
+    return stats
 
 
 def plot_training(history: list[dict], evaluations: list[dict], path: Path) -> None:

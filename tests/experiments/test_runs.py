@@ -1,0 +1,64 @@
+"""Run directories: train_run outputs, evaluate_run under every mode, corpus reports."""
+
+import json
+
+import pytest
+
+from bayes_router.experiments.runs import corpus_report, evaluate_run, train_run
+from bayes_router.inference.train import TrainConfig
+from bayes_router.models.config import TinyLMConfig
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    corpus = root / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    model_cfg = TinyLMConfig(vocab_size=98, d_model=16, n_heads=2, n_layers=2, max_seq_len=32,
+                             window=4, chunk_size=8, controller_hidden=8)
+    train_cfg = TrainConfig(steps=4, batch_size=4, seq_len=32, eval_every=4, eval_batches=1,
+                            checkpoint_every=4, dataset=str(corpus), dataset_max_chars=None)
+    train_run(model_cfg, train_cfg, root / "run", progress=False, eval_batches=2)
+    return root / "run"
+
+
+def test_train_run_writes_every_output(run_dir):
+    for name in ("config.json", "checkpoint.pt", "metrics.json", "history.json", "report.md",
+                 "training.png"):
+        assert (run_dir / name).exists(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) >= {"soft", "hard", "timing", "costs", "steps"}
+    assert metrics["steps"] == 4 and metrics["hard"]["projected_flop_cost"] > 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train"]["steps"] == 4 and config["versions"]["torch"]
+
+
+def test_train_run_refuses_to_overwrite(run_dir):
+    config = json.loads((run_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match="already holds a run"):
+        train_run(TinyLMConfig.from_dict(config["model"]),
+                  TrainConfig.from_dict(config["train"]), run_dir, progress=False)
+
+
+@pytest.mark.parametrize("mode,threshold", [("soft", None), ("hard", None), ("gated", 0.9)])
+def test_evaluate_run(run_dir, mode, threshold):
+    metrics = evaluate_run(run_dir, mode=mode, gate_threshold=threshold, max_batches=1)
+    assert metrics["mode"] == mode and metrics["val_nll"] > 0
+    for name in (f"metrics_{mode}.json", f"evaluation_{mode}.md", f"expert_share_{mode}.png"):
+        assert (run_dir / name).exists()
+    if mode == "gated":
+        assert 0.0 <= metrics["hard_fraction"] <= 1.0
+
+
+def test_evaluate_run_needs_a_run_directory(tmp_path):
+    with pytest.raises(ValueError, match="missing"):
+        evaluate_run(tmp_path)
+
+
+def test_corpus_report(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world\n" * 50)
+    stats = corpus_report(str(corpus), tmp_path / "out")
+    assert stats["chars"]["total"] == 600
+    for name in ("data.json", "data.png", "report.md"):
+        assert (tmp_path / "out" / name).exists()
