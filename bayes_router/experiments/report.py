@@ -333,12 +333,18 @@ def _summary(values: np.ndarray) -> dict:
 
 def reliability_figure(curves: dict[str, ReliabilityCurve], ece: dict[str, float] | None = None
                        ) -> Figure:
-    """One reliability diagram per predictive (e.g. plug-in and BMA), side by side."""
+    """One reliability diagram per predictive (e.g. plug-in and BMA), side by side, in rows of
+    at most three (with six, two runs' plug-in and BMA diagrams sit in pairs)."""
     if not curves:
         raise ValueError("curves is empty: nothing to draw")
-    fig = Figure(figsize=(3.6 * len(curves), 3.5))
-    axes = fig.subplots(1, len(curves), squeeze=False)[0]
-    for ax, (name, curve) in zip(axes, curves.items(), strict=True):
+    columns = len(curves) if len(curves) <= 3 else (2 if len(curves) % 3 and
+                                                     not len(curves) % 2 else 3)
+    rows = -(-len(curves) // columns)
+    fig = Figure(figsize=(3.6 * columns, 3.5 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False).reshape(-1)
+    for ax in axes[len(curves):]:
+        ax.set_visible(False)
+    for ax, (name, curve) in zip(axes, curves.items(), strict=False):
         plot_reliability_diagram(curve=curve, ax=ax)
         title = name if ece is None or name not in ece else f"{name}: ECE {ece[name]:.3f}"
         ax.set_title(title, fontsize=9)
