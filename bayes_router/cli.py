@@ -227,8 +227,9 @@ def cmd_data(args) -> int:
 
 
 def _analysis_options(p):
-    p.add_argument("--max-batches", type=int, default=8,
-                   help="validation batches of 16 windows to analyse")
+    p.add_argument("--max-batches", type=int, default=32,
+                   help="validation batches of 16 windows to analyse (default: the windows "
+                        "behind metrics.json)")
     p.add_argument("--num-samples", type=int, default=8,
                    help="routing samples of the Bayesian model average")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (of windows)")
