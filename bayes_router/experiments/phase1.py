@@ -138,6 +138,12 @@ def run_phase1(out_dir: Path, seeds: int = 3, steps: int = 300,
             cfg = dataclasses.replace(base_train, router=router, seed=seed)
             run_dir = out_dir / f"{router}-seed{seed}"
             if (run_dir / "metrics.json").exists() and resume:
+                saved = json.loads((run_dir / "config.json").read_text())
+                wanted = json.loads(json.dumps({"model": model_cfg.to_dict(),
+                                                "train": cfg.to_dict()}))
+                if {k: saved.get(k) for k in wanted} != wanted:
+                    raise ValueError(f"{run_dir} holds a finished run with a different "
+                                     "configuration; choose another --out directory")
                 logger.info("reusing finished run %s", run_dir)
                 runs[router].append(json.loads((run_dir / "metrics.json").read_text()))
                 continue

@@ -70,3 +70,10 @@ def test_toy_phase1_end_to_end(tmp_path):
     run_phase1(tmp_path / "p1", seeds=2, model_cfg=model_cfg, train_cfg=train_cfg,
                progress=False, report=False)
     assert (tmp_path / "p1" / "bayesian-seed0" / "metrics.json").stat().st_mtime == mtime
+
+    import dataclasses
+
+    with pytest.raises(ValueError, match="different configuration"):
+        run_phase1(tmp_path / "p1", seeds=2, model_cfg=model_cfg,
+                   train_cfg=dataclasses.replace(train_cfg, lr=0.5), progress=False,
+                   report=False)
