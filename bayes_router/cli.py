@@ -121,8 +121,8 @@ def cmd_train(args) -> int:
 
     if args.resume and not (Path(args.out) / "checkpoint.pt").exists():
         raise ValueError(f"--resume: {args.out} holds no checkpoint.pt")
-    _, probe = _configs(args, vocab_size=128)
-    data = load_data(probe)
+    probe_model, probe = _configs(args, vocab_size=128)
+    data = load_data(probe, probe_model)  # synthetic tasks take the model's window
     model_cfg, train_cfg = _configs(args, vocab_size=data.vocab_size)
     if args.resume:
         from bayes_router.inference.train import check_same_config, load_checkpoint
@@ -314,8 +314,8 @@ def cmd_sweep_beta0(args) -> int:
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     args.beta0 = 1.0  # replaced by each sweep value
-    _, probe = _configs(args, vocab_size=128)
-    data = load_data(probe)
+    probe_model, probe = _configs(args, vocab_size=128)
+    data = load_data(probe, probe_model)  # synthetic tasks take the model's window
     model_cfg, train_cfg = _configs(args, vocab_size=data.vocab_size)
     result = sweep_beta0(args.values, list(range(args.seed, args.seed + args.seeds)),
                          Path(args.out), model_cfg, train_cfg, jobs=args.jobs, mark=args.mark,

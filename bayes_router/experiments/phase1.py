@@ -128,7 +128,7 @@ def run_phase1(out_dir: Path, seeds: int = 3, steps: int = 300,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base_train = train_cfg or default_train_config(steps)
-    data = load_data(base_train)
+    data = load_data(base_train, model_cfg or default_model_config())  # the model's window
     model_cfg = model_cfg or default_model_config(data.vocab_size)
     runs: dict[str, list[dict]] = {"bayesian": [], "prior-free": []}
     import json
@@ -147,7 +147,7 @@ def run_phase1(out_dir: Path, seeds: int = 3, steps: int = 300,
                 logger.info("reusing finished run %s", run_dir)
                 runs[router].append(json.loads((run_dir / "metrics.json").read_text()))
                 continue
-            partial = (run_dir / "checkpoint.pt").exists()
+            partial = resume and (run_dir / "checkpoint.pt").exists()
             runs[router].append(train_run(model_cfg, cfg, run_dir, resume=partial,
                                           progress=progress, data=data))
     table = _metric_table(runs)

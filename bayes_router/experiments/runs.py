@@ -130,7 +130,8 @@ def train_run(model_cfg: TinyLMConfig, train_cfg: TrainConfig, out_dir: Path,
     data = load_data(train_cfg, model_cfg) if data is None else data
     config = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
               "seed": train_cfg.seed, "corpus": data.name, "versions": versions()}
-    write_json(out_dir / "config.json", config)  # a resumed run records its new step count
+    if not resume:
+        write_json(out_dir / "config.json", config)
     try:
         result = train(model_cfg, train_cfg, data, out_dir=out_dir, resume=resume,
                        progress=progress)
@@ -138,6 +139,7 @@ def train_run(model_cfg: TinyLMConfig, train_cfg: TrainConfig, out_dir: Path,
         write_json(out_dir / "diverged.json", {"step": error.step, "loss": error.loss,
                                                "checkpoint": error.checkpoint})
         raise
+    write_json(out_dir / "config.json", config)  # a resumed run records its new step count
     write_json(out_dir / "history.json", {"history": result.history,
                                           "evaluations": result.evaluations})
     metrics = final_metrics(result.model, data, train_cfg, eval_batches)

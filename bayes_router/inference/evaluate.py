@@ -99,7 +99,8 @@ def timed_forward(model: RoutedLM, x: torch.Tensor, mode: str = "hard", repeats:
     full_index = model.cfg.experts.index("full")
 
     def full_only(layer, features):
-        weights = torch.zeros(*features.shape[:-1], model.cfg.n_experts, dtype=features.dtype)
+        weights = torch.zeros(*features.shape[:-1], model.cfg.n_experts, dtype=features.dtype,
+                              device=features.device)
         weights[..., full_index] = 1.0
         return RoutingDecision(weights=weights, mean=weights)
 

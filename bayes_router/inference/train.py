@@ -316,7 +316,7 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data, out_dir: Path |
                 record["beta0"] = model.beta0.detach().tolist()
             result.history.append(record)
             postfix = {"loss": f"{per_token:.3f}"}
-            if step % train_cfg.eval_every == 0 or step == stop:
+            if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
                 metrics = evaluate(model, data, "val", train_cfg.seq_len,
                                    max_batches=train_cfg.eval_batches)
                 metrics["step"] = step

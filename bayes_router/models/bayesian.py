@@ -207,7 +207,8 @@ class BayesianRoutedLM(RoutedLM):
                     "the prior concentration beta0 * pi has an entry %.3g below a_min=%.3g: the "
                     "guide cannot match the prior there (lower a_min to study such beta0)",
                     smallest, self.a_min)
-        self._memo: tuple[tuple[Tensor, ...], Tensor] | None = None
+        # (inputs, samples, logits) of the last guide run, reused by a model replayed on it
+        self._memo: tuple | None = None
         self.one_pass = True  # False: the naive pair, the model reruns the network (reference)
 
     # -- prior and guide distributions -----------------------------------------------------------
@@ -237,10 +238,11 @@ class BayesianRoutedLM(RoutedLM):
                     for layer in range(self.cfg.n_layers)
                 )
             memo, self._memo = self._memo, None
-            if memo is not None and all(a is b for a, b in zip(memo[0], alphas, strict=True)):
-                logits = memo[1]
+            mode, threshold = self._training_mode()
+            if (memo is not None and memo[0][0] is x and memo[0][1:] == (mode, threshold)
+                    and all(a is b for a, b in zip(memo[1], alphas, strict=True))):
+                logits = memo[2]
             else:
-                mode, threshold = self._training_mode()
                 logits = self.lm(x, lambda layer, f: _sample_gate(alphas[layer]), mode=mode,
                                  gate_threshold=threshold).logits
             self._observe(logits, y)
@@ -265,7 +267,8 @@ class BayesianRoutedLM(RoutedLM):
             mode, threshold = self._training_mode()
             out = self.lm(x, router, mode=mode, gate_threshold=threshold)
         if self.one_pass:
-            self._memo = (tuple(r.decision.weights for r in out.routing), out.logits)
+            self._memo = ((x, mode, threshold), tuple(r.decision.weights for r in out.routing),
+                          out.logits)
         return out
 
     # -- evaluation ------------------------------------------------------------------------------

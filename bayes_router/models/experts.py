@@ -49,8 +49,11 @@ def _block_layout(positions: Tensor, block: int, n_blocks: int, seq_len: int
                   ) -> tuple[Tensor, Tensor, int]:
     """Group ascending query rows by the block of ``block`` positions they fall in.
 
-    Blocked kernels then run on ``(n_blocks, M)`` query slots, ``M`` the most rows in any block,
-    with the same batched matmuls as the dense path, instead of gathering per-row windows or states.
+    Blocked kernels then run on ``(n_blocks, M)`` query slots, ``M`` the most distinct rows in
+    any block, with the same batched matmuls as the dense path, instead of gathering per-row
+    windows or states. Repeated positions (the padding of
+    :func:`~bayes_router.models.router.selected_positions`) share one slot, so padding never
+    widens the layout.
 
     :param positions: ``(B, R)`` non-decreasing positions (padding may repeat the last one).
     :returns: ``slot (B, R)``, each row's index in the ``n_blocks * M`` slots; ``source
@@ -59,7 +62,11 @@ def _block_layout(positions: Tensor, block: int, n_blocks: int, seq_len: int
     """
     B, R = positions.shape
     block_of = positions // block  # (B, R), non-decreasing
-    rank = torch.arange(R, device=positions.device) - torch.searchsorted(block_of, block_of)
+    is_new = torch.ones_like(positions, dtype=torch.bool)
+    is_new[:, 1:] = positions[:, 1:] != positions[:, :-1]
+    distinct = is_new.long().cumsum(1) - 1  # index among the row's distinct positions
+    first_of_block = torch.searchsorted(block_of, block_of)  # (B, R) first entry of its block
+    rank = distinct - distinct.gather(1, first_of_block)
     M = int(rank.max()) + 1
     slot = block_of * M + rank  # (B, R)
     source = torch.arange(n_blocks * M, device=positions.device) // M * block

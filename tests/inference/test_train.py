@@ -50,10 +50,11 @@ def test_resume_reproduces_an_uninterrupted_run(data, tmp_path):
     model_cfg, train_cfg = _cfgs(data, estimator="reparam-mc", num_particles=2,
                                  kl_anneal_steps=6)
     whole = train(model_cfg, train_cfg, data, out_dir=tmp_path / "a", progress=False)
-    train(model_cfg, train_cfg, data, out_dir=tmp_path / "b", progress=False, max_steps=5)
+    train(model_cfg, train_cfg, data, out_dir=tmp_path / "b", progress=False, max_steps=3)
     resumed = train(model_cfg, train_cfg, data, out_dir=tmp_path / "b", progress=False,
                     resume=True)
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history]
+    assert [e["step"] for e in resumed.evaluations] == [e["step"] for e in whole.evaluations]
     for (name, p), (_, q) in zip(whole.model.state_dict().items(),
                                  resumed.model.state_dict().items()):
         assert torch.equal(p, q), name

@@ -200,3 +200,15 @@ def test_bad_batches():
         model.model(x, torch.full_like(y, 11))
     with pytest.raises(ValueError, match="dataset_size"):
         model.guide(x, y, dataset_size=2)
+
+
+def test_memo_is_not_reused_for_other_inputs():
+    """A model replayed on a guide trace of other inputs recomputes the network."""
+    model = BayesianRoutedLM(CFG, beta0=0.7)
+    _randomise(model.controllers)
+    x1, _ = _batch()
+    x2, _ = _batch()
+    guide_trace = poutine.trace(model.guide).get_trace(x1)
+    logits = poutine.replay(model.model, trace=guide_trace)(x2)
+    alphas = [guide_trace.nodes[alpha_site(layer)]["value"] for layer in range(2)]
+    torch.testing.assert_close(logits, model.lm(x2, FixedRouting(alphas)).logits)

@@ -153,3 +153,20 @@ def test_seed_preset():
 def test_config_validation(field, value, match):
     with pytest.raises(ValueError, match=match):
         TinyLMConfig(**{field: value})
+
+
+@pytest.mark.parametrize("name", ["linear", "local"])
+def test_padding_rows_do_not_widen_the_block_layout(name):
+    """Uneven rows are padded by repeating a position; repeats share a slot (no O(T^2) blow-up)
+    and still get the right output."""
+    from bayes_router.models.experts import _block_layout
+
+    positions = torch.tensor([list(range(40)), [5] * 40])  # row 1: one token, 39 repeats
+    _, _, M = _block_layout(positions, 8, 5, 40)
+    assert M == 8  # a block holds at most 8 distinct positions
+    expert = build_expert(name, TinyLMConfig(window=8, chunk_size=8))
+    q, k, v = _qkv(2, 40)
+    out = expert(q, k, v, positions)
+    ref = NAIVE_TWINS[name](q, k, v, expert)
+    ref = ref.gather(2, positions[:, None, :, None].expand(2, 2, 40, 4))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
