@@ -92,6 +92,8 @@ def _claim(name: str, text: str, diffs, side: str, published=None) -> dict:
     else:  # non-inferiority: the upper bound of the difference within the margin
         bound = ci["high"] if ci["n"] >= 2 else ci["mean"]
         held = "held" if bound <= side else "did not hold"
+        if ci["n"] < 2:
+            held += " (1 seed)"
     return {"claim": name, "text": text, "difference": ci, "verdict": held,
             "published_difference": published}
 

@@ -284,7 +284,7 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data, out_dir: Path |
             result.seconds = float(payload["seconds"])
             logger.info("resumed from %s at step %d", checkpoint_path, result.step)
         dataset_size = data.num_windows("train", train_cfg.seq_len)
-        last_good = checkpoint_path if (checkpoint_path and checkpoint_path.exists()) else None
+        last_good = checkpoint_path if resume else None  # never a stale file of another run
         stop = train_cfg.steps if max_steps is None else min(train_cfg.steps, max_steps)
         bar = tqdm(total=stop, initial=result.step, disable=not progress, desc=model.kind,
                    dynamic_ncols=True)

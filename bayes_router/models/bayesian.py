@@ -61,7 +61,9 @@ def compute_aware_prior(costs: Tensor, beta0: float | Sequence[float] | Tensor, 
     :param eta: cost sensitivity; ``eta = 0`` gives the uniform, cost-blind prior.
     :returns: ``(K,)`` for a scalar ``beta0``, else ``(L, K)``.
     """
-    costs = torch.as_tensor(costs, dtype=torch.get_default_dtype())
+    costs = torch.as_tensor(costs)
+    if not costs.is_floating_point():
+        costs = costs.to(torch.get_default_dtype())
     if costs.dim() != 1 or not bool((costs > 0).all()) or not bool(torch.isfinite(costs).all()):
         raise ValueError(f"costs must be a 1-D tensor of positive finite values, got {costs}")
     beta0 = torch.as_tensor(beta0, dtype=costs.dtype)

@@ -212,3 +212,8 @@ def test_memo_is_not_reused_for_other_inputs():
     logits = poutine.replay(model.model, trace=guide_trace)(x2)
     alphas = [guide_trace.nodes[alpha_site(layer)]["value"] for layer in range(2)]
     torch.testing.assert_close(logits, model.lm(x2, FixedRouting(alphas)).logits)
+
+
+def test_prior_keeps_the_model_dtype():
+    model = BayesianRoutedLM(CFG, beta0=0.7).double()
+    assert model.prior_concentration().dtype == torch.float64
