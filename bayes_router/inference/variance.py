@@ -412,6 +412,27 @@ def variance_vs_beta0(model: BayesianRoutedLM, x: Tensor, y: Tensor, *,
     return {"beta0_values": values, "estimators": table, "num_draws": num_draws}
 
 
+def _models_along_training(model_cfg, train_cfg, data, out_dir: Path, steps, progress: bool):
+    """Yield ``(step, model, mean loss of the last 10 steps or None)`` at each of the ascending
+    ``steps`` (0: the initialisation). The training loop keeps only its latest checkpoint, so it
+    is stopped at each step with ``max_steps`` and resumed from there, which reproduces an
+    uninterrupted run exactly."""
+    from bayes_router.inference.train import build_routed_lm, train
+
+    done = 0
+    for step in steps:
+        if step == 0:
+            with pyro.settings.context(module_local_params=True):
+                torch.manual_seed(train_cfg.seed)
+                model = build_routed_lm(model_cfg, train_cfg)
+            yield 0, model, None
+            continue
+        result = train(model_cfg, train_cfg, data, out_dir=out_dir, resume=done > 0,
+                       progress=progress, max_steps=step)
+        done = step
+        yield step, result.model, float(np.mean([r["loss"] for r in result.history[-10:]]))
+
+
 def variance_along_training(model_cfg, train_cfg, data, out_dir: Path, steps: Sequence[int], *,
                             estimators: Sequence[str] | None = DEFAULT_SWEEP_ESTIMATORS,
                             num_draws: int = 30, batch_seed: int = 0, progress: bool = False,
@@ -426,7 +447,7 @@ def variance_along_training(model_cfg, train_cfg, data, out_dir: Path, steps: Se
     :raises ValueError: if ``out_dir`` already holds a checkpoint, or a step exceeds
         ``train_cfg.steps``.
     """
-    from bayes_router.inference.train import CHECKPOINT_NAME, build_routed_lm, train
+    from bayes_router.inference.train import CHECKPOINT_NAME
 
     names = check_estimators(estimators)
     steps = sorted({int(s) for s in steps})
@@ -440,17 +461,11 @@ def variance_along_training(model_cfg, train_cfg, data, out_dir: Path, steps: Se
                              torch.Generator().manual_seed(batch_seed))
     dataset_size = data.num_windows("train", train_cfg.seq_len)
     table: dict[str, dict] = {name: {} for name in names}
-    losses, done = {}, 0
-    for step in steps:
-        if step == 0:
-            with pyro.settings.context(module_local_params=True):
-                torch.manual_seed(train_cfg.seed)
-                model = build_routed_lm(model_cfg, train_cfg)
-        else:
-            result = train(model_cfg, train_cfg, data, out_dir=out_dir, resume=done > 0,
-                           progress=progress, max_steps=step)
-            model, done = result.model, step
-            losses[str(step)] = float(np.mean([r["loss"] for r in result.history[-10:]]))
+    losses = {}
+    for step, model, loss in _models_along_training(model_cfg, train_cfg, data, out_dir, steps,
+                                                    progress):
+        if loss is not None:
+            losses[str(step)] = loss
         measured = gradient_variance(model, x, y, dataset_size=dataset_size, estimators=names,
                                      num_draws=num_draws, **options)
         for name in names:
@@ -767,7 +782,7 @@ def _default_configs(train_steps: int, seed: int):
 
 def _train_default_model(model_cfg, train_cfg, data, run_dir: Path, segments, along, names,
                          num_draws, seed, progress) -> dict:
-    from bayes_router.inference.train import CHECKPOINT_NAME, build_routed_lm, train
+    from bayes_router.inference.train import CHECKPOINT_NAME
 
     run_dir = Path(run_dir)
     if (run_dir / CHECKPOINT_NAME).exists():
@@ -777,17 +792,11 @@ def _train_default_model(model_cfg, train_cfg, data, run_dir: Path, segments, al
                              torch.Generator().manual_seed(seed))
     dataset_size = data.num_windows("train", train_cfg.seq_len)
     table: dict[str, dict] = {name: {} for name in names}
-    losses, done, model = {}, 0, None
-    for step in [0] + [s for s in segments if s > 0]:
-        if step == 0:
-            with pyro.settings.context(module_local_params=True):
-                torch.manual_seed(train_cfg.seed)
-                model = build_routed_lm(model_cfg, train_cfg)
-        else:
-            trained = train(model_cfg, train_cfg, data, out_dir=run_dir, resume=done > 0,
-                            progress=progress, max_steps=step)
-            model, done = trained.model, step
-            losses[str(step)] = float(np.mean([r["loss"] for r in trained.history[-10:]]))
+    losses, model = {}, None
+    for step, model, loss in _models_along_training(
+            model_cfg, train_cfg, data, run_dir, [0] + [s for s in segments if s > 0], progress):
+        if loss is not None:
+            losses[str(step)] = loss
         if step in along and names:
             measured = gradient_variance(model, x, y, dataset_size=dataset_size,
                                          estimators=names, num_draws=num_draws, seed=seed)
