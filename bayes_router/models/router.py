@@ -118,6 +118,8 @@ class RoutedAttention(nn.Module):
         if weights.shape[-1] != K or weights.shape[-2] != x.shape[-2]:
             raise ValueError(f"weights must have shape (..., T={x.shape[-2]}, K={K}), "
                              f"got {tuple(weights.shape)}")
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError("weights must be finite and non-negative")
         lead = torch.broadcast_shapes(x.shape[:-2], weights.shape[:-2])
         T, D = x.shape[-2:]
         x = x.expand(*lead, T, D).reshape(-1, T, D)  # (B, T, D), particles folded into B
@@ -171,6 +173,9 @@ def routing_weights(decision: RoutingDecision, mode: str, gate_threshold: float 
     if decision.uncertainty is None or gate_threshold is None:
         raise ValueError("gated routing needs a router that reports uncertainty and a "
                          "gate_threshold")
+    if not 0.0 <= gate_threshold <= 1.0:
+        raise ValueError(f"gate_threshold must be in [0, 1] (normalised entropy), got "
+                         f"{gate_threshold}")
     hard = decision.uncertainty < gate_threshold
     weights = torch.where(hard[..., None], one_hot, decision.weights)
     return weights, torch.where(hard, index, -1), hard

@@ -71,6 +71,10 @@ def test_weights_shape_is_checked():
     layer = RoutedAttention(CFG)
     with pytest.raises(ValueError, match="weights must have shape"):
         layer(torch.randn(2, 7, 16), torch.ones(2, 7, 2))
+    bad = torch.full((2, 7, 3), 1 / 3)
+    bad[0, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        layer(torch.randn(2, 7, 16), bad)
 
 
 def test_selected_positions():
@@ -103,3 +107,5 @@ def test_routing_modes():
     assert gated[0, 0].tolist() == [0, 1, 0] and torch.equal(gated[0, 1], sample[0, 1])
     with pytest.raises(ValueError, match="mode must be one of"):
         routing_weights(decision, "random")
+    with pytest.raises(ValueError, match="gate_threshold"):
+        routing_weights(decision, "gated", gate_threshold=1.5)
