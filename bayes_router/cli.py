@@ -372,7 +372,7 @@ def _variance_arguments(p):
 @command("variance", "gradient-variance lab: variance, SNR and cost of every ELBO estimator",
          _variance_arguments)
 def cmd_variance(args) -> int:
-    from bayes_router.inference.variance import variance_lab, variance_report
+    from bayes_router.experiments.variance_lab import variance_lab, variance_report
 
     if args.toy and args.checkpoint:
         raise ValueError("--toy and --checkpoint exclude each other")
@@ -408,7 +408,7 @@ def _fit_beta0_arguments(p):
 @command("fit-beta0", "empirical-Bayes beta0 of a run: type-II ML in SVI and Minka's M-step",
          _fit_beta0_arguments)
 def cmd_fit_beta0(args) -> int:
-    from bayes_router.inference.empirical_bayes import beta0_report, fit_beta0_run
+    from bayes_router.experiments.beta0_fit import beta0_report, fit_beta0_run
 
     out = Path(args.out) if args.out else Path(args.run_dir) / "empirical-bayes"
     result = fit_beta0_run(Path(args.run_dir), args.method, out, svi_steps=args.svi_steps,

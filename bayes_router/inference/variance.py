@@ -20,7 +20,8 @@ Sweeps: over the number of particles (:func:`variance_vs_particles`), over ``bet
 guide held fixed (:func:`variance_vs_beta0`), and along training (:func:`variance_along_training`,
 which trains in segments and measures between them). On the conjugate toy, where the exact
 gradient is known, :func:`toy_gradient_variance` adds each estimator's bias and z-scores.
-:func:`variance_lab` runs a whole study into a folder (``variance.json``, figures, ``report.md``).
+:func:`bayes_router.experiments.variance_lab.variance_lab` runs a whole study into a folder
+(``variance.json``, figures, ``report.md``).
 
 References
 
@@ -61,7 +62,6 @@ __all__ = [
     "summarise_gradients",
     "toy_gradient_variance",
     "variance_along_training",
-    "variance_lab",
     "variance_vs_beta0",
     "variance_vs_particles",
 ]
@@ -191,14 +191,14 @@ def check_estimators(names: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _check_num_draws(num_draws: int) -> int:
+def check_num_draws(num_draws: int) -> int:
     if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 2:
         raise ValueError(f"num_draws (M) must be an integer >= 2 to estimate a variance, got "
                          f"{num_draws!r}")
     return num_draws
 
 
-def _particles_for(name: str, num_particles: int | None) -> int:
+def particles_for(name: str, num_particles: int | None) -> int:
     estimator = get_estimator(name)
     particles = max(1, estimator.min_particles) if num_particles is None else num_particles
     return estimator.check_num_particles(particles)  # clear error, e.g. dreg with 1 particle
@@ -327,8 +327,8 @@ def gradient_variance(model: BayesianRoutedLM, x: Tensor, y: Tensor, *,
     names = check_estimators(estimators)
     if REFERENCE not in names:
         names = [REFERENCE] + names
-    num_draws = _check_num_draws(num_draws)
-    particles = {name: _particles_for(name, num_particles) for name in names}
+    num_draws = check_num_draws(num_draws)
+    particles = {name: particles_for(name, num_particles) for name in names}
     dataset_size = x.shape[0] if dataset_size is None else int(dataset_size)
     results = {}
     bar = tqdm(total=num_draws * len(names), disable=not progress, desc="gradient draws",
@@ -412,7 +412,7 @@ def variance_vs_beta0(model: BayesianRoutedLM, x: Tensor, y: Tensor, *,
     return {"beta0_values": values, "estimators": table, "num_draws": num_draws}
 
 
-def _models_along_training(model_cfg, train_cfg, data, out_dir: Path, steps, progress: bool):
+def models_along_training(model_cfg, train_cfg, data, out_dir: Path, steps, progress: bool):
     """Yield ``(step, model, mean loss of the last 10 steps or None)`` at each of the ascending
     ``steps`` (0: the initialisation). The training loop keeps only its latest checkpoint, so it
     is stopped at each step with ``max_steps`` and resumed from there, which reproduces an
@@ -462,7 +462,7 @@ def variance_along_training(model_cfg, train_cfg, data, out_dir: Path, steps: Se
     dataset_size = data.num_windows("train", train_cfg.seq_len)
     table: dict[str, dict] = {name: {} for name in names}
     losses = {}
-    for step, model, loss in _models_along_training(model_cfg, train_cfg, data, out_dir, steps,
+    for step, model, loss in models_along_training(model_cfg, train_cfg, data, out_dir, steps,
                                                     progress):
         if loss is not None:
             losses[str(step)] = loss
@@ -502,7 +502,7 @@ def toy_gradient_variance(estimators: Sequence[str] | None = None, *, num_draws:
     names = check_estimators(estimators)
     if REFERENCE not in names:
         names = [REFERENCE] + names
-    num_draws = _check_num_draws(num_draws)
+    num_draws = check_num_draws(num_draws)
     a = torch.as_tensor(a, dtype=torch.float64)
     counts = torch.as_tensor(counts, dtype=torch.float64)
     prior = torch.as_tensor(prior, dtype=torch.float64)
@@ -510,7 +510,7 @@ def toy_gradient_variance(estimators: Sequence[str] | None = None, *, num_draws:
     results = {}
     for name in names:
         estimator = get_estimator(name)
-        particles = _particles_for(name, num_particles)
+        particles = particles_for(name, num_particles)
         warmup = 5 if "baseline" in name else 0
         gradient_draws(estimator, a, 2, counts, prior, num_particles=particles, seed=seed)
         start = time.perf_counter()
@@ -538,396 +538,3 @@ def toy_gradient_variance(estimators: Sequence[str] | None = None, *, num_draws:
     return {"estimators": results, "reference": REFERENCE, "num_draws": num_draws,
             "a": a.tolist(), "counts": counts.tolist(), "prior": prior.tolist(),
             "exact_gradient": exact.tolist()}
-
-
-# ------------------------------------------------------------------------------------------------
-# figures
-
-
-def _positive(values) -> np.ndarray:
-    values = np.asarray(values, dtype=float)
-    return np.where(np.isfinite(values) & (values > 0), values, np.nan)
-
-
-def plot_variance_bars(result: dict, group: str, key: str = "total_variance", ax=None,
-                       ylabel: str | None = None):
-    """Bars of one summary ``key`` per estimator for one parameter ``group`` (log scale).
-    Estimators with a non-positive or infinite value are left out of the bars."""
-    from bayes_router.analysis.plots import plot_estimator_bars
-
-    names = [n for n, e in result["estimators"].items() if group in e["groups"]]
-    values = _positive([result["estimators"][n]["groups"][group][key] for n in names])
-    keep = ~np.isnan(values)
-    if not keep.any():
-        raise ValueError(f"no estimator has a positive finite {key} for group {group!r}")
-    labels = [f"{n} (N={result['estimators'][n]['num_particles']})"
-              for n, k in zip(names, keep, strict=True) if k]
-    ax = plot_estimator_bars(labels, values[keep], ax=ax, ylabel=ylabel or key)
-    ax.set_title(GROUP_LABELS.get(group, group), fontsize=9)
-    return ax
-
-
-def estimator_color(name: str) -> str:
-    """A fixed colour per registered estimator, so that panels and figures agree."""
-    names = estimator_names()
-    return f"C{names.index(name) % 10}" if name in names else "black"
-
-
-def _plot_sweep(sweep: dict, axis_key: str, group: str, key: str, ax, xlabel: str):
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots()
-    drawn = False
-    for name, points in sweep["estimators"].items():
-        xs, ys = [], []
-        for x in sweep[axis_key]:
-            entry = points.get(repr(float(x)) if axis_key == "beta0_values" else str(x), {})
-            if "groups" in entry and group in entry["groups"]:
-                xs.append(x)
-                ys.append(entry["groups"][group][key])
-        ys = _positive(ys)
-        if len(xs) and not np.isnan(ys).all():
-            ax.plot(xs, ys, marker="o", label=name, color=estimator_color(name))
-            drawn = True
-    if not drawn:
-        raise ValueError(f"nothing to draw: no {key} for group {group!r}")
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(key.replace("_", " "))
-    ax.set_title(GROUP_LABELS.get(group, group), fontsize=9)
-    return ax
-
-
-def plot_variance_vs_particles(sweep: dict, group: str, key: str = "total_variance", ax=None):
-    """Total variance (or another summary) against the number of particles, log-log."""
-    ax = _plot_sweep(sweep, "particles", group, key, ax, "particles N")
-    ax.set_xscale("log", base=2)
-    return ax
-
-
-def plot_variance_vs_beta0(sweep: dict, group: str, key: str = "total_variance", ax=None):
-    """Total variance (or another summary) against the prior concentration, log-log."""
-    ax = _plot_sweep(sweep, "beta0_values", group, key, ax, "prior concentration beta0")
-    ax.set_xscale("log")
-    return ax
-
-
-def plot_variance_along_training(sweep: dict, group: str, key: str = "total_variance", ax=None):
-    """Total variance (or another summary) at each measured training step."""
-    return _plot_sweep(sweep, "steps", group, key, ax, "training step")
-
-
-def _save_panels(path: Path, groups: Sequence[str], draw, keys: Sequence[str] = (
-        "total_variance",), title: str = "") -> None:
-    """A grid of panels, one row per summary key and one column per group (a single row of keys
-    when there is one group)."""
-    import matplotlib.pyplot as plt
-
-    cells = ([(key, groups[0]) for key in keys] if len(groups) == 1 else
-             [(key, group) for key in keys for group in groups])
-    nrows, ncols = (1, len(keys)) if len(groups) == 1 else (len(keys), len(groups))
-    fig, axes = plt.subplots(nrows, ncols, squeeze=False, figsize=(4.4 * ncols, 3.6 * nrows))
-    flat = [ax for row in axes for ax in row]
-    for ax, (key, group) in zip(flat, cells, strict=True):
-        try:
-            draw(group, key, ax)
-        except ValueError as error:
-            ax.set_axis_off()
-            ax.set_title(f"{group}: {error}", fontsize=7)
-    legend = {}
-    for ax in flat:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            legend.setdefault(label, handle)
-    if legend:
-        flat[ncols - 1].legend(list(legend.values()), list(legend), fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------------
-# the whole study into a folder
-
-
-def _finite(value):
-    """JSON-safe copy: non-finite floats become ``None``."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _groups_of(result: dict) -> list[str]:
-    return [g for g in GROUPS if any(g in e["groups"] for e in result["estimators"].values())]
-
-
-def variance_lab(out_dir: Path, *, checkpoint: Path | None = None, toy: bool = False,
-                 estimators: Sequence[str] | None = None, num_draws: int | None = None,
-                 num_particles: int | None = None, particles: Sequence[int] = (1, 2, 4, 8),
-                 particle_estimators: Sequence[str] | None = DEFAULT_PARTICLE_ESTIMATORS,
-                 beta0_values: Sequence[float] = (0.1, 1.0, 10.0),
-                 sweep_estimators: Sequence[str] | None = DEFAULT_SWEEP_ESTIMATORS,
-                 along_training: Sequence[int] = (), sweep_draws: int | None = None,
-                 train_steps: int = 100, seed: int = 0, progress: bool = True) -> dict:
-    """Run the lab into ``out_dir``: ``variance.json``, figures and ``report.md``.
-
-    :param checkpoint: a run directory whose trained model is measured. Without it (and
-        without ``toy``) a small model is trained here for ``train_steps`` steps first, into
-        ``out_dir/model``.
-    :param toy: measure on the conjugate toy instead (bias against the exact gradient).
-    :param num_draws: ``M`` per estimator (default 50 on the LM, 20000 on the toy).
-    :param particles: particle counts of the sweep (empty: no sweep).
-    :param beta0_values: prior concentrations of the ``beta0`` sweep (empty: no sweep).
-    :param along_training: training steps at which to measure, training the run's (or the
-        small default) configuration afresh in segments into ``out_dir/along-training``
-        (empty: no such sweep).
-    :param sweep_draws: ``M`` of the sweeps (default ``min(num_draws, 30)``).
-    """
-    from bayes_router.experiments.runs import load_data, versions, write_json
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = check_estimators(estimators)
-    if toy:
-        draws = _check_num_draws(20000 if num_draws is None else num_draws)
-        result = {"mode": "toy", "versions": versions(),
-                  "main": toy_gradient_variance(names, num_draws=draws,
-                                                num_particles=num_particles, seed=seed)}
-        _write_outputs(out_dir, result)
-        write_json(out_dir / "variance.json", _finite(result))
-        return result
-
-    draws = _check_num_draws(50 if num_draws is None else num_draws)
-    sweep_draws = _check_num_draws(min(draws, 30) if sweep_draws is None else sweep_draws)
-    if num_particles is not None:
-        for name in names:
-            _particles_for(name, num_particles)
-    from bayes_router.inference.train import load_trained
-
-    if checkpoint is not None:
-        from bayes_router.experiments.runs import check_run_dir
-
-        run_dir = check_run_dir(Path(checkpoint))
-        with pyro.settings.context(module_local_params=True):
-            model, model_cfg, train_cfg, payload = load_trained(run_dir)
-        if not isinstance(model, BayesianRoutedLM):
-            raise ValueError(f"{run_dir} holds a {train_cfg.router} run; the gradient-variance "
-                             "lab needs a Bayesian run")
-        data = load_data(train_cfg, model_cfg)
-        source = {"kind": "checkpoint", "run_dir": str(run_dir), "step": int(payload["step"])}
-    else:
-        model_cfg, train_cfg, data = _default_configs(train_steps, seed)
-        source = {"kind": "trained here", "run_dir": str(out_dir / "model"),
-                  "step": train_steps}
-    result = {"mode": "lm", "source": source, "versions": versions(),
-              "model_config": model_cfg.to_dict(), "train_config": train_cfg.to_dict()}
-    along = sorted({int(s) for s in along_training})
-    if checkpoint is None:
-        segments = sorted(set(along) | {train_steps})
-        measured = _train_default_model(model_cfg, train_cfg, data, out_dir / "model",
-                                         segments, along, sweep_estimators,
-                                         sweep_draws, seed, progress)
-        model = measured["model"]
-        if along:
-            result["along_training"] = measured["along"]
-    elif along:
-        along_cfg = dataclasses.replace(train_cfg, steps=max(train_cfg.steps, along[-1]))
-        result["along_training"] = variance_along_training(
-            model_cfg, along_cfg, data, out_dir / "along-training", along,
-            estimators=sweep_estimators, num_draws=sweep_draws, batch_seed=seed,
-            progress=progress, seed=seed)
-
-    x, y = data.sample_batch("train", train_cfg.batch_size, train_cfg.seq_len,
-                             torch.Generator().manual_seed(seed))
-    dataset_size = data.num_windows("train", train_cfg.seq_len)
-    options = dict(dataset_size=dataset_size, seed=seed, progress=progress)
-    result["main"] = gradient_variance(model, x, y, estimators=names, num_draws=draws,
-                                       num_particles=num_particles, **options)
-    if particles:
-        result["particles"] = variance_vs_particles(
-            model, x, y, particles=particles, estimators=particle_estimators,
-            num_draws=sweep_draws, **options)
-    if beta0_values:
-        result["beta0"] = variance_vs_beta0(
-            model, x, y, beta0_values=beta0_values, estimators=sweep_estimators,
-            num_draws=sweep_draws, num_particles=num_particles, **options)
-    _write_outputs(out_dir, result)
-    write_json(out_dir / "variance.json", _finite(result))
-    return result
-
-
-def _default_configs(train_steps: int, seed: int):
-    """The small configuration the lab trains when no checkpoint is given."""
-    from bayes_router.data.tokens import token_data
-    from bayes_router.inference.train import TrainConfig
-    from bayes_router.models.config import TinyLMConfig
-
-    if train_steps < 1:
-        raise ValueError(f"train_steps must be >= 1, got {train_steps}")
-    train_cfg = TrainConfig(steps=train_steps, batch_size=8, seq_len=64, eval_every=train_steps,
-                            eval_batches=2, checkpoint_every=train_steps, seed=seed,
-                            dataset="stdlib", dataset_max_chars=200_000)
-    data = token_data("stdlib", max_chars=train_cfg.dataset_max_chars, seed=seed)
-    model_cfg = TinyLMConfig(vocab_size=data.vocab_size, d_model=32, n_heads=2, n_layers=2,
-                             max_seq_len=64, window=8, chunk_size=16, controller_hidden=32,
-                             cost_preset="seed")
-    return model_cfg, train_cfg, data
-
-
-def _train_default_model(model_cfg, train_cfg, data, run_dir: Path, segments, along, names,
-                         num_draws, seed, progress) -> dict:
-    from bayes_router.inference.train import CHECKPOINT_NAME
-
-    run_dir = Path(run_dir)
-    if (run_dir / CHECKPOINT_NAME).exists():
-        raise ValueError(f"{run_dir} already holds a checkpoint; choose an empty --out folder")
-    names = check_estimators(names) if along else []
-    x, y = data.sample_batch("train", train_cfg.batch_size, train_cfg.seq_len,
-                             torch.Generator().manual_seed(seed))
-    dataset_size = data.num_windows("train", train_cfg.seq_len)
-    table: dict[str, dict] = {name: {} for name in names}
-    losses, model = {}, None
-    for step, model, loss in _models_along_training(
-            model_cfg, train_cfg, data, run_dir, [0] + [s for s in segments if s > 0], progress):
-        if loss is not None:
-            losses[str(step)] = loss
-        if step in along and names:
-            measured = gradient_variance(model, x, y, dataset_size=dataset_size,
-                                         estimators=names, num_draws=num_draws, seed=seed)
-            for name in names:
-                table[name][str(step)] = measured["estimators"][name]
-    along_result = {"steps": along, "estimators": table, "train_loss": losses,
-                    "num_draws": num_draws, "run_dir": str(run_dir)} if along else None
-    return {"model": model, "along": along_result}
-
-
-def _write_outputs(out_dir: Path, result: dict) -> None:
-    """Figures and ``report.md`` of a lab result."""
-    main = result["main"]
-    figures = []
-    if result["mode"] == "toy":
-        _save_panels(out_dir / "toy_bars.png", ["a"],
-                     lambda g, k, ax: plot_variance_bars(main, g, k, ax),
-                     ("total_variance", "median_snr", "efficiency"),
-                     "conjugate toy: gradient w.r.t. the guide concentration a")
-        figures.append(("toy_bars.png", "Variance, SNR and efficiency per estimator (toy)"))
-    else:
-        groups = _groups_of(main)
-        _save_panels(out_dir / "variance_bars.png", groups,
-                     lambda g, k, ax: plot_variance_bars(main, g, k, ax),
-                     ("total_variance", "median_snr", "efficiency"))
-        figures.append(("variance_bars.png", "Variance, median SNR and efficiency per "
-                                             "estimator and parameter group"))
-        for key, plot, name, caption in (
-                ("particles", plot_variance_vs_particles, "variance_vs_particles.png",
-                 "Total variance and median SNR against the number of particles"),
-                ("beta0", plot_variance_vs_beta0, "variance_vs_beta0.png",
-                 "Total variance and median SNR against beta0 (guide fixed)"),
-                ("along_training", plot_variance_along_training,
-                 "variance_along_training.png",
-                 "Total variance and median SNR along training")):
-            if result.get(key):
-                _save_panels(out_dir / name, groups,
-                             lambda g, k, ax, plot=plot, key=key: plot(result[key], g, k, ax),
-                             ("total_variance", "median_snr"))
-                figures.append((name, caption))
-    (out_dir / "report.md").write_text(variance_report(result, figures))
-
-
-def _fmt(value, spec: str = ".3g") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if isinstance(value, float) and math.isinf(value):
-        return "∞"
-    return format(value, spec)
-
-
-def summary_table(result: dict, group: str) -> list[str]:
-    """Markdown rows: one estimator per row, the summary of ``group`` and the ratios."""
-    lines = ["| estimator | N | unbiased | ‖mean‖ | total variance | median SNR | ms/estimate "
-             "| efficiency | var / ref | eff / ref |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, entry in result["estimators"].items():
-        if group not in entry["groups"]:
-            continue
-        s = entry["groups"][group]
-        r = entry.get("relative", {}).get(group, {})
-        snr = s["median_snr"]
-        if snr is None and s.get("num_deterministic"):  # read back from JSON, where inf is null
-            snr = math.inf
-        lines.append(
-            f"| {name} | {entry['num_particles']} | {'yes' if entry['unbiased'] else 'no'} | "
-            f"{_fmt(s['mean_norm'])} | {_fmt(s['total_variance'])} | {_fmt(snr)} | "
-            f"{_fmt(s['seconds'] * 1e3)} | {_fmt(s['efficiency'])} | "
-            f"{_fmt(r.get('total_variance_ratio'))} | {_fmt(r.get('efficiency_ratio'))} |")
-    return lines
-
-
-def sweep_table(sweep: dict, axis_key: str, group: str, key: str = "total_variance"
-                ) -> list[str]:
-    """Markdown rows: estimators by sweep values, one summary ``key`` of ``group``."""
-    axis = sweep[axis_key]
-    labels = [repr(float(v)) if axis_key == "beta0_values" else str(v) for v in axis]
-    lines = ["| estimator | " + " | ".join(labels) + " |",
-             "|---|" + "---|" * len(axis)]
-    for name, points in sweep["estimators"].items():
-        cells = []
-        for label in labels:
-            entry = points.get(label, {})
-            cells.append(_fmt(entry["groups"][group][key]) if "groups" in entry
-                         and group in entry["groups"] else "n/a")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def variance_report(result: dict, figures: Sequence[tuple[str, str]] = ()) -> str:
-    """The markdown report of a lab result."""
-    main = result["main"]
-    lines = ["# Gradient-variance lab", ""]
-    if result["mode"] == "toy":
-        lines += [f"Conjugate Dirichlet-categorical toy: counts {main['counts']}, prior "
-                  f"{main['prior']}, guide concentration a = {main['a']}, exact ELBO gradient "
-                  f"{[round(v, 4) for v in main['exact_gradient']]}. M = {main['num_draws']} "
-                  "draws per estimator; seconds per estimate are amortised over vectorised "
-                  "replicas.", ""]
-        lines += summary_table(main, "a")
-        lines += ["", "| estimator | unbiased | bias | max abs z | Hotelling | p-value |",
-                  "|---|---|---|---|---|---|"]
-        for name, e in main["estimators"].items():
-            lines.append(f"| {name} | {'yes' if e['unbiased'] else 'no'} | "
-                         f"{[round(b, 4) for b in e['bias']]} | {_fmt(e['max_abs_z'], '.2f')} | "
-                         f"{_fmt(e['hotelling'], '.2f')} | {_fmt(e['p_value'], '.3g')} |")
-    else:
-        source = result["source"]
-        where = (f"the checkpoint of `{source['run_dir']}` (step {source['step']})"
-                 if source["kind"] == "checkpoint" else
-                 f"a small model trained here for {source['step']} steps "
-                 f"(`{source['run_dir']}`)")
-        lines += [f"Measured at {where}, on one training minibatch of shape "
-                  f"{main['batch_shape']} (plate size {main['dataset_size']}), "
-                  f"M = {main['num_draws']} draws per estimator. Gradients are of the per-token "
-                  "loss -ELBO / (N T); beta0 as log beta0. Ratios are to "
-                  f"`{main['reference']}`. A parameter whose true gradient is zero has a median "
-                  f"SNR of about 0.674 / sqrt(M) = {snr_noise_floor(main['num_draws']):.3f}: "
-                  "values near it mean the gradient is not resolved with M draws.", ""]
-        for group in _groups_of(main):
-            lines += [f"## {GROUP_LABELS[group]}", ""] + summary_table(main, group) + [""]
-        for key, axis_key, title in (("particles", "particles", "Variance vs particles"),
-                                     ("beta0", "beta0_values", "Variance vs beta0"),
-                                     ("along_training", "steps", "Variance along training")):
-            sweep = result.get(key)
-            if not sweep:
-                continue
-            lines += [f"## {title} (total variance, M = {sweep['num_draws']})", ""]
-            for group in _groups_of(main):
-                lines += [f"{GROUP_LABELS[group]}:", ""] + sweep_table(sweep, axis_key, group)
-                lines += [""]
-    for name, caption in figures:
-        lines += [f"![{caption}]({name})", ""]
-    return "\n".join(lines)

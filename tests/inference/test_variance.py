@@ -11,6 +11,7 @@ from scipy.stats import chi2
 
 from bayes_router.cli import main
 from bayes_router.data.tokens import token_data
+from bayes_router.experiments.variance_lab import variance_lab
 from bayes_router.inference.estimators import estimator_names, get_estimator
 from bayes_router.inference.objective import loss_and_surrogate
 from bayes_router.inference.toy import toy_elbo_grad
@@ -24,7 +25,6 @@ from bayes_router.inference.variance import (
     summarise_gradients,
     toy_gradient_variance,
     variance_along_training,
-    variance_lab,
     variance_vs_particles,
 )
 from bayes_router.models.bayesian import BayesianRoutedLM
