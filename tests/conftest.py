@@ -16,3 +16,23 @@ def _clean_pyro_state():
     torch.manual_seed(0)
     yield
     pyro.clear_param_store()
+
+
+#: A small repetitive text: enough windows for tiny models to train, evaluate and resume on.
+TINY_TEXT = "the quick brown fox jumps over the lazy dog. " * 60
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """Path of a text file holding :data:`TINY_TEXT`."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(TINY_TEXT)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_corpus):
+    """:class:`~bayes_router.data.tokens.TokenData` of :func:`tiny_corpus` (do not mutate)."""
+    from bayes_router.data.tokens import token_data
+
+    return token_data(str(tiny_corpus))

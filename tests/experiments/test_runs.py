@@ -10,10 +10,9 @@ from bayes_router.models.config import TinyLMConfig
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, tiny_corpus):
     root = tmp_path_factory.mktemp("run")
-    corpus = root / "corpus.txt"
-    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    corpus = tiny_corpus
     model_cfg = TinyLMConfig(vocab_size=98, d_model=16, n_heads=2, n_layers=2, max_seq_len=32,
                              window=4, chunk_size=8, controller_hidden=8)
     train_cfg = TrainConfig(steps=4, batch_size=4, seq_len=32, eval_every=4, eval_batches=1,

@@ -9,7 +9,6 @@ import torch
 from torch.distributions import Dirichlet, kl_divergence
 
 from bayes_router.cli import main
-from bayes_router.data.tokens import token_data
 from bayes_router.experiments.beta0_fit import fit_beta0_run
 from bayes_router.experiments.runs import train_run
 from bayes_router.experiments.sweep import read_beta0_mark
@@ -23,19 +22,15 @@ from bayes_router.inference.train import TrainConfig, train
 from bayes_router.models.bayesian import compute_aware_prior
 from bayes_router.models.config import TinyLMConfig
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 60
+
+@pytest.fixture(scope="module")
+def corpus(tiny_corpus):
+    return tiny_corpus
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(TEXT)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data(corpus):
-    return token_data(str(corpus))
+def data(tiny_data):
+    return tiny_data
 
 
 def configs(data, corpus, **train_kwargs):

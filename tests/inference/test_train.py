@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from bayes_router.data.tokens import token_data
 from bayes_router.inference.train import (
     CheckpointError,
     TrainConfig,
@@ -19,14 +18,9 @@ from bayes_router.models.config import TinyLMConfig
 # the package re-exports the function `train`, which hides the module of the same name
 train_module = importlib.import_module("bayes_router.inference.train")
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 60
-
-
 @pytest.fixture
-def data(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return token_data(str(path))
+def data(tiny_data):
+    return tiny_data
 
 
 def _cfgs(data, **train_kwargs):

@@ -10,7 +10,6 @@ import torch
 from scipy.stats import chi2
 
 from bayes_router.cli import main
-from bayes_router.data.tokens import token_data
 from bayes_router.experiments.variance_lab import variance_lab
 from bayes_router.inference.estimators import estimator_names, get_estimator
 from bayes_router.inference.objective import loss_and_surrogate
@@ -30,14 +29,10 @@ from bayes_router.inference.variance import (
 from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.config import TinyLMConfig
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 60
-
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(TEXT)
-    return token_data(str(path))
+def data(tiny_data):
+    return tiny_data
 
 
 def tiny_cfg(data):
