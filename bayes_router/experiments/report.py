@@ -64,7 +64,6 @@ from bayes_router.data.synthetic import ORACLE_LABELS
 from bayes_router.experiments.runs import (
     EVAL_BATCHES,
     check_run_dir,
-    json_safe,
     load_data,
     versions,
     write_json,
@@ -519,7 +518,7 @@ def calibrate_run(run_dir: Path, out_dir: Path | None = None,
               "num_samples": num_samples if isinstance(model, BayesianRoutedLM) else None,
               **_calibration(arrays, n_boot, seed), "versions": versions()}
     result["figures"] = {"reliability": _reliability_png(result, out_dir / "reliability.png")}
-    write_json(out_dir / "calibration.json", json_safe(result))
+    write_json(out_dir / "calibration.json", result)
     (out_dir / "calibration.md").write_text(
         "\n".join([f"# Calibration: {train_cfg.router} router", "", _run_line(result), "",
                    *calibration_table(result), "", "![reliability](reliability.png)", ""]))
@@ -583,7 +582,7 @@ def analyse_run(run_dir: Path, out_dir: Path | None = None,
                         nll=arrays.nll, hard_nll=arrays.hard_nll, damage=arrays.damage,
                         abar=arrays.abar, window_len=arrays.window_len,
                         **{f"uncertainty_{k}": v for k, v in uncertainty.items()})
-    write_json(out_dir / "analysis.json", json_safe(result))
+    write_json(out_dir / "analysis.json", result)
     (out_dir / "report.md").write_text(analysis_report(result))
     return result
 
@@ -658,7 +657,7 @@ def report_runs(run_dirs, out_dir: Path | None = None, **options) -> list[dict]:
         comparison = {"runs": [str(d) for d in run_dirs], "figure": figure,
                       "calibration": {d.name: r["calibration"]["predictives"]
                                       for d, r in zip(run_dirs, results, strict=True)}}
-        write_json(out_dir / "comparison.json", json_safe(comparison))
+        write_json(out_dir / "comparison.json", comparison)
         lines = ["# Calibration comparison", "",
                  "| run | predictive | ECE | ECE (equal-mass) | MCE | Brier | NLL | accuracy |",
                  "|---|---|---|---|---|---|---|---|"]

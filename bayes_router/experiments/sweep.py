@@ -36,7 +36,6 @@ from bayes_router.analysis import (
     expected_calibration_error,
     plot_beta0_sensitivity,
 )
-from bayes_router.experiments.report import json_safe
 from bayes_router.experiments.runs import load_data, train_run, versions, write_json
 from bayes_router.inference.evaluate import collect
 from bayes_router.inference.train import CHECKPOINT_NAME, TrainConfig, load_trained
@@ -171,7 +170,7 @@ def run_point(model_cfg: TinyLMConfig, train_cfg: TrainConfig, run_dir: Path,
         train_run(model_cfg, train_cfg, run_dir, resume=resume, progress=False,
                   eval_batches=eval_batches, data=data)
     point = evaluate_point(run_dir, eval_batches, data)
-    write_json(run_dir / POINT_FILE, json_safe(point))
+    write_json(run_dir / POINT_FILE, point)
     return point
 
 
@@ -262,7 +261,7 @@ def sweep_beta0(values: Sequence[float], seeds: int | Sequence[int], out_dir: Pa
     figure = sweep_figure(result)
     figure.savefig(out_dir / "sweep_beta0.png", dpi=120)
     result["figure"] = "sweep_beta0.png"
-    write_json(out_dir / "sweep.json", json_safe(result))
+    write_json(out_dir / "sweep.json", result)
     (out_dir / "report.md").write_text(sweep_report(result))
     return result
 
