@@ -32,12 +32,15 @@ def _beta0(text: str):
     return values[0] if len(values) == 1 else values
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}"
-                                         ) from None
+def _comma_list(kind: type):
+    """An argparse type: comma-separated values of ``kind`` (``"1,2,4"`` -> ``[1, 2, 4]``)."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+    return parse
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,15 +195,14 @@ def cmd_phase1(args) -> int:
 
 def _bench_arguments(p):
     p.add_argument("--out", required=True)
-    p.add_argument("--seq-lens", type=lambda s: s.split(","),
-                   default=["128", "512", "1024", "2048", "4096"])
+    p.add_argument("--seq-lens", type=_comma_list(int), default=[128, 512, 1024, 2048, 4096])
 
 
 @command("bench", "speed benchmark of the experts and the hard-routed layer", _bench_arguments)
 def cmd_bench(args) -> int:
     from bayes_router.bench import format_table, run_benchmark
 
-    results = run_benchmark(Path(args.out), seq_lens=tuple(int(t) for t in args.seq_lens))
+    results = run_benchmark(Path(args.out), seq_lens=tuple(args.seq_lens))
     print(format_table(results))
     print(f"\nwrote {args.out}/bench.json")
     return 0
@@ -294,7 +296,7 @@ def _sweep_beta0_arguments(p):
     _add_model_args(p)
     _add_train_args(p)
     g = p.add_argument_group("sweep")
-    g.add_argument("--values", type=_floats, default=[0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
+    g.add_argument("--values", type=_comma_list(float), default=[0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
                    help="comma-separated beta0 values (each > 0); --beta0 is ignored")
     g.add_argument("--seeds", type=int, default=3, help="seeds --seed .. --seed + N - 1")
     g.add_argument("--out", required=True, help="sweep folder")
@@ -325,14 +327,6 @@ def cmd_sweep_beta0(args) -> int:
     return 0
 
 
-def _comma_ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
-                                         ) from None
-
-
 def _comma_names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -349,17 +343,17 @@ def _variance_arguments(p):
                    help="gradient estimates M per estimator (default 50; toy 20000)")
     p.add_argument("--num-particles", type=int, default=None,
                    help="particles per estimate (default: each estimator's fewest, 1 or 2)")
-    p.add_argument("--particles", type=_comma_ints, default=[1, 2, 4, 8],
+    p.add_argument("--particles", type=_comma_list(int), default=[1, 2, 4, 8],
                    help="particle counts of the particle sweep ('' to skip)")
     p.add_argument("--particle-estimators", type=_comma_names,
                    default=["reparam-mc", "reparam-analytic", "stl", "score-baseline", "iwae",
                             "dreg"])
-    p.add_argument("--beta0-values", type=_floats, default=[0.1, 1.0, 10.0],
+    p.add_argument("--beta0-values", type=_comma_list(float), default=[0.1, 1.0, 10.0],
                    help="beta0 values of the beta0 sweep, guide fixed ('' to skip)")
     p.add_argument("--sweep-estimators", type=_comma_names,
                    default=["reparam-mc", "reparam-analytic", "stl", "score-baseline"],
                    help="estimators of the beta0 and along-training sweeps")
-    p.add_argument("--along-training", type=_comma_ints, default=[],
+    p.add_argument("--along-training", type=_comma_list(int), default=[],
                    help="training steps at which to measure, training afresh in segments "
                         "(e.g. 0,50,100,200,300; default: skip)")
     p.add_argument("--sweep-draws", type=int, default=None,

@@ -74,6 +74,16 @@ def test_traces_have_the_expected_sites():
     assert obs["fn"].batch_shape == (3,) and obs["fn"].event_shape == (9,)
 
 
+def _guide_sample_log_likelihood(model, x, y, seed):
+    """The guide's samples under ``seed`` and ``sum log p(y | x, alpha)`` computed by hand."""
+    torch.manual_seed(seed)
+    out = model.guide(x, y, dataset_size=N)
+    alphas = [r.decision.weights for r in out.routing]
+    logits = model.lm(x, FixedRouting(alphas)).logits
+    log_lik = -F.cross_entropy(logits.reshape(-1, 11), y.reshape(-1), reduction="sum")
+    return out, alphas, log_lik
+
+
 def test_elbo_matches_a_hand_computed_elbo():
     """TraceMeanField loss = -(N/B) * [sum log p(y | alpha) - sum KL(q || prior)], same samples."""
     model = BayesianRoutedLM(CFG, beta0=0.7)
@@ -82,11 +92,7 @@ def test_elbo_matches_a_hand_computed_elbo():
     torch.manual_seed(1)
     loss, _ = loss_and_surrogate(TraceMeanField_ELBO(max_plate_nesting=1), model.model,
                                  model.guide, x, y, dataset_size=N)
-    torch.manual_seed(1)
-    out = model.guide(x, y, dataset_size=N)
-    alphas = [r.decision.weights for r in out.routing]
-    logits = model.lm(x, FixedRouting(alphas)).logits
-    log_lik = -F.cross_entropy(logits.reshape(-1, 11), y.reshape(-1), reduction="sum")
+    out, _, log_lik = _guide_sample_log_likelihood(model, x, y, seed=1)
     prior = model.prior_concentration()
     kl = sum(kl_divergence(Dirichlet(r.decision.concentration), Dirichlet(prior[layer])).sum()
              for layer, r in enumerate(out.routing))
@@ -100,11 +106,7 @@ def test_monte_carlo_kl_elbo_matches_hand_computation():
     torch.manual_seed(2)
     loss, _ = loss_and_surrogate(Trace_ELBO(max_plate_nesting=1), model.model, model.guide, x, y,
                                  dataset_size=N)
-    torch.manual_seed(2)
-    out = model.guide(x, y, dataset_size=N)
-    alphas = [r.decision.weights for r in out.routing]
-    logits = model.lm(x, FixedRouting(alphas)).logits
-    log_lik = -F.cross_entropy(logits.reshape(-1, 11), y.reshape(-1), reduction="sum")
+    out, alphas, log_lik = _guide_sample_log_likelihood(model, x, y, seed=2)
     prior = model.prior_concentration()
     log_ratio = sum(Dirichlet(prior[layer]).log_prob(a).sum()
                     - Dirichlet(r.decision.concentration).log_prob(a).sum()
