@@ -23,6 +23,7 @@ from bayes_router.inference.evaluate import evaluate, timed_forward
 from bayes_router.inference.train import (
     CHECKPOINT_NAME,
     TrainConfig,
+    gated_training_bias,
     load_trained,
     train,
 )
@@ -129,7 +130,8 @@ def train_run(model_cfg: TinyLMConfig, train_cfg: TrainConfig, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(train_cfg, model_cfg) if data is None else data
     config = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
-              "seed": train_cfg.seed, "corpus": data.name, "versions": versions()}
+              "seed": train_cfg.seed, "corpus": data.name, "versions": versions(),
+              "gradient_bias": gated_training_bias(train_cfg)}
     if not resume:
         write_json(out_dir / "config.json", config)
     try:
@@ -146,7 +148,8 @@ def train_run(model_cfg: TinyLMConfig, train_cfg: TrainConfig, out_dir: Path,
     metrics.update({"router": train_cfg.router, "steps": result.step,
                     "train_seconds": result.seconds,
                     "final_loss": result.history[-1]["loss"] if result.history else None,
-                    "costs": result.model.costs.tolist()})
+                    "costs": result.model.costs.tolist(),
+                    "gradient_bias": config["gradient_bias"]})
     if getattr(result.model, "learn_beta0", False):
         metrics["beta0"] = result.model.beta0.detach().tolist()
     write_json(out_dir / "metrics.json", metrics)
@@ -262,6 +265,8 @@ def run_report(config: dict, metrics: dict) -> str:
             lines.append(f"| {mode} | {_fmt(m['val_nll'])} | {_fmt(m['val_bpc'])} | "
                          f"{_fmt(m['projected_flop_cost'], 1)} | "
                          f"{_fmt(m['expected_flop_cost'], 1)} | {_fmt(m['routing_entropy'], 1)} |")
+    if config.get("gradient_bias"):
+        lines += [f"**Warning: biased gradients.** {config['gradient_bias']}.", ""]
     share = metrics["soft"]["expert_share"]
     lines += ["", "Expert share per layer (argmax of the posterior mean / softmax weights): "
               + "; ".join(f"layer {i}: " + "/".join(f"{s:.2f}" for s in row)

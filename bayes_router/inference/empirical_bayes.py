@@ -386,7 +386,7 @@ def guide_concentrations(model, batches, seed: int = 0) -> tuple[list[Tensor], f
         for j, (x, y) in enumerate(batches):
             torch.manual_seed(seed + j)
             out = model.guide(x)
-            model._memo = None
+            model.clear_cache()
             layers = [r.decision.concentration.reshape(-1, r.decision.concentration.shape[-1])
                       .to(torch.float64) for r in out.routing]
             concentrations = ([[c] for c in layers] if concentrations is None

@@ -16,9 +16,19 @@ reparameterisation, ``TraceGraph_ELBO``) would silently drop the cross-token ter
 
 **One forward pass per particle.** The guide must run the network to compute each layer's input,
 and the model needs the logits of the same network under the same samples. The guide memoises
-its logits keyed by the identity of its sample tensors; the model, replayed against the guide
-trace, receives those very tensors and reuses the logits (the autograd graph is the same one).
-Run on its own (prior predictive, or under other samples) the model computes the network itself.
+its logits keyed by the identity of its inputs and sample tensors, the routing mode, the grad
+mode and the version counters of every parameter; the model, replayed against the guide trace,
+receives those very tensors and reuses the logits (the autograd graph is the same one). Any
+change in between (an optimiser step, ``load_state_dict``, a guide traced under
+``torch.no_grad()`` and a model replayed with grad on) makes the model compute the network
+itself, as it does when run on its own (prior predictive, or under other samples).
+:meth:`BayesianRoutedLM.clear_cache` drops the memo.
+
+**Dirichlet maths in float64.** The Dirichlet sites (prior, guide, their samples and
+log-densities) are ``float64`` whatever the network's dtype (see
+:data:`~bayes_router.dirichlet.SAMPLING_DTYPE`): ``float32`` draws at the guide
+floor underflow, giving NaN gradients and biased estimates. Samples are cast to the network's
+dtype where they weight the experts.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from bayes_router.dirichlet import SAMPLING_DTYPE
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.experts import cost_vector
 from bayes_router.models.router import RoutingDecision
@@ -132,7 +143,6 @@ class RoutedLM(PyroModule):
         if costs.shape != (cfg.n_experts,) or not bool((costs > 0).all()):
             raise ValueError(f"costs must hold {cfg.n_experts} positive values, got {costs}")
         self.register_buffer("costs", costs)
-        self.gate_threshold = 0.0  # training-time soft-to-hard threshold (see training loop)
 
     def _plate(self, x: Tensor, dataset_size: int | None):
         B = x.shape[0]
@@ -144,8 +154,12 @@ class RoutedLM(PyroModule):
     def _observe(self, logits: Tensor, y: Tensor | None) -> None:
         pyro.sample(OBS_SITE, dist.Categorical(logits=logits).to_event(1), obs=y)
 
-    def _training_mode(self) -> tuple[str, float | None]:
-        return ("gated", self.gate_threshold) if self.gate_threshold > 0 else ("soft", None)
+    @staticmethod
+    def _training_mode(gate_threshold: float) -> tuple[str, float | None]:
+        """Routing mode of a training pass: gated above a zero threshold, soft otherwise."""
+        if not 0.0 <= gate_threshold <= 1.0:
+            raise ValueError(f"gate_threshold must be in [0, 1], got {gate_threshold}")
+        return ("gated", float(gate_threshold)) if gate_threshold > 0 else ("soft", None)
 
     def decision(self, layer: int, features: Tensor, gate_measure: str = "total"
                  ) -> RoutingDecision:
@@ -158,12 +172,16 @@ class RoutedLM(PyroModule):
                        gate_threshold=gate_threshold)
 
 
-def _sample_gate(alpha: Tensor) -> RoutingDecision:
-    """Training-time gate on a sampled ``alpha``: confident samples route hard to their argmax.
+def _sample_decision(alpha: Tensor, dtype: torch.dtype) -> RoutingDecision:
+    """The routing decision of a sampled ``alpha``, cast to the network's ``dtype``.
 
-    A deterministic function of the sample, so model and guide compute the same likelihood.
+    Its uncertainty, the normalised entropy of the sample, is what training-time gating
+    compares with the gate threshold (confident samples route hard to their argmax): a
+    deterministic function of the sample, so model and guide compute the same likelihood.
     """
-    return RoutingDecision(weights=alpha, mean=alpha, uncertainty=normalised_entropy(alpha))
+    weights = alpha.to(dtype)
+    return RoutingDecision(weights=weights, mean=weights,
+                           uncertainty=normalised_entropy(alpha).to(dtype))
 
 
 class BayesianRoutedLM(RoutedLM):
@@ -209,16 +227,27 @@ class BayesianRoutedLM(RoutedLM):
                     "the prior concentration beta0 * pi has an entry %.3g below a_min=%.3g: the "
                     "guide cannot match the prior there (lower a_min to study such beta0)",
                     smallest, self.a_min)
-        # (inputs, samples, logits) of the last guide run, reused by a model replayed on it
+        # (key, samples, logits) of the last guide run, reused by a model replayed on it
         self._memo: tuple | None = None
         self.one_pass = True  # False: the naive pair, the model reruns the network (reference)
+
+    def clear_cache(self) -> None:
+        """Drop the guide's memoised logits (see the module docstring)."""
+        self._memo = None
+
+    def _memo_key(self, x: Tensor, mode: str, threshold: float | None) -> tuple:
+        versions = tuple(p._version for p in self.parameters())
+        return (id(x), mode, threshold, torch.is_grad_enabled(), versions)
 
     # -- prior and guide distributions -----------------------------------------------------------
 
     def prior_concentration(self) -> Tensor:
         """``(L, K)`` Dirichlet concentration of the compute-aware prior."""
-        beta0 = self.beta0 if self.learn_beta0 else self.beta0_fixed
-        return compute_aware_prior(self.costs, beta0, self.eta)
+        return compute_aware_prior(self.costs, self.current_beta0(), self.eta)
+
+    def current_beta0(self) -> Tensor:
+        """``(L,)`` prior concentration ``beta0`` in force (learned or fixed)."""
+        return self.beta0 if self.learn_beta0 else self.beta0_fixed
 
     def concentration(self, layer: int, features: Tensor) -> tuple[Tensor, Tensor]:
         """Guide concentration ``a = softplus(MLP(features)) + a_min`` and the raw logits."""
@@ -228,9 +257,19 @@ class BayesianRoutedLM(RoutedLM):
     # -- the Pyro program pair -------------------------------------------------------------------
 
     def model(self, x: Tensor, y: Tensor | None = None, dataset_size: int | None = None,
-              kl_scale: float = 1.0) -> Tensor:
+              kl_scale: float = 1.0, gate_threshold: float = 0.0) -> Tensor:
+        """The Pyro model: compute-aware Dirichlet priors, then the observed next tokens.
+
+        :param dataset_size: size of the ``batch`` plate (the subsampling scale).
+        :param kl_scale: factor on the ``alpha`` sites' log-densities (KL annealing or weight;
+            the ELBO at 1).
+        :param gate_threshold: training-time gate (0: soft routing); see
+            :func:`~bayes_router.inference.train.gated_training_bias` for what it does to
+            pathwise gradients.
+        """
         check_batch(x, y, self.cfg.vocab_size)
-        prior = self.prior_concentration()
+        mode, threshold = self._training_mode(gate_threshold)
+        prior = self.prior_concentration().to(SAMPLING_DTYPE)
         T, K = x.shape[1], self.cfg.n_experts
         with self._plate(x, dataset_size):
             with poutine.scale(scale=kl_scale):
@@ -240,20 +279,25 @@ class BayesianRoutedLM(RoutedLM):
                     for layer in range(self.cfg.n_layers)
                 )
             memo, self._memo = self._memo, None
-            mode, threshold = self._training_mode()
-            if (memo is not None and memo[0][0] is x and memo[0][1:] == (mode, threshold)
+            if (memo is not None and memo[0] == self._memo_key(x, mode, threshold)
                     and all(a is b for a, b in zip(memo[1], alphas, strict=True))):
                 logits = memo[2]
             else:
-                logits = self.lm(x, lambda layer, f: _sample_gate(alphas[layer]), mode=mode,
-                                 gate_threshold=threshold).logits
+                dtype = self.lm.token_embedding.weight.dtype
+                logits = self.lm(x, lambda layer, f: _sample_decision(alphas[layer], dtype),
+                                 mode=mode, gate_threshold=threshold).logits
             self._observe(logits, y)
         return logits
 
     def guide(self, x: Tensor, y: Tensor | None = None, dataset_size: int | None = None,
-              kl_scale: float = 1.0) -> LMOutput:
+              kl_scale: float = 1.0, gate_threshold: float = 0.0) -> LMOutput:
+        """The Pyro guide: ``alpha_l ~ Dir(softplus(MLP(features_l)) + a_min)``, layer by layer
+        (layer ``l``'s features depend on the samples of the layers below). Arguments as
+        :meth:`model`."""
         check_batch(x, y, self.cfg.vocab_size)
+        mode, threshold = self._training_mode(gate_threshold)
         infer = self.estimator.site_infer()
+        samples = []
 
         def router(layer: int, features: Tensor) -> RoutingDecision:
             concentration, logits = self.concentration(layer, features)
@@ -261,16 +305,15 @@ class BayesianRoutedLM(RoutedLM):
                 alpha = pyro.sample(alpha_site(layer),
                                     self.estimator.dirichlet(concentration).to_event(1),
                                     infer=dict(infer))
-            decision = _sample_gate(alpha)
+            samples.append(alpha)
+            decision = _sample_decision(alpha, features.dtype)
             decision.concentration, decision.logits = concentration, logits
             return decision
 
         with self._plate(x, dataset_size):
-            mode, threshold = self._training_mode()
             out = self.lm(x, router, mode=mode, gate_threshold=threshold)
         if self.one_pass:
-            self._memo = ((x, mode, threshold), tuple(r.decision.weights for r in out.routing),
-                          out.logits)
+            self._memo = (self._memo_key(x, mode, threshold), tuple(samples), out.logits)
         return out
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -335,14 +378,14 @@ class PriorFreeRoutedLM(RoutedLM):
                                uncertainty=normalised_entropy(weights), logits=logits)
 
     def model(self, x: Tensor, y: Tensor | None = None, dataset_size: int | None = None,
-              kl_scale: float = 1.0) -> Tensor:
+              kl_scale: float = 1.0, gate_threshold: float = 0.0) -> Tensor:
         check_batch(x, y, self.cfg.vocab_size)
-        mode, threshold = self._training_mode()
+        mode, threshold = self._training_mode(gate_threshold)
         with self._plate(x, dataset_size):
             logits = self.predict(x, mode=mode, gate_threshold=threshold).logits
             self._observe(logits, y)
         return logits
 
     def guide(self, x: Tensor, y: Tensor | None = None, dataset_size: int | None = None,
-              kl_scale: float = 1.0) -> None:
+              kl_scale: float = 1.0, gate_threshold: float = 0.0) -> None:
         check_batch(x, y, self.cfg.vocab_size)

@@ -106,7 +106,8 @@ def test_dirichlet_family_is_a_dirichlet_with_the_estimators_gradient_path(name)
     value = family.rsample((5,)) if family.has_rsample else family.sample((5,))
     assert value.shape == (5, 2, 3) and constraints.simplex.check(value).all()
     assert value.requires_grad == family.has_rsample
-    reference = dist.Dirichlet(concentration)
+    assert value.dtype == torch.float64  # float32 concentrations are sampled in float64
+    reference = dist.Dirichlet(concentration.double())
     assert torch.allclose(family.log_prob(value), reference.log_prob(value))
     expanded = family.expand((4, 2)).to_event(1)
     assert type(expanded.base_dist) is type(family) and expanded.batch_shape == (4,)
@@ -118,8 +119,9 @@ def test_analytic_kl_is_dispatched_for_every_dirichlet_family(name):
     p_concentration = torch.tensor([0.5, 0.25, 0.25]) * 2.0
     q = get_estimator(name).dirichlet(q_concentration).to_event(1)
     p = dist.Dirichlet(p_concentration.expand(2, 3)).to_event(1)
-    expected = kl_divergence(torch.distributions.Dirichlet(q_concentration),
-                             torch.distributions.Dirichlet(p_concentration)).sum()
+    expected = kl_divergence(torch.distributions.Dirichlet(q_concentration.double()),
+                             torch.distributions.Dirichlet(p_concentration.double())).sum()
+    p = dist.Dirichlet(p_concentration.double().expand(2, 3)).to_event(1)
     assert torch.allclose(kl_divergence(q, p), expected)
 
 

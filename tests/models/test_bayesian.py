@@ -68,7 +68,9 @@ def test_traces_have_the_expected_sites():
             assert site["scale"] == pytest.approx(N / 3)
             assert isinstance(site["fn"].base_dist, Dirichlet)
         prior = model_trace.nodes[alpha_site(layer)]["fn"].base_dist.concentration[0, 0]
-        torch.testing.assert_close(prior, compute_aware_prior(model.costs, [0.5, 2.0][layer]))
+        assert prior.dtype == guide_trace.nodes[alpha_site(layer)]["value"].dtype == torch.float64
+        torch.testing.assert_close(prior, compute_aware_prior(model.costs, [0.5, 2.0][layer])
+                                   .double())
     obs = model_trace.nodes["obs"]
     assert obs["is_observed"] and torch.equal(obs["value"], y)
     assert obs["fn"].batch_shape == (3,) and obs["fn"].event_shape == (9,)
@@ -212,7 +214,7 @@ def test_memo_is_not_reused_for_other_inputs():
     x2, _ = _batch()
     guide_trace = poutine.trace(model.guide).get_trace(x1)
     logits = poutine.replay(model.model, trace=guide_trace)(x2)
-    alphas = [guide_trace.nodes[alpha_site(layer)]["value"] for layer in range(2)]
+    alphas = [guide_trace.nodes[alpha_site(layer)]["value"].float() for layer in range(2)]
     torch.testing.assert_close(logits, model.lm(x2, FixedRouting(alphas)).logits)
 
 

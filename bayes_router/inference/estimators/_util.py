@@ -1,4 +1,5 @@
-"""Private helpers shared by the estimators: unwrapping and detaching distributions."""
+"""Private helpers shared by the estimators: unwrapping and detaching distributions, and the
+score-only log-densities that path-derivative estimators subtract."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import copy
 
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.torch_distribution import TorchDistributionMixin
-from pyro.distributions.util import sum_rightmost
+from pyro.distributions.util import is_identically_zero, sum_rightmost
+from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import Distribution
 
 
@@ -69,3 +72,54 @@ class ScorePartsIndependent(dist.Independent):
             else score_function,
             sum_rightmost(entropy_term, n) if torch.is_tensor(entropy_term) else entropy_term,
         )
+
+
+def with_detached_values(trace):
+    """A copy of ``trace`` whose sample values are detached (for replaying model or guide)."""
+    frozen = trace.copy()
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and torch.is_tensor(site["value"]):
+            frozen.nodes[name] = {**site, "value": site["value"].detach()}
+    return frozen
+
+
+def is_reparameterised_site(site) -> bool:
+    """A guide sample site whose gradient flows only through its value (no score part)."""
+    _, score_function_term, entropy_term = site["score_parts"]
+    return not is_identically_zero(entropy_term) and is_identically_zero(score_function_term)
+
+
+def attach_score_only_log_probs(guide, guide_trace, args, kwargs, frozen=None):
+    """Store ``log q(sg(z); phi)`` as ``site["score_only_log_prob"]`` on every reparameterised
+    site of ``guide_trace`` (whose score parts must be computed).
+
+    ``log q`` of a site is a function of the parameters *and* of the samples of earlier sites
+    (an autoregressive guide: layer ``l``'s concentration depends on the samples below it). Its
+    total derivative splits into the score term, the derivative at fixed samples, and the path
+    term through every sample. The score term is the gradient of ``log q`` with all samples
+    detached, which replaying the guide on detached values gives; ``log q - score_only +
+    sg(score_only)`` then carries exactly the path term. Detaching a site's distribution
+    parameters instead would also cut ``d log q(z_l | z_<l) / d z_<l``, a part of the path
+    term (the bias this replaces).
+
+    :param guide: the guide exactly as traced (the vectorised wrapper, if any).
+    :param frozen: the detached-value copy of ``guide_trace`` to replay on (built if ``None``;
+        pass the one a model is replayed on next, so a memoising model/guide pair reuses the
+        guide's forward pass).
+    :returns: the detached-value trace that was replayed.
+    """
+    frozen = with_detached_values(guide_trace) if frozen is None else frozen
+    replayed = prune_subsample_sites(
+        poutine.trace(poutine.replay(guide, trace=frozen)).get_trace(*args, **kwargs))
+    replayed.compute_log_prob()
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and is_reparameterised_site(site):
+            site["score_only_log_prob"] = replayed.nodes[name]["log_prob"]
+    return frozen
+
+
+def path_log_prob(site) -> torch.Tensor:
+    """The site's scaled ``log q(z)`` in value, carrying only the path derivative (see
+    :func:`attach_score_only_log_probs`)."""
+    score_only = site["score_only_log_prob"]
+    return site["log_prob"] - score_only + score_only.detach()

@@ -13,8 +13,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import pyro.distributions as dist
+import torch
 from pyro.infer import ELBO
 from torch import Tensor
+
+from bayes_router.dirichlet import SAMPLING_DTYPE
 
 
 class Estimator(ABC):
@@ -32,20 +35,35 @@ class Estimator(ABC):
         (single-sample, standard) ELBO.
     :cvar str reference: the paper the estimator comes from.
     :cvar int min_particles: the fewest particles the estimator is defined for.
+    :cvar bool pathwise: whether the gradient flows through the sampled values (every
+        reparameterised estimator). Pathwise gradients are biased when the likelihood is a
+        discontinuous function of the sample, as under training-time gating
+        (:func:`~bayes_router.inference.train.gated_training_bias`).
     """
 
     name: str = ""
     unbiased: bool = True
     reference: str = ""
     min_particles: int = 1
+    pathwise: bool = True
 
     def dirichlet(self, concentration: Tensor) -> dist.TorchDistribution:
         """The Dirichlet distribution the guide must use for its routing-weight sites.
+
+        The concentration is cast to :data:`~bayes_router.dirichlet.SAMPLING_DTYPE`
+        (``float64``; the cast is differentiable), so samples and log-densities are
+        ``float64`` whatever the model's dtype; cast the sample back where it enters a
+        ``float32`` network.
 
         :param concentration: ``(..., K)`` positive concentration.
         :returns: a distribution over the simplex of the last dimension, with batch shape
             ``concentration.shape[:-1]``.
         """
+        return self.family(torch.as_tensor(concentration).to(SAMPLING_DTYPE))
+
+    def family(self, concentration: Tensor) -> dist.TorchDistribution:
+        """The estimator's Dirichlet class at ``concentration`` (no dtype change); subclasses
+        with their own sampler override this, not :meth:`dirichlet`."""
         return dist.Dirichlet(concentration)
 
     def site_infer(self) -> dict:

@@ -11,13 +11,15 @@ import math
 
 import torch
 from pyro import poutine
-from pyro.distributions.util import scale_and_mask
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
-from bayes_router.inference.estimators._util import detach_parameters
+from bayes_router.inference.estimators._util import (
+    attach_score_only_log_probs,
+    path_log_prob,
+)
 from bayes_router.inference.estimators.base import Estimator
 from bayes_router.inference.estimators.iwae import (
     BoundSurrogateMixin,
@@ -27,28 +29,49 @@ from bayes_router.inference.estimators.iwae import (
 )
 
 
-def _with_detached_values(trace):
-    """A copy of ``trace`` whose sample values are detached (for replaying the model)."""
-    frozen = trace.copy()
-    for name, site in trace.nodes.items():
-        if site["type"] == "sample" and torch.is_tensor(site["value"]):
-            frozen.nodes[name] = {**site, "value": site["value"].detach()}
-    return frozen
+def _kl_scale(guide_trace, scale: float) -> float:
+    """The common factor ``lambda`` of the guide's log-densities in the log-weights (the KL
+    scale: annealing or a KL weight), with the shared plates' subsampling factor divided out.
+
+    :raises ValueError: if guide sites carry different factors (the doubly-reparameterised
+        weights below need one ``lambda``).
+    """
+    factors = []
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample":
+            factor = torch.as_tensor(site["scale"])
+            if factor.numel() != 1:
+                raise ValueError(f"DReG needs one scale per guide site; site {name!r} has "
+                                 f"{factor.numel()}")
+            factors.append(float(factor) / scale)
+    if not factors:
+        return 1.0
+    if max(factors) - min(factors) > 1e-9 * max(1.0, abs(max(factors))):
+        raise ValueError(f"DReG needs the same KL scale on every guide site, got {factors}")
+    return factors[0]
 
 
 class DReG_ELBO(BoundSurrogateMixin, ELBO):
     """The importance-weighted bound with the doubly-reparameterised gradient estimator.
 
-    With self-normalised weights ``wt_k = w_k / sum_j w_j`` of ``log w_k = log p(x, z_k) -
-    log q(z_k)``, the surrogate is::
+    With self-normalised weights ``wt_k = w_k / sum_j w_j`` of ``log w_k = log p(y | z_k) +
+    lambda (log p(z_k) - log q(z_k))`` (``lambda``: the KL scale, 1 for the bound itself) and
+    ``c_k = (1 - lambda) wt_k + lambda wt_k^2``, the surrogate is::
 
-        sum_k sg(wt_k^2) [log p(x, z_k) - log q_sg(z_k)] + sum_k sg(wt_k - wt_k^2) log p(x, sg(z_k))
+        sum_k sg(c_k) [log p(x, z_k) - log q_path(z_k)] + sum_k sg(wt_k - c_k) log p(x, sg(z_k))
 
-    where ``q_sg`` is the guide's distribution with detached parameters and ``sg(z_k)`` a
-    detached sample. The first sum gives the guide parameters the DReG gradient
-    ``sum_k wt_k^2 d log w_k / dz_k dz_k / dphi`` (no score terms); model parameters receive
-    ``wt_k^2 + (wt_k - wt_k^2) = wt_k`` times ``grad log p``, the ordinary IWAE gradient. The
-    second sum needs the model replayed once more against the detached guide trace. As in
+    where ``log q_path`` carries only the path derivative of ``log q`` (through every sample,
+    including a later site's dependence on earlier samples; see
+    :func:`~bayes_router.inference.estimators._util.attach_score_only_log_probs`) and
+    ``sg(z_k)`` a detached sample. The IWAE gradient's score term is ``-lambda sum_k wt_k
+    d log q(z_k) / dphi`` at fixed samples; reparameterising ``E[wt_k d log q(z_k) / dphi] =
+    E[d wt_k / dz_k dz_k / dphi]`` with ``d wt_k / d log w_k = wt_k - wt_k^2`` turns it into
+    ``-lambda (wt_k - wt_k^2)`` times the path derivative of ``log w_k``, hence ``c_k``: the
+    first sum gives the guide parameters ``sum_k c_k d log w_k / dz_k dz_k / dphi`` (no score
+    terms; ``c_k = wt_k^2`` at ``lambda = 1``); model parameters receive ``c_k + (wt_k - c_k)
+    = wt_k`` times ``grad log p``, the ordinary IWAE gradient. The second sum needs the model
+    replayed against the detached guide trace (a memoising pair reuses the guide replay that
+    computes the score-only term). As in
     :class:`~bayes_router.inference.estimators.iwae.IWAE_ELBO`, log-weights are formed per
     element of the plates that every site shares, and a subsampled shared plate's factor scales
     the bound, not the log-weights. All guide sites must be reparameterised.
@@ -70,22 +93,21 @@ class DReG_ELBO(BoundSurrogateMixin, ELBO):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs)
-        frozen_model_trace = poutine.trace(
-            poutine.replay(model, trace=_with_detached_values(guide_trace))
-        ).get_trace(*args, **kwargs)
         if is_validation_enabled():
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
             check_if_enumerated(guide_trace)
         guide_trace = prune_subsample_sites(guide_trace)
         model_trace = prune_subsample_sites(model_trace)
-        frozen_model_trace = prune_subsample_sites(frozen_model_trace)
-        model_trace.compute_log_prob()
-        frozen_model_trace.compute_log_prob()
         guide_trace.compute_score_parts()
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample" and not site["fn"].has_rsample:
                 raise ValueError(f"DReG does not apply to the non-reparameterised guide site "
                                  f"{name!r} ({type(site['fn']).__name__})")
+        frozen = attach_score_only_log_probs(guide, guide_trace, args, kwargs)
+        frozen_model_trace = prune_subsample_sites(poutine.trace(
+            poutine.replay(model, trace=frozen)).get_trace(*args, **kwargs))
+        model_trace.compute_log_prob()
+        frozen_model_trace.compute_log_prob()
         if is_validation_enabled():
             for trace in (model_trace, guide_trace):
                 for site in trace.nodes.values():
@@ -94,8 +116,8 @@ class DReG_ELBO(BoundSurrogateMixin, ELBO):
         return model_trace, guide_trace, frozen_model_trace
 
     def _particle_terms(self, model_trace, guide_trace, frozen_model_trace):
-        """Log-weights (detached), path log-weights, ``log p(x, sg(z))`` and the subsampling
-        factor of one trace (see :func:`.iwae.importance_plates`)."""
+        """Log-weights (detached), path log-weights, ``log p(x, sg(z))``, the subsampling
+        factor of one trace (see :func:`.iwae.importance_plates`) and the KL scale."""
         sum_dims, scale = importance_plates(model_trace)
         log_weight, path_log_weight, frozen_log_joint = 0.0, 0.0, 0.0
         for site in model_trace.nodes.values():
@@ -111,16 +133,14 @@ class DReG_ELBO(BoundSurrogateMixin, ELBO):
             if site["type"] == "sample":
                 log_weight = log_weight - log_weight_term(site["log_prob"], sum_dims,
                                                           scale).detach()
-                path_log_prob = detach_parameters(site["fn"]).log_prob(site["value"])
-                path_log_prob = scale_and_mask(path_log_prob, site["scale"], site["mask"])
-                path_log_weight = path_log_weight - log_weight_term(path_log_prob, sum_dims,
-                                                                    scale)
-        return log_weight, path_log_weight, frozen_log_joint, scale
+                path_log_weight = path_log_weight - log_weight_term(path_log_prob(site),
+                                                                    sum_dims, scale)
+        return log_weight, path_log_weight, frozen_log_joint, scale, _kl_scale(guide_trace, scale)
 
     def _bound_and_surrogate(self, model, guide, args, kwargs):
         terms = [self._particle_terms(*traces)
                  for traces in self._get_traces(model, guide, args, kwargs)]
-        scale = terms[0][3]
+        scale, kl_scale = terms[0][3], terms[0][4]
         if self.vectorize_particles:
             log_weight, path_log_weight, frozen_log_joint = (
                 particles_first(terms[0][i], self.num_particles, self.max_plate_nesting)
@@ -131,8 +151,9 @@ class DReG_ELBO(BoundSurrogateMixin, ELBO):
                 for i in range(3))
         weight = torch.softmax(log_weight, dim=0)  # (num_particles, ...) normalised weights
         bound = scale * (torch.logsumexp(log_weight, dim=0) - math.log(self.num_particles)).sum()
-        surrogate = scale * ((weight**2 * path_log_weight).sum()
-                             + ((weight - weight**2) * frozen_log_joint).sum())
+        path_weight = (1.0 - kl_scale) * weight + kl_scale * weight**2
+        surrogate = scale * ((path_weight * path_log_weight).sum()
+                             + ((weight - path_weight) * frozen_log_joint).sum())
         return bound, surrogate
 
 

@@ -52,7 +52,7 @@ class NaiveGamma(Estimator):
     reference = ("Figurnov, Mohamed, Mnih (2018), Implicit Reparameterization Gradients "
                  "(Gamma); Dirichlet as normalised Gammas")
 
-    def dirichlet(self, concentration: Tensor) -> NormalisedGammaDirichlet:
+    def family(self, concentration: Tensor) -> NormalisedGammaDirichlet:
         return NormalisedGammaDirichlet(concentration)
 
     def make_elbo(self, num_particles: int = 1, vectorize_particles: bool = True,

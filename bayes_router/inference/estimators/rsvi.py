@@ -176,7 +176,7 @@ class RSVI(Estimator):
         self.score_correction = bool(score_correction)
         self.unbiased = self.score_correction
 
-    def dirichlet(self, concentration: Tensor) -> RSVIDirichlet:
+    def family(self, concentration: Tensor) -> RSVIDirichlet:
         return RSVIDirichlet(concentration, boost=self.boost,
                              score_correction=self.score_correction)
 

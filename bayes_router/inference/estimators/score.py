@@ -46,12 +46,13 @@ class ScoreFunction(Estimator):
         Learning`, Ronald J. Williams (Machine Learning, 1992)
     """
 
+    pathwise = False
     name = "score"
     unbiased = True
     reference = ("Ranganath, Gerrish, Blei (2014), Black Box Variational Inference; Williams "
                  "(1992), Simple Statistical Gradient-Following Algorithms")
 
-    def dirichlet(self, concentration: Tensor) -> ScoreFunctionDirichlet:
+    def family(self, concentration: Tensor) -> ScoreFunctionDirichlet:
         return ScoreFunctionDirichlet(concentration)
 
     def make_elbo(self, num_particles: int = 1, vectorize_particles: bool = True,

@@ -33,6 +33,7 @@ class ScoreBaseline(Estimator):
         Rajesh Ranganath, Sean Gerrish, David M. Blei (AISTATS 2014)
     """
 
+    pathwise = False
     name = "score-baseline"
     unbiased = True
     reference = ("Schulman, Heess, Weber, Abbeel (2015), Gradient Estimation Using Stochastic "
@@ -44,7 +45,7 @@ class ScoreBaseline(Estimator):
             raise ValueError(f"baseline_beta must be in [0, 1), got {baseline_beta}")
         self.baseline_beta = float(baseline_beta)
 
-    def dirichlet(self, concentration: Tensor) -> ScoreFunctionDirichlet:
+    def family(self, concentration: Tensor) -> ScoreFunctionDirichlet:
         return ScoreFunctionDirichlet(concentration)
 
     def site_infer(self) -> dict:

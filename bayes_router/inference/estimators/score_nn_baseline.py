@@ -119,6 +119,7 @@ class ScoreNNBaseline(Estimator):
         John Schulman, Nicolas Heess, Theophane Weber, Pieter Abbeel (NeurIPS 2015)
     """
 
+    pathwise = False
     name = "score-nn-baseline"
     unbiased = True
     reference = ("Mnih, Gregor (2014), Neural Variational Inference and Learning in Belief "
@@ -132,7 +133,7 @@ class ScoreNNBaseline(Estimator):
         self.hidden = int(hidden)
         self.baseline_beta = float(baseline_beta)
 
-    def dirichlet(self, concentration: Tensor) -> ScoreFunctionDirichlet:
+    def family(self, concentration: Tensor) -> ScoreFunctionDirichlet:
         return ScoreFunctionDirichlet(concentration)
 
     def make_elbo(self, num_particles: int = 1, vectorize_particles: bool = True,

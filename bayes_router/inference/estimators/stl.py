@@ -6,36 +6,41 @@ Estimators for Variational Inference*. Unbiased for the ELBO (not for reweighted
 
 from __future__ import annotations
 
-from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO
 
-from bayes_router.inference.estimators._util import detach_parameters
+from bayes_router.inference.estimators._util import (
+    attach_score_only_log_probs,
+    is_reparameterised_site,
+)
 from bayes_router.inference.estimators.base import Estimator
 
 
 class TraceSTL_ELBO(Trace_ELBO):
     """``Trace_ELBO`` whose reparameterised guide sites contribute only their path derivative.
 
-    The total derivative of ``log q_phi(z_phi)`` splits into a path term,
-    ``d log q / dz * dz / dphi``, and a score term, ``d log q / dphi`` at fixed ``z``, whose
-    expectation is zero. For every fully reparameterised guide site the surrogate uses
-    ``log q`` evaluated at the sampled value with the distribution's parameters detached (a
-    copy of the distribution, ``Independent`` and other wrappers included), so the gradient
-    keeps the path through the value and drops the score term. The loss value is unchanged;
-    non-reparameterised sites are handled as by ``Trace_ELBO``.
+    The total derivative of ``log q_phi(z_phi)`` splits into a path term, through every
+    sampled value, and a score term, ``d log q / dphi`` with all samples held fixed, whose
+    expectation is zero. The score term is computed by replaying the guide on the detached
+    samples (:func:`~bayes_router.inference.estimators._util.attach_score_only_log_probs`), and
+    the surrogate subtracts it. This keeps the dependence of a later site's ``log q(z_l |
+    z_<l)`` on earlier samples, which detaching each site's parameters would cut: on an
+    autoregressive guide (the routed LM's, where layer ``l``'s concentration depends on the
+    samples of the layers below) that cut leaves the estimator unbiased but with non-zero
+    variance at the exact posterior. The replay costs one extra guide pass per step. The loss
+    value is unchanged; non-reparameterised sites are handled as by ``Trace_ELBO``.
     """
+
+    def _get_trace(self, model, guide, args, kwargs):
+        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+        attach_score_only_log_probs(guide, guide_trace, args, kwargs)
+        return model_trace, guide_trace
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         loss, surrogate_loss = super()._differentiable_loss_particle(model_trace, guide_trace)
         for site in guide_trace.nodes.values():
-            if site["type"] != "sample":
-                continue
-            _, score_function_term, entropy_term = site["score_parts"]
-            if is_identically_zero(entropy_term) or not is_identically_zero(score_function_term):
-                continue
-            path_log_prob = detach_parameters(site["fn"]).log_prob(site["value"])
-            path_log_prob = scale_and_mask(path_log_prob, site["scale"], site["mask"])
-            surrogate_loss = surrogate_loss - (entropy_term - path_log_prob).sum()
+            if site["type"] == "sample" and is_reparameterised_site(site):
+                score_only = site["score_only_log_prob"]
+                surrogate_loss = surrogate_loss - (score_only - score_only.detach()).sum()
         return loss, surrogate_loss
 
 
@@ -45,7 +50,9 @@ class StickingTheLanding(Estimator):
     Uses ``torch``'s implicitly reparameterised Dirichlet sampler and
     :class:`TraceSTL_ELBO`. Unbiased, since the dropped term has expectation zero; its variance
     vanishes where the guide equals the exact posterior (then ``log p(x, z) - log q(z)`` is
-    constant in ``z``), which is why it "sticks the landing".
+    constant in ``z``), which is why it "sticks the landing"; this holds for autoregressive
+    guides too, since the path derivative keeps ``log q(z_l | z_<l)``'s dependence on the
+    earlier samples (checked on a two-site toy whose guide family holds the posterior).
 
     .. warning:: The dropped term is zero in expectation only for the ELBO itself. Combined with
         objectives that reweight samples (importance-weighted bounds) the estimator is biased;
