@@ -132,3 +132,54 @@ def test_bad_statistics_and_means_are_rejected():
         fit_precision(expected_log_alpha(PI), PI, init=-1.0)
     with pytest.raises(ValueError, match="concentration"):
         expected_log_alpha(torch.tensor([1.0, 0.0]))
+
+
+# -- committed (near one-hot) Dirichlets: components of very different sizes ------------------
+
+COMMITTED = [(50.0, 0.05, 0.05), (50.0, 0.05), (0.05, 100.0), (1e-3, 1e3), (1e-4, 1e-4, 1e-4),
+             (1e4, 2e4, 1e4)]
+
+
+@pytest.mark.parametrize("true", COMMITTED, ids=str)
+def test_fit_dirichlet_recovers_committed_dirichlets(true):
+    """Exact sufficient statistics E[log alpha] = psi(a) - psi(a0) of Dir(true): the maximiser
+    is ``true`` itself (the Dirichlet MLE from its own expected statistics)."""
+    true = torch.tensor(true, dtype=torch.float64)
+    fit = fit_dirichlet(expected_log_alpha(true))
+    assert fit.converged and fit.message == "" and fit.n_iter < 100
+    torch.testing.assert_close(fit.concentration, true, rtol=1e-6, atol=0.0)
+    assert fit.objective == pytest.approx(
+        float(torch.lgamma(true.sum()) - torch.lgamma(true).sum()
+              + ((true - 1) * expected_log_alpha(true)).sum()), rel=1e-9)
+
+
+def test_minka_m_step_reports_the_convergence_of_every_fit():
+    from bayes_router.inference.empirical_bayes import fit_beta0_minka
+
+    committed = torch.tensor([[50.0, 0.05, 0.05]], dtype=torch.float64).expand(10, 3)
+    result = fit_beta0_minka([committed, 2 * PI.expand(5, 3)], PI, update_pi=True)
+    assert result["full_precision"][0] == pytest.approx(50.1, rel=1e-6)
+    assert result["full_precision"][1] == pytest.approx(2.0, rel=1e-6)
+    assert result["full_converged"] == [True, True] and result["full_message"] == ["", ""]
+    assert len(result["converged"]) == len(result["message"]) == 2
+
+
+def test_fit_dirichlet_iteration_cap_is_reported(caplog):
+    with caplog.at_level(logging.WARNING):
+        fit = fit_dirichlet(expected_log_alpha(torch.tensor([50.0, 0.05, 0.05])), max_iter=2)
+    assert not fit.converged and "no convergence in 2 iterations" in fit.message
+    assert "fit_dirichlet" in caplog.text
+    assert torch.isfinite(fit.concentration).all() and bool((fit.concentration > 0).all())
+
+
+def test_underflow_clamping_at_small_precision_is_called_unreliable(caplog):
+    """At s = 0.01 a fraction of float64 draws underflows and the estimate is far off: the
+    warning must say so instead of calling the clamp negligible."""
+    generator = torch.Generator().manual_seed(0)
+    gammas = torch._standard_gamma((0.01 * PI).expand(20_000, 3), generator=generator)
+    samples = gammas / gammas.sum(-1, keepdim=True)
+    with caplog.at_level(logging.WARNING):
+        result = fit_precision_from_samples(samples, PI)
+    assert bool((samples <= torch.finfo(torch.float64).tiny).any())
+    assert "unreliable" in caplog.text
+    assert result.precision > 1.05 * 0.01  # the documented upward bias is real
