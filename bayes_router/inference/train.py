@@ -165,9 +165,10 @@ def gated_training_bias(train_cfg: TrainConfig) -> str | None:
     the threshold, so the likelihood jumps where a sample crosses the threshold. The objective
     stays an ELBO (gating is a deterministic function of the sample, the same in model and
     guide), but a pathwise gradient differentiates the integrand sample by sample and misses
-    the jumps: measured on a two-expert toy with the gate at 0.6, every pathwise estimator is
-    24 % off the exact gradient (|z| 90-250), while the score-function estimators, which never
-    differentiate the likelihood, stay unbiased (``tests/inference/test_gated_gradient.py``).
+    the jumps. On the two-expert toy of ``tests/inference/test_gated_gradient.py`` (gate at
+    0.6) the exact gradient is (-0.030, 0.272) and every pathwise estimator averages about
+    (-0.27, 0.23) over 20k draws (|z| 6-75), while the score-function estimators, which never
+    differentiate the likelihood, stay unbiased (``score-baseline``: (-0.029, 0.245)).
     The toolkit keeps the discontinuous gate (it is the paper's soft-to-hard transition and
     keeps the objective an ELBO) and says so: :func:`train` logs this message and run
     directories record it as ``gradient_bias``.

@@ -30,6 +30,7 @@ def test_train_run_writes_every_output(run_dir):
     assert metrics["steps"] == 4 and metrics["hard"]["projected_flop_cost"] > 0
     config = json.loads((run_dir / "config.json").read_text())
     assert config["train"]["steps"] == 4 and config["versions"]["torch"]
+    assert config["gradient_bias"] is None and metrics["gradient_bias"] is None  # no gating
 
 
 def test_train_run_refuses_to_overwrite(run_dir):
