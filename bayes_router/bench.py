@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from bayes_router.inference.timing import svi_step_times
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.experts import NAIVE_TWINS, build_expert, cost_vector, expert_flops
 from bayes_router.models.router import RoutedAttention
@@ -365,8 +366,6 @@ def run_benchmark(out_dir: str | os.PathLike,
 
 def _bench_svi_step(spec: dict, repeats: int, warmup: int, seed: int) -> dict:
     """One Bayesian SVI step (one-pass and naive two-pass) against one prior-free step."""
-    from bayes_router.inference.timing import svi_step_times
-
     batch_size = spec.pop("batch_size", 16)
     cfg = TinyLMConfig(**spec)
     timing = svi_step_times(cfg, batch_size=batch_size, repeats=repeats, warmup=warmup,

@@ -447,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     fn, _, _ = COMMANDS[args.command]
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: the library never picks a backend itself
     if args.threads is not None:
         if args.threads < 1:
             print("bayes-router: error: --threads must be >= 1", file=sys.stderr)
@@ -456,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_threads(1)
     try:
         return fn(args)
-    except (ValueError, TypeError) as error:
+    except ValueError as error:  # usage errors; a TypeError is a bug and keeps its traceback
         print(f"bayes-router {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,4 +1,9 @@
-"""Metrics, uncertainty decomposition, calibration diagnostics and plots of routed models."""
+"""Metrics, uncertainty decomposition, calibration diagnostics and plots of routed models.
+
+The routing metrics and the uncertainty decomposition are defined in the leaf layer
+(:mod:`bayes_router.core`) and re-exported here with the calibration metrics, diagnostics and
+plots.
+"""
 
 from bayes_router.analysis.diagnostics import (
     auroc,
@@ -14,14 +19,10 @@ from bayes_router.analysis.metrics import (
     bootstrap_ci,
     brier_score,
     expected_calibration_error,
-    expected_flop_cost,
-    expert_share,
     maximum_calibration_error,
     negative_log_likelihood,
-    projected_flop_cost,
     reliability_curve,
     reliability_curve_from_confidence,
-    routing_entropy,
 )
 from bayes_router.analysis.plots import (
     plot_beta0_sensitivity,
@@ -32,13 +33,19 @@ from bayes_router.analysis.plots import (
     plot_uncertainty_strip,
     plot_uncertainty_vs_damage,
 )
-from bayes_router.analysis.uncertainty import (
+from bayes_router.core.dirichlet import (
     RoutingUncertainty,
     aleatoric_uncertainty,
     epistemic_uncertainty,
     routing_uncertainty,
     total_concentration,
     total_uncertainty,
+)
+from bayes_router.core.routing import (
+    expected_flop_cost,
+    expert_share,
+    projected_flop_cost,
+    routing_entropy,
 )
 
 __all__ = [

@@ -20,7 +20,7 @@ import torch
 from scipy.stats import rankdata
 from torch import Tensor
 
-from bayes_router.analysis._checks import (
+from bayes_router.core.arrays import (
     check_n_bins,
     check_same_length,
     equal_mass_bin_index,

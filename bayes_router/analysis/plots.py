@@ -16,9 +16,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 
-from bayes_router.analysis._checks import check_same_length, check_simplex, float_array
 from bayes_router.analysis.diagnostics import mean_by_uncertainty_bin
-from bayes_router.analysis.metrics import ReliabilityCurve, expert_share, reliability_curve
+from bayes_router.analysis.metrics import ReliabilityCurve, reliability_curve
+from bayes_router.core.arrays import check_same_length, check_simplex, float_array
+from bayes_router.core.routing import expert_share
 
 DEFAULT_EXPERT_NAMES = ("full", "linear", "local")
 _SIMPLEX_VERTICES = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3.0) / 2.0]])  # (3, 2)

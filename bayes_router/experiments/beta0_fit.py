@@ -8,18 +8,23 @@ import logging
 import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import pyro
 import torch
 from torch import Tensor
 
+from bayes_router.core.dirichlet import dirichlet_kl_to_prior
+from bayes_router.experiments.runs import check_run_dir, load_data, versions, write_json
 from bayes_router.inference.empirical_bayes import (
     METHODS,
     SETTLED_LOG_DRIFT,
-    dirichlet_kl_to_prior,
     fit_beta0_minka,
     fit_beta0_svi,
     guide_concentrations,
     prior_mean,
 )
+from bayes_router.inference.train import load_trained
+from bayes_router.models.bayesian import BayesianRoutedLM
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +82,6 @@ def fit_beta0_run(run_dir, method: str = "both", out_dir=None, *, svi_steps: int
 
     :returns: the content of ``beta0.json``.
     """
-    import pyro
-
-    from bayes_router.experiments.runs import check_run_dir, load_data, versions, write_json
-    from bayes_router.inference.train import load_trained
-    from bayes_router.models.bayesian import BayesianRoutedLM
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -172,8 +172,6 @@ _ESTIMATE_STYLE = {"run": ("grey", "-"), "svi": ("tab:blue", "--"),
 def plot_beta0_fit(result: dict, path) -> None:
     """Per layer, the held-out ``-KL`` per token against ``beta0`` (the part of the held-out
     ELBO that ``beta0`` moves, guide fixed) with every estimate marked; and the SVI trace."""
-    import matplotlib.pyplot as plt
-
     layers = len(result["run_prior"])
     trace = result["estimates"].get("svi", {}).get("trace")
     ncols = layers + (1 if trace else 0)

@@ -10,6 +10,7 @@ over seeds: "held" when the 95 % CI of the difference lies on the claimed side o
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from bayes_router.experiments.report import report_runs
 from bayes_router.experiments.runs import load_data, train_run, versions, write_json
 from bayes_router.inference.train import TrainConfig
 from bayes_router.models.config import TinyLMConfig
@@ -133,7 +135,6 @@ def run_phase1(out_dir: Path, seeds: int = 3, steps: int = 300,
     data = load_data(base_train, model_cfg or default_model_config())  # the model's window
     model_cfg = model_cfg or default_model_config(data.vocab_size)
     runs: dict[str, list[dict]] = {"bayesian": [], "prior-free": []}
-    import json
 
     for seed in range(seeds):
         for router in runs:
@@ -159,8 +160,6 @@ def run_phase1(out_dir: Path, seeds: int = 3, steps: int = 300,
               "claims": claims(table, margin), "versions": versions(),
               "runs": {r: [f"{r}-seed{s}" for s in range(seeds)] for r in runs}}
     if report:
-        from bayes_router.experiments.report import report_runs
-
         run_dirs = [out_dir / name for names in result["runs"].values() for name in names]
         report_runs(run_dirs, out_dir=out_dir / "comparison", progress=progress)
         result["comparison"] = "comparison/comparison.md"

@@ -9,7 +9,7 @@ On the validation split of a run directory (see :mod:`~bayes_router.experiments.
   15 equal-mass bins, MCE, multiclass Brier score and NLL, each with a percentile-bootstrap
   interval that resamples whole windows (the tokens of one window are not independent);
 - **routing uncertainty** per token and layer from the guide's Dirichlet concentration (total,
-  aleatoric, epistemic, concentration; see :mod:`~bayes_router.analysis.uncertainty`); the
+  aleatoric, epistemic, concentration; see :mod:`~bayes_router.core.dirichlet`); the
   prior-free router has only the entropy of its softmax weights;
 - **damage** of hard routing per token, ``KL(soft predictive || hard predictive)`` on the same
   windows, and how well each uncertainty measure predicts it and the NLL
@@ -60,6 +60,7 @@ from bayes_router.analysis import (
     routing_uncertainty,
     uncertainty_diagnostics,
 )
+from bayes_router.core.dirichlet import normalised_entropy
 from bayes_router.data.synthetic import ORACLE_LABELS
 from bayes_router.experiments.runs import (
     EVAL_BATCHES,
@@ -70,7 +71,7 @@ from bayes_router.experiments.runs import (
 )
 from bayes_router.inference.evaluate import routing_metrics
 from bayes_router.inference.train import load_trained
-from bayes_router.models.bayesian import BayesianRoutedLM, normalised_entropy
+from bayes_router.models.bayesian import BayesianRoutedLM
 
 logger = logging.getLogger(__name__)
 

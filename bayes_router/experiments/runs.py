@@ -13,24 +13,25 @@ import math
 import platform
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pyro
 import torch
 
+import bayes_router
+from bayes_router.analysis.plots import plot_expert_share
+from bayes_router.data import corpus_statistics, load_corpus
 from bayes_router.data.tokens import TokenData, token_data
 from bayes_router.inference.evaluate import evaluate, timed_forward
 from bayes_router.inference.train import (
     CHECKPOINT_NAME,
     TrainConfig,
+    TrainingDiverged,
     gated_training_bias,
     load_trained,
     train,
 )
 from bayes_router.models.config import TinyLMConfig
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ EVAL_BATCHES = 32
 
 def versions() -> dict:
     """Versions of the libraries a result depends on."""
-    import bayes_router
-
     return {"python": platform.python_version(), "torch": torch.__version__,
             "pyro": pyro.__version__, "numpy": np.__version__,
             "bayes_router": getattr(bayes_router, "__version__", "unknown"),
@@ -121,8 +120,6 @@ def train_run(model_cfg: TinyLMConfig, train_cfg: TrainConfig, out_dir: Path,
     :raises ValueError: if ``out_dir`` already holds a run and ``resume`` is false (nothing is
         overwritten).
     """
-    from bayes_router.inference.train import TrainingDiverged
-
     out_dir = Path(out_dir)
     if (out_dir / CHECKPOINT_NAME).exists() and not resume:
         raise ValueError(f"{out_dir} already holds a run; pass resume=True (--resume) to "
@@ -175,8 +172,6 @@ def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None
 
 
 def _evaluation_report(run_dir: Path, metrics: dict, mode: str, split: str, experts) -> None:
-    from bayes_router.analysis.plots import plot_expert_share
-
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     plot_expert_share(np.asarray(metrics["expert_share"]), ax=ax, expert_names=experts)
     ax.set_title(f"expert share ({mode} routing)")
@@ -200,8 +195,6 @@ def _evaluation_report(run_dir: Path, metrics: dict, mode: str, split: str, expe
 
 def corpus_report(spec: str, out_dir: Path, max_chars: int | None = None) -> dict:
     """Statistics of a corpus into ``out_dir``: ``data.json``, ``data.png``, ``report.md``."""
-    from bayes_router.data import corpus_statistics, load_corpus
-
     stats = corpus_statistics(load_corpus(spec, max_chars=max_chars), top_k=30)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

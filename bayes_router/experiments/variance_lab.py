@@ -10,11 +10,16 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pyro
 import torch
 
+from bayes_router.analysis.plots import plot_estimator_bars
+from bayes_router.data.tokens import token_data
+from bayes_router.experiments.runs import check_run_dir, load_data, versions, write_json
 from bayes_router.inference.estimators import estimator_names
+from bayes_router.inference.train import CHECKPOINT_NAME, TrainConfig, load_trained
 from bayes_router.inference.variance import (
     DEFAULT_PARTICLE_ESTIMATORS,
     DEFAULT_SWEEP_ESTIMATORS,
@@ -32,6 +37,7 @@ from bayes_router.inference.variance import (
     variance_vs_particles,
 )
 from bayes_router.models.bayesian import BayesianRoutedLM
+from bayes_router.models.config import TinyLMConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +56,6 @@ def plot_variance_bars(result: dict, group: str, key: str = "total_variance", ax
                        ylabel: str | None = None):
     """Bars of one summary ``key`` per estimator for one parameter ``group`` (log scale).
     Estimators with a non-positive or infinite value are left out of the bars."""
-    from bayes_router.analysis.plots import plot_estimator_bars
-
     names = [n for n, e in result["estimators"].items() if group in e["groups"]]
     values = _positive([result["estimators"][n]["groups"][group][key] for n in names])
     keep = ~np.isnan(values)
@@ -71,8 +75,6 @@ def estimator_color(name: str) -> str:
 
 
 def _plot_sweep(sweep: dict, axis_key: str, group: str, key: str, ax, xlabel: str):
-    import matplotlib.pyplot as plt
-
     if ax is None:
         _, ax = plt.subplots()
     drawn = False
@@ -119,8 +121,6 @@ def _save_panels(path: Path, groups: Sequence[str], draw, keys: Sequence[str] = 
         "total_variance",), title: str = "") -> None:
     """A grid of panels, one row per summary key and one column per group (a single row of keys
     when there is one group)."""
-    import matplotlib.pyplot as plt
-
     cells = ([(key, groups[0]) for key in keys] if len(groups) == 1 else
              [(key, group) for key in keys for group in groups])
     nrows, ncols = (1, len(keys)) if len(groups) == 1 else (len(keys), len(groups))
@@ -186,8 +186,6 @@ def variance_lab(out_dir: Path, *, checkpoint: Path | None = None, toy: bool = F
         (empty: no such sweep).
     :param sweep_draws: ``M`` of the sweeps (default ``min(num_draws, 30)``).
     """
-    from bayes_router.experiments.runs import load_data, versions, write_json
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = check_estimators(estimators)
@@ -205,11 +203,8 @@ def variance_lab(out_dir: Path, *, checkpoint: Path | None = None, toy: bool = F
     if num_particles is not None:
         for name in names:
             particles_for(name, num_particles)
-    from bayes_router.inference.train import load_trained
 
     if checkpoint is not None:
-        from bayes_router.experiments.runs import check_run_dir
-
         run_dir = check_run_dir(Path(checkpoint))
         with pyro.settings.context(module_local_params=True):
             model, model_cfg, train_cfg, payload = load_trained(run_dir)
@@ -261,9 +256,6 @@ def variance_lab(out_dir: Path, *, checkpoint: Path | None = None, toy: bool = F
 
 def _default_configs(train_steps: int, seed: int):
     """The small configuration the lab trains when no checkpoint is given."""
-    from bayes_router.data.tokens import token_data
-    from bayes_router.inference.train import TrainConfig
-    from bayes_router.models.config import TinyLMConfig
 
     if train_steps < 1:
         raise ValueError(f"train_steps must be >= 1, got {train_steps}")
@@ -279,8 +271,6 @@ def _default_configs(train_steps: int, seed: int):
 
 def _train_default_model(model_cfg, train_cfg, data, run_dir: Path, segments, along, names,
                          num_draws, seed, progress) -> dict:
-    from bayes_router.inference.train import CHECKPOINT_NAME
-
     run_dir = Path(run_dir)
     if (run_dir / CHECKPOINT_NAME).exists():
         raise ValueError(f"{run_dir} already holds a checkpoint; choose an empty --out folder")

@@ -1,14 +1,14 @@
 """Inference: the SVI training loop, evaluation, ELBO estimators, the conjugate toy, empirical
 Bayes for beta0, and step timing."""
 
-from bayes_router.inference.empirical_bayes import (
-    expected_log_alpha,
+from bayes_router.core.dirichlet import expected_log_alpha
+from bayes_router.inference.estimators import Estimator, estimator_names, get_estimator
+from bayes_router.inference.evaluate import collect, evaluate, routing_metrics, timed_forward
+from bayes_router.inference.minka import (
     fit_dirichlet,
     fit_precision,
     fit_precision_from_samples,
 )
-from bayes_router.inference.estimators import Estimator, estimator_names, get_estimator
-from bayes_router.inference.evaluate import collect, evaluate, routing_metrics, timed_forward
 from bayes_router.inference.objective import loss_and_surrogate
 from bayes_router.inference.train import (
     CheckpointError,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bayes_router.analysis.metrics import (
+from bayes_router.core.routing import (
     expected_flop_cost,
     expert_share,
     projected_flop_cost,

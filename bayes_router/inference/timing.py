@@ -13,6 +13,7 @@ import numpy as np
 import pyro
 import torch
 
+from bayes_router.inference.estimators import get_estimator
 from bayes_router.inference.objective import loss_and_surrogate
 from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM
 from bayes_router.models.config import TinyLMConfig
@@ -26,15 +27,13 @@ def svi_step_times(cfg: TinyLMConfig, batch_size: int = 16, seq_len: int | None 
     :returns: ``{"bayesian_s", "bayesian_two_pass_s", "prior_free_s", "ratio",
         "two_pass_ratio", ...}`` with ``ratio = bayesian_s / prior_free_s``.
     """
-    from bayes_router.inference.estimators import get_estimator
-
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
     with pyro.settings.context(module_local_params=True):
         torch.manual_seed(seed)
-        bayes = BayesianRoutedLM(cfg, estimator=estimator)
-        two_pass = BayesianRoutedLM(cfg, estimator=estimator)
+        bayes = BayesianRoutedLM(cfg, estimator=get_estimator(estimator))
+        two_pass = BayesianRoutedLM(cfg, estimator=get_estimator(estimator))
         two_pass.load_state_dict(bayes.state_dict())
         two_pass.one_pass = False
         prior_free = PriorFreeRoutedLM(cfg)

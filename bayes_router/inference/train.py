@@ -23,7 +23,8 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from bayes_router.inference.estimators import get_estimator
+from bayes_router.inference.estimators import estimator_names, get_estimator
+from bayes_router.inference.evaluate import evaluate
 from bayes_router.inference.objective import loss_and_surrogate
 from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM, RoutedLM
 from bayes_router.models.config import TinyLMConfig
@@ -102,7 +103,6 @@ class TrainConfig:
             object.__setattr__(self, "beta0", tuple(self.beta0))
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
-        from bayes_router.inference.estimators import estimator_names
 
         if self.estimator not in estimator_names():
             raise ValueError(f"estimator must be one of {estimator_names()}, got "
@@ -188,7 +188,8 @@ def build_routed_lm(model_cfg: TinyLMConfig, train_cfg: TrainConfig) -> RoutedLM
     """The routed LM that ``train_cfg.router`` names, with its prior or temperature."""
     if train_cfg.router == "bayesian":
         return BayesianRoutedLM(model_cfg, beta0=train_cfg.beta0, eta=train_cfg.eta,
-                                a_min=train_cfg.a_min, estimator=train_cfg.estimator,
+                                a_min=train_cfg.a_min,
+                                estimator=get_estimator(train_cfg.estimator),
                                 beta0_init=train_cfg.beta0_init)
     return PriorFreeRoutedLM(model_cfg, tau=train_cfg.tau)
 
@@ -280,8 +281,6 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data, out_dir: Path |
     :param max_steps: stop after this step even if ``train_cfg.steps`` is larger (used to
         interrupt a run in tests; the schedules still follow ``train_cfg.steps``).
     """
-    from bayes_router.inference.evaluate import evaluate
-
     if data.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"the corpus has {data.vocab_size} token ids but vocab_size is "
                          f"{model_cfg.vocab_size}")

@@ -42,11 +42,15 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
+from pyro.infer import TraceGraph_ELBO
+from scipy.stats import chi2
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from bayes_router.inference.estimators import estimator_names, get_estimator
 from bayes_router.inference.objective import loss_and_surrogate
+from bayes_router.inference.toy import gradient_draws, toy_elbo_grad
+from bayes_router.inference.train import CHECKPOINT_NAME, build_routed_lm, train
 from bayes_router.models.bayesian import BayesianRoutedLM
 
 logger = logging.getLogger(__name__)
@@ -204,11 +208,6 @@ def particles_for(name: str, num_particles: int | None) -> int:
     return estimator.check_num_particles(particles)  # clear error, e.g. dreg with 1 particle
 
 
-def current_beta0(model: BayesianRoutedLM) -> Tensor:
-    """The model's prior concentration per layer ``(L,)``, detached."""
-    return (model.beta0 if model.learn_beta0 else model.beta0_fixed).detach().clone()
-
-
 def lab_model(model: BayesianRoutedLM, estimator=None, beta0: float | Sequence[float] | None = None
               ) -> BayesianRoutedLM:
     """A copy of ``model`` whose ``beta0`` is a learned parameter, so that it has a gradient.
@@ -220,20 +219,9 @@ def lab_model(model: BayesianRoutedLM, estimator=None, beta0: float | Sequence[f
     if not isinstance(model, BayesianRoutedLM):
         raise TypeError("the gradient-variance lab needs a BayesianRoutedLM: the prior-free "
                         f"router has no routing latents (got {type(model).__name__})")
-    estimator = model.estimator if estimator is None else get_estimator(estimator)
-    values = current_beta0(model) if beta0 is None else torch.as_tensor(
-        beta0, dtype=torch.float32).expand(model.cfg.n_layers).clone()
-    if not bool((values > 0).all()):
-        raise ValueError(f"beta0 must be > 0, got {values.tolist()}")
+    estimator = None if estimator is None else get_estimator(estimator)
     with pyro.settings.context(module_local_params=True):
-        lab = BayesianRoutedLM(model.cfg, beta0="learn", eta=model.eta, a_min=model.a_min,
-                               estimator=estimator, costs=model.costs)
-        state = {k: v for k, v in model.state_dict().items()
-                 if k not in ("beta0_fixed", "beta0_unconstrained")}
-        state["beta0_unconstrained"] = values.log()
-        lab.load_state_dict(state)
-    lab.one_pass = model.one_pass
-    return lab
+        return model.with_learned_beta0(beta0, estimator)
 
 
 def parameter_groups(model: BayesianRoutedLM) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
@@ -254,8 +242,6 @@ def parameter_groups(model: BayesianRoutedLM) -> dict[str, list[tuple[str, torch
 
 
 def _is_tracegraph(elbo) -> bool:
-    from pyro.infer import TraceGraph_ELBO
-
     return isinstance(elbo, TraceGraph_ELBO)
 
 
@@ -359,7 +345,7 @@ def gradient_variance(model: BayesianRoutedLM, x: Tensor, y: Tensor, *,
     add_relative(results)
     return {"estimators": results, "reference": REFERENCE, "num_draws": num_draws,
             "batch_shape": list(x.shape), "dataset_size": dataset_size,
-            "beta0": current_beta0(model).tolist() if beta0 is None else beta0}
+            "beta0": model.current_beta0().detach().clone().tolist() if beta0 is None else beta0}
 
 
 def variance_vs_particles(model: BayesianRoutedLM, x: Tensor, y: Tensor, *,
@@ -417,8 +403,6 @@ def models_along_training(model_cfg, train_cfg, data, out_dir: Path, steps, prog
     ``steps`` (0: the initialisation). The training loop keeps only its latest checkpoint, so it
     is stopped at each step with ``max_steps`` and resumed from there, which reproduces an
     uninterrupted run exactly."""
-    from bayes_router.inference.train import build_routed_lm, train
-
     done = 0
     for step in steps:
         if step == 0:
@@ -447,8 +431,6 @@ def variance_along_training(model_cfg, train_cfg, data, out_dir: Path, steps: Se
     :raises ValueError: if ``out_dir`` already holds a checkpoint, or a step exceeds
         ``train_cfg.steps``.
     """
-    from bayes_router.inference.train import CHECKPOINT_NAME
-
     names = check_estimators(estimators)
     steps = sorted({int(s) for s in steps})
     if not steps or steps[0] < 0 or steps[-1] > train_cfg.steps:
@@ -495,10 +477,6 @@ def toy_gradient_variance(estimators: Sequence[str] | None = None, *, num_draws:
     chance once in a thousand at ``p < 0.001``). Seconds per estimate are amortised over
     vectorised replicas (``batch_size`` estimates per pass).
     """
-    from scipy.stats import chi2
-
-    from bayes_router.inference.toy import gradient_draws, toy_elbo_grad
-
     names = check_estimators(estimators)
     if REFERENCE not in names:
         names = [REFERENCE] + names

@@ -26,7 +26,7 @@ itself, as it does when run on its own (prior predictive, or under other samples
 
 **Dirichlet maths in float64.** The Dirichlet sites (prior, guide, their samples and
 log-densities) are ``float64`` whatever the network's dtype (see
-:data:`~bayes_router.dirichlet.SAMPLING_DTYPE`): ``float32`` draws at the guide
+:data:`~bayes_router.core.dirichlet.SAMPLING_DTYPE`): ``float32`` draws at the guide
 floor underflow, giving NaN gradients and biased estimates. Samples are cast to the network's
 dtype where they weight the experts.
 """
@@ -36,17 +36,19 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
+from pyro.distributions import TorchDistribution
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from bayes_router.dirichlet import SAMPLING_DTYPE
+from bayes_router.core.dirichlet import SAMPLING_DTYPE, normalised_entropy, routing_uncertainty
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.experts import cost_vector
 from bayes_router.models.router import RoutingDecision
@@ -87,9 +89,25 @@ def compute_aware_prior(costs: Tensor, beta0: float | Sequence[float] | Tensor, 
     return beta0[..., None] * pi
 
 
-def normalised_entropy(p: Tensor) -> Tensor:
-    """``H(p) / log K`` along the last dimension, in ``[0, 1]``."""
-    return -(p * p.clamp_min(1e-30).log()).sum(-1) / math.log(p.shape[-1])
+class DirichletFamily(Protocol):
+    """What the guide needs from an ELBO estimator: the Dirichlet sampler its ``alpha`` sites use
+    and their ``infer`` options. Every :class:`~bayes_router.inference.estimators.Estimator`
+    is one; the code that builds the model passes it in (the model looks nothing up by name)."""
+
+    def dirichlet(self, concentration: Tensor) -> TorchDistribution: ...
+
+    def site_infer(self) -> dict: ...
+
+
+class DefaultDirichletFamily:
+    """``torch``'s implicitly reparameterised Dirichlet in :data:`SAMPLING_DTYPE`, no site
+    options: the family of ``reparam-mc``, ``reparam-analytic``, ``stl``, ``iwae`` and ``dreg``."""
+
+    def dirichlet(self, concentration: Tensor) -> TorchDistribution:
+        return dist.Dirichlet(torch.as_tensor(concentration).to(SAMPLING_DTYPE))
+
+    def site_infer(self) -> dict:
+        return {}
 
 
 def check_batch(x: Tensor, y: Tensor | None, vocab_size: int) -> None:
@@ -192,22 +210,30 @@ class BayesianRoutedLM(RoutedLM):
         (type-II maximum likelihood: ``beta0`` becomes a positive ``pyro.param`` of the model).
     :param eta: cost sensitivity of the prior mean ``pi ∝ c^-eta``.
     :param a_min: floor added to the guide's concentrations.
-    :param estimator: name of the ELBO estimator; selects the guide's Dirichlet family.
+    :param estimator: the ELBO estimator (any :class:`DirichletFamily`), whose Dirichlet sampler
+        and site options the guide uses; ``None``: :class:`DefaultDirichletFamily`. Build it with
+        :func:`~bayes_router.inference.estimators.get_estimator`.
     :param beta0_init: initial value when ``beta0 == "learn"``.
     """
 
     kind = "bayesian"
 
     def __init__(self, cfg: TinyLMConfig, beta0: float | Sequence[float] | str = 1.0,
-                 eta: float = 1.0, a_min: float = 0.05, estimator: str = "reparam-analytic",
-                 beta0_init: float = 1.0, costs: Tensor | None = None):
+                 eta: float = 1.0, a_min: float = 0.05,
+                 estimator: DirichletFamily | None = None, beta0_init: float = 1.0,
+                 costs: Tensor | None = None):
         super().__init__(cfg, costs)
-        from bayes_router.inference.estimators import get_estimator
-
         if not a_min > 0:
             raise ValueError(f"a_min must be > 0, got {a_min}")
+        if isinstance(estimator, str):
+            raise TypeError(f"estimator must be an estimator object, not the name {estimator!r}: "
+                            "build it with bayes_router.inference.get_estimator(name)")
+        if estimator is not None and not (callable(getattr(estimator, "dirichlet", None))
+                                          and callable(getattr(estimator, "site_infer", None))):
+            raise TypeError(f"estimator must provide dirichlet() and site_infer(), got "
+                            f"{type(estimator).__name__}")
         self.a_min, self.eta = float(a_min), float(eta)
-        self.estimator = get_estimator(estimator)
+        self.estimator = DefaultDirichletFamily() if estimator is None else estimator
         self.learn_beta0 = beta0 == "learn"
         if self.learn_beta0:
             compute_aware_prior(self.costs, beta0_init, eta)  # validates
@@ -248,6 +274,31 @@ class BayesianRoutedLM(RoutedLM):
     def current_beta0(self) -> Tensor:
         """``(L,)`` prior concentration ``beta0`` in force (learned or fixed)."""
         return self.beta0 if self.learn_beta0 else self.beta0_fixed
+
+    def with_learned_beta0(self, beta0: float | Sequence[float] | Tensor | None = None,
+                           estimator: DirichletFamily | None = None) -> BayesianRoutedLM:
+        """A copy whose ``beta0`` is a learned parameter (type-II maximum likelihood), with every
+        other parameter and buffer copied.
+
+        :param beta0: its initial value, a scalar or one per layer; default this model's.
+        :param estimator: the copy's Dirichlet family; default this model's.
+        """
+        values = (self.current_beta0().detach().clone() if beta0 is None
+                  else torch.as_tensor(beta0, dtype=torch.float32).expand(self.cfg.n_layers)
+                  .clone())
+        if not bool((values > 0).all()) or not bool(torch.isfinite(values).all()):
+            raise ValueError(f"beta0 must be > 0 and finite, got {values.tolist()}")
+        copy = BayesianRoutedLM(self.cfg, beta0="learn", eta=self.eta, a_min=self.a_min,
+                                estimator=self.estimator if estimator is None else estimator,
+                                costs=self.costs)
+        state = {k: v for k, v in self.state_dict().items()
+                 if k not in ("beta0_fixed", "beta0_unconstrained")}
+        result = copy.load_state_dict(state, strict=False)
+        if result.unexpected_keys or len(result.missing_keys) != 1:
+            raise RuntimeError(f"with_learned_beta0: state mismatch {result}")
+        copy.beta0 = values  # a PyroParam: stored through its constraint's inverse transform
+        copy.one_pass = self.one_pass
+        return copy
 
     def concentration(self, layer: int, features: Tensor) -> tuple[Tensor, Tensor]:
         """Guide concentration ``a = softplus(MLP(features)) + a_min`` and the raw logits."""
@@ -321,8 +372,6 @@ class BayesianRoutedLM(RoutedLM):
     def decision(self, layer: int, features: Tensor, gate_measure: str = "total"
                  ) -> RoutingDecision:
         """Posterior-mean routing with the guide's uncertainty (for hard and gated modes)."""
-        from bayes_router.analysis.uncertainty import routing_uncertainty
-
         concentration, logits = self.concentration(layer, features)
         mean = concentration / concentration.sum(-1, keepdim=True)
         parts = routing_uncertainty(concentration)

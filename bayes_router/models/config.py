@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from bayes_router.models.experts import expert_names
+
 
 @dataclass(frozen=True)
 class TinyLMConfig:
@@ -64,7 +66,6 @@ class TinyLMConfig:
             raise ValueError("experts must name at least one expert")
         if len(set(self.experts)) != len(self.experts):
             raise ValueError(f"experts must not repeat a name, got {self.experts}")
-        from bayes_router.models.experts import expert_names
 
         unknown = [e for e in self.experts if e not in expert_names()]
         if unknown:

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from bayes_router.inference.empirical_bayes import (
-    expected_log_alpha,
+from bayes_router.core.dirichlet import expected_log_alpha
+from bayes_router.inference.empirical_bayes import fit_beta0_minka
+from bayes_router.inference.minka import (
     fit_dirichlet,
     fit_precision,
     fit_precision_from_samples,
@@ -154,8 +155,6 @@ def test_fit_dirichlet_recovers_committed_dirichlets(true):
 
 
 def test_minka_m_step_reports_the_convergence_of_every_fit():
-    from bayes_router.inference.empirical_bayes import fit_beta0_minka
-
     committed = torch.tensor([[50.0, 0.05, 0.05]], dtype=torch.float64).expand(10, 3)
     result = fit_beta0_minka([committed, 2 * PI.expand(5, 3)], PI, update_pi=True)
     assert result["full_precision"][0] == pytest.approx(50.1, rel=1e-6)

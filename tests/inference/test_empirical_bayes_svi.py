@@ -9,11 +9,11 @@ import torch
 from torch.distributions import Dirichlet, kl_divergence
 
 from bayes_router.cli import main
+from bayes_router.core.dirichlet import dirichlet_kl_to_prior
 from bayes_router.experiments.beta0_fit import fit_beta0_run
 from bayes_router.experiments.runs import train_run
 from bayes_router.experiments.sweep import read_beta0_mark
 from bayes_router.inference.empirical_bayes import (
-    dirichlet_kl_to_prior,
     fit_beta0_minka,
     fit_beta0_svi,
     guide_concentrations,

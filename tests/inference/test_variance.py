@@ -40,10 +40,11 @@ def tiny_cfg(data):
                         max_seq_len=16, window=4, chunk_size=8, controller_hidden=8)
 
 
-def tiny_model(data, **kwargs):
+def tiny_model(data, estimator=None, **kwargs):
     with pyro.settings.context(module_local_params=True):
         torch.manual_seed(0)
-        model = BayesianRoutedLM(tiny_cfg(data), **kwargs)
+        estimator = None if estimator is None else get_estimator(estimator)
+        model = BayesianRoutedLM(tiny_cfg(data), estimator=estimator, **kwargs)
         # move the controllers off their zero initialisation, so tokens differ
         for controller in model.controllers:
             torch.nn.init.normal_(controller.net[-1].weight, std=0.5)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import Dirichlet, kl_divergence
 
+from bayes_router.inference.estimators import get_estimator
 from bayes_router.inference.objective import loss_and_surrogate
 from bayes_router.models.bayesian import (
     BayesianRoutedLM,
@@ -103,7 +104,7 @@ def test_elbo_matches_a_hand_computed_elbo():
 
 
 def test_monte_carlo_kl_elbo_matches_hand_computation():
-    model = BayesianRoutedLM(CFG, beta0=0.7, estimator="reparam-mc")
+    model = BayesianRoutedLM(CFG, beta0=0.7, estimator=get_estimator("reparam-mc"))
     x, y = _batch()
     torch.manual_seed(2)
     loss, _ = loss_and_surrogate(Trace_ELBO(max_plate_nesting=1), model.model, model.guide, x, y,
@@ -135,7 +136,7 @@ def test_one_pass_equals_two_pass(estimator, particles):
     """The memoised pair gives the naive pair's loss and gradients, with one network pass."""
     from bayes_router.inference.estimators import get_estimator
 
-    model = BayesianRoutedLM(CFG, beta0=0.7, estimator=estimator).double()
+    model = BayesianRoutedLM(CFG, beta0=0.7, estimator=get_estimator(estimator)).double()
     _randomise(model.controllers)
     x, y = _batch()
     elbo = get_estimator(estimator).make_elbo(num_particles=particles, max_plate_nesting=1)
@@ -188,11 +189,25 @@ def test_posterior_mean_and_model_average():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"beta0": 0.0}, "beta0"), ({"beta0": -1.0}, "beta0"), ({"beta0": "auto"}, "beta0"),
-    ({"estimator": "magic"}, "magic"), ({"a_min": 0.0}, "a_min"),
+    ({"a_min": 0.0}, "a_min"),
 ])
 def test_bad_configuration(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BayesianRoutedLM(CFG, **kwargs)
+
+
+@pytest.mark.parametrize("estimator", ["reparam-mc", object()])
+def test_estimator_must_be_injected_as_an_object(estimator):
+    """The model looks nothing up by name: the code that builds it passes the estimator."""
+    with pytest.raises(TypeError, match="estimator"):
+        BayesianRoutedLM(CFG, estimator=estimator)
+
+
+def test_default_family_samples_in_float64():
+    model = BayesianRoutedLM(CFG)
+    x, _ = _batch()
+    trace = poutine.trace(model.guide).get_trace(x)
+    assert trace.nodes[alpha_site(0)]["value"].dtype == torch.float64
 
 
 def test_bad_batches():
@@ -270,7 +285,7 @@ def test_float32_training_at_the_guide_floor_has_finite_gradients(estimator):
     sites now run in float64."""
     torch.manual_seed(1)
     cfg = TinyLMConfig.from_dict({**CFG.to_dict(), "max_seq_len": 64})
-    model = BayesianRoutedLM(cfg, beta0=1.0, estimator=estimator)
+    model = BayesianRoutedLM(cfg, beta0=1.0, estimator=get_estimator(estimator))
     for controller in model.controllers:
         torch.nn.init.constant_(controller.net[-1].bias, -30.0)  # softplus ~ 0: a ~ a_min
     x, y = _batch(B=8, T=64)

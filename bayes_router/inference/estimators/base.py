@@ -17,7 +17,7 @@ import torch
 from pyro.infer import ELBO
 from torch import Tensor
 
-from bayes_router.dirichlet import SAMPLING_DTYPE
+from bayes_router.core.dirichlet import SAMPLING_DTYPE
 
 
 class Estimator(ABC):
@@ -50,7 +50,7 @@ class Estimator(ABC):
     def dirichlet(self, concentration: Tensor) -> dist.TorchDistribution:
         """The Dirichlet distribution the guide must use for its routing-weight sites.
 
-        The concentration is cast to :data:`~bayes_router.dirichlet.SAMPLING_DTYPE`
+        The concentration is cast to :data:`~bayes_router.core.dirichlet.SAMPLING_DTYPE`
         (``float64``; the cast is differentiable), so samples and log-densities are
         ``float64`` whatever the model's dtype; cast the sample back where it enters a
         ``float32`` network.

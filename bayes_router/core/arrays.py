@@ -1,8 +1,8 @@
-"""Private input handling shared by the analysis modules.
+"""Input handling shared by the metric and analysis modules.
 
-Every public function of :mod:`bayes_router.analysis` accepts NumPy arrays, torch tensors or nested
-lists. These helpers turn them into NumPy arrays and raise ``ValueError`` naming the argument when
-the input cannot be what the caller promised.
+Every public metric function (:mod:`bayes_router.core`, :mod:`bayes_router.analysis`) accepts
+NumPy arrays, torch tensors or nested lists. These helpers turn them into NumPy arrays and raise
+``ValueError`` naming the argument when the input cannot be what the caller promised.
 """
 
 from __future__ import annotations

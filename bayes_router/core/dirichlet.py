@@ -1,7 +1,19 @@
-"""Per-token routing uncertainty of a Dirichlet routing posterior ``q(alpha) = Dir(a)``.
+"""Dirichlet maths shared by every layer of the package (a leaf: it imports only numpy and torch).
 
-With ``a0 = sum_k a_k`` and posterior mean ``m = a / a0``, the uncertainty about which expert a
-token uses (``z ~ Categorical(alpha)``) splits as
+**Precision.** In ``float32``, Dirichlet draws at the guide floor (concentrations near 0.05)
+underflow to the smallest normal number: ``torch``'s Dirichlet backward then overflows to NaN,
+and the clamped draws bias every estimator (measured at ``a = (0.05, 0.05, 1)``: 1.6 % for
+``reparam-mc``, 7 % for ``rsvi``, 13 % for ``score``). In ``float64`` an underflow at
+``a >= 0.01`` has probability below ``1e-13`` per entry, so the Dirichlet sites of every model and
+guide (concentrations, samples, log-densities, KL terms) are computed in :data:`SAMPLING_DTYPE`,
+and samples are cast back to the network's dtype where they weight the experts.
+
+**Sufficient statistics and KL.** :func:`expected_log_alpha` (``E[log alpha_k] = psi(a_k) -
+psi(a0)``), :func:`dirichlet_kl` and :func:`dirichlet_kl_to_prior`.
+
+**Per-token routing uncertainty** of a Dirichlet routing posterior ``q(alpha) = Dir(a)``. With
+``a0 = sum_k a_k`` and posterior mean ``m = a / a0``, the uncertainty about which expert a token
+uses (``z ~ Categorical(alpha)``) splits as
 
 - total ``H(m)``, the entropy of the posterior-mean routing,
 - aleatoric ``E_q[H(alpha)] = -sum_k m_k (digamma(a_k + 1) - digamma(a0 + 1))``, the routing
@@ -10,18 +22,20 @@ token uses (``z ~ Categorical(alpha)``) splits as
   and the routing weights: what more evidence would resolve. It is non-negative,
 - the concentration ``a0`` (evidence): large ``a0`` means a sharp posterior.
 
-All functions take concentrations ``(..., K)`` as a tensor (results are tensors of the same dtype
-and device, differentiable) or an array (results are float64 NumPy arrays), and reduce the last
-axis.
+The uncertainty functions take concentrations ``(..., K)`` as a tensor (results are tensors of
+the same dtype and device, differentiable) or an array (results are float64 NumPy arrays), and
+reduce the last axis.
 
 References:
   - *Evidential Deep Learning to Quantify Classification Uncertainty*, Sensoy, Kaplan, Kandemir
     (NeurIPS 2018)
   - *Predictive Uncertainty Estimation via Prior Networks*, Malinin, Gales (NeurIPS 2018)
+  - *Estimating a Dirichlet distribution*, Thomas P. Minka (technical report, 2000)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,9 +43,44 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bayes_router.analysis._checks import float_array
+from bayes_router.core.arrays import float_array
 
 Array = Tensor | np.ndarray
+
+#: The dtype of every Dirichlet site's concentration, sample and log-density.
+SAMPLING_DTYPE = torch.float64
+
+
+def normalised_entropy(p: Tensor) -> Tensor:
+    """``H(p) / log K`` along the last dimension, in ``[0, 1]`` (``0 log 0 = 0``)."""
+    return -(p * p.clamp_min(1e-30).log()).sum(-1) / math.log(p.shape[-1])
+
+
+def expected_log_alpha(concentration: Tensor) -> Tensor:
+    """``E[log alpha_k] = psi(a_k) - psi(a0)`` under ``Dir(a)``, over the last dim ``(..., K)``."""
+    concentration = torch.as_tensor(concentration)
+    if concentration.dim() < 1 or concentration.shape[-1] < 2:
+        raise ValueError("concentration must have shape (..., K) with K >= 2, got "
+                         f"{tuple(concentration.shape)}")
+    if not bool(torch.isfinite(concentration).all()) or not bool((concentration > 0).all()):
+        raise ValueError("concentration must hold positive finite values")
+    return torch.digamma(concentration) - torch.digamma(concentration.sum(-1, keepdim=True))
+
+
+def log_beta(concentration: Tensor) -> Tensor:
+    """``log B(a) = sum_k lgamma(a_k) - lgamma(a0)`` over the last dim."""
+    return torch.lgamma(concentration).sum(-1) - torch.lgamma(concentration.sum(-1))
+
+
+def dirichlet_kl(q: Tensor, p: Tensor) -> Tensor:
+    """``KL(Dir(q) || Dir(p))`` over the last dim (broadcasting the leading ones)."""
+    return log_beta(p) - log_beta(q) + ((q - p) * expected_log_alpha(q)).sum(-1)
+
+
+def dirichlet_kl_to_prior(concentration: Tensor, beta0: float, pi: Tensor) -> Tensor:
+    """``KL(Dir(a_t) || Dir(beta0 pi))`` for every row ``a_t`` of ``concentration (N, K)``."""
+    prior = float(beta0) * torch.as_tensor(pi, dtype=concentration.dtype)
+    return dirichlet_kl(concentration, prior)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,78 @@
+"""The package's layers import one way: core -> data -> models -> inference -> analysis ->
+experiments -> bench -> cli. Each subpackage imports on its own, and every import sits at the top
+of its module (the CLI may defer heavy imports for start-up time)."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "bayes_router"
+LAYERS = ("core", "data", "models", "inference", "analysis", "experiments", "bench", "cli")
+MAY_DEFER_IMPORTS = {"cli.py"}
+
+
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "bayes_router" and len(parts) > 1 else None
+
+
+def modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        yield relative, relative.parts[0].removesuffix(".py"), ast.parse(path.read_text())
+
+
+def imported(node) -> list[str]:
+    if isinstance(node, ast.ImportFrom):
+        return [node.module] if node.module and node.level == 0 else []
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    return []
+
+
+def test_every_module_belongs_to_a_layer():
+    for relative, layer, _ in modules():
+        assert relative.name == "__init__.py" or layer in LAYERS, relative
+
+
+def test_no_module_imports_from_a_layer_above_it():
+    upward = []
+    for relative, layer, tree in modules():
+        if layer not in LAYERS:
+            continue
+        for node in ast.walk(tree):
+            for name in imported(node):
+                target = layer_of(name)
+                if target in LAYERS and LAYERS.index(target) > LAYERS.index(layer):
+                    upward.append(f"{relative}:{node.lineno} imports {name}")
+    assert not upward, "\n".join(upward)
+
+
+def test_imports_sit_at_the_top_of_their_module():
+    deferred = []
+    for relative, _, tree in modules():
+        if str(relative) in MAY_DEFER_IMPORTS:
+            continue
+        top = {id(node) for node in tree.body}
+        deferred += [f"{relative}:{node.lineno}" for node in ast.walk(tree)
+                     if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top]
+    assert not deferred, "function-local imports: " + ", ".join(deferred)
+
+
+def test_the_layer_rule_sees_an_upward_import(tmp_path):
+    """The check above can fail: an upward import in a parsed module is reported."""
+    tree = ast.parse("from bayes_router.inference.train import train\n")
+    names = [name for node in ast.walk(tree) for name in imported(node)]
+    assert [layer_of(n) for n in names] == ["inference"]
+    assert LAYERS.index("inference") > LAYERS.index("models")
+
+
+@pytest.mark.parametrize("layer", [layer for layer in LAYERS])
+def test_each_subpackage_imports_on_its_own(layer):
+    """A fresh interpreter per subpackage: no hidden import-order dependency or cycle."""
+    result = subprocess.run([sys.executable, "-c", f"import bayes_router.{layer}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
