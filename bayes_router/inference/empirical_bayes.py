@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from bayes_router.core.dirichlet import expected_log_alpha
 from bayes_router.inference.minka import fit_dirichlet, fit_precision
-from bayes_router.inference.objective import loss_and_surrogate
+from bayes_router.inference.objective import svi_step
 from bayes_router.models.bayesian import BayesianRoutedLM, compute_aware_prior
 
 logger = logging.getLogger(__name__)
@@ -188,16 +188,14 @@ def fit_beta0_svi(model, data, train_cfg, steps: int, *, beta0_lr: float = 0.05,
                 x, y = data.sample_batch("train", train_cfg.batch_size, train_cfg.seq_len,
                                          generator)
             lab.train()
-            _, surrogate = loss_and_surrogate(elbo, lab.model, lab.guide, x, y,
-                                              dataset_size=dataset_size)
-            optimiser.zero_grad(set_to_none=True)
-            (surrogate / (dataset_size * x.shape[1])).backward()
-            if not freeze_guide:
-                torch.nn.utils.clip_grad_norm_(others, train_cfg.grad_clip)
-            if learn_beta0 and not bool(torch.isfinite(beta0.grad).all()):
-                raise FloatingPointError(f"the beta0 gradient is not finite at SVI step "
+            outcome = svi_step(elbo, lab, x, y, optimiser, dataset_size=dataset_size,
+                               grad_clip=None if freeze_guide else train_cfg.grad_clip,
+                               clip_parameters=[beta0] if freeze_guide else others)
+            if outcome.failed is not None:
+                raise FloatingPointError(f"the {outcome.failed} is not finite at SVI step "
                                          f"{step + 1}")
-            optimiser.step()
+            if learn_beta0 and not bool(torch.isfinite(beta0.detach()).all()):
+                raise FloatingPointError(f"beta0 is not finite after SVI step {step + 1}")
             trace.append(lab.beta0.detach().tolist())
         lab.eval()
     tail = torch.tensor(trace[-max(1, int(round(average_last * steps))):], dtype=torch.float64)

@@ -14,7 +14,7 @@ import pyro
 import torch
 
 from bayes_router.inference.estimators import get_estimator
-from bayes_router.inference.objective import loss_and_surrogate
+from bayes_router.inference.objective import svi_step
 from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM
 from bayes_router.models.config import TinyLMConfig
 
@@ -51,11 +51,7 @@ def svi_step_times(cfg: TinyLMConfig, batch_size: int = 16, seq_len: int | None 
         def step(kind: str) -> float:
             model, objective = kinds[kind]
             start = time.perf_counter()
-            _, surrogate = loss_and_surrogate(objective, model.model, model.guide, x, y,
-                                              dataset_size=1000)
-            optimisers[kind].zero_grad(set_to_none=True)
-            surrogate.backward()
-            optimisers[kind].step()
+            svi_step(objective, model, x, y, optimisers[kind], dataset_size=1000)
             return time.perf_counter() - start
 
         for _ in range(warmup):

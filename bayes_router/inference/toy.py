@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.distributions import biject_to, constraints
 
 from bayes_router.inference.estimators import Estimator, get_estimator
+from bayes_router.inference.objective import AuxiliaryOptimiser
 
 TOY_CONCENTRATION = "toy_concentration"
 
@@ -152,8 +153,9 @@ def toy_guide(counts: Tensor, prior: Tensor, num_replicas: int = 1,
 
 
 def replica_gradient_draws(estimator: Estimator, model, guide, params: dict, num_draws: int,
-                           replicas: int, *, num_particles: int | None = None, warmup: int = 0,
-                           baseline_lr: float = 0.01, seed: int | None = None) -> Tensor:
+                           replicas: int, *, num_particles: int | None = None,
+                           warmup: int | None = None, baseline_lr: float = 0.01,
+                           seed: int | None = None) -> Tensor:
     """Independent ELBO-gradient estimates from a model/guide pair with ``replicas`` copies.
 
     ``model`` and ``guide`` take no arguments and hold ``replicas`` independent copies of one
@@ -161,13 +163,16 @@ def replica_gradient_draws(estimator: Estimator, model, guide, params: dict, num
     with one row per replica; replicas share no term of any estimator's surrogate, so each
     row's gradient is one estimate. Draws come ``replicas`` at a time from one
     ``loss_and_grads``. Pyro's gradient on the unconstrained value is mapped to the parameter
-    by the chain rule and negated (ELBO, not loss). Auxiliary parameters (learned baselines)
-    take one Adam step after every pass; decaying-average baselines update themselves.
-    ``warmup`` passes are made first and discarded, so baselines can settle. The caller's param
-    store and random state are left untouched.
+    by the chain rule and negated (ELBO, not loss). The estimator's auxiliary parameters
+    (learned baselines) take one Adam step after every pass
+    (:class:`~bayes_router.inference.objective.AuxiliaryOptimiser`); decaying-average baselines
+    update themselves. ``warmup`` passes (default the estimator's ``warmup_steps``) are made
+    first and discarded, so baselines can settle. The caller's param store and random state are
+    left untouched.
 
     :returns: ``(M, D)``: per draw, the gradients of ``params`` in order, each flattened.
     """
+    warmup = estimator.warmup_steps if warmup is None else warmup
     if num_draws < 1 or replicas < 1 or warmup < 0:
         raise ValueError(f"need num_draws >= 1, replicas >= 1 and warmup >= 0, got "
                          f"{num_draws}, {replicas}, {warmup}")
@@ -179,36 +184,27 @@ def replica_gradient_draws(estimator: Estimator, model, guide, params: dict, num
     with store.scope(), torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        optim = pyro.optim.Adam({"lr": baseline_lr})
+        auxiliary = AuxiliaryOptimiser(estimator, elbo, lr=baseline_lr)
         for i in range(warmup + -(-num_draws // replicas)):
-            with poutine.trace(param_only=True) as capture:
-                elbo.loss_and_grads(model, guide)
-            all_params = [site["value"].unconstrained()
-                          for site in capture.trace.nodes.values()]
-            own = []
+            elbo.loss_and_grads(model, guide)
             for name, constraint in params.items():
                 value = store.get_param(name)
                 unconstrained = value.unconstrained()
                 slope = biject_to(constraint).log_abs_det_jacobian(
                     unconstrained.detach(), value.detach()).exp()  # d value / d unconstrained
-                own.append(unconstrained)
                 if i >= warmup:
-                    chunks.append((name, -unconstrained.grad / slope))
-            auxiliary = [p for p in all_params
-                         if all(p is not q for q in own) and p.grad is not None]
-            if auxiliary:
-                optim(auxiliary)
-            for p in all_params:
-                p.grad = None
-    draws = [torch.cat([g.reshape(replicas, -1) for n, g in chunks[j:j + len(params)]], -1)
+                    chunks.append(-unconstrained.grad / slope)
+                unconstrained.grad = None
+            auxiliary.step()
+    draws = [torch.cat([g.reshape(replicas, -1) for g in chunks[j:j + len(params)]], -1)
              for j in range(0, len(chunks), len(params))]
     return torch.cat(draws)[:num_draws]
 
 
 def gradient_draws(estimator: Estimator | str, a: Tensor, num_draws: int, counts: Tensor,
                    prior: Tensor, *, num_particles: int | None = None, batch_size: int = 100,
-                   warmup: int = 0, baseline_lr: float = 0.01, seed: int | None = None,
-                   kl_scale: float = 1.0) -> Tensor:
+                   warmup: int | None = None, baseline_lr: float = 0.01,
+                   seed: int | None = None, kl_scale: float = 1.0) -> Tensor:
     """Independent gradient estimates of the toy ELBO with respect to ``a``, held fixed.
 
     :func:`replica_gradient_draws` on :func:`toy_model` / :func:`toy_guide` with
@@ -219,7 +215,7 @@ def gradient_draws(estimator: Estimator | str, a: Tensor, num_draws: int, counts
     :param num_draws: number of gradient estimates ``M`` to return.
     :param num_particles: particles per estimate (default: the estimator's minimum).
     :param batch_size: draws per pass.
-    :param warmup: discarded passes made first.
+    :param warmup: discarded passes made first (default the estimator's ``warmup_steps``).
     :param baseline_lr: Adam learning rate of auxiliary parameters.
     :param seed: seeds the draws (``None``: continue the current random stream).
     :param kl_scale: factor on the KL term (:func:`toy_elbo`).

@@ -147,7 +147,7 @@ def two_site_guide(init: Tensor, num_replicas: int = 1, estimator: Estimator | s
 def two_site_gradient_draws(estimator: Estimator | str, theta, num_draws: int, counts, prior,
                             *, coupling: float = 0.0, kl_scale: float = 1.0,
                             num_particles: int | None = None, batch_size: int = 2000,
-                            warmup: int = 0, seed: int | None = None) -> Tensor:
+                            warmup: int | None = None, seed: int | None = None) -> Tensor:
     """Independent gradient estimates ``(M, 5)`` with respect to ``theta = (a1, a2, b1, b2, c)``
     (see :func:`~bayes_router.inference.toy.replica_gradient_draws`)."""
     estimator = get_estimator(estimator)

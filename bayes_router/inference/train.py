@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pyro
 import torch
+from pyro.infer import ELBO
 from tqdm.auto import tqdm
 
-from bayes_router.inference.estimators import estimator_names, get_estimator
+from bayes_router.inference.estimators import Estimator, estimator_names, get_estimator
 from bayes_router.inference.evaluate import evaluate
-from bayes_router.inference.objective import loss_and_surrogate
+from bayes_router.inference.objective import AuxiliaryOptimiser, svi_step
 from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM, RoutedLM
 from bayes_router.models.config import TinyLMConfig
 
@@ -194,12 +195,14 @@ def build_routed_lm(model_cfg: TinyLMConfig, train_cfg: TrainConfig) -> RoutedLM
     return PriorFreeRoutedLM(model_cfg, tau=train_cfg.tau)
 
 
-def make_objective(train_cfg: TrainConfig):
-    """The ELBO object of the configured estimator (the prior-free router has no latents)."""
+def make_objective(train_cfg: TrainConfig) -> tuple[Estimator, ELBO]:
+    """The configured estimator and its ELBO object (the prior-free router has no latents: its
+    ELBO is the log-likelihood, computed by ``reparam-mc``'s ``Trace_ELBO``)."""
     name = "reparam-mc" if train_cfg.router == "prior-free" else train_cfg.estimator
     particles = 1 if train_cfg.router == "prior-free" else train_cfg.num_particles
-    return get_estimator(name).make_elbo(num_particles=particles, vectorize_particles=True,
-                                         max_plate_nesting=1)
+    estimator = get_estimator(name)
+    return estimator, estimator.make_elbo(num_particles=particles, vectorize_particles=True,
+                                          max_plate_nesting=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,10 +299,10 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data, out_dir: Path |
         model = build_routed_lm(model_cfg, train_cfg)
         optimiser = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr,
                                       weight_decay=train_cfg.weight_decay)
-        objective = make_objective(train_cfg)
+        estimator, objective = make_objective(train_cfg)
+        auxiliary = AuxiliaryOptimiser(estimator, objective, lr=train_cfg.lr)
         batch_rng = torch.Generator().manual_seed(train_cfg.seed)
         result = TrainResult(model)
-        aux_optimiser = None
         if resume:
             if checkpoint_path is None:
                 raise ValueError("resume needs an output directory holding a checkpoint")
@@ -326,21 +329,14 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data, out_dir: Path |
             gate_threshold = train_cfg.gate_threshold(step)
             x, y = data.sample_batch("train", train_cfg.batch_size, train_cfg.seq_len, batch_rng)
             kl_scale = train_cfg.kl_scale(step)
-            loss, surrogate = loss_and_surrogate(objective, model.model, model.guide, x, y,
-                                                 dataset_size=dataset_size, kl_scale=kl_scale,
-                                                 gate_threshold=gate_threshold)
-            per_token = float(loss) / (dataset_size * x.shape[1])
-            if not math.isfinite(per_token):
+            outcome = svi_step(objective, model, x, y, optimiser, dataset_size=dataset_size,
+                               grad_clip=train_cfg.grad_clip, auxiliary=auxiliary,
+                               kl_scale=kl_scale, gate_threshold=gate_threshold)
+            if outcome.failed is not None:
                 bar.close()
-                raise TrainingDiverged(step, per_token, last_good)
-            optimiser.zero_grad(set_to_none=True)
-            (surrogate / (dataset_size * x.shape[1])).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            if not torch.isfinite(grad_norm):
-                bar.close()
-                raise TrainingDiverged(step, float(grad_norm), last_good)
-            optimiser.step()
-            aux_optimiser = _step_auxiliary(objective, aux_optimiser, train_cfg.lr)
+                value = outcome.loss if outcome.failed == "loss" else outcome.grad_norm
+                raise TrainingDiverged(step, value, last_good)
+            per_token, grad_norm = outcome.loss, outcome.grad_norm
             result.step = step
             record = {"step": step, "loss": per_token, "grad_norm": float(grad_norm),
                       "kl_scale": kl_scale, "gate_threshold": gate_threshold}
@@ -367,26 +363,6 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data, out_dir: Path |
                 last_good = checkpoint_path
         bar.close()
     return result
-
-
-def _step_auxiliary(objective, optimiser, lr: float):
-    """Train parameters the ELBO owns itself (the learned baselines of ``score-nn-baseline``,
-    created on first sight of a site) with their own Adam. They are not checkpointed: a resumed
-    run starts them afresh, which changes the variance, not the expectation, of the gradient."""
-    modules = getattr(objective, "baselines", None)
-    if modules is None or not len(modules):
-        return optimiser
-    params = list(modules.parameters())
-    if optimiser is None:
-        optimiser = torch.optim.Adam(params, lr=lr)
-    else:
-        known = {id(p) for group in optimiser.param_groups for p in group["params"]}
-        new = [p for p in params if id(p) not in known]
-        if new:
-            optimiser.add_param_group({"params": new})
-    optimiser.step()
-    optimiser.zero_grad(set_to_none=True)
-    return optimiser
 
 
 def _checkpoint_payload(model, optimiser, batch_rng, result: TrainResult,

@@ -42,13 +42,12 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
-from pyro.infer import TraceGraph_ELBO
 from scipy.stats import chi2
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from bayes_router.inference.estimators import estimator_names, get_estimator
-from bayes_router.inference.objective import loss_and_surrogate
+from bayes_router.inference.objective import AuxiliaryOptimiser, per_token_loss_and_surrogate
 from bayes_router.inference.toy import gradient_draws, toy_elbo_grad
 from bayes_router.inference.train import CHECKPOINT_NAME, build_routed_lm, train
 from bayes_router.models.bayesian import BayesianRoutedLM
@@ -74,6 +73,8 @@ REFERENCE = "reparam-mc"
 GROUPS = ("phi", "theta", "beta0")
 GROUP_LABELS = {"phi": "guide phi (controllers)", "theta": "model theta (LM)",
                 "beta0": "log beta0 (prior)"}
+#: estimates discarded before timing, so that first-call overheads are not measured
+TIMING_WARMUP = 2
 DEFAULT_PARTICLE_ESTIMATORS = ("reparam-mc", "reparam-analytic", "stl", "score-baseline",
                                "iwae", "dreg")
 DEFAULT_SWEEP_ESTIMATORS = ("reparam-mc", "reparam-analytic", "stl", "score-baseline")
@@ -241,37 +242,21 @@ def parameter_groups(model: BayesianRoutedLM) -> dict[str, list[tuple[str, torch
 # drawing gradients of the routed LM
 
 
-def _is_tracegraph(elbo) -> bool:
-    return isinstance(elbo, TraceGraph_ELBO)
-
-
-def _auxiliary_parameters(elbo) -> list[Tensor]:
-    """Parameters an ELBO owns besides the model's (the learned baselines of score-nn-baseline)."""
-    modules = getattr(elbo, "baselines", None)
-    return [p for p in modules.parameters() if p.grad is not None] if modules is not None else []
-
-
-def _draw_lm_gradients(lab: BayesianRoutedLM, elbo, x: Tensor, y: Tensor, dataset_size: int,
-                       num_draws: int, warmup: int, baseline_lr: float, bar=None
-                       ) -> tuple[dict[str, np.ndarray], list[float]]:
+def _draw_lm_gradients(lab: BayesianRoutedLM, estimator, elbo, x: Tensor, y: Tensor,
+                       dataset_size: int, num_draws: int, warmup: int, baseline_lr: float,
+                       bar=None) -> tuple[dict[str, np.ndarray], list[float]]:
     groups = parameter_groups(lab)
-    tokens = dataset_size * x.shape[1]
     draws = {group: np.empty((num_draws, sum(p.numel() for _, p in params)), dtype=np.float32)
              for group, params in groups.items()}
     seconds = []
-    auxiliary_optim = pyro.optim.Adam({"lr": baseline_lr})
+    auxiliary = AuxiliaryOptimiser(estimator, elbo, lr=baseline_lr)
     for i in range(warmup + num_draws):
         lab.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        _, surrogate = loss_and_surrogate(elbo, lab.model, lab.guide, x, y,
-                                          dataset_size=dataset_size)
-        (surrogate / tokens).backward()
+        _, surrogate = per_token_loss_and_surrogate(elbo, lab, x, y, dataset_size=dataset_size)
+        surrogate.backward()
         elapsed = time.perf_counter() - start
-        auxiliary = _auxiliary_parameters(elbo)
-        if auxiliary:
-            auxiliary_optim(auxiliary)
-            for p in auxiliary:
-                p.grad = None
+        auxiliary.step()
         if i < warmup:
             continue
         seconds.append(elapsed)
@@ -301,7 +286,8 @@ def gradient_variance(model: BayesianRoutedLM, x: Tensor, y: Tensor, *,
     :param num_particles: vectorised particles per estimate (default each estimator's fewest:
         1, or 2 for ``iwae`` and ``dreg``).
     :param warmup: discarded estimates made first, so that baselines settle and timings exclude
-        first-call overheads (default 20 for score-function estimators with baselines, else 2).
+        first-call overheads (default the estimator's ``warmup_steps``, at least
+        :data:`TIMING_WARMUP`).
     :param beta0: evaluate at this prior concentration instead of the model's.
     :param baseline_lr: Adam learning rate of learned baselines (updated after every estimate).
     :param seed: seeds every estimator's draws (the same seed for each).
@@ -327,11 +313,11 @@ def gradient_variance(model: BayesianRoutedLM, x: Tensor, y: Tensor, *,
             lab = lab_model(model, estimator, beta0=beta0)
             elbo = estimator.make_elbo(num_particles=particles[name], vectorize_particles=True,
                                        max_plate_nesting=1)
-            skip = warmup if warmup is not None else (20 if _is_tracegraph(elbo) else 2)
+            skip = warmup if warmup is not None else max(TIMING_WARMUP, estimator.warmup_steps)
             torch.manual_seed(seed)
             bar.set_postfix(estimator=name)
-            draws, seconds = _draw_lm_gradients(lab, elbo, x, y, dataset_size, num_draws, skip,
-                                                baseline_lr, bar)
+            draws, seconds = _draw_lm_gradients(lab, estimator, elbo, x, y, dataset_size,
+                                                num_draws, skip, baseline_lr, bar)
             per_estimate = float(np.median(seconds))
             results[name] = {
                 "num_particles": particles[name], "unbiased": estimator.unbiased,
@@ -489,7 +475,7 @@ def toy_gradient_variance(estimators: Sequence[str] | None = None, *, num_draws:
     for name in names:
         estimator = get_estimator(name)
         particles = particles_for(name, num_particles)
-        warmup = 5 if "baseline" in name else 0
+        warmup = estimator.warmup_steps
         gradient_draws(estimator, a, 2, counts, prior, num_particles=particles, seed=seed)
         start = time.perf_counter()
         draws = gradient_draws(estimator, a, num_draws, counts, prior, num_particles=particles,

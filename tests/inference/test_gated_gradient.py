@@ -92,10 +92,9 @@ def gated_draws(name, num_draws=20000, replicas=2000, seed=0):
     def guide():
         toy_guide(counts, prior.new_ones(3), replicas, estimator=estimator, init=init)
 
-    warmup = 5 if "baseline" in name else 0
     return replica_gradient_draws(estimator, model, guide,
                                   {TOY_CONCENTRATION: constraints.positive}, num_draws,
-                                  replicas, warmup=warmup, seed=seed)
+                                  replicas, seed=seed)
 
 
 def hotelling(draws, target) -> float:

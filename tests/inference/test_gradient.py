@@ -26,9 +26,8 @@ def hotelling(draws: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def draws_for(name, a, num_particles=None, seed=0, num_draws=NUM_DRAWS, kl_scale=1.0):
-    warmup = 5 if "baseline" in name else 0
     return gradient_draws(name, a, num_draws, COUNTS, PRIOR, num_particles=num_particles,
-                          batch_size=2000, warmup=warmup, seed=seed, kl_scale=kl_scale)
+                          batch_size=2000, seed=seed, kl_scale=kl_scale)
 
 
 def test_every_estimator_is_classified():

@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from bayes_router.inference import objective as objective_module
+from bayes_router.inference.objective import AuxiliaryOptimiser
 from bayes_router.inference.train import (
     CheckpointError,
     TrainConfig,
@@ -57,14 +59,14 @@ def test_resume_reproduces_an_uninterrupted_run(data, tmp_path):
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     model_cfg, train_cfg = _cfgs(data)
     calls = {"n": 0}
-    real = train_module.loss_and_surrogate
+    real = objective_module.loss_and_surrogate
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss, surrogate = real(*args, **kwargs)
         return (loss * float("nan"), surrogate) if calls["n"] == 7 else (loss, surrogate)
 
-    monkeypatch.setattr(train_module, "loss_and_surrogate", poisoned)
+    monkeypatch.setattr(objective_module, "loss_and_surrogate", poisoned)
     with pytest.raises(TrainingDiverged, match="step 7") as error:
         train(model_cfg, train_cfg, data, out_dir=tmp_path, progress=False)
     assert error.value.step == 7
@@ -130,15 +132,15 @@ def test_neural_baselines_are_trained(data, monkeypatch):
     """score-nn-baseline's nets (created on first sight of a site) get optimiser steps."""
     model_cfg, train_cfg = _cfgs(data, steps=3, estimator="score-nn-baseline")
     seen = {}
-    real = train_module._step_auxiliary
+    real = AuxiliaryOptimiser.step
 
-    def record(objective, optimiser, lr):
+    def record(self):
         if "initial" not in seen:
-            seen["initial"] = [p.detach().clone() for p in objective.baselines.parameters()]
-        seen["objective"] = objective
-        return real(objective, optimiser, lr)
+            seen["initial"] = [p.detach().clone() for p in self.elbo.baselines.parameters()]
+        seen["objective"] = self.elbo
+        return real(self)
 
-    monkeypatch.setattr(train_module, "_step_auxiliary", record)
+    monkeypatch.setattr(AuxiliaryOptimiser, "step", record)
     train(model_cfg, train_cfg, data, progress=False)
     final = list(seen["objective"].baselines.parameters())
     assert seen["initial"] and len(final) == len(seen["initial"])

@@ -35,6 +35,8 @@ class Estimator(ABC):
         (single-sample, standard) ELBO.
     :cvar str reference: the paper the estimator comes from.
     :cvar int min_particles: the fewest particles the estimator is defined for.
+    :cvar int warmup_steps: estimates to make and discard before measuring or relying on the
+        estimator's variance, so that its running baselines settle (0: it has none).
     :cvar bool pathwise: whether the gradient flows through the sampled values (every
         reparameterised estimator). Pathwise gradients are biased when the likelihood is a
         discontinuous function of the sample, as under training-time gating
@@ -45,6 +47,7 @@ class Estimator(ABC):
     unbiased: bool = True
     reference: str = ""
     min_particles: int = 1
+    warmup_steps: int = 0
     pathwise: bool = True
 
     def dirichlet(self, concentration: Tensor) -> dist.TorchDistribution:
@@ -72,6 +75,13 @@ class Estimator(ABC):
         A fresh dict on each call (empty unless the estimator configures baselines).
         """
         return {}
+
+    def auxiliary_parameters(self, elbo: ELBO) -> list[Tensor]:
+        """Parameters that ``elbo`` (built by :meth:`make_elbo`) owns and that the caller must
+        train beside the model's (learned baselines; created lazily, so ask after each step).
+        None by default. :class:`~bayes_router.inference.objective.AuxiliaryOptimiser` trains
+        them."""
+        return []
 
     @abstractmethod
     def make_elbo(self, num_particles: int = 1, vectorize_particles: bool = True,

@@ -34,6 +34,7 @@ class ScoreBaseline(Estimator):
     """
 
     pathwise = False
+    warmup_steps = 20
     name = "score-baseline"
     unbiased = True
     reference = ("Schulman, Heess, Weber, Abbeel (2015), Gradient Estimation Using Stochastic "

@@ -120,6 +120,7 @@ class ScoreNNBaseline(Estimator):
     """
 
     pathwise = False
+    warmup_steps = 20
     name = "score-nn-baseline"
     unbiased = True
     reference = ("Mnih, Gregor (2014), Neural Variational Inference and Learning in Belief "
@@ -135,6 +136,10 @@ class ScoreNNBaseline(Estimator):
 
     def family(self, concentration: Tensor) -> ScoreFunctionDirichlet:
         return ScoreFunctionDirichlet(concentration)
+
+    def auxiliary_parameters(self, elbo: NeuralBaselineTraceGraph_ELBO) -> list[Tensor]:
+        """The baseline nets' parameters (the nets appear on first sight of each site)."""
+        return list(elbo.baselines.parameters())
 
     def make_elbo(self, num_particles: int = 1, vectorize_particles: bool = True,
                   **kwargs) -> NeuralBaselineTraceGraph_ELBO:
