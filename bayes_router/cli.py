@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -46,47 +47,71 @@ def _comma_list(kind: type):
 # ------------------------------------------------------------------------------------------------
 
 
+def _field_defaults(cls) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--d-model", type=int, default=64)
-    g.add_argument("--n-heads", type=int, default=4)
-    g.add_argument("--n-layers", type=int, default=2)
-    g.add_argument("--max-seq-len", type=int, default=128)
-    g.add_argument("--window", type=int, default=16)
-    g.add_argument("--chunk-size", type=int, default=32)
-    g.add_argument("--experts", default="full,linear,local")
+    from bayes_router.models.config import COST_PRESETS, PHASE1_SIZE, TinyLMConfig
+
+    d = {**_field_defaults(TinyLMConfig), **PHASE1_SIZE}
+    g = p.add_argument_group("model (defaults: the Phase-1 size, TinyLMConfig.phase1)")
+    g.add_argument("--d-model", type=int, default=d["d_model"], help="residual width D")
+    g.add_argument("--n-heads", type=int, default=d["n_heads"], help="attention heads H")
+    g.add_argument("--n-layers", type=int, default=d["n_layers"], help="transformer blocks L")
+    g.add_argument("--max-seq-len", type=int, default=d["max_seq_len"],
+                   help="longest sequence (fixes the position feature)")
+    g.add_argument("--window", type=int, default=d["window"], help="local expert's look-back w")
+    g.add_argument("--chunk-size", type=int, default=d["chunk_size"],
+                   help="linear expert's chunk length")
+    g.add_argument("--experts", default=",".join(d["experts"]),
+                   help="comma-separated expert names (see the expert registry)")
     g.add_argument("--separate-qkv", action="store_true",
                    help="one q/k/v/out projection per expert (default: shared)")
-    g.add_argument("--cost-preset", default="seed", choices=["seed", "flops"],
+    g.add_argument("--cost-preset", default=d["cost_preset"], choices=COST_PRESETS,
                    help="seed: the paper's fixed [1.0, 0.15, 0.30]; flops: from the FLOP model")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--router", default="bayesian", choices=["bayesian", "prior-free"])
-    g.add_argument("--corpus", default="stdlib",
+    from bayes_router.inference.estimators import estimator_names
+    from bayes_router.inference.train import ROUTERS, TrainConfig
+
+    d = _field_defaults(TrainConfig)
+    g = p.add_argument_group("training (defaults: TrainConfig)")
+    g.add_argument("--router", default=d["router"], choices=ROUTERS)
+    g.add_argument("--corpus", default=d["dataset"],
                    help="'stdlib', a text file or folder, or synthetic:{recall,copy,drift,mixed}")
-    g.add_argument("--max-chars", type=int, default=1_000_000)
-    g.add_argument("--beta0", type=_beta0, default=1.0,
+    g.add_argument("--max-chars", type=int, default=d["dataset_max_chars"],
+                   help="characters of the corpus used")
+    g.add_argument("--beta0", type=_beta0, default=d["beta0"],
                    help="prior concentration: a number, one per layer (a,b), or 'learn'")
-    g.add_argument("--beta0-init", type=float, default=1.0)
-    g.add_argument("--eta", type=float, default=1.0)
-    g.add_argument("--elbo", "--estimator", dest="estimator", default="reparam-analytic")
-    g.add_argument("--num-particles", type=int, default=1)
-    g.add_argument("--steps", type=int, default=300)
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--seq-len", type=int, default=128)
-    g.add_argument("--lr", type=float, default=3e-3)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--kl-anneal-steps", type=int, default=0)
-    g.add_argument("--kl-weight", type=float, default=1.0,
+    g.add_argument("--beta0-init", type=float, default=d["beta0_init"],
+                   help="initial beta0 with --beta0 learn")
+    g.add_argument("--eta", type=float, default=d["eta"],
+                   help="cost sensitivity of the prior mean pi ~ c^-eta")
+    g.add_argument("--elbo", "--estimator", dest="estimator", default=d["estimator"],
+                   choices=estimator_names(), metavar="NAME",
+                   help=f"ELBO gradient estimator, one of {', '.join(estimator_names())}")
+    g.add_argument("--num-particles", type=int, default=d["num_particles"],
+                   help="vectorised particles per step")
+    g.add_argument("--steps", type=int, default=d["steps"], help="SVI steps")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per step")
+    g.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per sequence")
+    g.add_argument("--lr", type=float, default=d["lr"], help="AdamW learning rate")
+    g.add_argument("--grad-clip", type=float, default=d["grad_clip"],
+                   help="gradient-norm clipping threshold")
+    g.add_argument("--kl-anneal-steps", type=int, default=d["kl_anneal_steps"],
+                   help="steps over which the KL weight rises to 1 (0: no annealing)")
+    g.add_argument("--kl-weight", type=float, default=d["kl_weight"],
                    help="constant factor on the KL term (1: the ELBO; else a beta-VAE ablation)")
-    g.add_argument("--gate-final", type=float, default=0.0,
+    g.add_argument("--gate-final", type=float, default=d["gate_final"],
                    help="final soft-to-hard gate threshold (normalised entropy); 0: off")
-    g.add_argument("--tau", type=float, default=1.0, help="prior-free softmax temperature")
-    g.add_argument("--eval-every", type=int, default=100)
-    g.add_argument("--checkpoint-every", type=int, default=100)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tau", type=float, default=d["tau"], help="prior-free softmax temperature")
+    g.add_argument("--eval-every", type=int, default=d["eval_every"],
+                   help="validate every N steps")
+    g.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"],
+                   help="checkpoint every N steps")
+    g.add_argument("--seed", type=int, default=d["seed"], help="random seed")
 
 
 def _configs(args, vocab_size: int):
@@ -121,16 +146,17 @@ def _train_arguments(p):
          _train_arguments)
 def cmd_train(args) -> int:
     from bayes_router.experiments.runs import load_data, train_run
+    from bayes_router.inference.train import CHECKPOINT_NAME
 
-    if args.resume and not (Path(args.out) / "checkpoint.pt").exists():
-        raise ValueError(f"--resume: {args.out} holds no checkpoint.pt")
+    if args.resume and not (Path(args.out) / CHECKPOINT_NAME).exists():
+        raise ValueError(f"--resume: {args.out} holds no {CHECKPOINT_NAME}")
     probe_model, probe = _configs(args, vocab_size=128)
     data = load_data(probe, probe_model)  # synthetic tasks take the model's window
     model_cfg, train_cfg = _configs(args, vocab_size=data.vocab_size)
     if args.resume:
         from bayes_router.inference.train import check_same_config, load_checkpoint
 
-        check_same_config(load_checkpoint(Path(args.out) / "checkpoint.pt"), model_cfg,
+        check_same_config(load_checkpoint(Path(args.out) / CHECKPOINT_NAME), model_cfg,
                           train_cfg)
     metrics = train_run(model_cfg, train_cfg, Path(args.out), resume=args.resume, data=data)
     print(f"wrote {args.out}/metrics.json and {args.out}/report.md")
@@ -142,7 +168,9 @@ def cmd_train(args) -> int:
 
 def _evaluate_arguments(p):
     p.add_argument("run_dir")
-    p.add_argument("--routing", default="soft", choices=["soft", "hard", "gated"])
+    from bayes_router.models.router import ROUTING_MODES
+
+    p.add_argument("--routing", default=ROUTING_MODES[0], choices=ROUTING_MODES)
     p.add_argument("--gate-threshold", type=float, default=None)
     p.add_argument("--split", default="val", choices=["val", "test"])
 
@@ -176,8 +204,6 @@ def _phase1_arguments(p):
 @command("phase1", "the Phase-1 comparison of Bayesian and prior-free routing",
          _phase1_arguments)
 def cmd_phase1(args) -> int:
-    import dataclasses
-
     from bayes_router.experiments.phase1 import default_train_config, phase1_table, run_phase1
 
     train_cfg = dataclasses.replace(
@@ -384,7 +410,9 @@ def cmd_variance(args) -> int:
 
 def _fit_beta0_arguments(p):
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--method", default="both", choices=["svi", "minka", "both"])
+    from bayes_router.inference.empirical_bayes import METHODS
+
+    p.add_argument("--method", default="both", choices=METHODS)
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/empirical-bayes)")
     p.add_argument("--svi-steps", type=int, default=200,
                    help="SVI steps continuing a fixed-beta0 run with beta0 learned")
@@ -432,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
              "cores for `bench`)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text, arguments) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if arguments is not None:
             arguments(p)
     return parser

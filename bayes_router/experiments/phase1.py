@@ -36,8 +36,7 @@ NLL_MARGIN = 0.02
 
 def default_model_config(vocab_size: int = 98) -> TinyLMConfig:
     """The Phase-1 TinyLM: small enough to train 6 runs in minutes on 2 CPU cores."""
-    return TinyLMConfig(vocab_size=vocab_size, d_model=64, n_heads=4, n_layers=2,
-                        max_seq_len=128, window=16, chunk_size=32, cost_preset="seed")
+    return TinyLMConfig.phase1(vocab_size)
 
 
 def default_train_config(steps: int = 200, seed: int = 0) -> TrainConfig:

@@ -7,6 +7,13 @@ from dataclasses import dataclass
 
 from bayes_router.models.experts import expert_names
 
+COST_PRESETS = ("flops", "seed")
+
+#: The Phase-1 size: small enough to train six runs in minutes on 2 CPU cores. The command line's
+#: model defaults (``TinyLMConfig.phase1(vocab_size)`` builds it in Python).
+PHASE1_SIZE = {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 128, "window": 16,
+               "chunk_size": 32, "cost_preset": "seed"}
+
 
 @dataclass(frozen=True)
 class TinyLMConfig:
@@ -46,6 +53,11 @@ class TinyLMConfig:
     tie_weights: bool = True
     cost_preset: str = "flops"
     cost_includes_projections: bool = False
+
+    @classmethod
+    def phase1(cls, vocab_size: int = 128, **overrides) -> TinyLMConfig:
+        """The :data:`PHASE1_SIZE` model (the command line's defaults), with ``overrides``."""
+        return cls(**{**PHASE1_SIZE, "vocab_size": vocab_size, **overrides})
 
     def __post_init__(self):
         object.__setattr__(self, "experts", tuple(self.experts))
@@ -95,4 +107,3 @@ class TinyLMConfig:
         return cls(**data)
 
 
-COST_PRESETS = ("flops", "seed")
