@@ -15,7 +15,8 @@ from torch import Tensor
 
 from bayes_router.data.synthetic import SyntheticTask
 
-__all__ = ["batches", "eval_batches", "task_batches"]
+__all__ = ["batches", "eval_batches", "sample_sequences", "sample_windows", "sequence_batches",
+           "task_batches"]
 
 
 def _check_positive(name: str, value) -> None:
@@ -35,6 +36,36 @@ def _check_tokens(tokens: Tensor, seq_len: int) -> None:
             f"tokens must hold at least seq_len + 1 = {seq_len + 1} ids for one window, "
             f"got {tokens.numel()}"
         )
+
+
+def sample_windows(tokens: Tensor, batch_size: int, seq_len: int,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """One batch of random training windows ``(x, y)``, each ``(batch_size, seq_len)``: every
+    window starts at a position drawn uniformly from ``[0, len(tokens) - seq_len - 1]``.
+
+    :raises ValueError: as :func:`batches`.
+    """
+    _check_positive("batch_size", batch_size)
+    _check_positive("seq_len", seq_len)
+    _check_tokens(tokens, seq_len)
+    starts = torch.randint(tokens.numel() - seq_len, (batch_size, 1), generator=generator)
+    window = tokens[(starts + torch.arange(seq_len + 1)).to(tokens.device)]  # (B, T + 1)
+    return window[:, :-1], window[:, 1:]
+
+
+def sample_sequences(x: Tensor, y: Tensor, batch_size: int, seq_len: int,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """``batch_size`` random rows (with replacement) of stored sequences ``x, y (N, T)``, cut to
+    their first ``seq_len`` tokens.
+
+    :raises ValueError: if ``seq_len`` exceeds the sequences' length.
+    """
+    _check_positive("batch_size", batch_size)
+    _check_positive("seq_len", seq_len)
+    if seq_len > x.shape[1]:
+        raise ValueError(f"seq_len {seq_len} exceeds the sequences' length {x.shape[1]}")
+    index = torch.randint(x.shape[0], (batch_size,), generator=generator)
+    return x[index, :seq_len], y[index, :seq_len]
 
 
 def batches(tokens: Tensor, batch_size: int, seq_len: int,
@@ -58,12 +89,9 @@ def batches(tokens: Tensor, batch_size: int, seq_len: int,
     if num_batches is not None:
         _check_positive("num_batches", num_batches)
     _check_tokens(tokens, seq_len)
-    offsets = torch.arange(seq_len + 1)
     drawn = 0
     while num_batches is None or drawn < num_batches:
-        starts = torch.randint(tokens.numel() - seq_len, (batch_size, 1), generator=generator)
-        window = tokens[(starts + offsets).to(tokens.device)]  # (B, T + 1)
-        yield window[:, :-1], window[:, 1:]
+        yield sample_windows(tokens, batch_size, seq_len, generator)
         drawn += 1
 
 
@@ -100,18 +128,38 @@ def eval_batches(tokens: Tensor, batch_size: int, seq_len: int, drop_last: bool 
         yield tokens[covered:covered + rest].unsqueeze(0), tokens[covered + 1:].unsqueeze(0)
 
 
-def task_batches(task: SyntheticTask, batch_size: int, generator: torch.Generator | None = None,
-                 shuffle: bool = True) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """One pass over a synthetic task's sequences as ``(x, y, oracle)``, each ``(B, T)``.
+def sequence_batches(x: Tensor, y: Tensor, oracle: Tensor, batch_size: int,
+                     seq_len: int | None = None, max_batches: int | None = None,
+                     shuffle: bool = False, generator: torch.Generator | None = None
+                     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """One pass over stored sequences as ``(x, y, oracle)``, each ``(B, T)``.
 
-    :param task: a split from :func:`~bayes_router.data.synthetic.generate_task`.
     :param batch_size: sequences per batch; the last batch may hold fewer.
-    :param generator: CPU generator of the shuffle.
+    :param seq_len: cut every sequence to its first ``seq_len`` tokens (default: whole).
+    :param max_batches: stop after this many batches; ``None`` covers every sequence.
     :param shuffle: visit the sequences in random order (otherwise in stored order).
+    :param generator: CPU generator of the shuffle.
     """
     _check_positive("batch_size", batch_size)
-    n = task.x.shape[0]
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        rows = order[start:start + batch_size]
-        yield task.x[rows], task.y[rows], task.oracle[rows]
+    if max_batches is not None:
+        _check_positive("max_batches", max_batches)
+    cols = slice(None) if seq_len is None else slice(0, seq_len)
+    n = x.shape[0]
+    order = torch.randperm(n, generator=generator) if shuffle else None
+    for i, start in enumerate(range(0, n, batch_size)):
+        if max_batches is not None and i >= max_batches:
+            return
+        end = start + batch_size
+        rows = slice(start, end) if order is None else order[start:end]
+        yield x[rows, cols], y[rows, cols], oracle[rows, cols]
+
+
+def task_batches(task: SyntheticTask, batch_size: int, generator: torch.Generator | None = None,
+                 shuffle: bool = True) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """One pass over a synthetic task's sequences as ``(x, y, oracle)``, each ``(B, T)``
+    (:func:`sequence_batches` of the task's tensors, shuffled by default).
+
+    :param task: a split from :func:`~bayes_router.data.synthetic.generate_task`.
+    """
+    return sequence_batches(task.x, task.y, task.oracle, batch_size, shuffle=shuffle,
+                            generator=generator)

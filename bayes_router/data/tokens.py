@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bayes_router.data.batching import eval_batches
+from bayes_router.data.batching import (
+    eval_batches,
+    sample_sequences,
+    sample_windows,
+    sequence_batches,
+)
 from bayes_router.data.charset import CharVocab
 from bayes_router.data.corpus import TextCorpus, load_corpus
 from bayes_router.data.synthetic import SyntheticCorpus
@@ -53,16 +58,11 @@ class TokenData:
         data = self._split(split)
         if self.synthetic:
             x, y, _ = data
-            if seq_len > x.shape[1]:
-                raise ValueError(f"seq_len {seq_len} exceeds the task's length {x.shape[1]}")
-            index = torch.randint(x.shape[0], (batch_size,), generator=generator)
-            return x[index, :seq_len], y[index, :seq_len]
+            return sample_sequences(x, y, batch_size, seq_len, generator)
         if data.numel() < seq_len + 1:
             raise ValueError(f"split {split!r} holds {data.numel()} tokens, fewer than "
                              f"seq_len + 1 = {seq_len + 1}")
-        starts = torch.randint(data.numel() - seq_len, (batch_size, 1), generator=generator)
-        window = data[starts + torch.arange(seq_len + 1)]  # (B, T + 1)
-        return window[:, :-1], window[:, 1:]
+        return sample_windows(data, batch_size, seq_len, generator)
 
     def eval_batches(self, split: str, batch_size: int, seq_len: int,
                      max_batches: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
@@ -78,12 +78,7 @@ class TokenData:
             for x, y in eval_batches(data, batch_size, seq_len, max_batches=max_batches):
                 yield x, y, None
             return
-        x, y, oracle = data
-        for i, start in enumerate(range(0, x.shape[0], batch_size)):
-            if max_batches is not None and i >= max_batches:
-                return
-            rows = slice(start, start + batch_size)
-            yield x[rows, :seq_len], y[rows, :seq_len], oracle[rows, :seq_len]
+        yield from sequence_batches(*data, batch_size, seq_len, max_batches=max_batches)
 
 
 def token_data(spec: str, max_chars: int | None = None, seed: int = 0,

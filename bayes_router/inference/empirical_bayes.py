@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bayes_router.core.dirichlet import expected_log_alpha
+from bayes_router.data.tokens import TokenData
 from bayes_router.inference.minka import fit_dirichlet, fit_precision
 from bayes_router.inference.objective import svi_step
 from bayes_router.models.bayesian import BayesianRoutedLM, compute_aware_prior
@@ -123,7 +124,8 @@ def fit_beta0_minka(concentrations: list[Tensor], pi: Tensor, update_pi: bool = 
     return result
 
 
-def fit_beta0_svi(model, data, train_cfg, steps: int, *, beta0_lr: float = 0.05,
+def fit_beta0_svi(model: BayesianRoutedLM, data: TokenData, train_cfg, steps: int, *,
+                  beta0_lr: float = 0.05,
                   lr: float | None = None, freeze_guide: bool = False, learn_beta0: bool = True,
                   batches=None, average_last: float = 0.25, seed: int = 0,
                   progress: bool = False) -> dict:

@@ -20,12 +20,13 @@ from bayes_router.core.routing import (
     projected_flop_cost,
     routing_entropy,
 )
+from bayes_router.data.tokens import TokenData
 from bayes_router.models.bayesian import RoutedLM
 from bayes_router.models.router import RoutingDecision
 
 
 @torch.no_grad()
-def collect(model: RoutedLM, data, split: str, seq_len: int, mode: str = "soft",
+def collect(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: str = "soft",
             gate_threshold: float | None = None, max_batches: int | None = None,
             batch_size: int = 16, gate_measure: str = "total") -> dict:
     """Per-token arrays over a split: ``nll (N,)``, ``abar (L, N, K)``, ``logits (N, V)``,
@@ -74,7 +75,7 @@ def routing_metrics(abar: torch.Tensor, costs: torch.Tensor) -> dict:
     }
 
 
-def evaluate(model: RoutedLM, data, split: str, seq_len: int, mode: str = "soft",
+def evaluate(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: str = "soft",
              gate_threshold: float | None = None, max_batches: int | None = None,
              batch_size: int = 16) -> dict:
     """``{split}_nll``, ``{split}_bpc`` and the routing metrics under routing ``mode``."""

@@ -24,6 +24,7 @@ import torch
 from pyro.infer import ELBO
 from tqdm.auto import tqdm
 
+from bayes_router.data.tokens import TokenData
 from bayes_router.inference.estimators import Estimator, estimator_names, get_estimator
 from bayes_router.inference.evaluate import evaluate
 from bayes_router.inference.objective import AuxiliaryOptimiser, svi_step
@@ -274,10 +275,10 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data, out_dir: Path | None = None,
-          resume: bool = False, progress: bool = True, max_steps: int | None = None
-          ) -> TrainResult:
-    """Fit the routed LM by SVI on ``data`` (a :class:`~bayes_router.inference.data.TokenData`).
+def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
+          out_dir: Path | None = None, resume: bool = False, progress: bool = True,
+          max_steps: int | None = None) -> TrainResult:
+    """Fit the routed LM by SVI on ``data`` (a :class:`~bayes_router.data.tokens.TokenData`).
 
     :param out_dir: where checkpoints go (``None``: no checkpoints).
     :param resume: continue from ``out_dir/checkpoint.pt`` (same configuration required).

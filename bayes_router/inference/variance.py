@@ -46,6 +46,7 @@ from scipy.stats import chi2
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from bayes_router.data.tokens import TokenData
 from bayes_router.inference.estimators import estimator_names, get_estimator
 from bayes_router.inference.objective import AuxiliaryOptimiser, per_token_loss_and_surrogate
 from bayes_router.inference.toy import gradient_draws, toy_elbo_grad
@@ -384,7 +385,8 @@ def variance_vs_beta0(model: BayesianRoutedLM, x: Tensor, y: Tensor, *,
     return {"beta0_values": values, "estimators": table, "num_draws": num_draws}
 
 
-def models_along_training(model_cfg, train_cfg, data, out_dir: Path, steps, progress: bool):
+def models_along_training(model_cfg, train_cfg, data: TokenData, out_dir: Path, steps,
+                          progress: bool):
     """Yield ``(step, model, mean loss of the last 10 steps or None)`` at each of the ascending
     ``steps`` (0: the initialisation). The training loop keeps only its latest checkpoint, so it
     is stopped at each step with ``max_steps`` and resumed from there, which reproduces an
@@ -403,7 +405,8 @@ def models_along_training(model_cfg, train_cfg, data, out_dir: Path, steps, prog
         yield step, result.model, float(np.mean([r["loss"] for r in result.history[-10:]]))
 
 
-def variance_along_training(model_cfg, train_cfg, data, out_dir: Path, steps: Sequence[int], *,
+def variance_along_training(model_cfg, train_cfg, data: TokenData, out_dir: Path,
+                            steps: Sequence[int], *,
                             estimators: Sequence[str] | None = DEFAULT_SWEEP_ESTIMATORS,
                             num_draws: int = 30, batch_seed: int = 0, progress: bool = False,
                             **options) -> dict:

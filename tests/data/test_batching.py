@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from bayes_router.data import SyntheticConfig, batches, eval_batches, generate_task, task_batches
+from bayes_router.data.tokens import TokenData
 
 
 def test_random_windows_have_shape_and_shift():
@@ -78,3 +79,31 @@ def test_task_batches_visit_every_sequence_once():
     assert sorted(map(tuple, x.tolist())) == sorted(map(tuple, task.x.tolist()))
     for x, y, oracle in got:
         assert x.shape == y.shape == oracle.shape
+
+
+def test_training_batches_of_token_data_are_the_tested_windows():
+    """TokenData.sample_batch (what training draws) is sample_windows on the split: windows
+    start where torch.randint puts them and y is x shifted by one, built here by hand."""
+    tokens = torch.arange(200) % 37
+    data = TokenData("toy", {"train": tokens, "val": tokens}, vocab_size=37)
+    x, y = data.sample_batch("train", 5, 12, torch.Generator().manual_seed(3))
+    starts = torch.randint(200 - 12, (5, 1), generator=torch.Generator().manual_seed(3))
+    for row, start in enumerate(starts.flatten().tolist()):
+        assert x[row].tolist() == tokens[start:start + 12].tolist()
+        assert y[row].tolist() == tokens[start + 1:start + 13].tolist()
+    assert data.num_windows("train", 12) == 199 // 12
+
+
+def test_synthetic_token_data_samples_and_walks_sequences_with_their_oracle():
+    x = torch.arange(60).view(6, 10)
+    y, oracle = x + 1, x % 3
+    data = TokenData("task", {"train": (x, y, oracle)}, vocab_size=61, synthetic=True)
+    bx, by = data.sample_batch("train", 4, 7, torch.Generator().manual_seed(1))
+    rows = torch.randint(6, (4,), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(bx, x[rows, :7]) and torch.equal(by, y[rows, :7])
+    walked = list(data.eval_batches_with_oracle("train", 4, 7))
+    assert [b[0].shape for b in walked] == [(4, 7), (2, 7)]
+    assert torch.equal(torch.cat([b[2] for b in walked]), oracle[:, :7])
+    assert len(list(data.eval_batches_with_oracle("train", 4, 7, max_batches=1))) == 1
+    with pytest.raises(ValueError, match="seq_len"):
+        data.sample_batch("train", 2, 11, torch.Generator())
