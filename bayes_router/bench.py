@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from bayes_router.inference.timing import svi_step_times
 from bayes_router.models.config import TinyLMConfig
-from bayes_router.models.experts import NAIVE_TWINS, build_expert, cost_vector, expert_flops
+from bayes_router.models.experts import build_expert, cost_vector, expert_flops
 from bayes_router.models.router import RoutedAttention
 
 logger = logging.getLogger(__name__)
@@ -400,8 +400,7 @@ def _bench_experts(cfg: TinyLMConfig, seq_lens, batch, naive_lens, peak, generat
                 "fwd_bwd_fraction_of_matmul": fwd_bwd_gflops / peak,
             })
             if T in naive_lens:
-                naive = NAIVE_TWINS[name]
-                naive_ms = measure(f"naive {name} T={T} fwd", _forward(naive, q, k, v, expert))
+                naive_ms = measure(f"naive {name} T={T} fwd", _forward(expert.naive, q, k, v))
                 naive_rows.append({"expert": name, "seq_len": T, "fwd_ms": naive_ms,
                                    "speedup_of_fast": naive_ms / fwd_ms})
     return rows, naive_rows

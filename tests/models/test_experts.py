@@ -5,7 +5,6 @@ import torch
 
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.experts import (
-    NAIVE_TWINS,
     SEED_COSTS,
     AttentionExpert,
     build_expert,
@@ -15,6 +14,7 @@ from bayes_router.models.experts import (
     register_expert,
     unregister_expert,
 )
+from bayes_router.models.experts.base import block_layout
 
 SHAPES = [(1, 1), (2, 7), (2, 16), (1, 37)]  # (B, T): T=1, odd lengths, multiples of the chunk
 
@@ -31,7 +31,7 @@ def test_expert_matches_naive_twin(name, causal, B, T):
     expert = build_expert(name, TinyLMConfig(window=3, chunk_size=8, causal=causal))
     q, k, v = _qkv(B, T, requires_grad=True)
     out = expert(q, k, v)
-    ref = NAIVE_TWINS[name](q, k, v, expert)
+    ref = expert.naive(q, k, v)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     upstream = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), upstream)
@@ -43,15 +43,15 @@ def test_expert_matches_naive_twin(name, causal, B, T):
 @pytest.mark.parametrize("name", ["full", "linear", "local"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_gathered_rows_match_dense_rows(name, causal, monkeypatch):
-    import bayes_router.models.experts as experts
+    import bayes_router.models.experts.base as experts_base
 
-    monkeypatch.setattr(experts, "ROW_TILE", 5)  # several tiles, a ragged last one
+    monkeypatch.setattr(experts_base, "ROW_TILE", 5)  # several tiles, a ragged last one
     expert = build_expert(name, TinyLMConfig(window=4, chunk_size=8, causal=causal))
     B, T = 2, 45
     q, k, v = _qkv(B, T, requires_grad=True)
     positions = torch.stack([torch.randperm(T)[:17].sort().values for _ in range(B)])
     out = expert(q, k, v, positions)
-    ref = NAIVE_TWINS[name](q, k, v, expert)
+    ref = expert.naive(q, k, v)
     ref = ref.gather(2, positions[:, None, :, None].expand(B, 2, 17, 4))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     upstream = torch.randn_like(out)
@@ -96,6 +96,7 @@ def test_registered_experts_share_one_signature(name):
     positions = torch.tensor([[0, 4, 8], [1, 2, 3]])
     assert expert(q, k, v, positions).shape == (2, 2, 3, 4)
     assert expert.flops_per_token(9, 8, 2) > 0
+    torch.testing.assert_close(expert(q, k, v), expert.naive(q, k, v))
 
 
 def test_user_registered_expert_with_fixed_cost():
@@ -117,6 +118,8 @@ def test_user_registered_expert_with_fixed_cost():
     try:
         cfg = TinyLMConfig(experts=("full", "mean"))
         assert cost_vector(cfg).tolist() == pytest.approx([1.0, 0.05])
+        # a user's expert takes only what it uses (here nothing but causal)
+        assert isinstance(build_expert("mean", cfg), MeanAttention)
         with pytest.raises(ValueError, match="already registered"):
             register_expert("mean", MeanAttention)
     finally:
@@ -159,14 +162,12 @@ def test_config_validation(field, value, match):
 def test_padding_rows_do_not_widen_the_block_layout(name):
     """Uneven rows are padded by repeating a position; repeats share a slot (no O(T^2) blow-up)
     and still get the right output."""
-    from bayes_router.models.experts import _block_layout
-
     positions = torch.tensor([list(range(40)), [5] * 40])  # row 1: one token, 39 repeats
-    _, _, M = _block_layout(positions, 8, 5, 40)
+    _, _, M = block_layout(positions, 8, 5, 40)
     assert M == 8  # a block holds at most 8 distinct positions
     expert = build_expert(name, TinyLMConfig(window=8, chunk_size=8))
     q, k, v = _qkv(2, 40)
     out = expert(q, k, v, positions)
-    ref = NAIVE_TWINS[name](q, k, v, expert)
+    ref = expert.naive(q, k, v)
     ref = ref.gather(2, positions[:, None, :, None].expand(2, 2, 40, 4))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

@@ -1,0 +1,108 @@
+"""The expert contract and the row helpers every sparse (hard-routed) kernel shares.
+
+An expert *mixes* projected heads: ``expert(q, k, v) -> o`` with ``q, k, v`` of shape
+``(B, H, T, d)``. Given ``positions`` of shape ``(B, R)`` it computes outputs only for those query
+rows (keys and values stay whole) and returns ``(B, H, R, d)``: this is how hard routing saves real
+compute. The q/k/v/out projections live in :class:`~bayes_router.models.router.RoutedAttention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+ROW_TILE = 128  # query rows per tile when computing gathered rows (bounds memory and waste)
+
+
+class AttentionExpert(nn.Module):
+    """Base class: a parameter-free mixer ``(q, k, v[, positions]) -> o``.
+
+    Subclasses set :attr:`name` and implement :meth:`forward`, :meth:`flops_per_token` and
+    :meth:`naive` (the obviously correct reference the tests compare against). An expert that
+    needs settings of the model configuration besides ``causal`` overrides :meth:`from_config`;
+    its constructor takes only what it uses.
+    """
+
+    name: str = ""
+
+    def __init__(self, causal: bool = True):
+        super().__init__()
+        self.causal = bool(causal)
+
+    @classmethod
+    def from_config(cls, cfg) -> AttentionExpert:
+        """The expert of a :class:`~bayes_router.models.config.TinyLMConfig`."""
+        return cls(causal=cfg.causal)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def flops_per_token(self, seq_len: int, d_model: int, n_heads: int) -> float:
+        raise NotImplementedError
+
+    def naive(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The same mixing by a dense, obviously correct computation (all rows)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}"
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def gather_rows(x: Tensor, positions: Tensor) -> Tensor:
+    """``x (B, H, T, d)``, ``positions (B, R)`` -> ``(B, H, R, d)``.
+
+    One ``index_select`` of whole ``d``-rows of the flattened ``(B H T, d)`` view: ``Tensor.gather``
+    with an index expanded over ``d`` reads an int64 index per element and is several times slower.
+    """
+    B, H, T, d = x.shape
+    flat_index = torch.arange(B * H, device=x.device).view(B, H, 1) * T + positions[:, None, :]
+    return x.reshape(B * H * T, d).index_select(0, flat_index.reshape(-1)).view(B, H, -1, d)
+
+
+def row_tiles(positions: Tensor):
+    """Split gathered rows into tiles of ``ROW_TILE`` (a loop over tiles, never over positions)."""
+    for start in range(0, positions.shape[1], ROW_TILE):
+        yield positions[:, start:start + ROW_TILE]
+
+
+def block_layout(positions: Tensor, block: int, n_blocks: int, seq_len: int
+                 ) -> tuple[Tensor, Tensor, int]:
+    """Group ascending query rows by the block of ``block`` positions they fall in.
+
+    Blocked kernels then run on ``(n_blocks, M)`` query slots, ``M`` the most distinct rows in
+    any block, with the same batched matmuls as the dense path, instead of gathering per-row
+    windows or states. Repeated positions (the padding of
+    :func:`~bayes_router.models.router.selected_positions`) share one slot, so padding never
+    widens the layout.
+
+    :param positions: ``(B, R)`` non-decreasing positions (padding may repeat the last one).
+    :returns: ``slot (B, R)``, each row's index in the ``n_blocks * M`` slots; ``source
+        (B, n_blocks * M)``, the position each slot computes (an empty slot computes its block's
+        first position: a valid query whose output is never read); and ``M``.
+    """
+    B, R = positions.shape
+    block_of = positions // block  # (B, R), non-decreasing
+    is_new = torch.ones_like(positions, dtype=torch.bool)
+    is_new[:, 1:] = positions[:, 1:] != positions[:, :-1]
+    distinct = is_new.long().cumsum(1) - 1  # index among the row's distinct positions
+    first_of_block = torch.searchsorted(block_of, block_of)  # (B, R) first entry of its block
+    rank = distinct - distinct.gather(1, first_of_block)
+    M = int(rank.max()) + 1
+    slot = block_of * M + rank  # (B, R)
+    source = torch.arange(n_blocks * M, device=positions.device) // M * block
+    source = source.clamp(max=seq_len - 1).expand(B, -1).clone().scatter_(1, slot, positions)
+    return slot, source, M
+
+
+def additive_mask(valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """Boolean ``valid`` -> ``0`` where true, ``-inf`` where false."""
+    mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+    return mask.masked_fill_(~valid, -math.inf)

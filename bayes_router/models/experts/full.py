@@ -1,0 +1,38 @@
+"""``full``: softmax attention over all (causal: all earlier) positions, O(T^2 D)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bayes_router.models.experts.base import AttentionExpert, gather_rows, row_tiles
+from bayes_router.models.experts.naive import naive_full
+
+
+class FullAttention(AttentionExpert):
+    """Softmax attention over all (causal: all earlier) positions, by
+    ``F.scaled_dot_product_attention``; gathered rows go in tiles with the keys cut at the
+    tile's last position."""
+
+    name = "full"
+
+    def forward(self, q, k, v, positions=None):
+        if positions is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        if not self.causal:
+            return F.scaled_dot_product_attention(gather_rows(q, positions), k, v)
+        outputs = []
+        for rows in row_tiles(positions):
+            n_keys = int(rows.max()) + 1  # later keys are masked for every row of the tile
+            valid = torch.arange(n_keys, device=q.device) <= rows[:, :, None]  # (B, R, S)
+            outputs.append(F.scaled_dot_product_attention(
+                gather_rows(q, rows), k[:, :, :n_keys], v[:, :, :n_keys], attn_mask=valid[:, None]
+            ))
+        return torch.cat(outputs, dim=2)
+
+    def flops_per_token(self, seq_len, d_model, n_heads):
+        keys = (seq_len + 1) / 2 if self.causal else seq_len
+        return 4.0 * d_model * keys
+
+    def naive(self, q, k, v):
+        return naive_full(q, k, v, causal=self.causal)

@@ -1,0 +1,95 @@
+"""``linear``: kernel attention with ``elu + 1`` features, O(T D^2 / H)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bayes_router.models.experts.base import (
+    AttentionExpert,
+    block_layout,
+    check_positive_int,
+    gather_rows,
+)
+from bayes_router.models.experts.naive import elu_feature_map, naive_linear
+
+
+def _readout(phi_q: Tensor, scores: Tensor, v_chunks: Tensor, prior_state: Tensor,
+             prior_norm: Tensor, eps: float) -> Tensor:
+    """Outputs of queries ``phi_q (B, H, n, M, d)`` from their masked intra-chunk ``scores
+    (B, H, n, M, C)`` and the exclusive prefix state ``prior_state (B, H, n, d, d)`` /
+    ``prior_norm (B, H, n, d)`` of the chunks before theirs."""
+    numerator = scores @ v_chunks + phi_q @ prior_state
+    denominator = scores.sum(-1) + (phi_q * prior_norm[:, :, :, None]).sum(-1)
+    return numerator / (denominator[..., None] + eps)
+
+
+class LinearAttention(AttentionExpert):
+    """Kernel attention with ``elu + 1`` features; causal form by chunked prefix sums.
+
+    Within a chunk of ``chunk_size`` positions the causal part is a masked quadratic product;
+    across chunks it is an exclusive prefix sum of the chunk states ``sum_s phi(k_s) v_s^T``.
+
+    :param chunk_size: chunk length ``C`` of the prefix sums.
+    """
+
+    name = "linear"
+    eps = 1e-6
+
+    def __init__(self, chunk_size: int = 64, causal: bool = True):
+        super().__init__(causal=causal)
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+
+    @classmethod
+    def from_config(cls, cfg) -> LinearAttention:
+        return cls(chunk_size=cfg.chunk_size, causal=cfg.causal)
+
+    def forward(self, q, k, v, positions=None):
+        phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
+        if not self.causal:
+            state = phi_k.transpose(-2, -1) @ v  # (B, H, d, d)
+            normaliser = phi_k.sum(-2)  # (B, H, d)
+            if positions is not None:
+                phi_q = gather_rows(phi_q, positions)
+            return (phi_q @ state) / ((phi_q * normaliser[:, :, None]).sum(-1, keepdim=True)
+                                      + self.eps)
+        B, H, T, d = q.shape
+        C = self.chunk_size
+        n_chunks = -(-T // C)
+        pad = n_chunks * C - T
+        phi_k = F.pad(phi_k, (0, 0, 0, pad)).view(B, H, n_chunks, C, d)  # zero features past T
+        v_chunks = F.pad(v, (0, 0, 0, pad)).view(B, H, n_chunks, C, d)
+        chunk_state = phi_k.transpose(-2, -1) @ v_chunks  # (B, H, n, d, d)
+        chunk_norm = phi_k.sum(-2)  # (B, H, n, d)
+        # exclusive prefix sums: the state of all chunks before chunk j
+        prior_state = F.pad(chunk_state.cumsum(2)[:, :, :-1], (0, 0, 0, 0, 1, 0))
+        prior_norm = F.pad(chunk_norm.cumsum(2)[:, :, :-1], (0, 0, 1, 0))
+        if positions is None:
+            phi_q = F.pad(phi_q, (0, 0, 0, pad)).view(B, H, n_chunks, C, d)
+            causal_mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+            scores = (phi_q @ phi_k.transpose(-2, -1)).masked_fill(~causal_mask, 0.0)  # (B,H,n,C,C)
+            out = _readout(phi_q, scores, v_chunks, prior_state, prior_norm, self.eps)
+            return out.reshape(B, H, n_chunks * C, d)[:, :, :T]
+        slot, source, M = block_layout(positions, C, n_chunks, T)
+        phi_q = gather_rows(phi_q, source).view(B, H, n_chunks, M, d)  # rows grouped by chunk
+        key_pos = torch.arange(n_chunks * C, device=q.device).view(n_chunks, 1, C)
+        causal = (key_pos <= source.view(B, n_chunks, M, 1)).to(q.dtype)[:, None]  # (B,1,n,M,C)
+        scores = (phi_q @ phi_k.transpose(-2, -1)) * causal  # (B, H, n, M, C)
+        out = _readout(phi_q, scores, v_chunks, prior_state, prior_norm, self.eps)
+        return gather_rows(out.reshape(B, H, n_chunks * M, d), slot)
+
+    def flops_per_token(self, seq_len, d_model, n_heads):
+        # chunk state and readout, 2 x 2 D d (d = D / H); the intra-chunk block is computed
+        # whole and then masked: C keys for the scores and C for the values, 4 D C
+        head_dim = d_model // n_heads
+        if not self.causal:
+            return 4.0 * d_model * head_dim
+        C = min(self.chunk_size, seq_len)
+        return 4.0 * d_model * head_dim + 4.0 * d_model * C
+
+    def naive(self, q, k, v):
+        return naive_linear(q, k, v, causal=self.causal, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size}, causal={self.causal}"
