@@ -1,4 +1,5 @@
-"""The ``bayes-router`` command: the only place that turns arguments into configurations."""
+"""The ``bayes-router`` command: it parses arguments into configurations (taking their defaults
+and choices from the dataclasses) and chooses the plotting backend; the library does neither."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Empirical Bayes for the prior concentration ``beta0``: both methods on a trained model.
 
-Two methods, meant to cross-check each other (DESIGN.md, "Empirical Bayes for beta0"):
+Two methods, meant to cross-check each other (``docs/empirical-bayes.md``):
 
 1. **Minka's M-step** (:func:`fit_beta0_minka`): the guide's expected sufficient statistics
    (:func:`guide_concentrations`) fitted by :mod:`bayes_router.inference.minka`.

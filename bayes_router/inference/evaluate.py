@@ -1,6 +1,6 @@
 """Evaluation of a routed LM: held-out NLL / bits per character and the routing metrics.
 
-Metric names follow DESIGN.md: ``projected_flop_cost``, ``expected_flop_cost`` and
+Metric names follow the results files (``docs/phase1.md``, "How to read the table"): ``projected_flop_cost``, ``expected_flop_cost`` and
 ``routing_entropy`` in %, ``expert_share`` per layer, ``val_nll`` (nats/token), ``val_bpc``.
 ``abar`` is the posterior mean (Bayesian) or the softmax weights (prior-free) in every mode.
 """
@@ -63,7 +63,7 @@ def collect(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: st
 
 
 def routing_metrics(abar: torch.Tensor, costs: torch.Tensor) -> dict:
-    """The routing metrics of DESIGN.md from ``abar (L, N, K)`` and the cost vector."""
+    """The routing metrics (:mod:`bayes_router.core.routing`) from ``abar (L, N, K)`` and the cost vector."""
     abar_np, costs_np = abar.double().numpy(), costs.double().numpy()
     share = expert_share(abar_np)
     return {

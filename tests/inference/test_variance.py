@@ -1,6 +1,5 @@
 """The gradient-variance lab: its summaries, its input checks, and every estimator on a tiny LM."""
 
-import json
 import math
 
 import numpy as np
@@ -9,8 +8,6 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from bayes_router.cli import main
-from bayes_router.experiments.variance_lab import variance_lab
 from bayes_router.inference.estimators import estimator_names, get_estimator
 from bayes_router.inference.objective import loss_and_surrogate
 from bayes_router.inference.toy import toy_elbo_grad
@@ -144,11 +141,6 @@ def test_prior_free_model_is_rejected(data):
         gradient_variance(PriorFreeRoutedLM(tiny_cfg(data)), x, y, num_draws=2)
 
 
-def test_cli_reports_unknown_estimators(tmp_path, capsys):
-    assert main(["variance", "--toy", "--out", str(tmp_path), "--estimators", "nope"]) == 2
-    assert "stl" in capsys.readouterr().err
-
-
 # -- the LM: every estimator trains, and the lab's numbers are finite ---------------------------
 
 
@@ -247,11 +239,3 @@ def test_along_training_measures_at_each_step(data, tmp_path):
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         variance_along_training(tiny_cfg(data), train_cfg, data, tmp_path, [1],
                                 estimators=["reparam-mc"], num_draws=2)
-
-
-def test_toy_lab_writes_its_outputs(tmp_path):
-    variance_lab(tmp_path, toy=True, estimators=["stl", "dreg"], num_draws=200, progress=False)
-    saved = json.loads((tmp_path / "variance.json").read_text())
-    assert set(saved["main"]["estimators"]) == {REFERENCE, "stl", "dreg"}
-    assert (tmp_path / "toy_bars.png").stat().st_size > 0
-    assert "| dreg | no |" in (tmp_path / "report.md").read_text()

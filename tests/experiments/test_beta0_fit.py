@@ -1,0 +1,90 @@
+"""Empirical Bayes for beta0 on run folders (``bayes-router fit-beta0``)."""
+
+import json
+import math
+
+import pytest
+
+from bayes_router.cli import main
+from bayes_router.experiments.beta0_fit import fit_beta0_run
+from bayes_router.experiments.runs import train_run
+from bayes_router.experiments.sweep import read_beta0_mark
+from tests.helpers import tiny_configs as configs
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_corpus):
+    return tiny_corpus
+
+
+@pytest.fixture(scope="module")
+def data(tiny_data):
+    return tiny_data
+
+
+@pytest.fixture(scope="module")
+def fixed_run(data, corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "fixed"
+    model_cfg, train_cfg = configs(data, corpus)
+    train_run(model_cfg, train_cfg, run, progress=False, eval_batches=1, data=data)
+    return run
+
+
+def test_fit_beta0_run_with_both_methods_writes_beta0_json(fixed_run, tmp_path):
+    result = fit_beta0_run(fixed_run, "both", tmp_path, svi_steps=20, stat_batches=2,
+                           eval_batches=1, progress=False)
+    saved = json.loads((tmp_path / "beta0.json").read_text())
+    assert saved["beta0"] == pytest.approx(result["beta0"])
+    assert len(saved["beta0"]) == 2 and all(v > 0 for v in saved["beta0"])
+    for layer, entry in enumerate(saved["layers"]):
+        assert entry["layer"] == layer and entry["beta0_svi"] > 0 and entry["beta0_minka"] > 0
+        geometric = math.sqrt(entry["beta0_svi"] * entry["beta0_minka"])
+        assert saved["beta0"][layer] == pytest.approx(geometric)
+    assert {"settled", "last_iterate", "tail_log_drift"} <= set(saved["estimates"]["svi"])
+    assert {"run", "svi", "minka", "minka_after_svi", "heldout_optimum", "svi_continued_model",
+            "fixed_continued_model"} <= set(saved["elbo"])
+    estimates = [v for entry in saved["layers"] for k, v in entry.items() if "beta0" in k]
+    assert read_beta0_mark(tmp_path / "beta0.json") == pytest.approx(
+        sum(estimates + saved["beta0"]) / (len(estimates) + len(saved["beta0"])))
+    # the held-out optimum is the best beta0 for the fixed guide, on the grid too
+    best = saved["elbo"]["heldout_optimum"]["elbo"]
+    assert all(best >= e["elbo"] - 1e-9 for name, e in saved["elbo"].items()
+               if not name.endswith("continued_model"))
+    for kl, optimum_kl in zip(saved["grid"]["kl"], saved["elbo"]["heldout_optimum"]["kl"],
+                              strict=True):
+        assert optimum_kl <= min(kl) + 1e-9
+    assert (tmp_path / "beta0.png").stat().st_size > 0
+    assert "| minka |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_learned_run_is_read_not_retrained(data, corpus, tmp_path):
+    run = tmp_path / "learned"
+    model_cfg, train_cfg = configs(data, corpus, beta0="learn", steps=5, eval_every=5,
+                                   checkpoint_every=5)
+    metrics = train_run(model_cfg, train_cfg, run, progress=False, eval_batches=1, data=data)
+    result = fit_beta0_run(run, "svi", tmp_path / "eb", stat_batches=1, eval_batches=1,
+                           progress=False)
+    assert result["estimates"]["svi"]["values"] == pytest.approx(metrics["beta0"])
+    assert "minka" not in result["estimates"]
+    assert result["beta0"] == pytest.approx(metrics["beta0"])
+
+
+def test_bad_method_and_prior_free_runs_are_rejected(data, corpus, fixed_run, tmp_path):
+    with pytest.raises(ValueError, match="method must be one of"):
+        fit_beta0_run(fixed_run, "newton", tmp_path, progress=False)
+    run = tmp_path / "pf"
+    model_cfg, train_cfg = configs(data, corpus, router="prior-free", steps=2, eval_every=2,
+                                   checkpoint_every=2)
+    train_run(model_cfg, train_cfg, run, progress=False, eval_batches=1, data=data)
+    with pytest.raises(ValueError, match="needs a Bayesian run"):
+        fit_beta0_run(run, "minka", tmp_path / "out", progress=False)
+
+
+def test_cli_fit_beta0(fixed_run, tmp_path, capsys):
+    code = main(["fit-beta0", str(fixed_run), "--method", "minka", "--out", str(tmp_path),
+                 "--stat-batches", "1", "--eval-batches", "1", "--update-pi"])
+    assert code == 0
+    saved = json.loads((tmp_path / "beta0.json").read_text())
+    assert [entry["beta0_minka"] for entry in saved["layers"]] == pytest.approx(saved["beta0"])
+    assert len(saved["estimates"]["minka"]["full_mean"]) == 2
+    assert "Empirical Bayes for beta0" in capsys.readouterr().out
