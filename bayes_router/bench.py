@@ -23,9 +23,7 @@ import logging
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from bayes_router.core.clock import median_times
 from bayes_router.inference.timing import svi_step_times
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.experts import build_expert, cost_vector, expert_flops
@@ -94,25 +93,6 @@ CONVENTIONS = {
     "hard_layer_target": "measured_ratio <= 1.3 x projected_cost_with_projections (the layer times "
                          "include the projections); the attention-core version is recorded too",
 }
-
-
-def median_times(fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1
-                 ) -> dict[str, float]:
-    """Median wall-clock seconds of each ``fns[label]()`` over ``repeats`` calls.
-
-    The functions are timed round-robin (one call of each per round, after ``warmup`` rounds), so
-    a slow spell of the machine hits them alike and the ratios between them stay fair.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {label: [] for label in fns}
-    for _ in range(repeats):
-        for label, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[label].append(time.perf_counter() - start)
-    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

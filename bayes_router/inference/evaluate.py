@@ -1,19 +1,20 @@
 """Evaluation of a routed LM: held-out NLL / bits per character and the routing metrics.
 
-Metric names follow the results files (``docs/phase1.md``, "How to read the table"): ``projected_flop_cost``, ``expected_flop_cost`` and
-``routing_entropy`` in %, ``expert_share`` per layer, ``val_nll`` (nats/token), ``val_bpc``.
+Metric names follow the results files (``docs/phase1.md``, "How to read the table"):
+``projected_flop_cost``, ``expected_flop_cost`` and ``routing_entropy`` in %, ``expert_share`` per
+layer, ``val_nll`` (nats/token), ``val_bpc``.
 ``abar`` is the posterior mean (Bayesian) or the softmax weights (prior-free) in every mode.
 """
 
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bayes_router.core.clock import median_times
 from bayes_router.core.routing import (
     expected_flop_cost,
     expert_share,
@@ -63,7 +64,8 @@ def collect(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: st
 
 
 def routing_metrics(abar: torch.Tensor, costs: torch.Tensor) -> dict:
-    """The routing metrics (:mod:`bayes_router.core.routing`) from ``abar (L, N, K)`` and the cost vector."""
+    """The routing metrics (:mod:`bayes_router.core.routing`) from ``abar (L, N, K)`` and the
+    cost vector."""
     abar_np, costs_np = abar.double().numpy(), costs.double().numpy()
     share = expert_share(abar_np)
     return {
@@ -111,15 +113,7 @@ def timed_forward(model: RoutedLM, x: torch.Tensor, mode: str = "hard", repeats:
     def reference():
         model.lm(x, full_only, mode="hard")
 
-    routed(), reference()  # warm-up
-    routed_times, full_times = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        routed()
-        routed_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        reference()
-        full_times.append(time.perf_counter() - start)
-    routed_s, full_s = float(np.median(routed_times)), float(np.median(full_times))
+    times = median_times({"routed": routed, "full_only": reference}, repeats, warmup=1)
+    routed_s, full_s = times["routed"], times["full_only"]
     return {"routed_seconds": routed_s, "full_only_seconds": full_s,
             "time_ratio": routed_s / full_s, "repeats": repeats, "mode": mode}

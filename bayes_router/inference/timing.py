@@ -7,12 +7,10 @@ alike; the reported ratios are of medians.
 
 from __future__ import annotations
 
-import time
-
-import numpy as np
 import pyro
 import torch
 
+from bayes_router.core.clock import median_times
 from bayes_router.inference.estimators import get_estimator
 from bayes_router.inference.objective import svi_step
 from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM
@@ -48,20 +46,12 @@ def svi_step_times(cfg: TinyLMConfig, batch_size: int = 16, seq_len: int | None 
         }
         optimisers = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, (m, _) in kinds.items()}
 
-        def step(kind: str) -> float:
+        def step(kind: str):
             model, objective = kinds[kind]
-            start = time.perf_counter()
-            svi_step(objective, model, x, y, optimisers[kind], dataset_size=1000)
-            return time.perf_counter() - start
+            return lambda: svi_step(objective, model, x, y, optimisers[kind], dataset_size=1000)
 
-        for _ in range(warmup):
-            for kind in kinds:
-                step(kind)
-        times = {kind: [] for kind in kinds}
-        for _ in range(repeats):
-            for kind in kinds:
-                times[kind].append(step(kind))
-    medians = {f"{kind}_s": float(np.median(t)) for kind, t in times.items()}
+        times = median_times({kind: step(kind) for kind in kinds}, repeats, warmup)
+    medians = {f"{kind}_s": float(t) for kind, t in times.items()}
     return {**medians,
             "ratio": medians["bayesian_s"] / medians["prior_free_s"],
             "two_pass_ratio": medians["bayesian_two_pass_s"] / medians["prior_free_s"],
