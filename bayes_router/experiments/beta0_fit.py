@@ -8,11 +8,13 @@ import logging
 import math
 from pathlib import Path
 
-import matplotlib.pyplot as plt
+import numpy as np
 import pyro
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 
+from bayes_router.analysis.study_plots import plot_beta0_objective, plot_beta0_trace, save_figure
 from bayes_router.core.dirichlet import dirichlet_kl_to_prior
 from bayes_router.experiments.runs import check_run_dir, load_data, versions, write_json
 from bayes_router.inference.empirical_bayes import (
@@ -175,34 +177,19 @@ def plot_beta0_fit(result: dict, path) -> None:
     layers = len(result["run_prior"])
     trace = result["estimates"].get("svi", {}).get("trace")
     ncols = layers + (1 if trace else 0)
-    fig, axes = plt.subplots(1, ncols, figsize=(4.0 * ncols, 3.3), squeeze=False)
-    grid = result["grid"]["values"]
+    fig = Figure(figsize=(4.0 * ncols, 3.3))
+    axes = list(np.atleast_1d(fig.subplots(1, ncols)))
     for layer in range(layers):
-        ax = axes[0][layer]
-        ax.plot(grid, [-v for v in result["grid"]["kl"][layer]], color="black", lw=1)
-        for name, (color, style) in _ESTIMATE_STYLE.items():
-            if name in result["estimates"]:
-                value = result["estimates"][name]["values"][layer]
-                ax.axvline(value, color=color, linestyle=style, label=f"{name} ({value:.3g})")
-        marked = [-result["elbo"][name]["kl"][layer] for name in _ESTIMATE_STYLE
+        estimates = {name: result["estimates"][name]["values"][layer] for name in _ESTIMATE_STYLE
+                     if name in result["estimates"]}
+        marked = [result["elbo"][name]["kl"][layer] for name in _ESTIMATE_STYLE
                   if name in result["elbo"]]
-        peak = max(marked + [-v for v in result["grid"]["kl"][layer]])
-        span = max(2.0 * (peak - min(marked)), 1e-3)
-        ax.set_ylim(peak - span, peak + 0.1 * span)
-        ax.set_xscale("log")
-        ax.set(xlabel="beta0", ylabel="held-out -KL per token (nats)", title=f"layer {layer}")
-        ax.legend(fontsize=7)
+        plot_beta0_objective(result["grid"]["values"], result["grid"]["kl"][layer], estimates,
+                             ax=axes[layer], marked_kl=marked, styles=_ESTIMATE_STYLE,
+                             title=f"layer {layer}")
     if trace:
-        ax = axes[0][-1]
-        steps = range(1, len(trace) + 1)
-        for layer in range(layers):
-            ax.plot(steps, [t[layer] for t in trace], label=f"layer {layer}")
-        ax.set_yscale("log")
-        ax.set(xlabel="SVI step", ylabel="beta0", title="type-II ML in SVI")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        plot_beta0_trace(trace, ax=axes[-1])
+    save_figure(fig, path)
 
 
 def beta0_report(result: dict) -> str:

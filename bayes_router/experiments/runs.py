@@ -13,13 +13,19 @@ import math
 import platform
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pyro
 import torch
+from matplotlib.figure import Figure
 
 import bayes_router
 from bayes_router.analysis.plots import plot_expert_share
+from bayes_router.analysis.study_plots import (
+    plot_shares,
+    plot_training_loss,
+    plot_validation,
+    save_figure,
+)
 from bayes_router.data import corpus_statistics, load_corpus
 from bayes_router.data.tokens import TokenData, token_data
 from bayes_router.inference.evaluate import evaluate, timed_forward
@@ -172,12 +178,11 @@ def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None
 
 
 def _evaluation_report(run_dir: Path, metrics: dict, mode: str, split: str, experts) -> None:
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    plot_expert_share(np.asarray(metrics["expert_share"]), ax=ax, expert_names=experts)
+    fig = Figure(figsize=(4.5, 3.2))
+    ax = plot_expert_share(np.asarray(metrics["expert_share"]), ax=fig.add_subplot(),
+                           expert_names=experts)
     ax.set_title(f"expert share ({mode} routing)")
-    fig.tight_layout()
-    fig.savefig(run_dir / f"expert_share_{mode}.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, run_dir / f"expert_share_{mode}.png")
     t = metrics["timing"]
     lines = [f"# Evaluation: {mode} routing on the {split} split", "",
              "| metric | value |", "|---|---|",
@@ -207,13 +212,9 @@ def corpus_report(spec: str, out_dir: Path, max_chars: int | None = None) -> dic
         labels, shares = list(stats["oracle_label_share"]), list(
             stats["oracle_label_share"].values())
         title = "oracle label share of the targets"
-    fig, ax = plt.subplots(figsize=(9, 3))
-    ax.bar(range(len(shares)), shares)
-    ax.set_xticks(range(len(shares)), labels, fontsize=7)
-    ax.set(ylabel="share", title=f"{stats['name']}: {title}")
-    fig.tight_layout()
-    fig.savefig(out_dir / "data.png", dpi=110)
-    plt.close(fig)
+    fig = Figure(figsize=(9, 3))
+    plot_shares(labels, shares, ax=fig.add_subplot(), title=f"{stats['name']}: {title}")
+    save_figure(fig, out_dir / "data.png")
     lines = [f"# Corpus `{stats['name']}`", "", "```json",
              json.dumps({k: v for k, v in stats.items()
                          if k not in ("top_characters", "top_tokens")}, indent=2),
@@ -224,18 +225,11 @@ def corpus_report(spec: str, out_dir: Path, max_chars: int | None = None) -> dic
 
 def plot_training(history: list[dict], evaluations: list[dict], path: Path) -> None:
     """Loss trace and validation bits per character of a run."""
-    if not history:
-        raise ValueError("nothing to plot: the run has no training history")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    steps = [r["step"] for r in history]
-    axes[0].plot(steps, [r["loss"] for r in history], lw=0.8)
-    axes[0].set(xlabel="step", ylabel="loss (nats/token)", title="training objective")
-    if evaluations:
-        axes[1].plot([e["step"] for e in evaluations], [e["val_bpc"] for e in evaluations], "o-")
-    axes[1].set(xlabel="step", ylabel="val bits/char", title="validation")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig = Figure(figsize=(9, 3.2))
+    loss_ax, val_ax = fig.subplots(1, 2)
+    plot_training_loss(history, ax=loss_ax)
+    plot_validation(evaluations, ax=val_ax).set_ylabel("val bits/char")
+    save_figure(fig, path)
 
 
 def _fmt(value, digits: int = 3) -> str:

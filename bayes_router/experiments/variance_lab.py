@@ -10,15 +10,19 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-import numpy as np
 import pyro
 import torch
 
-from bayes_router.analysis.plots import plot_estimator_bars
+from bayes_router.analysis.study_plots import (
+    plot_panels,
+    plot_variance_along_training,
+    plot_variance_bars,
+    plot_variance_vs_beta0,
+    plot_variance_vs_particles,
+    save_figure,
+)
 from bayes_router.data.tokens import token_data
 from bayes_router.experiments.runs import check_run_dir, load_data, versions, write_json
-from bayes_router.inference.estimators import estimator_names
 from bayes_router.inference.train import CHECKPOINT_NAME, TrainConfig, load_trained
 from bayes_router.inference.variance import (
     DEFAULT_PARTICLE_ESTIMATORS,
@@ -41,108 +45,6 @@ from bayes_router.models.config import TinyLMConfig
 
 logger = logging.getLogger(__name__)
 
-
-
-# ------------------------------------------------------------------------------------------------
-# figures
-
-
-def _positive(values) -> np.ndarray:
-    values = np.asarray(values, dtype=float)
-    return np.where(np.isfinite(values) & (values > 0), values, np.nan)
-
-
-def plot_variance_bars(result: dict, group: str, key: str = "total_variance", ax=None,
-                       ylabel: str | None = None):
-    """Bars of one summary ``key`` per estimator for one parameter ``group`` (log scale).
-    Estimators with a non-positive or infinite value are left out of the bars."""
-    names = [n for n, e in result["estimators"].items() if group in e["groups"]]
-    values = _positive([result["estimators"][n]["groups"][group][key] for n in names])
-    keep = ~np.isnan(values)
-    if not keep.any():
-        raise ValueError(f"no estimator has a positive finite {key} for group {group!r}")
-    labels = [f"{n} (N={result['estimators'][n]['num_particles']})"
-              for n, k in zip(names, keep, strict=True) if k]
-    ax = plot_estimator_bars(labels, values[keep], ax=ax, ylabel=ylabel or key)
-    ax.set_title(GROUP_LABELS.get(group, group), fontsize=9)
-    return ax
-
-
-def estimator_color(name: str) -> str:
-    """A fixed colour per registered estimator, so that panels and figures agree."""
-    names = estimator_names()
-    return f"C{names.index(name) % 10}" if name in names else "black"
-
-
-def _plot_sweep(sweep: dict, axis_key: str, group: str, key: str, ax, xlabel: str):
-    if ax is None:
-        _, ax = plt.subplots()
-    drawn = False
-    for name, points in sweep["estimators"].items():
-        xs, ys = [], []
-        for x in sweep[axis_key]:
-            entry = points.get(repr(float(x)) if axis_key == "beta0_values" else str(x), {})
-            if "groups" in entry and group in entry["groups"]:
-                xs.append(x)
-                ys.append(entry["groups"][group][key])
-        ys = _positive(ys)
-        if len(xs) and not np.isnan(ys).all():
-            ax.plot(xs, ys, marker="o", label=name, color=estimator_color(name))
-            drawn = True
-    if not drawn:
-        raise ValueError(f"nothing to draw: no {key} for group {group!r}")
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(key.replace("_", " "))
-    ax.set_title(GROUP_LABELS.get(group, group), fontsize=9)
-    return ax
-
-
-def plot_variance_vs_particles(sweep: dict, group: str, key: str = "total_variance", ax=None):
-    """Total variance (or another summary) against the number of particles, log-log."""
-    ax = _plot_sweep(sweep, "particles", group, key, ax, "particles N")
-    ax.set_xscale("log", base=2)
-    return ax
-
-
-def plot_variance_vs_beta0(sweep: dict, group: str, key: str = "total_variance", ax=None):
-    """Total variance (or another summary) against the prior concentration, log-log."""
-    ax = _plot_sweep(sweep, "beta0_values", group, key, ax, "prior concentration beta0")
-    ax.set_xscale("log")
-    return ax
-
-
-def plot_variance_along_training(sweep: dict, group: str, key: str = "total_variance", ax=None):
-    """Total variance (or another summary) at each measured training step."""
-    return _plot_sweep(sweep, "steps", group, key, ax, "training step")
-
-
-def _save_panels(path: Path, groups: Sequence[str], draw, keys: Sequence[str] = (
-        "total_variance",), title: str = "") -> None:
-    """A grid of panels, one row per summary key and one column per group (a single row of keys
-    when there is one group)."""
-    cells = ([(key, groups[0]) for key in keys] if len(groups) == 1 else
-             [(key, group) for key in keys for group in groups])
-    nrows, ncols = (1, len(keys)) if len(groups) == 1 else (len(keys), len(groups))
-    fig, axes = plt.subplots(nrows, ncols, squeeze=False, figsize=(4.4 * ncols, 3.6 * nrows))
-    flat = [ax for row in axes for ax in row]
-    for ax, (key, group) in zip(flat, cells, strict=True):
-        try:
-            draw(group, key, ax)
-        except ValueError as error:
-            ax.set_axis_off()
-            ax.set_title(f"{group}: {error}", fontsize=7)
-    legend = {}
-    for ax in flat:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            legend.setdefault(label, handle)
-    if legend:
-        flat[ncols - 1].legend(list(legend.values()), list(legend), fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,16 +201,16 @@ def _write_outputs(out_dir: Path, result: dict) -> None:
     main = result["main"]
     figures = []
     if result["mode"] == "toy":
-        _save_panels(out_dir / "toy_bars.png", ["a"],
-                     lambda g, k, ax: plot_variance_bars(main, g, k, ax),
-                     ("total_variance", "median_snr", "efficiency"),
-                     "conjugate toy: gradient w.r.t. the guide concentration a")
+        save_figure(plot_panels(lambda g, k, ax: plot_variance_bars(main, g, k, ax), ["a"],
+                                ("total_variance", "median_snr", "efficiency"),
+                                "conjugate toy: gradient w.r.t. the guide concentration a"),
+                    out_dir / "toy_bars.png")
         figures.append(("toy_bars.png", "Variance, SNR and efficiency per estimator (toy)"))
     else:
         groups = _groups_of(main)
-        _save_panels(out_dir / "variance_bars.png", groups,
-                     lambda g, k, ax: plot_variance_bars(main, g, k, ax),
-                     ("total_variance", "median_snr", "efficiency"))
+        save_figure(plot_panels(lambda g, k, ax: plot_variance_bars(main, g, k, ax), groups,
+                                ("total_variance", "median_snr", "efficiency")),
+                    out_dir / "variance_bars.png")
         figures.append(("variance_bars.png", "Variance, median SNR and efficiency per "
                                              "estimator and parameter group"))
         for key, plot, name, caption in (
@@ -320,9 +222,9 @@ def _write_outputs(out_dir: Path, result: dict) -> None:
                  "variance_along_training.png",
                  "Total variance and median SNR along training")):
             if result.get(key):
-                _save_panels(out_dir / name, groups,
-                             lambda g, k, ax, plot=plot, key=key: plot(result[key], g, k, ax),
-                             ("total_variance", "median_snr"))
+                save_figure(plot_panels(
+                    lambda g, k, ax, plot=plot, key=key: plot(result[key], g, k, ax), groups,
+                    ("total_variance", "median_snr")), out_dir / name)
                 figures.append((name, caption))
     (out_dir / "report.md").write_text(variance_report(result, figures))
 
@@ -421,11 +323,6 @@ def variance_report(result: dict, figures: Sequence[tuple[str, str]] = ()) -> st
 
 
 __all__ = [
-    "estimator_color",
-    "plot_variance_along_training",
-    "plot_variance_bars",
-    "plot_variance_vs_beta0",
-    "plot_variance_vs_particles",
     "summary_table",
     "sweep_table",
     "variance_lab",

@@ -1,0 +1,219 @@
+"""Plots of the studies: training curves, corpus statistics, gradient-variance results and the
+empirical-Bayes fit of ``beta0``.
+
+Same style as :mod:`bayes_router.analysis.plots`: ``plot_<thing>(..., ax=None) -> Axes``, drawing
+precomputed values; called without ``ax`` they open a pyplot figure, as in a notebook.
+:func:`plot_panels` lays several of them out in one :class:`matplotlib.figure.Figure` made
+without pyplot, and :func:`save_figure` writes it: the studies that write files never touch
+pyplot's global state, and nothing here chooses a backend (the command line does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from bayes_router.analysis.plots import plot_estimator_bars
+from bayes_router.inference.estimators import estimator_names
+from bayes_router.inference.variance import GROUP_LABELS
+
+
+def _axes(ax: Axes | None, figsize=(5.0, 3.4)) -> Axes:
+    if ax is None:  # as plots._axes: a new pyplot figure, for interactive use
+        _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def save_figure(fig: Figure, path: Path, dpi: int = 110) -> str:
+    """Write ``fig`` to ``path`` (tight layout) and return the file name."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    return Path(path).name
+
+
+def plot_panels(draw: Callable[[str, str, Axes], object], groups: Sequence[str],
+                keys: Sequence[str] = ("total_variance",), title: str = "") -> Figure:
+    """A grid of panels, one row per summary key and one column per group (a single row of keys
+    when there is one group); ``draw(group, key, ax)`` fills one. A panel whose ``draw`` raises
+    ``ValueError`` (nothing to draw) says so instead. One legend, merged over the panels."""
+    cells = ([(key, groups[0]) for key in keys] if len(groups) == 1 else
+             [(key, group) for key in keys for group in groups])
+    nrows, ncols = (1, len(keys)) if len(groups) == 1 else (len(keys), len(groups))
+    fig = Figure(figsize=(4.4 * ncols, 3.6 * nrows))
+    flat = list(np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel())
+    for ax, (key, group) in zip(flat, cells, strict=True):
+        try:
+            draw(group, key, ax)
+        except ValueError as error:
+            ax.set_axis_off()
+            ax.set_title(f"{group}: {error}", fontsize=7)
+    legend = {}
+    for ax in flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    if legend:
+        flat[ncols - 1].legend(list(legend.values()), list(legend), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+# ---------------------------------------------------------------------------- training and data
+
+
+def plot_training_loss(history: Sequence[Mapping], ax: Axes | None = None) -> Axes:
+    """The per-token training objective at every logged step."""
+    if not history:
+        raise ValueError("nothing to plot: the run has no training history")
+    ax = _axes(ax)
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], lw=0.8)
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="training objective")
+    return ax
+
+
+def plot_validation(evaluations: Sequence[Mapping], ax: Axes | None = None,
+                    key: str = "val_bpc") -> Axes:
+    """A validation metric at each evaluation of a run."""
+    ax = _axes(ax)
+    if evaluations:
+        ax.plot([e["step"] for e in evaluations], [e[key] for e in evaluations], "o-")
+    ax.set(xlabel="step", ylabel=key.replace("_", " "), title="validation")
+    return ax
+
+
+def plot_shares(labels: Sequence[str], shares: Sequence[float], ax: Axes | None = None,
+                title: str = "") -> Axes:
+    """Bars of shares (e.g. character frequencies or oracle labels of a corpus)."""
+    if len(labels) != len(shares) or not len(shares):
+        raise ValueError("labels and shares must be non-empty and of one length")
+    ax = _axes(ax, figsize=(9.0, 3.0))
+    ax.bar(range(len(shares)), shares)
+    ax.set_xticks(range(len(shares)), labels, fontsize=7)
+    ax.set(ylabel="share", title=title)
+    return ax
+
+
+# ---------------------------------------------------------------------------- gradient variance
+
+
+def _positive(values) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    return np.where(np.isfinite(values) & (values > 0), values, np.nan)
+
+
+def estimator_color(name: str) -> str:
+    """A fixed colour per registered estimator, so that panels and figures agree."""
+    names = estimator_names()
+    return f"C{names.index(name) % 10}" if name in names else "black"
+
+
+def plot_variance_bars(result: dict, group: str, key: str = "total_variance",
+                       ax: Axes | None = None, ylabel: str | None = None) -> Axes:
+    """Bars of one summary ``key`` per estimator for one parameter ``group`` (log scale).
+    Estimators with a non-positive or infinite value are left out of the bars."""
+    names = [n for n, e in result["estimators"].items() if group in e["groups"]]
+    values = _positive([result["estimators"][n]["groups"][group][key] for n in names])
+    keep = ~np.isnan(values)
+    if not keep.any():
+        raise ValueError(f"no estimator has a positive finite {key} for group {group!r}")
+    labels = [f"{n} (N={result['estimators'][n]['num_particles']})"
+              for n, k in zip(names, keep, strict=True) if k]
+    ax = plot_estimator_bars(labels, values[keep], ax=ax,
+                             ylabel=ylabel or key.replace("_", " "))
+    ax.set_title(GROUP_LABELS.get(group, group), fontsize=9)
+    return ax
+
+
+def _plot_sweep(sweep: dict, axis_key: str, group: str, key: str, ax: Axes | None,
+                xlabel: str) -> Axes:
+    ax = _axes(ax)
+    drawn = False
+    for name, points in sweep["estimators"].items():
+        xs, ys = [], []
+        for x in sweep[axis_key]:
+            entry = points.get(repr(float(x)) if axis_key == "beta0_values" else str(x), {})
+            if "groups" in entry and group in entry["groups"]:
+                xs.append(x)
+                ys.append(entry["groups"][group][key])
+        ys = _positive(ys)
+        if len(xs) and not np.isnan(ys).all():
+            ax.plot(xs, ys, marker="o", label=name, color=estimator_color(name))
+            drawn = True
+    if not drawn:
+        raise ValueError(f"nothing to draw: no {key} for group {group!r}")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(key.replace("_", " "))
+    ax.set_title(GROUP_LABELS.get(group, group), fontsize=9)
+    return ax
+
+
+def plot_variance_vs_particles(sweep: dict, group: str, key: str = "total_variance",
+                               ax: Axes | None = None) -> Axes:
+    """Total variance (or another summary) against the number of particles, log-log."""
+    ax = _plot_sweep(sweep, "particles", group, key, ax, "particles N")
+    ax.set_xscale("log", base=2)
+    return ax
+
+
+def plot_variance_vs_beta0(sweep: dict, group: str, key: str = "total_variance",
+                           ax: Axes | None = None) -> Axes:
+    """Total variance (or another summary) against the prior concentration, log-log."""
+    ax = _plot_sweep(sweep, "beta0_values", group, key, ax, "prior concentration beta0")
+    ax.set_xscale("log")
+    return ax
+
+
+def plot_variance_along_training(sweep: dict, group: str, key: str = "total_variance",
+                                 ax: Axes | None = None) -> Axes:
+    """Total variance (or another summary) at each measured training step."""
+    return _plot_sweep(sweep, "steps", group, key, ax, "training step")
+
+
+# ---------------------------------------------------------------------------- empirical Bayes
+
+
+def plot_beta0_objective(grid: Sequence[float], kl: Sequence[float],
+                         estimates: Mapping[str, float], ax: Axes | None = None,
+                         marked_kl: Sequence[float] = (), styles: Mapping | None = None,
+                         title: str = "") -> Axes:
+    """The held-out ``-KL`` per token against ``beta0`` (log axis), each estimate a vertical
+    line; the y-range zooms on the estimates' ``-KL`` values ``marked_kl``.
+
+    :param styles: ``name -> (color, linestyle)`` of the estimates.
+    """
+    if len(grid) != len(kl) or not len(grid):
+        raise ValueError("grid and kl must be non-empty and of one length")
+    ax = _axes(ax, figsize=(4.0, 3.3))
+    ax.plot(grid, [-v for v in kl], color="black", lw=1)
+    for name, value in estimates.items():
+        color, style = (styles or {}).get(name, ("C0", "-"))
+        ax.axvline(value, color=color, linestyle=style, label=f"{name} ({value:.3g})")
+    marked = [-v for v in marked_kl]
+    peak = max(marked + [-v for v in kl])
+    span = max(2.0 * (peak - min(marked)), 1e-3) if marked else None
+    if span is not None:
+        ax.set_ylim(peak - span, peak + 0.1 * span)
+    ax.set_xscale("log")
+    ax.set(xlabel="beta0", ylabel="held-out -KL per token (nats)", title=title)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_beta0_trace(trace: Sequence[Sequence[float]], ax: Axes | None = None) -> Axes:
+    """``beta0`` of every layer at each SVI step (log axis)."""
+    if not trace:
+        raise ValueError("nothing to plot: empty beta0 trace")
+    ax = _axes(ax, figsize=(4.0, 3.3))
+    steps = range(1, len(trace) + 1)
+    for layer in range(len(trace[0])):
+        ax.plot(steps, [t[layer] for t in trace], label=f"layer {layer}")
+    ax.set_yscale("log")
+    ax.set(xlabel="SVI step", ylabel="beta0", title="type-II ML in SVI")
+    ax.legend(fontsize=7)
+    return ax
