@@ -165,17 +165,25 @@ def expected_calibration_error(probs, labels, n_bins: int = 15,
     :param n_bins: number of bins.
     :param binning: ``"equal-width"`` or ``"equal-mass"``.
     """
-    curve = reliability_curve(probs, labels, n_bins, binning)
+    return curve_calibration_error(reliability_curve(probs, labels, n_bins, binning))
+
+
+def curve_calibration_error(curve: ReliabilityCurve) -> float:
+    """The expected calibration error of a reliability curve: its bins' gaps, count-weighted."""
     filled = curve.count > 0
     weights = curve.count[filled] / curve.count.sum()
     return float(np.sum(weights * curve.calibration_gap[filled]))
 
 
+def curve_maximum_calibration_error(curve: ReliabilityCurve) -> float:
+    """The largest gap ``|acc_j - conf_j|`` of a reliability curve's non-empty bins."""
+    return float(np.max(curve.calibration_gap[curve.count > 0]))
+
+
 def maximum_calibration_error(probs, labels, n_bins: int = 15,
                               binning: str = "equal-width") -> float:
     """Top-label maximum calibration error ``max_j |acc_j - conf_j|`` over non-empty bins."""
-    curve = reliability_curve(probs, labels, n_bins, binning)
-    return float(np.max(curve.calibration_gap[curve.count > 0]))
+    return curve_maximum_calibration_error(reliability_curve(probs, labels, n_bins, binning))
 
 
 def brier_score(probs, labels) -> float:

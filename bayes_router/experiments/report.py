@@ -32,7 +32,6 @@ import logging
 import math
 import string
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,22 +42,22 @@ from tqdm.auto import tqdm
 
 from bayes_router.analysis import (
     ReliabilityCurve,
-    bootstrap_ci,
-    brier_score,
-    expected_calibration_error,
     kl_divergence_categorical,
-    maximum_calibration_error,
-    negative_log_likelihood,
     plot_expert_share,
     plot_reliability_diagram,
     plot_routing_simplex,
     plot_uncertainty_strip,
     plot_uncertainty_vs_damage,
-    reliability_curve,
-    reliability_curve_from_confidence,
     routing_accuracy_by_decile,
     routing_uncertainty,
     uncertainty_diagnostics,
+)
+from bayes_router.analysis.calibration import (
+    CALIBRATION_BINS,
+    CALIBRATION_METRICS,
+    calibration_summary,
+    curve_from_dict,
+    paired_difference,
 )
 from bayes_router.core.dirichlet import normalised_entropy
 from bayes_router.data.synthetic import ORACLE_LABELS
@@ -76,21 +75,9 @@ from bayes_router.models.bayesian import BayesianRoutedLM
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCHES = EVAL_BATCHES  # the windows behind metrics.json
-CALIBRATION_BINS = 15
 EXCERPT_LEN = 80
 SIMPLEX_SAMPLES = 400
 _SYMBOLS = string.digits + string.ascii_letters + string.punctuation
-
-#: The calibration metrics of a predictive ``(probs (N, C), labels (N,))``.
-CALIBRATION_METRICS = {
-    "ece": partial(expected_calibration_error, n_bins=CALIBRATION_BINS),
-    "ece_equal_mass": partial(expected_calibration_error, n_bins=CALIBRATION_BINS,
-                              binning="equal-mass"),
-    "mce": partial(maximum_calibration_error, n_bins=CALIBRATION_BINS),
-    "brier": brier_score,
-    "nll": negative_log_likelihood,
-}
-
 
 # ------------------------------------------------------------------------------------------------
 # one pass over the split
@@ -125,15 +112,6 @@ class TokenArrays:
     @property
     def n_windows(self) -> int:
         return len(self.tokens) // self.window_len
-
-
-@torch.no_grad()
-def routing_damage(model, x: torch.Tensor) -> torch.Tensor:
-    """Per-token damage of hard routing ``KL(soft || hard)`` ``(B, T)`` in nats: the predictive
-    under soft routing against the one under hard (argmax) routing, on the same inputs."""
-    soft = model.predict(x, mode="soft").logits.double()
-    hard = model.predict(x, mode="hard").logits.double()
-    return kl_divergence_categorical(soft, hard)
 
 
 @torch.no_grad()
@@ -203,79 +181,6 @@ def collect_tokens(model, data, split: str, seq_len: int, max_batches: int | Non
 
 # ------------------------------------------------------------------------------------------------
 # the numbers
-
-
-def token_summary(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-token top-label confidence, correctness, Brier term and NLL: everything the
-    calibration metrics depend on, so that bootstrap resamples need not copy ``(N, V)``."""
-    confidence = probs.max(-1)
-    rows = np.arange(len(labels))
-    correct = probs.argmax(-1) == labels
-    brier = np.square(probs.astype(np.float64)).sum(-1) - 2 * probs[rows, labels] + 1.0
-    with np.errstate(divide="ignore"):
-        nll = -np.log(probs[rows, labels].astype(np.float64))
-    return {"confidence": confidence, "correct": correct, "brier": brier, "nll": nll}
-
-
-def _summary_metric(name: str):
-    """Metric ``name`` as a function of windows of the per-token summary arrays."""
-    def metric(confidence, correct, brier, nll):
-        if name == "brier":
-            return float(brier.mean())
-        if name == "nll":
-            return float(nll.mean())
-        binning = "equal-mass" if name == "ece_equal_mass" else "equal-width"
-        curve = reliability_curve_from_confidence(confidence.reshape(-1), correct.reshape(-1),
-                                                  CALIBRATION_BINS, binning)
-        gap, filled = curve.calibration_gap, curve.count > 0
-        if name == "mce":
-            return float(gap[filled].max())
-        return float(np.sum(curve.count[filled] / curve.count.sum() * gap[filled]))
-    return metric
-
-
-def _curve_dict(curve: ReliabilityCurve) -> dict:
-    return {"confidence": curve.confidence, "accuracy": curve.accuracy, "count": curve.count,
-            "edges": curve.edges, "binning": curve.binning}
-
-
-def curve_from_dict(data: dict) -> ReliabilityCurve:
-    """The :class:`ReliabilityCurve` stored by :func:`calibration_summary` in a JSON file."""
-    return ReliabilityCurve(*(np.asarray(data[k], dtype=float) for k in
-                              ("confidence", "accuracy", "count", "edges")), data["binning"])
-
-
-def calibration_summary(probs: np.ndarray, labels: np.ndarray, window_len: int,
-                        n_boot: int = 1000, seed: int = 0) -> dict:
-    """Every metric of :data:`CALIBRATION_METRICS` with a bootstrap interval over windows, the
-    top-1 accuracy and the equal-width and equal-mass reliability curves.
-
-    :param probs: predictive probabilities ``(N, V)``, ``N`` a multiple of ``window_len``.
-    :param labels: next tokens ``(N,)``.
-    """
-    summary = [a.reshape(-1, window_len) for a in token_summary(probs, labels).values()]
-    result = {}
-    for name, metric in CALIBRATION_METRICS.items():
-        _, low, high = bootstrap_ci(_summary_metric(name), *summary, n_boot=n_boot, seed=seed)
-        result[name] = {"value": metric(probs, labels), "low": low, "high": high}
-    result["accuracy"] = float(np.mean(probs.argmax(-1) == labels))
-    result["reliability"] = {
-        binning: _curve_dict(reliability_curve(probs, labels, CALIBRATION_BINS, binning))
-        for binning in ("equal-width", "equal-mass")}
-    return result
-
-
-def paired_difference(metric, probs_a: np.ndarray, probs_b: np.ndarray, labels: np.ndarray,
-                      window_len: int, n_boot: int = 1000, seed: int = 0) -> dict:
-    """``metric(b) - metric(a)`` with a paired bootstrap interval over windows."""
-    name = next(k for k, v in CALIBRATION_METRICS.items() if v is metric)
-    per_windows = _summary_metric(name)
-    a = [x.reshape(-1, window_len) for x in token_summary(probs_a, labels).values()]
-    b = [x.reshape(-1, window_len) for x in token_summary(probs_b, labels).values()]
-    _, low, high = bootstrap_ci(lambda *ab: per_windows(*ab[4:]) - per_windows(*ab[:4]),
-                                *a, *b, n_boot=n_boot, seed=seed)
-    return {"value": metric(probs_b, labels) - metric(probs_a, labels), "low": low,
-            "high": high}
 
 
 def token_uncertainty(arrays: TokenArrays) -> dict[str, np.ndarray]:
