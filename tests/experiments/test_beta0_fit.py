@@ -13,20 +13,10 @@ from tests.helpers import tiny_configs as configs
 
 
 @pytest.fixture(scope="module")
-def corpus(tiny_corpus):
-    return tiny_corpus
-
-
-@pytest.fixture(scope="module")
-def data(tiny_data):
-    return tiny_data
-
-
-@pytest.fixture(scope="module")
-def fixed_run(data, corpus, tmp_path_factory):
+def fixed_run(tiny_data, tiny_corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "fixed"
-    model_cfg, train_cfg = configs(data, corpus)
-    train_run(model_cfg, train_cfg, run, progress=False, eval_batches=1, data=data)
+    model_cfg, train_cfg = configs(tiny_data, tiny_corpus)
+    train_run(model_cfg, train_cfg, run, progress=False, eval_batches=1, data=tiny_data)
     return run
 
 
@@ -57,11 +47,12 @@ def test_fit_beta0_run_with_both_methods_writes_beta0_json(fixed_run, tmp_path):
     assert "| minka |" in (tmp_path / "report.md").read_text()
 
 
-def test_a_learned_run_is_read_not_retrained(data, corpus, tmp_path):
+def test_a_learned_run_is_read_not_retrained(tiny_data, tiny_corpus, tmp_path):
     run = tmp_path / "learned"
-    model_cfg, train_cfg = configs(data, corpus, beta0="learn", steps=5, eval_every=5,
-                                   checkpoint_every=5)
-    metrics = train_run(model_cfg, train_cfg, run, progress=False, eval_batches=1, data=data)
+    model_cfg, train_cfg = configs(tiny_data, tiny_corpus, beta0="learn", steps=5,
+                                   eval_every=5, checkpoint_every=5)
+    metrics = train_run(model_cfg, train_cfg, run, progress=False, eval_batches=1,
+                        data=tiny_data)
     result = fit_beta0_run(run, "svi", tmp_path / "eb", stat_batches=1, eval_batches=1,
                            progress=False)
     assert result["estimates"]["svi"]["values"] == pytest.approx(metrics["beta0"])
@@ -69,13 +60,14 @@ def test_a_learned_run_is_read_not_retrained(data, corpus, tmp_path):
     assert result["beta0"] == pytest.approx(metrics["beta0"])
 
 
-def test_bad_method_and_prior_free_runs_are_rejected(data, corpus, fixed_run, tmp_path):
+def test_bad_method_and_prior_free_runs_are_rejected(tiny_data, tiny_corpus, fixed_run,
+                                                     tmp_path):
     with pytest.raises(ValueError, match="method must be one of"):
         fit_beta0_run(fixed_run, "newton", tmp_path, progress=False)
     run = tmp_path / "pf"
-    model_cfg, train_cfg = configs(data, corpus, router="prior-free", steps=2, eval_every=2,
-                                   checkpoint_every=2)
-    train_run(model_cfg, train_cfg, run, progress=False, eval_batches=1, data=data)
+    model_cfg, train_cfg = configs(tiny_data, tiny_corpus, router="prior-free", steps=2,
+                                   eval_every=2, checkpoint_every=2)
+    train_run(model_cfg, train_cfg, run, progress=False, eval_batches=1, data=tiny_data)
     with pytest.raises(ValueError, match="needs a Bayesian run"):
         fit_beta0_run(run, "minka", tmp_path / "out", progress=False)
 
