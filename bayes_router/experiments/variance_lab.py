@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pyro
 import torch
 
@@ -21,9 +22,17 @@ from bayes_router.analysis.study_plots import (
     plot_variance_vs_particles,
     save_figure,
 )
-from bayes_router.data.tokens import token_data
+from bayes_router.data.tokens import TokenData, token_data
 from bayes_router.experiments.runs import check_run_dir, load_data, versions, write_json
-from bayes_router.inference.train import CHECKPOINT_NAME, TrainConfig, load_trained
+from bayes_router.inference.gradient_stats import snr_noise_floor
+from bayes_router.inference.toy_variance import toy_gradient_variance
+from bayes_router.inference.train import (
+    CHECKPOINT_NAME,
+    TrainConfig,
+    build_routed_lm,
+    load_trained,
+    train,
+)
 from bayes_router.inference.variance import (
     DEFAULT_PARTICLE_ESTIMATORS,
     DEFAULT_SWEEP_ESTIMATORS,
@@ -32,11 +41,7 @@ from bayes_router.inference.variance import (
     check_estimators,
     check_num_draws,
     gradient_variance,
-    models_along_training,
     particles_for,
-    snr_noise_floor,
-    toy_gradient_variance,
-    variance_along_training,
     variance_vs_beta0,
     variance_vs_particles,
 )
@@ -45,6 +50,74 @@ from bayes_router.models.config import TinyLMConfig
 
 logger = logging.getLogger(__name__)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# training in segments, measuring between them
+
+
+def models_along_training(model_cfg, train_cfg, data: TokenData, out_dir: Path, steps,
+                          progress: bool):
+    """Yield ``(step, model, mean loss of the last 10 steps or None)`` at each of the ascending
+    ``steps`` (0: the initialisation). The training loop keeps only its latest checkpoint, so it
+    is stopped at each step with ``max_steps`` and resumed from there, which reproduces an
+    uninterrupted run exactly."""
+    done = 0
+    for step in steps:
+        if step == 0:
+            with pyro.settings.context(module_local_params=True):
+                torch.manual_seed(train_cfg.seed)
+                model = build_routed_lm(model_cfg, train_cfg)
+            yield 0, model, None
+            continue
+        result = train(model_cfg, train_cfg, data, out_dir=out_dir, resume=done > 0,
+                       progress=progress, max_steps=step)
+        done = step
+        yield step, result.model, float(np.mean([r["loss"] for r in result.history[-10:]]))
+
+
+def variance_along_training(model_cfg, train_cfg, data: TokenData, out_dir: Path,
+                            steps: Sequence[int], *,
+                            estimators: Sequence[str] | None = DEFAULT_SWEEP_ESTIMATORS,
+                            num_draws: int = 30, batch_seed: int = 0, progress: bool = False,
+                            **options) -> dict:
+    """Train ``train_cfg`` in segments into ``out_dir`` and run :func:`gradient_variance` at each
+    of ``steps`` (step 0 is the initialisation), always on the same training minibatch.
+
+    The training loop keeps only its latest checkpoint, so the run is stopped at each step with
+    ``max_steps`` and resumed from it (resuming reproduces an uninterrupted run exactly).
+
+    :returns: ``{"steps": [...], "estimators": {name: {str(step): result}}, "loss": {...}}``.
+    :raises ValueError: if ``out_dir`` already holds a checkpoint, or a step exceeds
+        ``train_cfg.steps``.
+    """
+    names = check_estimators(estimators)
+    steps = sorted({int(s) for s in steps})
+    if not steps or steps[0] < 0 or steps[-1] > train_cfg.steps:
+        raise ValueError(f"steps must lie in [0, train_cfg.steps = {train_cfg.steps}], got "
+                         f"{steps}")
+    out_dir = Path(out_dir)
+    if (out_dir / CHECKPOINT_NAME).exists():
+        raise ValueError(f"{out_dir} already holds a checkpoint; choose an empty folder")
+    x, y = data.sample_batch("train", train_cfg.batch_size, train_cfg.seq_len,
+                             torch.Generator().manual_seed(batch_seed))
+    dataset_size = data.num_windows("train", train_cfg.seq_len)
+    table: dict[str, dict] = {name: {} for name in names}
+    losses = {}
+    for step, model, loss in models_along_training(model_cfg, train_cfg, data, out_dir, steps,
+                                                    progress):
+        if loss is not None:
+            losses[str(step)] = loss
+        measured = gradient_variance(model, x, y, dataset_size=dataset_size, estimators=names,
+                                     num_draws=num_draws, **options)
+        for name in names:
+            table[name][str(step)] = measured["estimators"][name]
+    return {"steps": steps, "estimators": table, "train_loss": losses,
+            "num_draws": num_draws, "run_dir": str(out_dir)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the conjugate toy
 
 
 # ------------------------------------------------------------------------------------------------

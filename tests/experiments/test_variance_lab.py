@@ -4,7 +4,7 @@ import json
 
 from bayes_router.cli import main
 from bayes_router.experiments.variance_lab import variance_lab
-from bayes_router.inference.variance import REFERENCE
+from bayes_router.inference.gradient_stats import REFERENCE
 
 
 def test_cli_reports_unknown_estimators(tmp_path, capsys):

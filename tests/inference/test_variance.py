@@ -8,19 +8,17 @@ import pytest
 import torch
 from scipy.stats import chi2
 
+from bayes_router.experiments.variance_lab import variance_along_training
 from bayes_router.inference.estimators import estimator_names, get_estimator
+from bayes_router.inference.gradient_stats import REFERENCE, add_relative, summarise_gradients
 from bayes_router.inference.objective import loss_and_surrogate
 from bayes_router.inference.toy import toy_elbo_grad
+from bayes_router.inference.toy_variance import toy_gradient_variance
 from bayes_router.inference.train import TrainConfig, train
 from bayes_router.inference.variance import (
-    REFERENCE,
-    add_relative,
     gradient_variance,
     lab_model,
     parameter_groups,
-    summarise_gradients,
-    toy_gradient_variance,
-    variance_along_training,
     variance_vs_particles,
 )
 from bayes_router.models.bayesian import BayesianRoutedLM
