@@ -68,7 +68,7 @@ from bayes_router.experiments.runs import (
     versions,
     write_json,
 )
-from bayes_router.inference.evaluate import routing_metrics
+from bayes_router.inference.evaluate import batch_outputs, routing_metrics
 from bayes_router.inference.train import load_trained
 from bayes_router.models.bayesian import BayesianRoutedLM
 
@@ -141,20 +141,13 @@ def collect_tokens(model, data, split: str, seq_len: int, max_batches: int | Non
         batches = data.eval_batches_with_oracle(split, batch_size, seq_len, max_batches)
         for x, y, oracle in tqdm(batches, total=total, disable=not progress, desc="analysis",
                                  dynamic_ncols=True):
-            out = model.predict(x, mode="soft")
-            logits = out.logits.reshape(-1, out.logits.shape[-1])  # (B T, V)
-            targets = y.reshape(-1)
-            parts["tokens"].append(x.reshape(-1))
-            parts["targets"].append(targets)
+            soft = batch_outputs(model, x, y, mode="soft")
+            logits, targets = soft["logits"], soft["targets"]  # (B T, V), (B T,)
+            for name in ("tokens", "targets", "nll", "abar"):
+                parts[name].append(soft[name])
             parts["probs"].append(logits.softmax(-1))
-            parts["nll"].append(torch.nn.functional.cross_entropy(logits, targets,
-                                                                  reduction="none"))
-            parts["abar"].append(torch.stack(
-                [r.decision.mean.reshape(-1, r.decision.mean.shape[-1]) for r in out.routing]))
-            if out.routing[0].decision.concentration is not None:
-                parts["concentration"].append(torch.stack(
-                    [r.decision.concentration.reshape(-1, r.decision.concentration.shape[-1])
-                     for r in out.routing]))
+            if soft["concentration"] is not None:
+                parts["concentration"].append(soft["concentration"])
             if hard:
                 hard_logits = model.predict(x, mode="hard").logits
                 hard_logits = hard_logits.reshape(-1, hard_logits.shape[-1])

@@ -27,40 +27,41 @@ from bayes_router.models.router import RoutingDecision
 
 
 @torch.no_grad()
+def batch_outputs(model: RoutedLM, x: torch.Tensor, y: torch.Tensor, mode: str = "soft",
+                  gate_threshold: float | None = None, gate_measure: str = "total") -> dict:
+    """One evaluation pass on a batch, flattened per token: ``logits (N, V)``, ``nll (N,)``,
+    ``abar (L, N, K)``, ``concentration (L, N, K)`` (Bayesian, else ``None``), ``hard (L, N)``
+    (hard and gated modes, else ``None``), ``tokens (N,)``, ``targets (N,)``."""
+    out = model.predict(x, mode=mode, gate_threshold=gate_threshold, gate_measure=gate_measure)
+    logits = out.logits.reshape(-1, out.logits.shape[-1])  # (B T, V)
+    targets = y.reshape(-1)
+    abar = torch.stack([r.decision.mean.reshape(-1, r.decision.mean.shape[-1])
+                        for r in out.routing])
+    concentration = (torch.stack([r.decision.concentration.reshape(abar.shape[1:])
+                                  for r in out.routing])
+                     if out.routing[0].decision.concentration is not None else None)
+    hard = (torch.stack([r.hard_mask.reshape(-1) for r in out.routing])
+            if out.routing[0].hard_mask is not None else None)
+    return {"logits": logits, "nll": F.cross_entropy(logits, targets, reduction="none"),
+            "abar": abar, "concentration": concentration, "hard": hard,
+            "tokens": x.reshape(-1), "targets": targets}
+
+
+@torch.no_grad()
 def collect(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: str = "soft",
             gate_threshold: float | None = None, max_batches: int | None = None,
             batch_size: int = 16, gate_measure: str = "total") -> dict:
-    """Per-token arrays over a split: ``nll (N,)``, ``abar (L, N, K)``, ``logits (N, V)``,
-    ``concentration (L, N, K)`` (Bayesian), ``hard (L, N)``, ``tokens (N,)``, ``targets (N,)``."""
+    """:func:`batch_outputs` over every evaluation window of a split (at most ``max_batches``
+    batches), concatenated along the token axis."""
     model.eval()
-    nll, abar, conc, hard, logits_all, xs, ys = [], [], [], [], [], [], []
-    for x, y in data.eval_batches(split, batch_size, seq_len, max_batches=max_batches):
-        out = model.predict(x, mode=mode, gate_threshold=gate_threshold,
-                            gate_measure=gate_measure)
-        logits = out.logits
-        nll.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                   reduction="none"))
-        abar.append(torch.stack([r.decision.mean.reshape(-1, r.decision.mean.shape[-1])
-                                 for r in out.routing]))
-        if out.routing[0].decision.concentration is not None:
-            conc.append(torch.stack([r.decision.concentration.reshape(abar[-1].shape[1:])
-                                     for r in out.routing]))
-        if out.routing[0].hard_mask is not None:
-            hard.append(torch.stack([r.hard_mask.reshape(-1) for r in out.routing]))
-        logits_all.append(logits.reshape(-1, logits.shape[-1]))
-        xs.append(x.reshape(-1))
-        ys.append(y.reshape(-1))
-    if not nll:
+    parts = [batch_outputs(model, x, y, mode, gate_threshold, gate_measure)
+             for x, y in data.eval_batches(split, batch_size, seq_len, max_batches=max_batches)]
+    if not parts:
         raise ValueError(f"split {split!r} is too short for one window of {seq_len} tokens")
-    return {
-        "nll": torch.cat(nll),
-        "abar": torch.cat(abar, dim=1),
-        "concentration": torch.cat(conc, dim=1) if conc else None,
-        "hard": torch.cat(hard, dim=1) if hard else None,
-        "logits": torch.cat(logits_all),
-        "tokens": torch.cat(xs),
-        "targets": torch.cat(ys),
-    }
+    token_dim = {"abar": 1, "concentration": 1, "hard": 1}
+    return {key: None if parts[0][key] is None else
+            torch.cat([p[key] for p in parts], dim=token_dim.get(key, 0))
+            for key in parts[0]}
 
 
 def routing_metrics(abar: torch.Tensor, costs: torch.Tensor) -> dict:
