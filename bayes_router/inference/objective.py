@@ -90,6 +90,11 @@ class AuxiliaryOptimiser:
         self.optimiser.step()
         self.optimiser.zero_grad(set_to_none=True)
 
+    def zero_grad(self) -> None:
+        """Drop the auxiliary parameters' gradients without a step (a skipped SVI step)."""
+        for p in self.estimator.auxiliary_parameters(self.elbo):
+            p.grad = None
+
 
 @dataclass(frozen=True)
 class StepResult:
@@ -115,6 +120,7 @@ def svi_step(elbo: ELBO, model, x: Tensor, y: Tensor, optimiser: torch.optim.Opt
 
     :param clip_parameters: the parameters whose joint norm is clipped to ``grad_clip``
         (default all of ``model``'s); ``grad_clip=None`` measures the norm without clipping.
+        Every gradient of ``model``'s parameters must be finite either way.
     :param model_kwargs: ``kl_scale``, ``gate_threshold`` for model and guide.
     """
     loss, surrogate = per_token_loss_and_surrogate(elbo, model, x, y, dataset_size=dataset_size,
@@ -127,8 +133,12 @@ def svi_step(elbo: ELBO, model, x: Tensor, y: Tensor, optimiser: torch.optim.Opt
     params = list(model.parameters() if clip_parameters is None else clip_parameters)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(
         params, math.inf if grad_clip is None else grad_clip))
-    if not math.isfinite(grad_norm):
+    finite = math.isfinite(grad_norm) and (clip_parameters is None or all(
+        bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None))
+    if not finite:
         optimiser.zero_grad(set_to_none=True)
+        if auxiliary is not None:
+            auxiliary.zero_grad()
         return StepResult(loss, grad_norm, "gradient norm")
     optimiser.step()
     if auxiliary is not None:

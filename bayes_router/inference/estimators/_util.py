@@ -11,7 +11,9 @@ from pyro import poutine
 from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.torch_distribution import TorchDistributionMixin
 from pyro.distributions.util import is_identically_zero, sum_rightmost
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_model_guide_match, check_site_shape
 from torch.distributions import Distribution
 
 
@@ -74,6 +76,28 @@ class ScorePartsIndependent(dist.Independent):
         )
 
 
+def importance_traces(model, guide, args, kwargs, max_plate_nesting):
+    """As Pyro's ``get_importance_trace`` for a callable guide: the pruned model and guide
+    traces (log-probs and score parts computed), plus the guide trace *before* pruning. Replays
+    must use the unpruned one: it holds the plates' subsample indices, without which a plate
+    with ``subsample_size`` draws fresh rows on replay."""
+    full_guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=full_guide_trace)).get_trace(
+        *args, **kwargs)
+    if is_validation_enabled():
+        check_model_guide_match(model_trace, full_guide_trace, max_plate_nesting)
+    guide_trace = prune_subsample_sites(full_guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    model_trace.compute_log_prob()
+    guide_trace.compute_score_parts()
+    if is_validation_enabled():
+        for trace in (model_trace, guide_trace):
+            for site in trace.nodes.values():
+                if site["type"] == "sample":
+                    check_site_shape(site, max_plate_nesting)
+    return model_trace, guide_trace, full_guide_trace
+
+
 def with_detached_values(trace):
     """A copy of ``trace`` whose sample values are detached (for replaying model or guide)."""
     frozen = trace.copy()
@@ -89,7 +113,7 @@ def is_reparameterised_site(site) -> bool:
     return not is_identically_zero(entropy_term) and is_identically_zero(score_function_term)
 
 
-def attach_score_only_log_probs(guide, guide_trace, args, kwargs, frozen=None):
+def attach_score_only_log_probs(guide, guide_trace, args, kwargs, frozen):
     """Store ``log q(sg(z); phi)`` as ``site["score_only_log_prob"]`` on every reparameterised
     site of ``guide_trace`` (whose score parts must be computed).
 
@@ -103,12 +127,11 @@ def attach_score_only_log_probs(guide, guide_trace, args, kwargs, frozen=None):
     term (the bias this replaces).
 
     :param guide: the guide exactly as traced (the vectorised wrapper, if any).
-    :param frozen: the detached-value copy of ``guide_trace`` to replay on (built if ``None``;
-        pass the one a model is replayed on next, so a memoising model/guide pair reuses the
-        guide's forward pass).
-    :returns: the detached-value trace that was replayed.
+    :param frozen: the detached-value copy of the *unpruned* guide trace to replay on (see
+        :func:`importance_traces`; pass the one a model is replayed on next, so a memoising
+        model/guide pair reuses the guide's forward pass).
+    :returns: ``frozen``.
     """
-    frozen = with_detached_values(guide_trace) if frozen is None else frozen
     replayed = prune_subsample_sites(
         poutine.trace(poutine.replay(guide, trace=frozen)).get_trace(*args, **kwargs))
     replayed.compute_log_prob()

@@ -14,11 +14,14 @@ from pyro import poutine
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
+from pyro.util import check_if_enumerated
 
 from bayes_router.inference.estimators._util import (
     attach_score_only_log_probs,
+    importance_traces,
+    is_reparameterised_site,
     path_log_prob,
+    with_detached_values,
 )
 from bayes_router.inference.estimators.base import Estimator
 from bayes_router.inference.estimators.iwae import (
@@ -90,29 +93,20 @@ class DReG_ELBO(BoundSurrogateMixin, ELBO):
                          strict_enumeration_warning=strict_enumeration_warning)
 
     def _get_trace(self, model, guide, args, kwargs):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs)
+        model_trace, guide_trace, full_guide_trace = importance_traces(
+            model, guide, args, kwargs, self.max_plate_nesting)
         if is_validation_enabled():
-            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
             check_if_enumerated(guide_trace)
-        guide_trace = prune_subsample_sites(guide_trace)
-        model_trace = prune_subsample_sites(model_trace)
-        guide_trace.compute_score_parts()
         for name, site in guide_trace.nodes.items():
-            if site["type"] == "sample" and not site["fn"].has_rsample:
-                raise ValueError(f"DReG does not apply to the non-reparameterised guide site "
-                                 f"{name!r} ({type(site['fn']).__name__})")
-        frozen = attach_score_only_log_probs(guide, guide_trace, args, kwargs)
+            if site["type"] == "sample" and not is_reparameterised_site(site):
+                raise ValueError(f"DReG does not apply to the guide site {name!r} "
+                                 f"({type(site['fn']).__name__}): it needs fully "
+                                 "reparameterised sites (no score-function part)")
+        frozen = attach_score_only_log_probs(guide, guide_trace, args, kwargs,
+                                             frozen=with_detached_values(full_guide_trace))
         frozen_model_trace = prune_subsample_sites(poutine.trace(
             poutine.replay(model, trace=frozen)).get_trace(*args, **kwargs))
-        model_trace.compute_log_prob()
         frozen_model_trace.compute_log_prob()
-        if is_validation_enabled():
-            for trace in (model_trace, guide_trace):
-                for site in trace.nodes.values():
-                    if site["type"] == "sample":
-                        check_site_shape(site, self.max_plate_nesting)
         return model_trace, guide_trace, frozen_model_trace
 
     def _particle_terms(self, model_trace, guide_trace, frozen_model_trace):

@@ -7,10 +7,14 @@ Estimators for Variational Inference*. Unbiased for the ELBO (not for reweighted
 from __future__ import annotations
 
 from pyro.infer import Trace_ELBO
+from pyro.infer.util import is_validation_enabled
+from pyro.util import check_if_enumerated
 
 from bayes_router.inference.estimators._util import (
     attach_score_only_log_probs,
+    importance_traces,
     is_reparameterised_site,
+    with_detached_values,
 )
 from bayes_router.inference.estimators.base import Estimator
 
@@ -31,8 +35,12 @@ class TraceSTL_ELBO(Trace_ELBO):
     """
 
     def _get_trace(self, model, guide, args, kwargs):
-        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
-        attach_score_only_log_probs(guide, guide_trace, args, kwargs)
+        model_trace, guide_trace, full_guide_trace = importance_traces(
+            model, guide, args, kwargs, self.max_plate_nesting)
+        if is_validation_enabled():
+            check_if_enumerated(guide_trace)
+        attach_score_only_log_probs(guide, guide_trace, args, kwargs,
+                                    frozen=with_detached_values(full_guide_trace))
         return model_trace, guide_trace
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
