@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from bayes_router.core.dirichlet import expected_log_alpha
 from bayes_router.data.tokens import TokenData
+from bayes_router.inference.estimators import get_estimator
 from bayes_router.inference.minka import fit_dirichlet, fit_precision
 from bayes_router.inference.objective import svi_step
 from bayes_router.models.bayesian import BayesianRoutedLM, compute_aware_prior
@@ -163,7 +164,8 @@ def fit_beta0_svi(model: BayesianRoutedLM, data: TokenData, train_cfg, steps: in
     trace = []
     with pyro.settings.context(module_local_params=True), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        lab = model.with_learned_beta0()
+        estimator = get_estimator(train_cfg.estimator)  # the run's estimator and its family
+        lab = model.with_learned_beta0(estimator=estimator)
         beta0 = dict(lab.named_parameters())["beta0_unconstrained"]
         others = [p for name, p in lab.named_parameters() if name != "beta0_unconstrained"]
         groups = []
@@ -178,8 +180,8 @@ def fit_beta0_svi(model: BayesianRoutedLM, data: TokenData, train_cfg, steps: in
             groups.append({"params": others, "lr": train_cfg.lr if lr is None else lr,
                            "weight_decay": train_cfg.weight_decay})
         optimiser = torch.optim.AdamW(groups)
-        elbo = lab.estimator.make_elbo(num_particles=train_cfg.num_particles,
-                                       vectorize_particles=True, max_plate_nesting=1)
+        elbo = estimator.make_elbo(num_particles=train_cfg.num_particles,
+                                   vectorize_particles=True, max_plate_nesting=1)
         for step in tqdm(range(steps), disable=not progress, desc="svi beta0",
                          dynamic_ncols=True):
             if batches is not None:
