@@ -36,6 +36,7 @@ from pyro import poutine
 from torch import Tensor
 from torch.distributions import biject_to, constraints
 
+from bayes_router.core.dirichlet import dirichlet_kl, expected_log_alpha, log_beta
 from bayes_router.inference.estimators import Estimator, get_estimator
 from bayes_router.inference.objective import AuxiliaryOptimiser
 
@@ -57,10 +58,6 @@ def _check_toy(counts: Tensor, prior: Tensor) -> tuple[Tensor, Tensor]:
     return counts, prior
 
 
-def _log_beta(concentration: Tensor) -> Tensor:
-    return torch.lgamma(concentration).sum(-1) - torch.lgamma(concentration.sum(-1))
-
-
 def toy_observations(counts: Tensor) -> Tensor:
     """The categorical observations ``(N,)`` (sorted category indices) that ``counts`` summarise."""
     counts = torch.as_tensor(counts)
@@ -78,10 +75,8 @@ def toy_elbo(a: Tensor, counts: Tensor, prior: Tensor, kl_scale: float = 1.0) ->
     scaled by ``kl_scale``."""
     counts, prior = _check_toy(counts, prior)
     counts = counts.to(prior.dtype)
-    a0 = a.sum(-1, keepdim=True)
-    expected_log_alpha = torch.digamma(a) - torch.digamma(a0)
-    kl = ((a - prior) * expected_log_alpha).sum(-1) - _log_beta(a) + _log_beta(prior)
-    return (counts * expected_log_alpha).sum(-1) - kl_scale * kl
+    return ((counts * expected_log_alpha(a)).sum(-1)
+            - kl_scale * dirichlet_kl(a, prior.expand_as(a)))
 
 
 def toy_elbo_grad(a: Tensor, counts: Tensor, prior: Tensor, kl_scale: float = 1.0) -> Tensor:
@@ -99,7 +94,7 @@ def toy_elbo_grad(a: Tensor, counts: Tensor, prior: Tensor, kl_scale: float = 1.
 def toy_log_evidence(counts: Tensor, prior: Tensor) -> Tensor:
     """``log p(obs) = log B(prior + counts) - log B(prior)``, the ELBO at the optimum."""
     counts, prior = _check_toy(counts, prior)
-    return _log_beta(prior + counts.to(prior.dtype)) - _log_beta(prior)
+    return log_beta(prior + counts.to(prior.dtype)) - log_beta(prior)
 
 
 def observe_counts(name: str, alpha: Tensor, counts: Tensor, num_replicas: int) -> None:

@@ -17,7 +17,11 @@ from bayes_router.inference.estimators import (
     estimator_names,
     get_estimator,
 )
-from bayes_router.inference.estimators._util import detach_parameters
+from bayes_router.inference.estimators._util import (
+    attach_score_only_log_probs,
+    path_log_prob,
+    with_detached_values,
+)
 from bayes_router.inference.toy import toy_guide, toy_model
 
 NAMES = ("reparam-mc", "reparam-analytic", "score", "score-baseline", "score-nn-baseline", "stl",
@@ -163,17 +167,26 @@ def test_score_function_samples_carry_no_gradient():
     assert not value.requires_grad
 
 
-def test_detach_parameters_keeps_the_value_path_only():
-    concentration = torch.tensor([[2.0, 3.0, 4.0]], requires_grad=True)
-    value = dist.Dirichlet(concentration).rsample()
-    frozen = detach_parameters(dist.Dirichlet(concentration).to_event(1))
-    log_prob = frozen.log_prob(value)
-    assert torch.allclose(log_prob, dist.Dirichlet(concentration).to_event(1).log_prob(value))
-    (path,) = torch.autograd.grad(log_prob, concentration)
-    direct = torch.autograd.grad(dist.Dirichlet(concentration).log_prob(value.detach()).sum(),
-                                 concentration)[0]
-    assert not torch.allclose(path, direct)
-    assert frozen.base_dist.concentration.requires_grad is False
+def test_path_log_prob_carries_the_path_derivative_only():
+    """For one site the path term is d log q(z(c); sg(c)) / dc, written here by hand."""
+    concentration = torch.tensor([[2.0, 3.0, 4.0]], dtype=torch.float64, requires_grad=True)
+
+    def guide():
+        pyro.sample("alpha_0", dist.Dirichlet(concentration).to_event(1))
+
+    guide_trace = poutine.trace(guide).get_trace()
+    guide_trace.compute_score_parts()
+    attach_score_only_log_probs(guide, guide_trace, (), {},
+                                frozen=with_detached_values(guide_trace))
+    site = guide_trace.nodes["alpha_0"]
+    log_prob = path_log_prob(site)
+    assert torch.allclose(log_prob, site["log_prob"])
+    (path,) = torch.autograd.grad(log_prob, concentration, retain_graph=True)
+    by_hand = dist.Dirichlet(concentration.detach()).log_prob(site["value"]).sum()
+    (expected,) = torch.autograd.grad(by_hand, concentration, retain_graph=True)
+    torch.testing.assert_close(path, expected)
+    (total,) = torch.autograd.grad(site["log_prob"], concentration)
+    assert not torch.allclose(path, total)  # the score term was removed
 
 
 # -- the generic site pattern: several alpha sites, token event dims, a subsampled batch plate --

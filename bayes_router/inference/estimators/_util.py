@@ -1,9 +1,7 @@
-"""Private helpers shared by the estimators: unwrapping and detaching distributions, and the
-score-only log-densities that path-derivative estimators subtract."""
+"""Private helpers shared by the estimators: unwrapping distributions, score parts through
+``.to_event``, and the score-only log-densities that path-derivative estimators subtract."""
 
 from __future__ import annotations
-
-import copy
 
 import pyro.distributions as dist
 import torch
@@ -27,22 +25,6 @@ def unwrap_independent(fn: Distribution) -> tuple[Distribution, int]:
         ndims += fn.reinterpreted_batch_ndims
         fn = fn.base_dist
     return fn, ndims
-
-
-def detach_parameters(fn: Distribution) -> Distribution:
-    """A shallow copy of ``fn`` whose parameter tensors are detached.
-
-    ``detach_parameters(fn).log_prob(z)`` keeps the gradient path through the value ``z`` but
-    none through the parameters of ``fn``: the path-derivative term of ``log q(z)``. Wrappers
-    (``Independent``, masked or expanded distributions) are copied recursively.
-    """
-    new = copy.copy(fn)
-    for key, value in vars(fn).items():
-        if torch.is_tensor(value):
-            new.__dict__[key] = value.detach()
-        elif isinstance(value, Distribution):
-            new.__dict__[key] = detach_parameters(value)
-    return new
 
 
 def to_event_keeping_score_parts(fn: Distribution, reinterpreted_batch_ndims: int | None = None
