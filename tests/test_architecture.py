@@ -55,6 +55,17 @@ def test_no_module_imports_from_a_layer_above_it():
     assert not upward, "\n".join(upward)
 
 
+def test_imports_sit_at_the_top_of_their_module():
+    deferred = []
+    for relative, _, tree in modules():
+        if str(relative) in MAY_DEFER_IMPORTS:
+            continue
+        top = {id(node) for node in tree.body}
+        deferred += [f"{relative}:{node.lineno}" for node in ast.walk(tree)
+                     if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top]
+    assert not deferred, "function-local imports: " + ", ".join(deferred)
+
+
 def test_the_layer_rule_sees_an_upward_import():
     """The rule above can fail: an upward import (also one inside a function) is reported, a
     downward one is not."""
