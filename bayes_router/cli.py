@@ -76,10 +76,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from bayes_router.inference.estimators import estimator_names
     from bayes_router.inference.train import ROUTERS, TrainConfig
+    from bayes_router.models.bayesian import PRIOR_MEANS, PRIORS
 
     d = _field_defaults(TrainConfig)
     g = p.add_argument_group("training (defaults: TrainConfig)")
-    g.add_argument("--router", default=d["router"], choices=ROUTERS)
+    g.add_argument("--router", default=d["router"],
+                   help=f"{' or '.join(ROUTERS)}, or a static baseline: fixed:<expert> (one "
+                        "expert everywhere), fixed:<s1,..,sK> (constant hard shares in the "
+                        "order of --experts, positions assigned at random with the seed), "
+                        "soft:<s1,..,sK> (a constant soft mix)")
     g.add_argument("--corpus", default=d["dataset"],
                    help="'stdlib', a text file or folder, or synthetic:{recall,copy,drift,mixed}")
     g.add_argument("--max-chars", type=int, default=d["dataset_max_chars"],
@@ -90,6 +95,18 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="initial beta0 with --beta0 learn")
     g.add_argument("--eta", type=float, default=d["eta"],
                    help="cost sensitivity of the prior mean pi ~ c^-eta")
+    g.add_argument("--prior", default=d["prior"], choices=PRIORS,
+                   help="power: beta0 * pi with pi ~ c^-eta, guide softplus + a_min; seed: the "
+                        "public prototype's eps + beta0 (1 - c), guide beta + softplus")
+    g.add_argument("--prior-mean", default=d["prior_mean"], choices=PRIOR_MEANS,
+                   help="learn: a per-layer prior mean fitted by type-II ML (empirical Bayes)")
+    g.add_argument("--a-min", type=float, default=d["a_min"],
+                   help="floor of the guide's concentrations (power prior)")
+    g.add_argument("--free-bits", type=float, default=d["free_bits"],
+                   help="lambda >= 0: each token's KL per layer counts as max(KL, lambda); "
+                        "NOT an ELBO for lambda > 0 (needs --elbo reparam-analytic)")
+    g.add_argument("--warm-start", default=d["warm_start"], metavar="RUN_DIR",
+                   help="initialise the LM from a trained run (prior-free or fixed), then fit")
     g.add_argument("--elbo", "--estimator", dest="estimator", default=d["estimator"],
                    choices=estimator_names(), metavar="NAME",
                    help=f"ELBO gradient estimator, one of {', '.join(estimator_names())}")
@@ -110,6 +127,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tau", type=float, default=d["tau"], help="prior-free softmax temperature")
     g.add_argument("--eval-every", type=int, default=d["eval_every"],
                    help="validate every N steps")
+    g.add_argument("--eval-batches", type=int, default=d["eval_batches"],
+                   help="validation batches per periodic evaluation")
+    g.add_argument("--eval-all", action="store_true",
+                   help="evaluate on the whole validation split (periodic and final)")
+    g.add_argument("--log-every", type=int, default=d["log_every"],
+                   help="log the objective's parts (NLL, KL per layer, spread, a0) every N steps")
     g.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"],
                    help="checkpoint every N steps")
     g.add_argument("--seed", type=int, default=d["seed"], help="random seed")
@@ -127,6 +150,9 @@ def _configs(args, vocab_size: int):
     train_cfg = TrainConfig(
         router=args.router, estimator=args.estimator, num_particles=args.num_particles,
         beta0=args.beta0, beta0_init=args.beta0_init, eta=args.eta, tau=args.tau,
+        prior=args.prior, prior_mean=args.prior_mean, a_min=args.a_min,
+        free_bits=args.free_bits, warm_start=args.warm_start, log_every=args.log_every,
+        eval_batches=None if args.eval_all else args.eval_batches,
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         grad_clip=args.grad_clip, kl_anneal_steps=args.kl_anneal_steps,
         kl_weight=args.kl_weight,
@@ -143,10 +169,10 @@ def _train_arguments(p):
     p.add_argument("--resume", action="store_true")
 
 
-@command("train", "train a Bayesian or prior-free routed LM into a run directory",
+@command("train", "train a Bayesian, prior-free or static routed LM into a run directory",
          _train_arguments)
 def cmd_train(args) -> int:
-    from bayes_router.experiments.runs import load_data, train_run
+    from bayes_router.experiments.runs import EVAL_BATCHES, load_data, train_run
     from bayes_router.inference.train import CHECKPOINT_NAME
 
     if args.resume and not (Path(args.out) / CHECKPOINT_NAME).exists():
@@ -159,7 +185,8 @@ def cmd_train(args) -> int:
 
         check_same_config(load_checkpoint(Path(args.out) / CHECKPOINT_NAME), model_cfg,
                           train_cfg)
-    metrics = train_run(model_cfg, train_cfg, Path(args.out), resume=args.resume, data=data)
+    metrics = train_run(model_cfg, train_cfg, Path(args.out), resume=args.resume, data=data,
+                        eval_batches=None if args.eval_all else EVAL_BATCHES)
     print(f"wrote {args.out}/metrics.json and {args.out}/report.md")
     print(json.dumps({m: {k: metrics[m][k] for k in ("val_nll", "val_bpc",
                                                      "projected_flop_cost", "routing_entropy")}
@@ -330,8 +357,6 @@ def _sweep_beta0_arguments(p):
     g.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
     g.add_argument("--mark", default=None,
                    help="JSON file with an empirical-Bayes beta0 to mark on the plots")
-    g.add_argument("--eval-batches", type=int, default=8,
-                   help="validation batches per evaluation of a point")
 
 
 @command("sweep-beta0", "train and evaluate Bayesian runs over a grid of beta0 values x seeds",
@@ -348,7 +373,7 @@ def cmd_sweep_beta0(args) -> int:
     model_cfg, train_cfg = _configs(args, vocab_size=data.vocab_size)
     result = sweep_beta0(args.values, list(range(args.seed, args.seed + args.seeds)),
                          Path(args.out), model_cfg, train_cfg, jobs=args.jobs, mark=args.mark,
-                         eval_batches=args.eval_batches)
+                         eval_batches=None if args.eval_all else args.eval_batches)
     print(sweep_report(result))
     print(f"wrote {args.out}/sweep.json and {args.out}/report.md")
     return 0

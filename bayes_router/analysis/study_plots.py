@@ -76,6 +76,36 @@ def plot_training_loss(history: Sequence[Mapping], ax: Axes | None = None) -> Ax
     return ax
 
 
+def plot_training_terms(history: Sequence[Mapping], axes: Sequence[Axes]) -> Sequence[Axes]:
+    """The logged parts of the objective on four axes: NLL per token; KL per token per layer
+    with the KL weight in force (right axis); the posterior-mean spread across tokens per
+    layer; the mean total concentration ``a0`` per layer (Bayesian runs)."""
+    logged = [r for r in history if "nll" in r]
+    nll_ax, kl_ax, spread_ax, a0_ax = axes
+    steps = [r["step"] for r in logged]
+    nll_ax.plot(steps, [r["nll"] for r in logged], lw=0.9)
+    nll_ax.set(xlabel="step", ylabel="nats/token", title="NLL (one guide sample)")
+    layers = len(logged[0]["kl_per_layer"]) if logged else 0
+    for layer in range(layers):
+        kl_ax.plot(steps, [r["kl_per_layer"][layer] for r in logged], lw=0.9,
+                   label=f"layer {layer}")
+        spread_ax.plot(steps, [r["spread"][layer] for r in logged], lw=0.9,
+                       label=f"layer {layer}")
+        if logged[0]["a0"] is not None:
+            a0_ax.plot(steps, [r["a0"][layer] for r in logged], lw=0.9, label=f"layer {layer}")
+    weight_ax = kl_ax.twinx()
+    weight_ax.plot(steps, [r["kl_scale"] for r in logged], "k:", lw=0.9)
+    weight_ax.set_ylabel("KL weight (dotted)")
+    kl_ax.set(xlabel="step", ylabel="nats/token", title="KL(q || p) per layer")
+    spread_ax.set(xlabel="step", ylabel="std of abar across tokens",
+                  title="posterior-mean spread")
+    a0_ax.set(xlabel="step", ylabel="mean a0", title="guide total concentration")
+    for ax in (kl_ax, spread_ax, a0_ax):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return axes
+
+
 def plot_validation(evaluations: Sequence[Mapping], ax: Axes | None = None,
                     key: str = "val_bpc") -> Axes:
     """A validation metric at each evaluation of a run."""

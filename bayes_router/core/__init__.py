@@ -3,6 +3,12 @@
 Every other subpackage may import from here; nothing here imports from the rest of the package.
 """
 
+from bayes_router.core.commitment import (
+    CommitmentCost,
+    commitment_cost,
+    commitment_costs,
+    floor_kl,
+)
 from bayes_router.core.dirichlet import (
     SAMPLING_DTYPE,
     RoutingUncertainty,
@@ -26,14 +32,18 @@ from bayes_router.core.routing import (
 
 __all__ = [
     "SAMPLING_DTYPE",
+    "CommitmentCost",
     "RoutingUncertainty",
     "aleatoric_uncertainty",
+    "commitment_cost",
+    "commitment_costs",
     "dirichlet_kl",
     "dirichlet_kl_to_prior",
     "epistemic_uncertainty",
     "expected_flop_cost",
     "expected_log_alpha",
     "expert_share",
+    "floor_kl",
     "log_beta",
     "normalised_entropy",
     "projected_flop_cost",

@@ -97,6 +97,11 @@ def fit_beta0_run(run_dir, method: str = "both", out_dir=None, *, svi_steps: int
     if not isinstance(model, BayesianRoutedLM):
         raise ValueError(f"{run_dir} holds a {train_cfg.router} run; empirical Bayes for beta0 "
                          "needs a Bayesian run")
+    if model.prior != "power" or model.learn_prior_mean:
+        raise ValueError(f"{run_dir} was trained with prior {train_cfg.prior!r} and prior mean "
+                         f"{train_cfg.prior_mean!r}; fit-beta0 fits beta0 under the power prior "
+                         "with its cost-based mean held fixed (a learned mean was already "
+                         "fitted by type-II ML in training; --update-pi fits one here)")
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(train_cfg, model_cfg)
     pi = prior_mean(model)

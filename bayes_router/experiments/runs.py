@@ -23,6 +23,7 @@ from bayes_router.analysis.plots import plot_expert_share
 from bayes_router.analysis.study_plots import (
     plot_shares,
     plot_training_loss,
+    plot_training_terms,
     plot_validation,
     save_figure,
 )
@@ -33,8 +34,10 @@ from bayes_router.inference.train import (
     CHECKPOINT_NAME,
     TrainConfig,
     TrainingDiverged,
+    check_compatible,
     gated_training_bias,
     load_trained,
+    objective_label,
     train,
 )
 from bayes_router.models.config import TinyLMConfig
@@ -130,11 +133,13 @@ def train_run(model_cfg: TinyLMConfig, train_cfg: TrainConfig, out_dir: Path,
     if (out_dir / CHECKPOINT_NAME).exists() and not resume:
         raise ValueError(f"{out_dir} already holds a run; pass resume=True (--resume) to "
                          "continue it or choose another directory")
+    check_compatible(model_cfg, train_cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(train_cfg, model_cfg) if data is None else data
     config = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
               "seed": train_cfg.seed, "corpus": data.name, "versions": versions(),
-              "gradient_bias": gated_training_bias(train_cfg)}
+              "gradient_bias": gated_training_bias(train_cfg),
+              "objective": objective_label(train_cfg)}
     if not resume:
         write_json(out_dir / "config.json", config)
     try:
@@ -152,7 +157,7 @@ def train_run(model_cfg: TinyLMConfig, train_cfg: TrainConfig, out_dir: Path,
                     "train_seconds": result.seconds,
                     "final_loss": result.history[-1]["loss"] if result.history else None,
                     "costs": result.model.costs.tolist(),
-                    "gradient_bias": config["gradient_bias"]})
+                    "gradient_bias": config["gradient_bias"], "objective": config["objective"]})
     if getattr(result.model, "learn_beta0", False):
         metrics["beta0"] = result.model.beta0.detach().tolist()
     write_json(out_dir / "metrics.json", metrics)
@@ -193,8 +198,10 @@ def _evaluation_report(run_dir: Path, metrics: dict, mode: str, split: str, expe
              f"| routing entropy (%) | {metrics['routing_entropy']:.1f} |"]
     if "hard_fraction" in metrics:
         lines.append(f"| tokens routed hard | {100 * metrics['hard_fraction']:.1f} % |")
-    lines += [f"| forward time / full-only | {t['time_ratio']:.2f} |", "",
+    lines += [f"| forward time / full-only | {_fmt(t['time_ratio'], 2)} |", "",
               f"{metrics['tokens']} tokens. ![expert share](expert_share_{mode}.png)", ""]
+    if "oracle" in metrics:
+        lines += oracle_table(metrics["oracle"]) + [""]
     (run_dir / f"evaluation_{mode}.md").write_text("\n".join(lines))
 
 
@@ -224,11 +231,14 @@ def corpus_report(spec: str, out_dir: Path, max_chars: int | None = None) -> dic
 
 
 def plot_training(history: list[dict], evaluations: list[dict], path: Path) -> None:
-    """Loss trace and validation bits per character of a run."""
-    fig = Figure(figsize=(9, 3.2))
-    loss_ax, val_ax = fig.subplots(1, 2)
-    plot_training_loss(history, ax=loss_ax)
-    plot_validation(evaluations, ax=val_ax).set_ylabel("val bits/char")
+    """The objective and its parts (NLL, KL per layer and the KL weight, posterior-mean spread
+    and mean ``a0``) and the validation bits per character of a run."""
+    fig = Figure(figsize=(13, 6.4))
+    axes = fig.subplots(2, 3)
+    plot_training_loss(history, ax=axes[0, 0])
+    plot_validation(evaluations, ax=axes[0, 1]).set_ylabel("val bits/char")
+    plot_training_terms(history, axes=(axes[0, 2], axes[1, 0], axes[1, 1], axes[1, 2]))
+    fig.tight_layout()
     save_figure(fig, path)
 
 
@@ -238,12 +248,30 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def oracle_table(oracle: dict) -> list[str]:
+    """Markdown rows of :func:`~bayes_router.inference.evaluate.oracle_metrics`."""
+    layers = max((len(e["agreement"]) for e in oracle.values() if e.get("agreement")),
+                 default=0)
+    lines = ["| oracle label | share of targets | NLL (nats) | accuracy | "
+             + " | ".join(f"routing agreement layer {i}" for i in range(layers)) + " |",
+             "|---|---|---|---|" + "---|" * layers]
+    for name, e in oracle.items():
+        agreement = e.get("agreement")
+        cells = ([f"{100 * a:.1f} %" for a in agreement] if agreement
+                 else ["—"] * layers)
+        lines.append(f"| {name} | {100 * e['share']:.1f} % | {e['nll']:.3f} | "
+                     f"{100 * e['accuracy']:.1f} % | " + " | ".join(cells) + " |")
+    return lines
+
+
 def run_report(config: dict, metrics: dict) -> str:
     """A short markdown report of one run."""
     lines = [f"# Run: {metrics['router']} router", "",
              f"Corpus `{config['corpus']}`, seed {config['seed']}, {metrics['steps']} steps "
              f"({metrics['train_seconds']:.0f} s), cost vector "
-             f"{[round(c, 3) for c in metrics['costs']]}.", "",
+             f"{[round(c, 3) for c in metrics['costs']]}. Objective: **{config['objective']}**"
+             + (f"; warm start from `{config['train']['warm_start']}`"
+                if config["train"].get("warm_start") else "") + ".", "",
              "| routing | val NLL (nats) | val bpc | projected FLOP % | expected FLOP % | "
              "routing entropy % |", "|---|---|---|---|---|---|"]
     for mode in ("soft", "hard", "gated"):
@@ -254,12 +282,21 @@ def run_report(config: dict, metrics: dict) -> str:
                          f"{_fmt(m['expected_flop_cost'], 1)} | {_fmt(m['routing_entropy'], 1)} |")
     if config.get("gradient_bias"):
         lines += [f"**Warning: biased gradients.** {config['gradient_bias']}.", ""]
+    if "oracle" in metrics["soft"]:
+        lines += ["", "Per oracle label (soft routing; agreement: the share of a label's targets "
+                  "whose argmax routing is the expert it names):", "",
+                  *oracle_table(metrics["soft"]["oracle"])]
     share = metrics["soft"]["expert_share"]
     lines += ["", "Expert share per layer (argmax of the posterior mean / softmax weights): "
               + "; ".join(f"layer {i}: " + "/".join(f"{s:.2f}" for s in row)
                           for i, row in enumerate(share)) + ".", ""]
     t = metrics["timing"]
-    lines += [f"Timed hard-routed forward pass: {t['routed_seconds'] * 1e3:.1f} ms vs "
-              f"{t['full_only_seconds'] * 1e3:.1f} ms full-only (ratio {t['time_ratio']:.2f}).",
-              "", "![training](training.png)", ""]
+    if t["time_ratio"] is None:
+        lines.append(f"Timed hard-routed forward pass: {t['routed_seconds'] * 1e3:.1f} ms (no "
+                     "full expert to compare with).")
+    else:
+        lines.append(f"Timed hard-routed forward pass: {t['routed_seconds'] * 1e3:.1f} ms vs "
+                     f"{t['full_only_seconds'] * 1e3:.1f} ms full-only (ratio "
+                     f"{t['time_ratio']:.2f}).")
+    lines += ["", "![training](training.png)", ""]
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from bayes_router.core.routing import (
     projected_flop_cost,
     routing_entropy,
 )
+from bayes_router.data.synthetic import ORACLE_LABEL_IDS, ORACLE_LABELS
 from bayes_router.data.tokens import TokenData
 from bayes_router.models.bayesian import RoutedLM
 from bayes_router.models.router import RoutingDecision
@@ -52,10 +53,15 @@ def collect(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: st
             gate_threshold: float | None = None, max_batches: int | None = None,
             batch_size: int = 16, gate_measure: str = "total") -> dict:
     """:func:`batch_outputs` over every evaluation window of a split (at most ``max_batches``
-    batches), concatenated along the token axis."""
+    batches), concatenated along the token axis, with ``oracle (N,)``: the oracle label of
+    every target of a synthetic task (``None`` for text)."""
     model.eval()
-    parts = [batch_outputs(model, x, y, mode, gate_threshold, gate_measure)
-             for x, y in data.eval_batches(split, batch_size, seq_len, max_batches=max_batches)]
+    parts = []
+    for x, y, oracle in data.eval_batches_with_oracle(split, batch_size, seq_len,
+                                                      max_batches=max_batches):
+        part = batch_outputs(model, x, y, mode, gate_threshold, gate_measure)
+        part["oracle"] = None if oracle is None else oracle.reshape(-1)
+        parts.append(part)
     if not parts:
         raise ValueError(f"split {split!r} is too short for one window of {seq_len} tokens")
     token_dim = {"abar": 1, "concentration": 1, "hard": 1}
@@ -72,7 +78,8 @@ def routing_metrics(abar: torch.Tensor, costs: torch.Tensor) -> dict:
     return {
         "projected_flop_cost": float(projected_flop_cost(abar_np, costs_np)),
         "expected_flop_cost": float(expected_flop_cost(abar_np, costs_np)),
-        "routing_entropy": float(routing_entropy(abar_np)),
+        # a single expert leaves nothing to choose: fully committed routing
+        "routing_entropy": float(routing_entropy(abar_np)) if abar_np.shape[-1] > 1 else 0.0,
         "expert_share": np.asarray(share).tolist(),
         "expert_share_mean": np.asarray(share).mean(0).tolist(),
     }
@@ -89,17 +96,53 @@ def evaluate(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: s
     metrics.update(routing_metrics(arrays["abar"], model.costs))
     if arrays["hard"] is not None:
         metrics["hard_fraction"] = float(arrays["hard"].float().mean())
+    if arrays["oracle"] is not None:
+        metrics["oracle"] = oracle_metrics(arrays, model.cfg.experts)
     return metrics
+
+
+def oracle_metrics(arrays: dict, experts: tuple[str, ...]) -> dict:
+    """Per oracle label of a synthetic task (:data:`~bayes_router.data.synthetic.ORACLE_LABELS`
+    and ``"any"``): the share of targets, their NLL and argmax accuracy, and per layer the
+    routing's agreement with the oracle (the share of the label's targets whose argmax routing
+    is the expert the label names; ``None`` if the LM lacks that expert).
+
+    :param arrays: :func:`collect`'s output with its ``oracle`` labels.
+    """
+    oracle, nll = arrays["oracle"], arrays["nll"]
+    correct = arrays["logits"].argmax(-1) == arrays["targets"]
+    choice = arrays["abar"].argmax(-1)  # (L, N)
+    result = {}
+    for name, label in ORACLE_LABEL_IDS.items():
+        mask = oracle == label
+        count = int(mask.sum())
+        if count == 0:
+            continue
+        entry = {"share": count / oracle.numel(), "tokens": count,
+                 "nll": float(nll[mask].mean()), "accuracy": float(correct[mask].float().mean())}
+        if name in ORACLE_LABELS:
+            entry["agreement"] = ([float((choice[:, mask] == experts.index(name)).float()
+                                         .mean(1)[layer]) for layer in range(choice.shape[0])]
+                                  if name in experts else None)
+        result[name] = entry
+    return result
 
 
 @torch.no_grad()
 def timed_forward(model: RoutedLM, x: torch.Tensor, mode: str = "hard", repeats: int = 5,
                   gate_threshold: float | None = None) -> dict:
     """Median seconds of the routed forward pass in ``mode`` beside the full-only forward pass
-    (every token on ``full``, computed by the same sparse code path), measured interleaved."""
+    (every token on ``full``, computed by the same sparse code path), measured interleaved.
+    An LM without a ``full`` expert is timed alone (``time_ratio`` ``None``)."""
     model.eval()
+
+    def routed():
+        model.predict(x, mode=mode, gate_threshold=gate_threshold)
+
     if "full" not in model.cfg.experts:
-        raise ValueError("timing relative to full-only needs a 'full' expert")
+        routed_s = median_times({"routed": routed}, repeats, warmup=1)["routed"]
+        return {"routed_seconds": routed_s, "full_only_seconds": None, "time_ratio": None,
+                "repeats": repeats, "mode": mode}
     full_index = model.cfg.experts.index("full")
 
     def full_only(layer, features):
@@ -107,9 +150,6 @@ def timed_forward(model: RoutedLM, x: torch.Tensor, mode: str = "hard", repeats:
                               device=features.device)
         weights[..., full_index] = 1.0
         return RoutingDecision(weights=weights, mean=weights)
-
-    def routed():
-        model.predict(x, mode=mode, gate_threshold=gate_threshold)
 
     def reference():
         model.lm(x, full_only, mode="hard")

@@ -19,8 +19,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO
+from pyro.distributions.util import scale_and_mask
+from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from torch import Tensor
+from torch.distributions import Independent, kl_divergence
+
+from bayes_router.core.dirichlet import dirichlet_kl
 
 
 def loss_and_surrogate(elbo: ELBO, model, guide, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -59,6 +63,55 @@ def per_token_loss_and_surrogate(elbo: ELBO, model, x: Tensor, y: Tensor, *,
                                          dataset_size=dataset_size, **model_kwargs)
     tokens = dataset_size * x.shape[1]
     return loss / tokens, surrogate / tokens
+
+
+def _token_distribution(fn):
+    """The per-token distribution of a site: ``fn`` without its ``.to_event`` wrappers, so that
+    its batch shape ends in the token axis."""
+    while isinstance(fn, Independent):
+        fn = fn.base_dist
+    return fn
+
+
+class FreeBitsELBO(TraceMeanField_ELBO):
+    """``TraceMeanField_ELBO`` with *free bits* (Kingma et al. 2016, "Improved Variational
+    Inference with Inverse Autoregressive Flow"): every latent's analytic KL counts as
+    ``max(KL, lambda)``, per token (the last batch dimension once ``.to_event`` is unwrapped)
+    and site. A token pays nothing for committing up to ``lambda`` nats, and the KL's gradient
+    vanishes below that. **Not an ELBO** for ``lambda > 0``; at ``lambda = 0`` it is
+    ``TraceMeanField_ELBO``'s loss exactly. The site's scale (subsampling, ``kl_scale``)
+    multiplies the clamped KL.
+
+    :param free_bits: ``lambda >= 0`` in nats.
+    """
+
+    def __init__(self, free_bits: float, **kwargs):
+        if not (math.isfinite(free_bits) and free_bits >= 0):
+            raise ValueError(f"free_bits must be a finite number >= 0, got {free_bits!r}")
+        super().__init__(**kwargs)
+        self.free_bits = float(free_bits)
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        elbo = 0.0
+        for name, model_site in model_trace.nodes.items():
+            if model_site["type"] != "sample":
+                continue
+            if model_site["is_observed"]:
+                elbo = elbo + model_site["log_prob_sum"]
+                continue
+            guide_site = guide_trace.nodes[name]
+            if guide_site["mask"] is not None:
+                raise NotImplementedError("FreeBitsELBO does not support masked sites")
+            kl = kl_divergence(_token_distribution(guide_site["fn"]),
+                               _token_distribution(model_site["fn"]))
+            kl = kl.clamp(min=self.free_bits)
+            # the site's scale broadcasts over its batch dims; tokens are the innermost
+            scale = guide_site["scale"]
+            if isinstance(scale, Tensor) and scale.dim():
+                scale = scale.unsqueeze(-1)
+            elbo = elbo - scale_and_mask(kl, scale=scale, mask=None).sum()
+        loss = -(elbo.detach() if torch._C._get_tracing_state() else float(elbo.detach()))
+        return loss, -elbo
 
 
 class AuxiliaryOptimiser:
@@ -144,3 +197,40 @@ def svi_step(elbo: ELBO, model, x: Tensor, y: Tensor, optimiser: torch.optim.Opt
     if auxiliary is not None:
         auxiliary.step()
     return StepResult(loss, grad_norm)
+
+
+@torch.no_grad()
+def objective_terms(model, x: Tensor, y: Tensor) -> dict:
+    """The objective's parts on a batch, per token: what the training log records.
+
+    For the Bayesian router one guide sample path (drawn under a forked RNG, so logging never
+    changes a run's random stream): ``nll`` (``-log p(y | x, alpha)`` per token),
+    ``kl_per_layer`` (analytic ``KL(q || p)`` per token, per layer), ``a0`` (mean total
+    concentration per layer) and, from the posterior means ``abar``, ``spread`` (per layer, the
+    standard deviation of ``abar_k`` across tokens averaged over experts: 0 when every token
+    is routed alike) and ``shares`` (argmax share of each expert per layer). Routers without
+    latents report their deterministic weights, KL 0 and ``a0`` ``None``.
+    """
+    with torch.random.fork_rng(devices=[]):
+        bayesian = hasattr(model, "prior_concentration")
+        if bayesian:
+            out = model.guide(x)
+            model.clear_cache()
+            prior = model.prior_concentration().detach().to(torch.float64)
+            concentration = [r.decision.concentration.to(torch.float64) for r in out.routing]
+            kl = [float(dirichlet_kl(a, prior[layer]).mean())
+                  for layer, a in enumerate(concentration)]
+            a0 = [float(a.sum(-1).mean()) for a in concentration]
+            abar = [a / a.sum(-1, keepdim=True) for a in concentration]
+        else:
+            out = model.predict(x)
+            abar = [r.decision.mean.to(torch.float64) for r in out.routing]
+            kl, a0 = [0.0] * len(abar), None
+    nll = float(torch.nn.functional.cross_entropy(
+        out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1)))
+    K = abar[0].shape[-1]
+    flat = [w.reshape(-1, K) for w in abar]
+    return {"nll": nll, "kl": float(sum(kl)), "kl_per_layer": kl, "a0": a0,
+            "spread": [float(w.std(0, unbiased=False).mean()) for w in flat],
+            "shares": [torch.bincount(w.argmax(-1), minlength=K).div(w.shape[0]).tolist()
+                       for w in flat]}

@@ -27,9 +27,21 @@ from tqdm.auto import tqdm
 from bayes_router.data.tokens import TokenData
 from bayes_router.inference.estimators import Estimator, estimator_names, get_estimator
 from bayes_router.inference.evaluate import evaluate
-from bayes_router.inference.objective import AuxiliaryOptimiser, svi_step
-from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM, RoutedLM
+from bayes_router.inference.objective import (
+    AuxiliaryOptimiser,
+    FreeBitsELBO,
+    objective_terms,
+    svi_step,
+)
+from bayes_router.models.bayesian import (
+    PRIOR_MEANS,
+    PRIORS,
+    BayesianRoutedLM,
+    PriorFreeRoutedLM,
+    RoutedLM,
+)
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.static import STATIC_KINDS, StaticRoutedLM
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +83,25 @@ class TrainConfig:
             estimator its gradient estimate is **biased** (:func:`gated_training_bias`); the
             score-function estimators stay unbiased.
     :param dataset: corpus spec: ``"stdlib"``, a path, or ``"synthetic:<task>"``.
+    :param router: ``"bayesian"``, ``"prior-free"``, or a static baseline ``"fixed:<expert>"``,
+        ``"fixed:<shares>"``, ``"soft:<shares>"`` (:mod:`bayes_router.models.static`).
+    :param prior: the Bayesian router's prior, ``"power"`` or ``"seed"``
+        (:class:`~bayes_router.models.bayesian.BayesianRoutedLM`).
+    :param prior_mean: ``"fixed"`` or ``"learn"`` (type-II ML of a per-layer prior mean).
+    :param free_bits: ``lambda >= 0``: every token's KL per layer counts as
+        ``max(KL, lambda)`` (Kingma et al. 2016), so a token may commit up to ``lambda`` nats
+        for free. Needs ``reparam-analytic``.
+
+        .. warning:: with ``free_bits > 0`` the objective is not an ELBO.
+    :param warm_start: a run directory whose trained LM (not its router) initialises this
+        run's LM; the second stage is an ELBO again.
+    :param log_every: steps between the objective's logged terms (NLL, KL per layer, ...).
+    :param eval_batches: validation batches per periodic evaluation (``None``: the whole split).
     """
 
     router: str = "bayesian"
+    prior: str = "power"
+    prior_mean: str = "fixed"
     estimator: str = "reparam-analytic"
     num_particles: int = 1
     beta0: float | tuple[float, ...] | str = 1.0
@@ -90,11 +118,14 @@ class TrainConfig:
     kl_anneal_steps: int = 0
     kl_anneal_start: float = 0.0
     kl_weight: float = 1.0
+    free_bits: float = 0.0
+    warm_start: str | None = None
     gate_final: float = 0.0
     gate_start: float = 0.5
     gate_end: float = 0.9
     eval_every: int = 100
-    eval_batches: int = 8
+    eval_batches: int | None = 8
+    log_every: int = 10
     checkpoint_every: int = 100
     seed: int = 0
     dataset: str = "stdlib"
@@ -103,14 +134,32 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.beta0, list):
             object.__setattr__(self, "beta0", tuple(self.beta0))
-        if self.router not in ROUTERS:
-            raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
+        if self.router not in ROUTERS and self.router.partition(":")[0] not in STATIC_KINDS:
+            raise ValueError(f"router must be one of {ROUTERS} or a static baseline "
+                             f"'fixed:<expert>', 'fixed:<shares>', 'soft:<shares>'; got "
+                             f"{self.router!r}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
+        if self.prior_mean not in PRIOR_MEANS:
+            raise ValueError(f"prior_mean must be one of {PRIOR_MEANS}, got {self.prior_mean!r}")
+        if self.prior == "seed" and self.prior_mean == "learn":
+            raise ValueError("prior_mean 'learn' needs prior 'power' (the seed prior has no "
+                             "separate mean)")
+        if not (math.isfinite(self.free_bits) and self.free_bits >= 0):
+            raise ValueError(f"free_bits must be a finite number >= 0, got {self.free_bits!r}")
+        if self.free_bits > 0 and self.estimator != "reparam-analytic":
+            raise ValueError(f"free_bits needs the analytic KL: estimator must be "
+                             f"'reparam-analytic', got {self.estimator!r}")
 
         if self.estimator not in estimator_names():
             raise ValueError(f"estimator must be one of {estimator_names()}, got "
                              f"{self.estimator!r}")
+        if self.eval_batches is not None and (not isinstance(self.eval_batches, int)
+                                              or self.eval_batches < 1):
+            raise ValueError(f"eval_batches must be an integer >= 1 or None (the whole split), "
+                             f"got {self.eval_batches!r}")
         for name in ("num_particles", "steps", "batch_size", "seq_len", "eval_every",
-                     "eval_batches", "checkpoint_every"):
+                     "log_every", "checkpoint_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -186,22 +235,55 @@ def gated_training_bias(train_cfg: TrainConfig) -> str | None:
             "for unbiased gradients")
 
 
+def check_compatible(model_cfg: TinyLMConfig, train_cfg: TrainConfig) -> None:
+    """Raise a clear ``ValueError`` for a training configuration the LM cannot take (a static
+    router's shares or expert, a Bayesian router with one expert, the seed prior's costs, a
+    warm start from an LM of another configuration), before anything is written."""
+    with pyro.settings.context(module_local_params=True):
+        model = build_routed_lm(model_cfg, train_cfg)
+    if train_cfg.warm_start is not None:
+        warm_start_lm(model, Path(train_cfg.warm_start))
+
+
 def build_routed_lm(model_cfg: TinyLMConfig, train_cfg: TrainConfig) -> RoutedLM:
     """The routed LM that ``train_cfg.router`` names, with its prior or temperature."""
     if train_cfg.router == "bayesian":
         return BayesianRoutedLM(model_cfg, beta0=train_cfg.beta0, eta=train_cfg.eta,
                                 a_min=train_cfg.a_min,
                                 estimator=get_estimator(train_cfg.estimator),
-                                beta0_init=train_cfg.beta0_init)
-    return PriorFreeRoutedLM(model_cfg, tau=train_cfg.tau)
+                                beta0_init=train_cfg.beta0_init, prior=train_cfg.prior,
+                                prior_mean=train_cfg.prior_mean)
+    if train_cfg.router == "prior-free":
+        return PriorFreeRoutedLM(model_cfg, tau=train_cfg.tau)
+    return StaticRoutedLM(model_cfg, train_cfg.router, seed=train_cfg.seed)
+
+
+def objective_label(train_cfg: TrainConfig) -> str:
+    """``"ELBO"`` or ``"not an ELBO (<why>)"``: what the training objective is, for reports."""
+    if train_cfg.router != "bayesian":
+        return "ELBO (the log-likelihood: this router has no latent variables)"
+    reasons = []
+    if train_cfg.kl_weight != 1:
+        reasons.append(f"KL weight {train_cfg.kl_weight}")
+    if train_cfg.free_bits > 0:
+        reasons.append(f"free bits {train_cfg.free_bits} nats per token and layer")
+    if reasons:
+        return f"not an ELBO ({'; '.join(reasons)})"
+    if train_cfg.kl_anneal_steps:
+        return f"ELBO (after {train_cfg.kl_anneal_steps} KL-annealing steps)"
+    return "ELBO"
 
 
 def make_objective(train_cfg: TrainConfig) -> tuple[Estimator, ELBO]:
-    """The configured estimator and its ELBO object (the prior-free router has no latents: its
-    ELBO is the log-likelihood, computed by ``reparam-mc``'s ``Trace_ELBO``)."""
-    name = "reparam-mc" if train_cfg.router == "prior-free" else train_cfg.estimator
-    particles = 1 if train_cfg.router == "prior-free" else train_cfg.num_particles
-    estimator = get_estimator(name)
+    """The configured estimator and its ELBO object (routers without latents have the
+    log-likelihood as their ELBO, computed by ``reparam-mc``'s ``Trace_ELBO``); free bits wrap
+    the analytic KL (:class:`~bayes_router.inference.objective.FreeBitsELBO`)."""
+    bayesian = train_cfg.router == "bayesian"
+    estimator = get_estimator(train_cfg.estimator if bayesian else "reparam-mc")
+    particles = train_cfg.num_particles if bayesian else 1
+    if bayesian and train_cfg.free_bits > 0:
+        return estimator, FreeBitsELBO(train_cfg.free_bits, num_particles=particles,
+                                       vectorize_particles=True, max_plate_nesting=1)
     return estimator, estimator.make_elbo(num_particles=particles, vectorize_particles=True,
                                           max_plate_nesting=1)
 
@@ -318,6 +400,8 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
             result.step = int(payload["step"])
             result.seconds = float(payload["seconds"])
             logger.info("resumed from %s at step %d", checkpoint_path, result.step)
+        elif train_cfg.warm_start is not None:
+            warm_start_lm(model, Path(train_cfg.warm_start))
         dataset_size = data.num_windows("train", train_cfg.seq_len)
         last_good = checkpoint_path if resume else None  # never a stale file of another run
         stop = train_cfg.steps if max_steps is None else min(train_cfg.steps, max_steps)
@@ -341,6 +425,8 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
             result.step = step
             record = {"step": step, "loss": per_token, "grad_norm": float(grad_norm),
                       "kl_scale": kl_scale, "gate_threshold": gate_threshold}
+            if step % train_cfg.log_every == 0 or step == 1 or step == stop:
+                record.update(objective_terms(model, x, y))
             if isinstance(model, BayesianRoutedLM) and model.learn_beta0:
                 record["beta0"] = model.beta0.detach().tolist()
             result.history.append(record)
@@ -381,6 +467,30 @@ def _checkpoint_payload(model, optimiser, batch_rng, result: TrainResult,
         "model_config": json.dumps(model_cfg.to_dict()),
         "train_config": json.dumps(train_cfg.to_dict()),
     }
+
+
+def warm_start_lm(model: RoutedLM, run_dir: Path) -> None:
+    """Load the trained LM (embeddings, blocks, head; not the router) of ``run_dir`` into
+    ``model``.
+
+    :raises ValueError: if ``run_dir`` holds no checkpoint, or one of an LM of another
+        configuration (vocabulary, size or experts).
+    """
+    path = Path(run_dir) / CHECKPOINT_NAME
+    try:
+        payload = load_checkpoint(path)
+    except CheckpointError as error:
+        raise ValueError(f"warm_start: {error}") from None
+    saved = TinyLMConfig.from_dict(json.loads(payload["model_config"]))
+    if saved != model.cfg:
+        diffs = sorted(k for k, v in saved.to_dict().items() if model.cfg.to_dict()[k] != v)
+        raise ValueError(f"warm_start: {run_dir} trained an LM of another configuration "
+                         f"(fields {diffs}: {[getattr(saved, k) for k in diffs]} there, "
+                         f"{[getattr(model.cfg, k) for k in diffs]} here)")
+    lm_state = {k[len("lm."):]: v for k, v in payload["model"].items() if k.startswith("lm.")}
+    model.lm.load_state_dict(lm_state)
+    logger.info("warm start: the LM of %s (%s router, step %d)", run_dir,
+                json.loads(payload["train_config"])["router"], payload["step"])
 
 
 def load_trained(run_dir: Path) -> tuple[RoutedLM, TinyLMConfig, TrainConfig, dict]:

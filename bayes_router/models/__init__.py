@@ -9,6 +9,7 @@ from bayes_router.models.bayesian import (
     RoutedLM,
     alpha_site,
     compute_aware_prior,
+    seed_prior,
 )
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.experts import (
@@ -35,6 +36,7 @@ from bayes_router.models.router import (
     controller_features,
     routing_weights,
 )
+from bayes_router.models.static import StaticRoutedLM, parse_static_router
 from bayes_router.models.tinylm import FixedRouting, LMOutput, TinyLM
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "RoutedLM",
     "Router",
     "RoutingDecision",
+    "StaticRoutedLM",
     "TinyLM",
     "TinyLMConfig",
     "alpha_site",
@@ -68,6 +71,8 @@ __all__ = [
     "naive_full",
     "naive_linear",
     "naive_local",
+    "parse_static_router",
     "register_expert",
     "routing_weights",
+    "seed_prior",
 ]

@@ -2,12 +2,16 @@
 
 Model (per layer ``l`` and sequence ``b`` in a subsampled ``batch`` plate)::
 
-    alpha_l[b, t] ~ Dirichlet(beta0[l] * pi)           # compute-aware prior, pi ∝ c^-eta
+    alpha_l[b, t] ~ Dirichlet(beta_l)                  # compute-aware prior
     y[b, t]       ~ Categorical(logits = LM(x; alpha)_t)
 
 Guide::
 
-    alpha_l[b, t] ~ Dirichlet(softplus(MLP_phi_l(features_l[b, t])) + a_min)
+    alpha_l[b, t] ~ Dirichlet(softplus(MLP_phi_l(features_l[b, t])) + floor_l)
+
+Two priors (``prior=``): ``"power"``, ``beta_l = beta0[l] * pi`` with ``pi ∝ c^-eta`` (or a
+learned per-layer ``pi_l``) and ``floor_l = a_min``; ``"seed"``, the public prototype's
+``beta_l = epsilon + beta0[l] (1 - c)`` with ``floor_l = beta_l``.
 
 Tokens are an *event* dimension of the ``alpha_l`` and ``obs`` sites, not a plate: in a causal LM
 ``alpha_l[t]`` influences every ``y[t' >= t]``, so a token plate would be a false
@@ -48,6 +52,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from bayes_router.core.commitment import floor_kl
 from bayes_router.core.dirichlet import SAMPLING_DTYPE, normalised_entropy, routing_uncertainty
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.experts import cost_vector
@@ -87,6 +92,37 @@ def compute_aware_prior(costs: Tensor, beta0: float | Sequence[float] | Tensor, 
     pi = costs.pow(-eta)
     pi = pi / pi.sum()
     return beta0[..., None] * pi
+
+
+PRIORS = ("power", "seed")
+PRIOR_MEANS = ("fixed", "learn")
+#: The ``seed`` prior's offset: ``beta_k = SEED_EPSILON + beta0 (1 - c_k)``.
+SEED_EPSILON = 0.01
+
+
+def seed_prior(costs: Tensor, beta0: float | Sequence[float] | Tensor,
+               epsilon: float = SEED_EPSILON) -> Tensor:
+    """The public prototype's prior: ``beta_k = epsilon + beta0[l] (1 - c_k)``.
+
+    With the seed costs ``[1.0, 0.15, 0.30]`` and ``beta0 = 1``: ``[0.01, 0.86, 0.71]``, mean
+    ``[0.006, 0.544, 0.449]``. Its guide is ``beta + softplus(MLP(features))``, so it never puts
+    less concentration than the prior on any expert.
+
+    :param costs: ``(K,)`` costs relative to ``full``, each in ``(0, 1]``.
+    :returns: ``(K,)`` for a scalar ``beta0``, else ``(L, K)``.
+    """
+    costs = torch.as_tensor(costs)
+    if not costs.is_floating_point():
+        costs = costs.to(torch.get_default_dtype())
+    if costs.dim() != 1 or not bool(((costs > 0) & (costs <= 1)).all()):
+        raise ValueError(f"the seed prior needs costs in (0, 1] (relative to full), got "
+                         f"{costs.tolist()}")
+    beta0 = torch.as_tensor(beta0, dtype=costs.dtype)
+    if not bool((beta0 > 0).all()) or not bool(torch.isfinite(beta0).all()):
+        raise ValueError(f"beta0 must be > 0 (a scalar or one value per layer), got {beta0}")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    return epsilon + beta0[..., None] * (1 - costs)
 
 
 class DirichletFamily(Protocol):
@@ -149,13 +185,13 @@ class RoutedLM(PyroModule):
 
     kind = ""
 
-    def __init__(self, cfg: TinyLMConfig, costs: Tensor | None = None):
+    def __init__(self, cfg: TinyLMConfig, costs: Tensor | None = None, controllers: bool = True):
         super().__init__()
         self.cfg = cfg
         self.lm = TinyLM(cfg)
         self.controllers = nn.ModuleList(
             Controller(self.lm.feature_dim, cfg.controller_hidden, cfg.n_experts)
-            for _ in range(cfg.n_layers)
+            for _ in range(cfg.n_layers if controllers else 0)
         )
         costs = cost_vector(cfg) if costs is None else torch.as_tensor(costs, dtype=torch.float32)
         if costs.shape != (cfg.n_experts,) or not bool((costs > 0).all()):
@@ -214,6 +250,12 @@ class BayesianRoutedLM(RoutedLM):
         and site options the guide uses; ``None``: :class:`DefaultDirichletFamily`. Build it with
         :func:`~bayes_router.inference.estimators.get_estimator`.
     :param beta0_init: initial value when ``beta0 == "learn"``.
+    :param prior: ``"power"``: ``beta0 * pi`` with ``pi ∝ c^-eta`` and the guide
+        ``softplus(MLP) + a_min``; ``"seed"``: the public prototype's :func:`seed_prior` with
+        the guide ``beta + softplus(MLP)`` (``a_min`` and ``eta`` unused).
+    :param prior_mean: ``"fixed"``, or ``"learn"``: the per-layer prior mean ``pi_l`` becomes a
+        ``pyro.param`` on the simplex (initialised at ``c^-eta``), fitted by type-II maximum
+        likelihood with the rest (``prior="power"`` only).
     """
 
     kind = "bayesian"
@@ -221,10 +263,22 @@ class BayesianRoutedLM(RoutedLM):
     def __init__(self, cfg: TinyLMConfig, beta0: float | Sequence[float] | str = 1.0,
                  eta: float = 1.0, a_min: float = 0.05,
                  estimator: DirichletFamily | None = None, beta0_init: float = 1.0,
-                 costs: Tensor | None = None):
+                 costs: Tensor | None = None, prior: str = "power", prior_mean: str = "fixed"):
         super().__init__(cfg, costs)
+        if cfg.n_experts < 2:
+            raise ValueError(f"the Bayesian router needs at least 2 experts, got "
+                             f"{list(cfg.experts)} (train a one-expert LM with router "
+                             f"'fixed:{cfg.experts[0]}')")
         if not a_min > 0:
             raise ValueError(f"a_min must be > 0, got {a_min}")
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        if prior_mean not in PRIOR_MEANS:
+            raise ValueError(f"prior_mean must be one of {PRIOR_MEANS}, got {prior_mean!r}")
+        if prior == "seed" and prior_mean == "learn":
+            raise ValueError("prior_mean='learn' needs prior='power' (the seed prior has no "
+                             "separate mean)")
+        self.prior, self.learn_prior_mean = prior, prior_mean == "learn"
         if isinstance(estimator, str):
             raise TypeError(f"estimator must be an estimator object, not the name {estimator!r}: "
                             "build it with bayes_router.inference.get_estimator(name)")
@@ -246,13 +300,20 @@ class BayesianRoutedLM(RoutedLM):
             values = torch.as_tensor(beta0, dtype=torch.float32).expand(cfg.n_layers).clone()
             compute_aware_prior(self.costs, values, eta)  # validates
             self.register_buffer("beta0_fixed", values)
-        if not self.learn_beta0:
+        if prior == "seed":
+            seed_prior(self.costs, 1.0)  # validates the costs
+        if self.learn_prior_mean:
+            pi = compute_aware_prior(self.costs, 1.0, eta)
+            self.prior_mean_param = PyroParam(pi.expand(cfg.n_layers, -1).clone(),
+                                              constraint=constraints.simplex)
+        if not self.learn_beta0 and not self.learn_prior_mean:
             smallest = float(self.prior_concentration().min())
-            if smallest < self.a_min:
+            if prior == "power" and smallest < self.a_min:
                 logger.warning(
-                    "the prior concentration beta0 * pi has an entry %.3g below a_min=%.3g: the "
-                    "guide cannot match the prior there (lower a_min to study such beta0)",
-                    smallest, self.a_min)
+                    "the prior concentration beta0 * pi has an entry %.3g below a_min=%.3g: "
+                    "no guide can match the prior, so every token pays a KL floor of %.3g nats "
+                    "per layer (lower --a-min, e.g. to %.2g, to study such beta0)",
+                    smallest, self.a_min, self.floor_kl(), smallest / 2)
         # (key, samples, logits) of the last guide run, reused by a model replayed on it
         self._memo: tuple | None = None
         self.one_pass = True  # False: the naive pair, the model reruns the network (reference)
@@ -268,8 +329,28 @@ class BayesianRoutedLM(RoutedLM):
     # -- prior and guide distributions -----------------------------------------------------------
 
     def prior_concentration(self) -> Tensor:
-        """``(L, K)`` Dirichlet concentration of the compute-aware prior."""
+        """``(L, K)`` Dirichlet concentration of the prior in force."""
+        if self.prior == "seed":
+            return seed_prior(self.costs, self.current_beta0())
+        if self.learn_prior_mean:
+            return self.current_beta0()[:, None] * self.prior_mean_param
         return compute_aware_prior(self.costs, self.current_beta0(), self.eta)
+
+    def guide_floor(self) -> Tensor:
+        """``(L, K)`` lower bound of the guide's concentration: ``a_min`` (``power``) or the
+        prior concentration itself (``seed``)."""
+        if self.prior == "seed":
+            return self.prior_concentration()
+        return torch.full((self.cfg.n_layers, self.cfg.n_experts), self.a_min,
+                          dtype=self.costs.dtype, device=self.costs.device)
+
+    def floor_kl(self) -> float:
+        """The largest over layers of the smallest KL any admissible guide pays per token
+        (0 unless ``beta0 * pi`` falls below ``a_min``); see
+        :func:`~bayes_router.core.commitment.floor_kl`."""
+        prior = self.prior_concentration().detach().double().numpy()
+        floor = self.guide_floor().detach().double().numpy()
+        return max(floor_kl(b, f) for b, f in zip(prior, floor, strict=True))
 
     def current_beta0(self) -> Tensor:
         """``(L,)`` prior concentration ``beta0`` in force (learned or fixed)."""
@@ -290,7 +371,8 @@ class BayesianRoutedLM(RoutedLM):
             raise ValueError(f"beta0 must be > 0 and finite, got {values.tolist()}")
         copy = BayesianRoutedLM(self.cfg, beta0="learn", eta=self.eta, a_min=self.a_min,
                                 estimator=self.estimator if estimator is None else estimator,
-                                costs=self.costs)
+                                costs=self.costs, prior=self.prior,
+                                prior_mean="learn" if self.learn_prior_mean else "fixed")
         state = {k: v for k, v in self.state_dict().items()
                  if k not in ("beta0_fixed", "beta0_unconstrained")}
         result = copy.load_state_dict(state, strict=False)
@@ -301,8 +383,11 @@ class BayesianRoutedLM(RoutedLM):
         return copy
 
     def concentration(self, layer: int, features: Tensor) -> tuple[Tensor, Tensor]:
-        """Guide concentration ``a = softplus(MLP(features)) + a_min`` and the raw logits."""
+        """Guide concentration ``a = softplus(MLP(features)) + floor`` (:meth:`guide_floor`)
+        and the raw logits."""
         logits = self.controllers[layer](features)
+        if self.prior == "seed":
+            return F.softplus(logits) + self.prior_concentration()[layer].to(logits.dtype), logits
         return F.softplus(logits) + self.a_min, logits
 
     # -- the Pyro program pair -------------------------------------------------------------------
@@ -401,12 +486,28 @@ class BayesianRoutedLM(RoutedLM):
         return logits.softmax(-1).mean(0)
 
 
-class PriorFreeRoutedLM(RoutedLM):
-    """The prior-free baseline: ``alpha = softmax(MLP(features) / tau)``, deterministic.
+class DeterministicRoutedLM(RoutedLM):
+    """A routed LM without latent variables: its Pyro model has only the ``obs`` site and its
+    guide is empty, so the same SVI loop trains it on the log-likelihood (its ELBO), through the
+    same code path as the Bayesian router. Subclasses provide :meth:`decision`."""
 
-    Its Pyro model has only the ``obs`` site and its guide is empty, so the same SVI loop trains
-    it on the log-likelihood (its ELBO), through the same code path as the Bayesian router.
-    """
+    def model(self, x: Tensor, y: Tensor | None = None, dataset_size: int | None = None,
+              kl_scale: float = 1.0, gate_threshold: float = 0.0) -> Tensor:
+        check_batch(x, y, self.cfg.vocab_size)
+        mode, threshold = self._training_mode(gate_threshold)
+        with self._plate(x, dataset_size):
+            logits = self.predict(x, mode=mode, gate_threshold=threshold).logits
+            self._observe(logits, y)
+        return logits
+
+    def guide(self, x: Tensor, y: Tensor | None = None, dataset_size: int | None = None,
+              kl_scale: float = 1.0, gate_threshold: float = 0.0) -> None:
+        check_batch(x, y, self.cfg.vocab_size)
+
+
+class PriorFreeRoutedLM(DeterministicRoutedLM):
+    """The prior-free baseline: ``alpha = softmax(MLP(features) / tau)``, deterministic,
+    trained on the log-likelihood (see :class:`DeterministicRoutedLM`)."""
 
     kind = "prior-free"
 
@@ -423,18 +524,7 @@ class PriorFreeRoutedLM(RoutedLM):
                              "gate_measure must be 'total'")
         logits = self.controllers[layer](features)
         weights = torch.softmax(logits / self.tau, -1)
-        return RoutingDecision(weights=weights, mean=weights,
-                               uncertainty=normalised_entropy(weights), logits=logits)
-
-    def model(self, x: Tensor, y: Tensor | None = None, dataset_size: int | None = None,
-              kl_scale: float = 1.0, gate_threshold: float = 0.0) -> Tensor:
-        check_batch(x, y, self.cfg.vocab_size)
-        mode, threshold = self._training_mode(gate_threshold)
-        with self._plate(x, dataset_size):
-            logits = self.predict(x, mode=mode, gate_threshold=threshold).logits
-            self._observe(logits, y)
-        return logits
-
-    def guide(self, x: Tensor, y: Tensor | None = None, dataset_size: int | None = None,
-              kl_scale: float = 1.0, gate_threshold: float = 0.0) -> None:
-        check_batch(x, y, self.cfg.vocab_size)
+        uncertainty = (normalised_entropy(weights) if self.cfg.n_experts > 1
+                       else torch.zeros(weights.shape[:-1], dtype=weights.dtype))
+        return RoutingDecision(weights=weights, mean=weights, uncertainty=uncertainty,
+                               logits=logits)

@@ -1,0 +1,91 @@
+"""The Bayesian router's priors: the prototype's ``seed`` prior and guide, a learned prior mean,
+and the guide floor against the prior."""
+
+import logging
+
+import pyro
+import pytest
+import torch
+
+from bayes_router.models.bayesian import SEED_EPSILON, BayesianRoutedLM, seed_prior
+from bayes_router.models.config import TinyLMConfig
+
+CFG = TinyLMConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_seq_len=16, window=3,
+                   chunk_size=4, controller_hidden=8, cost_preset="seed")
+
+
+@pytest.fixture(autouse=True)
+def _local_params():
+    with pyro.settings.context(module_local_params=True):
+        yield
+
+
+def test_seed_prior_reproduces_the_prototype_concentrations():
+    beta = seed_prior(torch.tensor([1.0, 0.15, 0.30]), 1.0)
+    torch.testing.assert_close(beta, torch.tensor([0.01, 0.86, 0.71]))
+    mean = beta / beta.sum()
+    torch.testing.assert_close(mean, torch.tensor([0.006, 0.544, 0.449]), atol=5e-4, rtol=0)
+    assert SEED_EPSILON == 0.01
+    with pytest.raises(ValueError, match="costs in"):
+        seed_prior(torch.tensor([1.0, 1.5, 0.3]), 1.0)
+    with pytest.raises(ValueError, match="beta0"):
+        seed_prior(torch.tensor([1.0, 0.15, 0.3]), 0.0)
+
+
+def test_seed_guide_never_puts_less_than_the_prior_on_any_expert():
+    model = BayesianRoutedLM(CFG, beta0=[1.0, 3.0], prior="seed")
+    with torch.no_grad():
+        for controller in model.controllers:
+            controller.net[-1].bias.fill_(-40.0)  # softplus ~ 0
+    prior = model.prior_concentration()
+    torch.testing.assert_close(prior, seed_prior(model.costs, torch.tensor([1.0, 3.0])))
+    out = model.predict(torch.randint(0, 11, (2, 9)))
+    for layer, r in enumerate(out.routing):
+        a = r.decision.concentration
+        assert bool((a >= prior[layer]).all())
+        torch.testing.assert_close(a, prior[layer].expand_as(a), atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.guide_floor(), prior)
+
+
+def test_learned_prior_mean_is_a_simplex_parameter_initialised_at_the_cost_prior():
+    learned = BayesianRoutedLM(CFG, beta0="learn", beta0_init=2.0, prior_mean="learn")
+    fixed = BayesianRoutedLM(CFG, beta0=2.0)
+    torch.testing.assert_close(learned.prior_concentration(), fixed.prior_concentration())
+    names = dict(learned.named_parameters())
+    assert "prior_mean_param_unconstrained" in names and "beta0_unconstrained" in names
+    # a gradient step moves the mean, and it stays on the simplex
+    loss = -torch.log(learned.prior_concentration()[:, 0]).sum()
+    loss.backward()
+    with torch.no_grad():
+        for p in learned.parameters():
+            if p.grad is not None:
+                p.sub_(0.5 * p.grad)
+    mean = learned.prior_mean_param
+    torch.testing.assert_close(mean.sum(-1), torch.ones(2))
+    assert bool((mean[:, 0] > fixed.prior_concentration()[:, 0] / 2).all())
+    copy = learned.with_learned_beta0()
+    torch.testing.assert_close(copy.prior_concentration(), learned.prior_concentration())
+
+
+def test_prior_options_are_validated():
+    with pytest.raises(ValueError, match="prior must be one of"):
+        BayesianRoutedLM(CFG, prior="cauchy")
+    with pytest.raises(ValueError, match="prior_mean must be one of"):
+        BayesianRoutedLM(CFG, prior_mean="fit")
+    with pytest.raises(ValueError, match="needs prior='power'"):
+        BayesianRoutedLM(CFG, prior="seed", prior_mean="learn")
+    one = TinyLMConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=1, max_seq_len=8,
+                       window=3, chunk_size=4, experts=("full",))
+    with pytest.raises(ValueError, match="at least 2 experts"):
+        BayesianRoutedLM(one)
+
+
+def test_a_prior_below_the_guide_floor_warns_with_its_kl_floor(caplog):
+    with caplog.at_level(logging.WARNING):
+        model = BayesianRoutedLM(CFG, beta0=0.1, a_min=0.05)
+    assert model.floor_kl() > 0.5
+    assert "KL floor" in caplog.text and "--a-min" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        model = BayesianRoutedLM(CFG, beta0=0.1, a_min=0.001)
+    assert caplog.text == "" and model.floor_kl() == 0.0
