@@ -468,6 +468,27 @@ def cmd_fit_beta0(args) -> int:
     return 0
 
 
+def _evidence_arguments(p):
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/evidence)")
+    p.add_argument("--tokens", type=int, default=256, help="validation tokens sampled")
+    p.add_argument("--windows", type=int, default=16, help="validation windows they come from")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("evidence", "evidence vs commitment: each token's likelihood gain of routing to an "
+         "expert beside the KL the guide must pay to commit there", _evidence_arguments)
+def cmd_evidence(args) -> int:
+    from bayes_router.experiments.evidence import evidence_report, evidence_run
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "evidence"
+    result = evidence_run(Path(args.run_dir), out, tokens=args.tokens, windows=args.windows,
+                          seed=args.seed)
+    print(evidence_report(result))
+    print(f"wrote {out}/evidence.json, {out}/evidence.png and {out}/report.md")
+    return 0
+
+
 def torch_threads(n: int) -> None:
     import torch
 
