@@ -73,18 +73,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="seed: the paper's fixed [1.0, 0.15, 0.30]; flops: from the FLOP model")
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_train_args(p: argparse.ArgumentParser, router: bool = True) -> None:
     from bayes_router.inference.estimators import estimator_names
     from bayes_router.inference.train import ROUTERS, TrainConfig
     from bayes_router.models.bayesian import PRIOR_MEANS, PRIORS
 
     d = _field_defaults(TrainConfig)
     g = p.add_argument_group("training (defaults: TrainConfig)")
-    g.add_argument("--router", default=d["router"],
-                   help=f"{' or '.join(ROUTERS)}, or a static baseline: fixed:<expert> (one "
-                        "expert everywhere), fixed:<s1,..,sK> (constant hard shares in the "
-                        "order of --experts, positions assigned at random with the seed), "
-                        "soft:<s1,..,sK> (a constant soft mix)")
+    if router:
+        g.add_argument("--router", default=d["router"],
+                       help=f"{' or '.join(ROUTERS)}, or a static baseline: fixed:<expert> "
+                            "(one expert everywhere), fixed:<s1,..,sK> (constant hard shares in "
+                            "the order of --experts, positions assigned at random with the "
+                            "seed), soft:<s1,..,sK> (a constant soft mix)")
     g.add_argument("--corpus", default=d["dataset"],
                    help="'stdlib', a text file or folder, or synthetic:{recall,copy,drift,mixed}")
     g.add_argument("--max-chars", type=int, default=d["dataset_max_chars"],
@@ -217,34 +218,52 @@ def cmd_evaluate(args) -> int:
 
 
 def _phase1_arguments(p):
-    p.add_argument("--out", required=True)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--no-report", action="store_true", help="skip the per-run analysis reports")
-    p.add_argument("--beta0", type=_beta0, default=1.0)
-    p.add_argument("--elbo", "--estimator", dest="estimator", default="reparam-analytic")
-    p.add_argument("--kl-weight", type=float, default=1.0,
-                   help="constant KL factor (1: the ELBO; else a beta-VAE style ablation)")
-    p.add_argument("--corpus", default="stdlib")
-    p.add_argument("--max-chars", type=int, default=1_000_000)
+    from bayes_router.experiments.phase1 import PHASE1_ROUTERS
+
+    _add_model_args(p)
+    _add_train_args(p, router=False)
+    g = p.add_argument_group("comparison")
+    g.add_argument("--out", required=True)
+    g.add_argument("--routers", type=_comma_names_routers, default=list(PHASE1_ROUTERS),
+                   help="semicolon-separated router specs (the --router values of train)")
+    g.add_argument("--seeds", type=int, default=3, help="seeds --seed .. --seed + N - 1")
+    g.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    g.add_argument("--no-report", action="store_true",
+                   help="skip the learned routers' analysis reports")
 
 
-@command("phase1", "the Phase-1 comparison of Bayesian and prior-free routing",
-         _phase1_arguments)
+def _comma_names_routers(text: str) -> list[str]:
+    """Router specs separated by ';' (their shares use commas)."""
+    return [v.strip() for v in text.split(";") if v.strip()]
+
+
+@command("phase1", "the Phase-1 comparison: Bayesian and prior-free routing beside static "
+         "one-expert baselines, with a power check", _phase1_arguments)
 def cmd_phase1(args) -> int:
-    from bayes_router.experiments.phase1 import default_train_config, phase1_table, run_phase1
+    from bayes_router.experiments.phase1 import phase1_table, run_phase1
+    from bayes_router.experiments.runs import load_data
 
-    train_cfg = dataclasses.replace(
-        default_train_config(args.steps), beta0=args.beta0, estimator=args.estimator,
-        kl_weight=args.kl_weight, dataset=args.corpus, dataset_max_chars=args.max_chars)
-    result = run_phase1(Path(args.out), seeds=args.seeds, steps=args.steps,
-                        train_cfg=train_cfg, report=not args.no_report)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    args.router = "bayesian"  # replaced by each of --routers
+    probe_model, probe = _configs(args, vocab_size=128)
+    data = load_data(probe, probe_model)  # synthetic tasks take the model's window
+    model_cfg, train_cfg = _configs(args, vocab_size=data.vocab_size)
+    result = run_phase1(Path(args.out), seeds=args.seeds, model_cfg=model_cfg,
+                        train_cfg=train_cfg, report=not args.no_report,
+                        routers=tuple(args.routers), jobs=args.jobs, first_seed=args.seed,
+                        eval_batches=None if args.eval_all else EVAL_BATCHES_PHASE1)
     print(phase1_table(result))
-    print()
+    print(f"\npower check: {result['power']['reason']}")
     for claim in result["claims"]:
         print(f"- {claim['text']}: {claim['verdict']}")
-    print(f"\nwrote {args.out}/phase1.json and {args.out}/phase1.md")
+    print(f"\nwrote {args.out}/phase1.json, {args.out}/phase1.md and "
+          f"{args.out}/quality_vs_compute.png")
     return 0
+
+
+#: Validation batches of 16 windows behind each Phase-1 run's final metrics (--eval-all: all).
+EVAL_BATCHES_PHASE1 = 32
 
 
 def _bench_arguments(p):

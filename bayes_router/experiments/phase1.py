@@ -1,26 +1,39 @@
-"""The Phase-1 comparison: Bayesian vs prior-free routing, same code path, data, steps and seeds.
+"""The Phase-1 comparison: Bayesian vs prior-free routing beside static baselines, same code
+path, data, steps and seeds.
 
-For every seed both routers are trained with identical settings on the same corpus; the table
-reports per seed and as mean ± 95 % CI (Student t over seeds) the routing metrics, held-out NLL
-under soft and hard routing and the timed hard-routing forward pass, beside the seed paper's
-published numbers, and states for each claim whether it held in this run (paired differences
-over seeds: "held" when the 95 % CI of the difference lies on the claimed side of zero).
+For every seed each router (by default the Bayesian and prior-free routers and the three
+one-expert LMs ``fixed:full``, ``fixed:linear``, ``fixed:local``) is trained with identical
+settings on the same corpus; the table reports per seed and as mean ± 95 % CI (Student t over
+seeds) the routing metrics, held-out NLL under soft and hard routing and the timed hard-routing
+forward pass, beside the seed paper's published numbers.
+
+**Power check first.** The one-expert baselines say how much the routing choice can matter at
+this budget: the gap between the worst and the best fixed expert's val NLL (paired over seeds).
+The comparison is *powered* when that gap's 95 % CI lies above the non-inferiority margin and
+its mean exceeds three times the seed-to-seed spread of val NLL (the standard deviation over
+seeds, pooled over every router). Otherwise every verdict reads "underpowered": no verdict
+about routing can be read where choosing the worst expert everywhere costs less than the margin
+or the noise.
+
+Each claim is then judged on paired differences over seeds: "held" when the 95 % CI of the
+difference lies on the claimed side of zero (or, for non-inferiority, below the margin).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 from scipy import stats
 
+from bayes_router.analysis.study_plots import save_figure
 from bayes_router.experiments.report import report_runs
-from bayes_router.experiments.runs import load_data, train_run, versions, write_json
-from bayes_router.inference.train import TrainConfig
+from bayes_router.experiments.runs import load_data, train_runs, versions, write_json
+from bayes_router.inference.train import TrainConfig, objective_label
 from bayes_router.models.config import TinyLMConfig
 
 logger = logging.getLogger(__name__)
@@ -32,6 +45,15 @@ PUBLISHED = {
 
 #: Non-inferiority margin for "without sacrificing task performance": relative val NLL.
 NLL_MARGIN = 0.02
+#: The routers of a Phase-1 comparison: the two learned routers and the one-expert baselines.
+PHASE1_ROUTERS = ("bayesian", "prior-free", "fixed:full", "fixed:linear", "fixed:local")
+#: The power check asks the best-to-worst fixed-expert gap to exceed this many seed spreads.
+POWER_SPREADS = 3.0
+
+
+def run_name(router: str, seed: int) -> str:
+    """Folder name of a router's run: ``fixed:0.2,0.5,0.3`` -> ``fixed-0.2_0.5_0.3-seed0``."""
+    return f"{router.replace(':', '-').replace(',', '_')}-seed{seed}"
 
 
 def default_model_config(vocab_size: int = 98) -> TinyLMConfig:
@@ -57,6 +79,20 @@ def mean_ci(values, level: float = 0.95) -> dict:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(values.size)}
 
 
+def _oracle_keys(runs: dict[str, list[dict]]) -> dict:
+    """Accessors of the per-label NLL and accuracy where every run has oracle metrics."""
+    labelled = [m["soft"].get("oracle") for ms in runs.values() for m in ms]
+    if not labelled or any(o is None for o in labelled):
+        return {}
+    labels = set.intersection(*(set(o) for o in labelled))
+    keys = {}
+    for label in sorted(labels):
+        keys[f"oracle_{label}_nll"] = lambda m, label=label: m["soft"]["oracle"][label]["nll"]
+        keys[f"oracle_{label}_accuracy"] = (
+            lambda m, label=label: 100 * m["soft"]["oracle"][label]["accuracy"])
+    return keys
+
+
 def _metric_table(runs: dict[str, list[dict]]) -> dict:
     keys = {
         "projected_flop_cost": lambda m: m["soft"]["projected_flop_cost"],
@@ -66,7 +102,9 @@ def _metric_table(runs: dict[str, list[dict]]) -> dict:
         "val_bpc_soft": lambda m: m["soft"]["val_bpc"],
         "val_nll_hard": lambda m: m["hard"]["val_nll"],
         "val_bpc_hard": lambda m: m["hard"]["val_bpc"],
-        "hard_time_ratio": lambda m: m["timing"]["time_ratio"],
+        "hard_time_ratio": lambda m: (math.nan if m["timing"]["time_ratio"] is None
+                                      else m["timing"]["time_ratio"]),
+        **_oracle_keys(runs),
     }
     table = {}
     for key, get in keys.items():
@@ -99,6 +137,41 @@ def _claim(name: str, text: str, diffs, side: str, published=None) -> dict:
             "published_difference": published}
 
 
+def power_check(table: dict, margin_nats: float, key: str = "val_nll_soft") -> dict:
+    """Can this comparison tell routings apart? (see the module docstring)
+
+    :param table: the metric table, holding at least two ``fixed:<expert>`` one-expert runs.
+    :param margin_nats: the non-inferiority margin of the claims.
+    :returns: ``powered``, ``reason``, the ``best`` and ``worst`` fixed expert, the paired
+        ``gap`` (mean and CI), the pooled seed ``spread`` and ``gap_over_spread``.
+    """
+    entries = table[key]
+    fixed = [r for r in entries if r.startswith("fixed:") and "," not in r]
+    spreads = [np.std(e["per_seed"], ddof=1) for e in entries.values() if len(e["per_seed"]) > 1]
+    spread = float(np.sqrt(np.mean(np.square(spreads)))) if spreads else math.nan
+    result = {"metric": key, "margin": margin_nats, "spread": spread, "fixed": fixed,
+              "spreads_required": POWER_SPREADS}
+    if len(fixed) < 2:
+        return {**result, "powered": False, "gap": None, "best": None, "worst": None,
+                "gap_over_spread": None,
+                "reason": "underpowered: the power check needs at least two one-expert "
+                          "baselines (fixed:<expert>)"}
+    best = min(fixed, key=lambda r: entries[r]["mean"])
+    worst = max(fixed, key=lambda r: entries[r]["mean"])
+    gap = mean_ci(np.subtract(entries[worst]["per_seed"], entries[best]["per_seed"]))
+    ratio = gap["mean"] / spread if spread and math.isfinite(spread) else math.nan
+    result.update(best=best, worst=worst, gap=gap, gap_over_spread=ratio)
+    text = (f"{worst} is worse than {best} by {gap['mean']:.3f} nats")
+    if gap["n"] < 2:
+        return {**result, "powered": False,
+                "reason": f"underpowered: {text} on a single seed (no seed-to-seed spread)"}
+    text += (f" [95 % CI {gap['low']:.3f}, {gap['high']:.3f}], {ratio:.1f} x the seed spread "
+             f"{spread:.4f}; margin {margin_nats:.3f}")
+    powered = gap["low"] > margin_nats and ratio > POWER_SPREADS
+    return {**result, "powered": bool(powered),
+            "reason": ("powered: " if powered else "underpowered: ") + text}
+
+
 def claims(table: dict, nll_margin_nats: float) -> list[dict]:
     def diffs(key):
         b = np.asarray(table[key]["bayesian"]["per_seed"])
@@ -119,47 +192,56 @@ def claims(table: dict, nll_margin_nats: float) -> list[dict]:
 
 def run_phase1(out_dir: Path, seeds: int = 3, steps: int = 300,
                model_cfg: TinyLMConfig | None = None, train_cfg: TrainConfig | None = None,
-               progress: bool = True, resume: bool = True, report: bool = True) -> dict:
-    """Train both routers for ``seeds`` seeds and write ``phase1.json`` and ``phase1.md``.
+               progress: bool = True, resume: bool = True, report: bool = True,
+               routers: tuple[str, ...] = PHASE1_ROUTERS, jobs: int = 1, first_seed: int = 0,
+               eval_batches: int | None = None) -> dict:
+    """Train every router for ``seeds`` seeds and write ``phase1.json``, ``phase1.md`` and
+    ``quality_vs_compute.png``.
 
     Finished runs in ``out_dir`` are reused (an interrupted comparison resumes). With ``report``
-    every run also gets its analysis report (calibration, uncertainty diagnostics, figures) and
-    ``out_dir/comparison`` a side-by-side calibration comparison.
+    the Bayesian and prior-free runs also get their analysis reports (calibration, uncertainty
+    diagnostics, figures) and ``out_dir/comparison`` a side-by-side calibration comparison.
+
+    :param routers: router specs (see :class:`~bayes_router.inference.train.TrainConfig`);
+        the claims need ``bayesian`` and ``prior-free``, the power check two ``fixed:<expert>``.
+    :param jobs: parallel worker processes (one torch thread each).
+    :param eval_batches: validation batches of the final metrics (``None``: the whole split).
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
+    routers = tuple(routers)
+    if not routers or len(set(routers)) != len(routers):
+        raise ValueError(f"routers must name at least one router, each once; got {routers}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     base_train = train_cfg or default_train_config(steps)
     data = load_data(base_train, model_cfg or default_model_config())  # the model's window
     model_cfg = model_cfg or default_model_config(data.vocab_size)
-    runs: dict[str, list[dict]] = {"bayesian": [], "prior-free": []}
-
-    for seed in range(seeds):
-        for router in runs:
-            cfg = dataclasses.replace(base_train, router=router, seed=seed)
-            run_dir = out_dir / f"{router}-seed{seed}"
-            if (run_dir / "metrics.json").exists() and resume:
-                saved = json.loads((run_dir / "config.json").read_text())
-                wanted = json.loads(json.dumps({"model": model_cfg.to_dict(),
-                                                "train": cfg.to_dict()}))
-                if {k: saved.get(k) for k in wanted} != wanted:
-                    raise ValueError(f"{run_dir} holds a finished run with a different "
-                                     "configuration; choose another --out directory")
-                logger.info("reusing finished run %s", run_dir)
-                runs[router].append(json.loads((run_dir / "metrics.json").read_text()))
-                continue
-            partial = resume and (run_dir / "checkpoint.pt").exists()
-            runs[router].append(train_run(model_cfg, cfg, run_dir, resume=partial,
-                                          progress=progress, data=data))
+    seed_list = list(range(first_seed, first_seed + seeds))
+    specs = [(model_cfg, dataclasses.replace(base_train, router=router, seed=seed),
+              out_dir / run_name(router, seed)) for router in routers for seed in seed_list]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = train_runs(specs, jobs=jobs, progress=progress, resume=resume, data=data,
+                         eval_batches=eval_batches)
+    runs = {router: [metrics[i * seeds + j] for j in range(seeds)]
+            for i, router in enumerate(routers)}
     table = _metric_table(runs)
-    margin = NLL_MARGIN * table["val_nll_soft"]["prior-free"]["mean"]
-    result = {"seeds": seeds, "steps": base_train.steps, "model": model_cfg.to_dict(),
-              "train": base_train.to_dict(), "table": table, "published": PUBLISHED,
-              "claims": claims(table, margin), "versions": versions(),
-              "runs": {r: [f"{r}-seed{s}" for s in range(seeds)] for r in runs}}
-    if report:
-        run_dirs = [out_dir / name for names in result["runs"].values() for name in names]
+    reference = "prior-free" if "prior-free" in routers else routers[0]
+    margin = NLL_MARGIN * table["val_nll_soft"][reference]["mean"]
+    power = power_check(table, margin)
+    verdicts = (claims(table, margin) if {"bayesian", "prior-free"} <= set(routers) else [])
+    if not power["powered"]:
+        for claim in verdicts:
+            claim["verdict_if_powered"], claim["verdict"] = claim["verdict"], "underpowered"
+    result = {"seeds": seeds, "seed_list": seed_list, "steps": base_train.steps,
+              "routers": list(routers), "model": model_cfg.to_dict(),
+              "train": base_train.to_dict(), "objective": objective_label(base_train),
+              "table": table, "published": PUBLISHED, "power": power, "claims": verdicts,
+              "versions": versions(),
+              "runs": {r: [run_name(r, s) for s in seed_list] for r in routers}}
+    result["figure"] = save_figure(quality_figure(result), out_dir / "quality_vs_compute.png")
+    learned = [r for r in ("bayesian", "prior-free") if r in routers]
+    if report and learned:
+        run_dirs = [out_dir / name for r in learned for name in result["runs"][r]]
         report_runs(run_dirs, out_dir=out_dir / "comparison", progress=progress)
         result["comparison"] = "comparison/comparison.md"
     write_json(out_dir / "phase1.json", result)
@@ -167,45 +249,89 @@ def run_phase1(out_dir: Path, seeds: int = 3, steps: int = 300,
     return result
 
 
+def quality_figure(result: dict) -> Figure:
+    """Quality against compute: every router and baseline a point (mean over seeds, 95 % CI
+    bars): val NLL under hard routing against the projected FLOP cost and against the timed
+    forward pass relative to full-only."""
+    table = result["table"]
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2)
+    for ax, key, label in ((axes[0], "projected_flop_cost", "projected FLOP cost (%)"),
+                           (axes[1], "hard_time_ratio", "hard forward time / full-only")):
+        for i, router in enumerate(result["routers"]):
+            x, y = table[key][router], table["val_nll_hard"][router]
+            if not math.isfinite(x["mean"]):
+                continue
+
+            def half(e):
+                return 0.0 if math.isnan(e["low"]) else (e["high"] - e["low"]) / 2
+
+            ax.errorbar(x["mean"], y["mean"], xerr=half(x), yerr=half(y), fmt="o",
+                        color=f"C{i}", capsize=3, label=router)
+        ax.set(xlabel=label, ylabel="val NLL, hard routing (nats)")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("quality vs projected compute")
+    axes[1].set_title("quality vs realised compute")
+    return fig
+
+
 def _cell(entry: dict, digits: int = 1) -> str:
+    if not math.isfinite(entry["mean"]):
+        return "—"
     if math.isnan(entry["low"]):
         return f"{entry['mean']:.{digits}f}"
     return f"{entry['mean']:.{digits}f} [{entry['low']:.{digits}f}, {entry['high']:.{digits}f}]"
 
 
+TABLE_ROWS = (("projected FLOP cost (%)", "projected_flop_cost", 1),
+              ("expected FLOP cost (%)", "expected_flop_cost", 1),
+              ("routing entropy (%)", "routing_entropy", 1),
+              ("val NLL soft (nats)", "val_nll_soft", 3), ("val bpc soft", "val_bpc_soft", 3),
+              ("val NLL hard (nats)", "val_nll_hard", 3), ("val bpc hard", "val_bpc_hard", 3),
+              ("hard fwd time / full-only", "hard_time_ratio", 2))
+
+
 def phase1_table(result: dict) -> str:
-    """The comparison as a markdown table (mean [95 % CI] over seeds, published numbers)."""
-    t = result["table"]
-    rows = [("projected FLOP cost (%)", "projected_flop_cost", 1),
-            ("expected FLOP cost (%)", "expected_flop_cost", 1),
-            ("routing entropy (%)", "routing_entropy", 1),
-            ("val NLL soft (nats)", "val_nll_soft", 3), ("val bpc soft", "val_bpc_soft", 3),
-            ("val NLL hard (nats)", "val_nll_hard", 3), ("val bpc hard", "val_bpc_hard", 3),
-            ("hard fwd time / full-only", "hard_time_ratio", 2)]
-    lines = ["| metric | Bayesian | prior-free | published Bayesian | published prior-free |",
-             "|---|---|---|---|---|"]
+    """The comparison as a markdown table: one column per router (mean [95 % CI] over seeds),
+    the published numbers last; per-label rows for a synthetic task."""
+    t, routers = result["table"], result["routers"]
+    rows = list(TABLE_ROWS) + [
+        (f"{key[len('oracle_'):].replace('_', ' ')}{' (%)' if key.endswith('accuracy') else ''}",
+         key, 1 if key.endswith("accuracy") else 3)
+        for key in t if key.startswith("oracle_")]
+    lines = ["| metric | " + " | ".join(routers) + " | published Bayesian | published "
+             "prior-free |", "|---|" + "---|" * (len(routers) + 2)]
     for label, key, digits in rows:
         pub = result["published"].get(key, {})
-        lines.append(f"| {label} | {_cell(t[key]['bayesian'], digits)} | "
-                     f"{_cell(t[key]['prior-free'], digits)} | {pub.get('bayesian', '—')} | "
-                     f"{pub.get('prior-free', '—')} |")
+        lines.append(f"| {label} | " + " | ".join(_cell(t[key][r], digits) for r in routers)
+                     + f" | {pub.get('bayesian', '—')} | {pub.get('prior-free', '—')} |")
     return "\n".join(lines)
 
 
 def phase1_report(result: dict) -> str:
-    lines = ["# Phase-1 comparison: Bayesian vs prior-free routing", "",
-             f"{result['seeds']} seed(s), {result['steps']} steps each, corpus "
-             f"`{result['train']['dataset']}`, costs preset `{result['model']['cost_preset']}`, "
-             f"beta0 = {result['train']['beta0']}, estimator `{result['train']['estimator']}`, "
-             f"KL weight {result['train']['kl_weight']}. "
-             "Mean [95 % CI over seeds].", "", phase1_table(result), "",
-             "## Claims", "", "| claim | Bayesian − prior-free | published | verdict |",
-             "|---|---|---|---|"]
-    for c in result["claims"]:
-        pub = c["published_difference"]
-        lines.append(f"| {c['text']} | {_cell(c['difference'], 3)} | "
-                     f"{'—' if pub is None else pub} | **{c['verdict']}** |")
-    lines += ["", "Expert share (full/linear/local) per layer, mean over seeds:", ""]
+    train = result["train"]
+    power = result["power"]
+    lines = ["# Phase-1 comparison: Bayesian vs prior-free routing beside static baselines", "",
+             f"{result['seeds']} seed(s) ({result['seed_list']}), {result['steps']} steps each, "
+             f"corpus `{train['dataset']}`, costs preset `{result['model']['cost_preset']}`, "
+             f"prior `{train['prior']}` (mean {train['prior_mean']}), beta0 = {train['beta0']}, "
+             f"estimator `{train['estimator']}`, KL weight {train['kl_weight']}, free bits "
+             f"{train['free_bits']}; the Bayesian objective: **{result['objective']}**. "
+             "Mean [95 % CI over seeds].", "",
+             f"**Power check: {power['reason']}.**", "", phase1_table(result), "",
+             "![quality vs compute](quality_vs_compute.png)", ""]
+    if result["claims"]:
+        lines += ["## Claims", "", "| claim | Bayesian − prior-free | published | verdict |",
+                  "|---|---|---|---|"]
+        for c in result["claims"]:
+            pub = c["published_difference"]
+            verdict = c["verdict"] + (f" (if powered: {c['verdict_if_powered']})"
+                                      if "verdict_if_powered" in c else "")
+            lines.append(f"| {c['text']} | {_cell(c['difference'], 3)} | "
+                         f"{'—' if pub is None else pub} | **{verdict}** |")
+        lines.append("")
+    experts = "/".join(result["model"]["experts"])
+    lines += [f"Expert share ({experts}) per layer, mean over seeds:", ""]
     for router, share in result["table"]["expert_share"].items():
         lines.append(f"- {router}: " + "; ".join(
             f"layer {i}: " + "/".join(f"{s:.2f}" for s in row)
@@ -213,7 +339,7 @@ def phase1_report(result: dict) -> str:
     lines += ["", "Runs: " + ", ".join(f"[{r}]({r}/report.md)" for rs in result["runs"].values()
                                         for r in rs) + "."]
     if "comparison" in result:
-        lines += ["", "Calibration and routing-uncertainty analysis of every run: "
+        lines += ["", "Calibration and routing-uncertainty analysis of the learned routers: "
                   "`<run>/analysis/report.md`; side by side: "
                   f"[{result['comparison']}]({result['comparison']})."]
     lines.append("")

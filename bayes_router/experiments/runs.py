@@ -7,9 +7,11 @@ and the timed hard-routing forward pass), ``training.png`` and ``report.md``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import math
+import multiprocessing
 import platform
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import numpy as np
 import pyro
 import torch
 from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 import bayes_router
 from bayes_router.analysis.plots import plot_expert_share
@@ -164,6 +167,86 @@ def train_run(model_cfg: TinyLMConfig, train_cfg: TrainConfig, out_dir: Path,
     plot_training(result.history, result.evaluations, out_dir / "training.png")
     (out_dir / "report.md").write_text(run_report(config, metrics))
     return metrics
+
+
+def finished_metrics(run_dir: Path, model_cfg: TinyLMConfig, train_cfg: TrainConfig
+                     ) -> dict | None:
+    """The metrics of a finished run of exactly this configuration in ``run_dir``, ``None`` if
+    it holds no finished run.
+
+    :raises ValueError: if it holds a run (finished or not) of another configuration (a
+        partial run may differ in ``steps`` only).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        return None
+    saved = json.loads((run_dir / "config.json").read_text())
+    wanted = json.loads(json.dumps({"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}))
+    # through the dataclasses, so that fields added since the run was written take defaults
+    saved = {"model": json.loads(json.dumps(TinyLMConfig.from_dict(saved["model"]).to_dict())),
+             "train": json.loads(json.dumps(TrainConfig.from_dict(saved["train"]).to_dict()))}
+    differ = sorted(f"{part}.{k}" for part in wanted for k in wanted[part]
+                    if saved[part].get(k) != wanted[part][k])
+    finished = (run_dir / "metrics.json").exists()
+    if differ and (finished or differ != ["train.steps"]):
+        raise ValueError(f"{run_dir} holds a run with a different configuration (fields "
+                         f"{differ}); choose another --out directory")
+    return json.loads((run_dir / "metrics.json").read_text()) if finished else None
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _train_worker(model_cfg, train_cfg, run_dir, resume, eval_batches) -> dict:
+    return train_run(model_cfg, train_cfg, run_dir, resume=resume, progress=False,
+                     eval_batches=eval_batches)
+
+
+def train_runs(specs: list[tuple[TinyLMConfig, TrainConfig, Path]], jobs: int = 1,
+               progress: bool = True, resume: bool = True, data: TokenData | None = None,
+               eval_batches: int | None = EVAL_BATCHES) -> list[dict]:
+    """Train every ``(model_cfg, train_cfg, run_dir)`` and return their metrics, in order.
+
+    Finished runs of the same configuration are reused and interrupted ones resumed (with
+    ``resume``); ``jobs > 1`` trains in that many spawned processes of one torch thread each
+    (they load their own data).
+
+    :raises ValueError: for ``jobs < 1`` or a run directory holding another configuration.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    results: list[dict | None] = []
+    todo = []
+    for i, (model_cfg, train_cfg, run_dir) in enumerate(specs):
+        done = finished_metrics(run_dir, model_cfg, train_cfg) if resume else None
+        if done is not None:
+            logger.info("reusing finished run %s", run_dir)
+        else:
+            partial = resume and (Path(run_dir) / CHECKPOINT_NAME).exists()
+            todo.append((i, model_cfg, train_cfg, Path(run_dir), partial))
+        results.append(done)
+    bar = tqdm(total=len(todo), disable=not progress or not todo, desc="runs",
+               dynamic_ncols=True)
+    if jobs == 1 or len(todo) <= 1:
+        for i, model_cfg, train_cfg, run_dir, partial in todo:
+            bar.set_postfix(run=run_dir.name)
+            results[i] = train_run(model_cfg, train_cfg, run_dir, resume=partial,
+                                   progress=False, eval_batches=eval_batches,
+                                   data=data)
+            bar.update(1)
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context,
+                                                    initializer=_init_worker) as pool:
+            futures = {pool.submit(_train_worker, model_cfg, train_cfg, run_dir, partial,
+                                   eval_batches): i
+                       for i, model_cfg, train_cfg, run_dir, partial in todo}
+            for future in concurrent.futures.as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update(1)
+    bar.close()
+    return results
 
 
 def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None = None,

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bayes_router.experiments.phase1 import claims, mean_ci, run_phase1
+from bayes_router.experiments.phase1 import (
+    claims,
+    mean_ci,
+    power_check,
+    run_name,
+    run_phase1,
+)
 from bayes_router.inference.train import TrainConfig
 from bayes_router.models.config import TinyLMConfig
 
@@ -47,6 +53,43 @@ def test_non_inferiority_uses_the_upper_bound():
     assert {c["claim"]: c["verdict"] for c in worse}["val_nll_soft"] == "did not hold"
 
 
+def _nll_table(per_router: dict) -> dict:
+    return {"val_nll_soft": {r: {"per_seed": v, **mean_ci(v)} for r, v in per_router.items()}}
+
+
+def test_power_check_on_a_case_built_to_pass():
+    table = _nll_table({"fixed:full": [1.70, 1.71, 1.69], "fixed:linear": [1.87, 1.86, 1.88],
+                        "fixed:local": [1.71, 1.72, 1.70], "bayesian": [1.80, 1.81, 1.79]})
+    power = power_check(table, margin_nats=0.035)
+    assert power["powered"] and power["reason"].startswith("powered")
+    assert (power["best"], power["worst"]) == ("fixed:full", "fixed:linear")
+    assert power["gap"]["mean"] == pytest.approx(0.17)
+    assert power["spread"] == pytest.approx(0.01)
+    assert power["gap_over_spread"] == pytest.approx(17.0)
+
+
+@pytest.mark.parametrize("per_router, why", [
+    # the experts differ by less than the margin (today's 300-step stdlib demo)
+    ({"fixed:full": [2.509, 2.52, 2.50], "fixed:linear": [2.555, 2.56, 2.55],
+      "fixed:local": [2.510, 2.51, 2.52]}, "underpowered"),
+    # a large gap drowned in seed noise
+    ({"fixed:full": [1.5, 1.9, 1.6], "fixed:linear": [1.9, 1.6, 2.1]}, "underpowered"),
+    # one seed: no spread to compare with
+    ({"fixed:full": [1.5], "fixed:linear": [2.5]}, "single seed"),
+    # one baseline only
+    ({"fixed:full": [1.5, 1.6], "bayesian": [1.7, 1.8]}, "at least two"),
+])
+def test_power_check_on_cases_built_to_fail(per_router, why):
+    power = power_check(_nll_table(per_router), margin_nats=0.05)
+    assert not power["powered"] and power["reason"].startswith("underpowered")
+    assert why in power["reason"]
+
+
+def test_run_names_are_folder_safe():
+    assert run_name("fixed:0.2,0.5,0.3", 1) == "fixed-0.2_0.5_0.3-seed1"
+    assert run_name("bayesian", 0) == "bayesian-seed0"
+
+
 def test_toy_phase1_end_to_end(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("abcabcabd, the cat sat on the mat. " * 80)
@@ -58,8 +101,16 @@ def test_toy_phase1_end_to_end(tmp_path):
                         progress=False, report=False)
     saved = json.loads((tmp_path / "p1" / "phase1.json").read_text())
     assert saved["seeds"] == 2 and len(saved["claims"]) == 4
-    assert {c["verdict"] for c in result["claims"]} <= {"held", "direction only",
-                                                        "did not hold"}
+    assert saved["routers"] == ["bayesian", "prior-free", "fixed:full", "fixed:linear",
+                                "fixed:local"]
+    assert "power" in saved and (tmp_path / "p1" / "quality_vs_compute.png").exists()
+    # 3 steps: the experts cannot differ beyond the margin, so no verdict is read
+    assert not saved["power"]["powered"]
+    assert {c["verdict"] for c in result["claims"]} == {"underpowered"}
+    assert all(c["verdict_if_powered"] in {"held", "direction only", "did not hold"}
+               for c in result["claims"])
+    assert "Power check: underpowered" in (tmp_path / "p1" / "phase1.md").read_text()
+    assert (tmp_path / "p1" / "fixed-full-seed1" / "metrics.json").exists()
     per_seed = result["table"]["projected_flop_cost"]["bayesian"]["per_seed"]
     run_metrics = [json.loads((tmp_path / "p1" / f"bayesian-seed{s}" / "metrics.json")
                               .read_text())["soft"]["projected_flop_cost"] for s in range(2)]

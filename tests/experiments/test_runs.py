@@ -72,3 +72,26 @@ def test_cli_defaults_are_the_dataclasses_defaults():
     model_cfg, train_cfg = _configs(args, vocab_size=77)
     assert model_cfg == TinyLMConfig.phase1(77)
     assert train_cfg == TrainConfig()
+
+
+def test_train_runs_in_parallel_match_serial_runs(tmp_path, tiny_corpus):
+    from bayes_router.experiments.runs import train_runs
+
+    model_cfg = TinyLMConfig(vocab_size=98, d_model=16, n_heads=2, n_layers=2, max_seq_len=32,
+                             window=4, chunk_size=8, controller_hidden=8)
+    specs = [(model_cfg, TrainConfig(steps=3, batch_size=4, seq_len=32, eval_every=3,
+                                     eval_batches=1, checkpoint_every=3, dataset=str(tiny_corpus),
+                                     dataset_max_chars=None, router=router), tmp_path / router)
+             for router in ("fixed:full", "prior-free")]
+    parallel = train_runs(specs, jobs=2, progress=False, eval_batches=1)
+    serial = train_runs([(m, t, tmp_path / "serial" / d.name) for m, t, d in specs], jobs=1,
+                        progress=False, eval_batches=1)
+    for a, b in zip(parallel, serial, strict=True):
+        assert a["router"] == b["router"]
+        assert a["soft"]["val_nll"] == pytest.approx(b["soft"]["val_nll"], rel=1e-4)
+    # finished runs are reused, not retrained
+    mtime = (tmp_path / "prior-free" / "metrics.json").stat().st_mtime
+    train_runs(specs, jobs=2, progress=False, eval_batches=1)
+    assert (tmp_path / "prior-free" / "metrics.json").stat().st_mtime == mtime
+    with pytest.raises(ValueError, match="jobs"):
+        train_runs(specs, jobs=0)
