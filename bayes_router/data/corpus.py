@@ -2,7 +2,7 @@
 
 The default corpus needs no download: it is the Python standard library's own source code, as
 installed with the running interpreter. Any text file or folder can be used instead, and
-``"synthetic:<task>"`` names a synthetic oracle task (:mod:`bayes_router.data.synthetic`).
+``"synthetic:<task>"`` names a synthetic oracle task or preset (:mod:`bayes_router.data.synthetic`).
 
 **Selection rule of the standard-library corpus.** Every regular file ending in ``.py`` that lies
 directly in ``sysconfig.get_paths()["stdlib"]`` (top-level modules only: no subpackage, hence no
@@ -39,9 +39,11 @@ from torch import Tensor
 from bayes_router.data.charset import UNK_TOKEN, CharVocab
 from bayes_router.data.synthetic import (
     ORACLE_LABEL_IDS,
+    PRESETS,
     SYNTHETIC_TASKS,
     SyntheticConfig,
     SyntheticCorpus,
+    preset_config,
     synthetic_corpus,
 )
 
@@ -223,7 +225,10 @@ def load_corpus(spec: str | Path, *, max_chars: int | None = None, seed: int = 0
     """Load the corpus a command line or config names.
 
     :param spec: ``"stdlib"`` (the default corpus), ``"synthetic:<task>"`` with a task of
-        :data:`~bayes_router.data.synthetic.SYNTHETIC_TASKS`, or a path to a text file or folder.
+        :data:`~bayes_router.data.synthetic.SYNTHETIC_TASKS` or a preset of
+        :data:`~bayes_router.data.synthetic.PRESETS` (whose ``seq_len`` and ``window`` the
+        options override, checked by :func:`~bayes_router.data.synthetic.preset_config`), or a
+        path to a text file or folder.
     :param max_chars: cap on the characters of a text corpus (not used by synthetic tasks).
     :param seed: seed of a synthetic task (text corpora are deterministic without one).
     :param synthetic_options: further :class:`~bayes_router.data.synthetic.SyntheticConfig`
@@ -234,9 +239,12 @@ def load_corpus(spec: str | Path, *, max_chars: int | None = None, seed: int = 0
     spec = str(spec)
     if spec.startswith("synthetic:"):
         task = spec.split(":", 1)[1]
+        if task in PRESETS:
+            return synthetic_corpus(preset_config(task, seed=seed, **synthetic_options), spec)
         if task not in SYNTHETIC_TASKS:
-            raise ValueError(f"spec: unknown synthetic task {task!r}; tasks are "
-                             f"{', '.join('synthetic:' + t for t in SYNTHETIC_TASKS)}")
+            names = [*SYNTHETIC_TASKS, *PRESETS]
+            raise ValueError(f"spec: unknown synthetic task {task!r}; tasks and presets are "
+                             f"{', '.join('synthetic:' + t for t in names)}")
         return synthetic_corpus(SyntheticConfig(task=task, seed=seed, **synthetic_options))
     if synthetic_options:
         raise ValueError(f"options {sorted(synthetic_options)} apply only to synthetic tasks, "
