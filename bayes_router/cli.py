@@ -69,6 +69,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated expert names (see the expert registry)")
     g.add_argument("--separate-qkv", action="store_true",
                    help="one q/k/v/out projection per expert (default: shared)")
+    g.add_argument("--untie-head", action="store_true",
+                   help="an output head of its own (default: tied to the token embedding)")
     g.add_argument("--cost-preset", default=d["cost_preset"], choices=COST_PRESETS,
                    help="seed: the paper's fixed [1.0, 0.15, 0.30]; flops: from the FLOP model")
 
@@ -147,7 +149,8 @@ def _configs(args, vocab_size: int):
         vocab_size=vocab_size, d_model=args.d_model, n_heads=args.n_heads,
         n_layers=args.n_layers, max_seq_len=args.max_seq_len, window=args.window,
         chunk_size=args.chunk_size, experts=tuple(args.experts.split(",")),
-        shared_qkv=not args.separate_qkv, cost_preset=args.cost_preset)
+        shared_qkv=not args.separate_qkv, cost_preset=args.cost_preset,
+        tie_weights=not args.untie_head)
     train_cfg = TrainConfig(
         router=args.router, estimator=args.estimator, num_particles=args.num_particles,
         beta0=args.beta0, beta0_init=args.beta0_init, eta=args.eta, tau=args.tau,
