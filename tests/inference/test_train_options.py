@@ -2,6 +2,7 @@
 objective's logged parts, and their validation."""
 
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -111,3 +112,23 @@ def test_warm_start_loads_the_lm_and_checks_its_configuration(tiny_data, tiny_co
         check_compatible(other_vocab, second)
     with pytest.raises(ValueError, match="warm_start: no checkpoint"):
         check_compatible(model_cfg, TrainConfig(warm_start=str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--router", "fixed:0.5,0.6,0.1"], "sum to 1"),
+    (["--router", "moe"], "router must be one of"),
+    (["--prior", "cauchy"], "invalid choice"),
+    (["--free-bits", "-1"], "free_bits must be a finite number >= 0"),
+    (["--warm-start", "no/such/run"], "warm_start: no checkpoint"),
+])
+def test_cli_gives_one_clear_error_for_bad_study_options(tmp_path, tiny_corpus, capsys, flags,
+                                                         message):
+    from bayes_router.cli import main
+
+    with pytest.raises(SystemExit) if message == "invalid choice" else nullcontext():
+        code = main(["train", "--corpus", str(tiny_corpus), "--steps", "1", "--seq-len", "32",
+                     "--max-seq-len", "32", "--out", str(tmp_path / "run"), *flags])
+        assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "config.json").exists()
