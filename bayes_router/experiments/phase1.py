@@ -102,6 +102,8 @@ def _metric_table(runs: dict[str, list[dict]]) -> dict:
         "val_bpc_soft": lambda m: m["soft"]["val_bpc"],
         "val_nll_hard": lambda m: m["hard"]["val_nll"],
         "val_bpc_hard": lambda m: m["hard"]["val_bpc"],
+        "val_neg_elbo": lambda m: m.get("elbo", {}).get("neg_elbo", math.nan),
+        "val_kl": lambda m: m.get("elbo", {}).get("kl", math.nan),
         "hard_time_ratio": lambda m: (math.nan if m["timing"]["time_ratio"] is None
                                       else m["timing"]["time_ratio"]),
         **_oracle_keys(runs),
@@ -288,6 +290,8 @@ TABLE_ROWS = (("projected FLOP cost (%)", "projected_flop_cost", 1),
               ("routing entropy (%)", "routing_entropy", 1),
               ("val NLL soft (nats)", "val_nll_soft", 3), ("val bpc soft", "val_bpc_soft", 3),
               ("val NLL hard (nats)", "val_nll_hard", 3), ("val bpc hard", "val_bpc_hard", 3),
+              ("val negative ELBO (nats/token)", "val_neg_elbo", 3),
+              ("val KL (nats/token, all layers)", "val_kl", 4),
               ("hard fwd time / full-only", "hard_time_ratio", 2))
 
 

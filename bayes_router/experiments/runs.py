@@ -32,7 +32,7 @@ from bayes_router.analysis.study_plots import (
 )
 from bayes_router.data import corpus_statistics, load_corpus
 from bayes_router.data.tokens import TokenData, token_data
-from bayes_router.inference.evaluate import evaluate, timed_forward
+from bayes_router.inference.evaluate import evaluate, heldout_objective, timed_forward
 from bayes_router.inference.train import (
     CHECKPOINT_NAME,
     TrainConfig,
@@ -119,6 +119,8 @@ def final_metrics(model, data: TokenData, train_cfg: TrainConfig, eval_batches: 
         metrics[mode] = evaluate(model, data, "val", train_cfg.seq_len, mode=mode,
                                  gate_threshold=gate_threshold if mode == "gated" else None,
                                  max_batches=eval_batches)
+    metrics["elbo"] = heldout_objective(model, data, "val", train_cfg.seq_len,
+                                        max_batches=eval_batches)
     x, _ = next(data.eval_batches("val", 8, train_cfg.seq_len))
     metrics["timing"] = timed_forward(model, x, mode="hard", repeats=timing_repeats)
     return metrics
@@ -258,6 +260,9 @@ def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None
         data = load_data(train_cfg, model_cfg)
         metrics = evaluate(model, data, split, train_cfg.seq_len, mode=mode,
                            gate_threshold=gate_threshold, max_batches=max_batches)
+        if mode == "soft":
+            metrics["elbo"] = heldout_objective(model, data, split, train_cfg.seq_len,
+                                                max_batches=max_batches)
         x, _ = next(data.eval_batches(split, 8, train_cfg.seq_len))
         metrics["timing"] = timed_forward(model, x, mode=mode, gate_threshold=gate_threshold)
     write_json(run_dir / f"metrics_{mode}.json", metrics)
@@ -363,6 +368,11 @@ def run_report(config: dict, metrics: dict) -> str:
             lines.append(f"| {mode} | {_fmt(m['val_nll'])} | {_fmt(m['val_bpc'])} | "
                          f"{_fmt(m['projected_flop_cost'], 1)} | "
                          f"{_fmt(m['expected_flop_cost'], 1)} | {_fmt(m['routing_entropy'], 1)} |")
+    if "elbo" in metrics:
+        e = metrics["elbo"]
+        lines += ["", f"Held-out objective per token: negative ELBO {e['neg_elbo']:.4f} = NLL "
+                  f"{e['nll']:.4f} (one guide sample) + KL {e['kl']:.4f} (per layer "
+                  f"{', '.join(f'{v:.4f}' for v in e['kl_per_layer'])}).", ""]
     if config.get("gradient_bias"):
         lines += [f"**Warning: biased gradients.** {config['gradient_bias']}.", ""]
     if "oracle" in metrics["soft"]:

@@ -23,6 +23,7 @@ from bayes_router.core.routing import (
 )
 from bayes_router.data.synthetic import ORACLE_LABEL_IDS, ORACLE_LABELS
 from bayes_router.data.tokens import TokenData
+from bayes_router.inference.objective import objective_terms
 from bayes_router.models.bayesian import RoutedLM
 from bayes_router.models.router import RoutingDecision
 
@@ -99,6 +100,32 @@ def evaluate(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: s
     if arrays["oracle"] is not None:
         metrics["oracle"] = oracle_metrics(arrays, model.cfg.experts)
     return metrics
+
+
+@torch.no_grad()
+def heldout_objective(model: RoutedLM, data: TokenData, split: str, seq_len: int,
+                      max_batches: int | None = None, batch_size: int = 16, seed: int = 0
+                      ) -> dict:
+    """The negative ELBO per token on ``split`` and its parts, averaged over tokens:
+    ``neg_elbo = nll + kl`` with ``nll`` under one guide sample path per batch (seeded with
+    ``seed + j``, the RNG of the caller untouched) and ``kl`` the analytic KL summed over layers
+    (:func:`~bayes_router.inference.objective.objective_terms`). For a router without latents
+    it is the log-likelihood (``kl = 0``)."""
+    model.eval()
+    totals, tokens = None, 0
+    with torch.random.fork_rng(devices=[]):
+        for j, (x, y) in enumerate(data.eval_batches(split, batch_size, seq_len,
+                                                     max_batches=max_batches)):
+            torch.manual_seed(seed + j)
+            terms = objective_terms(model, x, y)
+            part = np.array([terms["nll"], *terms["kl_per_layer"]]) * x.numel()
+            totals = part if totals is None else totals + part
+            tokens += x.numel()
+    if totals is None:
+        raise ValueError(f"split {split!r} is too short for one window of {seq_len} tokens")
+    mean = totals / tokens
+    return {"neg_elbo": float(mean.sum()), "nll": float(mean[0]), "kl": float(mean[1:].sum()),
+            "kl_per_layer": mean[1:].tolist(), "tokens": tokens, "seed": seed}
 
 
 def oracle_metrics(arrays: dict, experts: tuple[str, ...]) -> dict:
