@@ -555,8 +555,13 @@ def main(argv: list[str] | None = None) -> int:
         torch_threads(args.threads)
     elif args.command != "bench":
         torch_threads(1)
+    from bayes_router.inference.train import TrainingDiverged
+
     try:
         return fn(args)
+    except TrainingDiverged as error:  # a run that failed, not a usage error: exit status 1
+        print(f"bayes-router {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except ValueError as error:  # usage errors; a TypeError is a bug and keeps its traceback
         print(f"bayes-router {args.command}: error: {error}", file=sys.stderr)
         return 2

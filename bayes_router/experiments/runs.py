@@ -151,7 +151,9 @@ def train_run(model_cfg: TinyLMConfig, train_cfg: TrainConfig, out_dir: Path,
         result = train(model_cfg, train_cfg, data, out_dir=out_dir, resume=resume,
                        progress=progress)
     except TrainingDiverged as error:
-        write_json(out_dir / "diverged.json", {"step": error.step, "loss": error.loss,
+        write_json(out_dir / "diverged.json", {"step": error.step, "quantity": error.quantity,
+                                               "value": error.loss, "detail": error.detail,
+                                               "message": str(error),
                                                "checkpoint": error.checkpoint})
         raise
     write_json(out_dir / "config.json", config)  # a resumed run records its new step count

@@ -50,13 +50,36 @@ CHECKPOINT_FORMAT = "bayes-router-checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; carries the step and the last good checkpoint."""
+#: A negative ELBO per token below this is impossible for a categorical likelihood (its NLL and
+#: KL are >= 0; single-sample estimates of the KL may dip a little below 0): divergence.
+IMPOSSIBLE_LOSS = -1.0
 
-    def __init__(self, step: int, loss: float, checkpoint: Path | None):
+
+class TrainingDiverged(RuntimeError):
+    """Training diverged: carries the step, the quantity that failed (``"loss"``, ``"gradient
+    norm"``, ``"parameters"``, ``"distribution parameters"``), its value and the last good
+    (checked finite) checkpoint."""
+
+    def __init__(self, step: int, loss: float, checkpoint: Path | None,
+                 quantity: str = "loss", detail: str = ""):
         self.step, self.loss, self.checkpoint = step, loss, checkpoint
-        kept = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
-        super().__init__(f"training diverged at step {step}: loss = {loss}{kept}")
+        self.quantity, self.detail = quantity, detail
+        kept = (f"; the last good checkpoint is {checkpoint}" if checkpoint
+                else "; no good checkpoint was written")
+        what = f"{quantity} = {loss}" if detail == "" else f"{quantity}: {detail}"
+        super().__init__(f"training diverged at step {step}: {what}{kept}")
+
+
+def _non_finite_state(model, optimiser) -> str | None:
+    """The first parameter or optimiser state tensor that is not finite, or ``None``."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            return f"parameter {name}"
+    for group, state in enumerate(optimiser.state.values()):
+        for key, value in state.items():
+            if torch.is_tensor(value) and not bool(torch.isfinite(value).all()):
+                return f"optimiser state {key} of parameter {group}"
+    return None
 
 
 class CheckpointError(ValueError):
@@ -172,8 +195,12 @@ class TrainConfig:
             if not values or not all(math.isfinite(v) and v > 0 for v in values):
                 raise ValueError(f"beta0 must be > 0, got {self.beta0!r}")
         for name in ("beta0_init", "a_min", "tau", "lr", "grad_clip", "kl_weight"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.lr > 1e3:
+            raise ValueError(f"lr must be <= 1000 (a learning rate beyond that only overflows), "
+                             f"got {self.lr!r}")
         if self.kl_anneal_steps < 0 or not 0 <= self.kl_anneal_start <= 1:
             raise ValueError("kl_anneal_steps must be >= 0 and kl_anneal_start in [0, 1]")
         if not 0 <= self.gate_final <= 1 or not 0 <= self.gate_start <= self.gate_end <= 1:
@@ -414,13 +441,31 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
             gate_threshold = train_cfg.gate_threshold(step)
             x, y = data.sample_batch("train", train_cfg.batch_size, train_cfg.seq_len, batch_rng)
             kl_scale = train_cfg.kl_scale(step)
-            outcome = svi_step(objective, model, x, y, optimiser, dataset_size=dataset_size,
-                               grad_clip=train_cfg.grad_clip, auxiliary=auxiliary,
-                               kl_scale=kl_scale, gate_threshold=gate_threshold)
+            try:
+                outcome = svi_step(objective, model, x, y, optimiser, dataset_size=dataset_size,
+                                   grad_clip=train_cfg.grad_clip, auxiliary=auxiliary,
+                                   kl_scale=kl_scale, gate_threshold=gate_threshold)
+            except ValueError as error:
+                # torch's argument validation of a distribution built from diverged parameters
+                if not str(error).startswith("Expected parameter"):
+                    raise
+                bar.close()
+                raise TrainingDiverged(step, math.nan, last_good, "distribution parameters",
+                                       str(error).split("\n")[0]) from error
             if outcome.failed is not None:
                 bar.close()
                 value = outcome.loss if outcome.failed == "loss" else outcome.grad_norm
-                raise TrainingDiverged(step, value, last_good)
+                raise TrainingDiverged(step, value, last_good, outcome.failed)
+            if outcome.loss < IMPOSSIBLE_LOSS:
+                bar.close()
+                raise TrainingDiverged(step, outcome.loss, last_good, "loss",
+                                       f"{outcome.loss:.4g} nats/token, impossible for a "
+                                       "categorical likelihood (its NLL and KL are >= 0)")
+            broken = _non_finite_state(model, optimiser)
+            if broken is not None:
+                bar.close()
+                raise TrainingDiverged(step, math.nan, last_good, "parameters",
+                                       f"{broken} is not finite after the update")
             per_token, grad_norm = outcome.loss, outcome.grad_norm
             result.step = step
             record = {"step": step, "loss": per_token, "grad_norm": float(grad_norm),
