@@ -300,7 +300,8 @@ def phase1_table(result: dict) -> str:
     the published numbers last; per-label rows for a synthetic task."""
     t, routers = result["table"], result["routers"]
     rows = list(TABLE_ROWS) + [
-        (f"{key[len('oracle_'):].replace('_', ' ')}{' (%)' if key.endswith('accuracy') else ''}",
+        (f"oracle '{key.split('_')[1]}' targets: "
+         + ("accuracy (%)" if key.endswith("accuracy") else "NLL (nats)"),
          key, 1 if key.endswith("accuracy") else 3)
         for key in t if key.startswith("oracle_")]
     lines = ["| metric | " + " | ".join(routers) + " | published Bayesian | published "
