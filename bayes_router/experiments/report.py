@@ -60,7 +60,7 @@ from bayes_router.analysis.calibration import (
     paired_difference,
 )
 from bayes_router.core.dirichlet import normalised_entropy
-from bayes_router.data.synthetic import ORACLE_LABELS
+from bayes_router.data.synthetic import ORACLE_LABEL_IDS, ORACLE_LABELS
 from bayes_router.experiments.runs import (
     EVAL_BATCHES,
     check_run_dir,
@@ -218,6 +218,21 @@ def oracle_accuracy(abar: np.ndarray, oracle: np.ndarray, total: np.ndarray,
         result = routing_accuracy_by_decile(ids[abar[layer].argmax(-1)], oracle, total[layer])
         rows.append({"layer": layer, **result})
     return rows
+
+
+def oracle_label_quality(probs: np.ndarray, targets: np.ndarray, nll: np.ndarray,
+                         oracle: np.ndarray) -> dict:
+    """Per oracle label (and ``"any"``): the share of targets, their mean NLL and the argmax
+    accuracy of the plug-in predictive."""
+    correct = probs.argmax(-1) == targets
+    result = {}
+    for name, label in ORACLE_LABEL_IDS.items():
+        mask = oracle == label
+        if mask.any():
+            result[name] = {"share": float(mask.mean()), "tokens": int(mask.sum()),
+                            "nll": float(nll[mask].mean()),
+                            "accuracy": float(correct[mask].mean())}
+    return result
 
 
 def _summary(values: np.ndarray) -> dict:
@@ -475,6 +490,8 @@ def analyse_run(run_dir: Path, out_dir: Path | None = None,
     if arrays.oracle is not None and (arrays.oracle != -1).any():
         result["routing_accuracy"] = oracle_accuracy(arrays.abar, arrays.oracle,
                                                      uncertainty["total"], model_cfg.experts)
+        result["oracle_labels"] = oracle_label_quality(arrays.probs, arrays.targets, arrays.nll,
+                                                       arrays.oracle)
     result["figures"] = _analysis_figures(result, arrays, uncertainty, data, prior_mean,
                                           model_cfg.experts, out_dir, seed)
     np.savez_compressed(out_dir / "tokens.npz", tokens=arrays.tokens, targets=arrays.targets,
@@ -648,5 +665,11 @@ def analysis_report(result: dict) -> str:
         for row in result["routing_accuracy"]:
             lines.append(f"| {row['layer']} | {row['accuracy']:.3f} | {row['n_tokens']} | "
                          + " ".join(_num(a, 2) for a in row["bin_accuracy"]) + " |")
+    if result.get("oracle_labels"):
+        lines += ["", "## Prediction quality per oracle label (plug-in predictive)", "",
+                  "| label | share of targets | NLL (nats) | accuracy |", "|---|---|---|---|"]
+        for name, e in result["oracle_labels"].items():
+            lines.append(f"| {name} | {100 * e['share']:.1f} % | {e['nll']:.3f} | "
+                         f"{100 * e['accuracy']:.1f} % |")
     lines.append("")
     return "\n".join(lines)

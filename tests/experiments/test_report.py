@@ -218,6 +218,20 @@ def test_routing_accuracy_against_the_oracle_of_a_synthetic_task(tmp_path):
         assert row["accuracy"] == pytest.approx(np.mean(chosen[labelled] == oracle[labelled]))
         expected = routing_accuracy_by_decile(chosen, oracle, total)
         np.testing.assert_allclose(row["bin_accuracy"], expected["bin_accuracy"])
+    # per-label prediction quality: the same NLLs as the run's own evaluation of those windows
+    from bayes_router.inference.evaluate import evaluate
+    from bayes_router.inference.train import load_trained
+
+    model, *_ = load_trained(tmp_path / "run")
+    own = evaluate(model, data, "val", 32, max_batches=1)["oracle"]
+    labels = result["oracle_labels"]
+    assert set(labels) == set(own)
+    for name, entry in labels.items():
+        assert entry["tokens"] == own[name]["tokens"]
+        assert entry["nll"] == pytest.approx(own[name]["nll"], rel=1e-4)
+        assert entry["accuracy"] == pytest.approx(own[name]["accuracy"])
+    assert "Prediction quality per oracle label" in (
+        tmp_path / "run" / "analysis" / "report.md").read_text()
 
 
 # ------------------------------------------------------------------------------------ figures
