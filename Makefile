@@ -10,7 +10,7 @@ DEMO_OUT ?= runs/demo
 # The demo: Phase 1 on the recall-far oracle task, where the routing choice matters (the power
 # check passes) and the whole comparison (5 routers x 3 seeds) fits in minutes on 2 cores.
 DEMO_ARGS ?= --corpus synthetic:recall-far --seq-len 32 --max-seq-len 32 --window 4 \
-	--untie-head --lr 1e-3 --steps 800 --eval-every 200 --checkpoint-every 400 --seeds 3 --jobs 2
+	--lr 1e-3 --steps 1200 --eval-every 300 --checkpoint-every 600 --seeds 3 --jobs 2
 
 .PHONY: install test lint demo bench clean
 

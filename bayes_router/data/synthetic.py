@@ -63,7 +63,9 @@ through :func:`~bayes_router.data.corpus.load_corpus` (see :func:`preset_config`
     ``make demo``): the stored order makes the answer a fixed-offset lookup that the linear
     kernel's running sum can express with learned positions. The label ``"full"`` here means
     "out of the local window's reach", which the all-``local`` LM confirms (chance, 0.10-0.11).
-    ``make demo`` uses the untied head (800 steps, lr ``1e-3``, ``window=4``, ``seq_len=32``).
+    ``make demo`` keeps the tied head (1200 steps, lr ``1e-3``, ``window=4``, ``seq_len=32``):
+    all-``full`` recall 1.00 / 0.89 / 1.00 over 3 seeds, all-``linear`` and all-``local`` at
+    chance (0.09-0.10).
 
     Why the plain ``recall`` task fails at this budget: with queries in random order the model
     must build a two-layer induction circuit (a previous-token head that writes each key into
