@@ -255,7 +255,10 @@ def train_runs(specs: list[tuple[TinyLMConfig, TrainConfig, Path]], jobs: int = 
 
 def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None = None,
                  split: str = "val", max_batches: int | None = None) -> dict:
-    """Evaluate a trained run under a routing ``mode``; writes ``metrics_<mode>.json``."""
+    """Evaluate a trained run under a routing ``mode`` on ``split``; writes
+    ``metrics_<tag>.json``, ``evaluation_<tag>.md`` and ``expert_share_<tag>.png`` with the tag
+    ``<split>_<mode>`` (``<split>_gated_<threshold>`` for gated routing), so evaluations of
+    different splits, modes or thresholds never overwrite each other."""
     run_dir = check_run_dir(run_dir)
     with pyro.settings.context(module_local_params=True):
         model, model_cfg, train_cfg, _ = load_trained(run_dir)
@@ -267,17 +270,24 @@ def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None
                                                 max_batches=max_batches)
         x, _ = next(data.eval_batches(split, 8, train_cfg.seq_len))
         metrics["timing"] = timed_forward(model, x, mode=mode, gate_threshold=gate_threshold)
-    write_json(run_dir / f"metrics_{mode}.json", metrics)
-    _evaluation_report(run_dir, metrics, mode, split, model.cfg.experts)
+    tag = evaluation_tag(split, mode, gate_threshold)
+    write_json(run_dir / f"metrics_{tag}.json", metrics)
+    _evaluation_report(run_dir, metrics, mode, split, model.cfg.experts, tag)
     return metrics
 
 
-def _evaluation_report(run_dir: Path, metrics: dict, mode: str, split: str, experts) -> None:
+def evaluation_tag(split: str, mode: str, gate_threshold: float | None = None) -> str:
+    """``val_soft``, ``test_hard``, ``val_gated_0.5``: the suffix of an evaluation's files."""
+    return f"{split}_{mode}" + (f"_{gate_threshold:g}" if mode == "gated" else "")
+
+
+def _evaluation_report(run_dir: Path, metrics: dict, mode: str, split: str, experts,
+                       tag: str) -> None:
     fig = Figure(figsize=(4.5, 3.2))
     ax = plot_expert_share(np.asarray(metrics["expert_share"]), ax=fig.add_subplot(),
                            expert_names=experts)
     ax.set_title(f"expert share ({mode} routing)")
-    save_figure(fig, run_dir / f"expert_share_{mode}.png")
+    save_figure(fig, run_dir / f"expert_share_{tag}.png")
     t = metrics["timing"]
     lines = [f"# Evaluation: {mode} routing on the {split} split", "",
              "| metric | value |", "|---|---|",
@@ -289,10 +299,10 @@ def _evaluation_report(run_dir: Path, metrics: dict, mode: str, split: str, expe
     if "hard_fraction" in metrics:
         lines.append(f"| tokens routed hard | {100 * metrics['hard_fraction']:.1f} % |")
     lines += [f"| forward time / full-only | {_fmt(t['time_ratio'], 2)} |", "",
-              f"{metrics['tokens']} tokens. ![expert share](expert_share_{mode}.png)", ""]
+              f"{metrics['tokens']} tokens. ![expert share](expert_share_{tag}.png)", ""]
     if "oracle" in metrics:
         lines += oracle_table(metrics["oracle"]) + [""]
-    (run_dir / f"evaluation_{mode}.md").write_text("\n".join(lines))
+    (run_dir / f"evaluation_{tag}.md").write_text("\n".join(lines))
 
 
 def corpus_report(spec: str, out_dir: Path, max_chars: int | None = None) -> dict:

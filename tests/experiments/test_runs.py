@@ -44,10 +44,24 @@ def test_train_run_refuses_to_overwrite(run_dir):
 def test_evaluate_run(run_dir, mode, threshold):
     metrics = evaluate_run(run_dir, mode=mode, gate_threshold=threshold, max_batches=1)
     assert metrics["mode"] == mode and metrics["val_nll"] > 0
-    for name in (f"metrics_{mode}.json", f"evaluation_{mode}.md", f"expert_share_{mode}.png"):
+    tag = f"val_{mode}" + ("_0.9" if mode == "gated" else "")
+    for name in (f"metrics_{tag}.json", f"evaluation_{tag}.md", f"expert_share_{tag}.png"):
         assert (run_dir / name).exists()
     if mode == "gated":
         assert 0.0 <= metrics["hard_fraction"] <= 1.0
+
+
+def test_evaluations_of_other_splits_and_thresholds_do_not_overwrite(run_dir):
+    val = evaluate_run(run_dir, mode="soft", max_batches=1)
+    saved = (run_dir / "metrics_val_soft.json").read_text()
+    evaluate_run(run_dir, mode="soft", split="test", max_batches=1)
+    evaluate_run(run_dir, mode="gated", gate_threshold=0.5, max_batches=1)
+    evaluate_run(run_dir, mode="gated", gate_threshold=0.7, max_batches=1)
+    assert (run_dir / "metrics_val_soft.json").read_text() == saved
+    assert json.loads((run_dir / "metrics_test_soft.json").read_text())["test_nll"] > 0
+    assert (run_dir / "metrics_val_gated_0.5.json").exists()
+    assert (run_dir / "evaluation_val_gated_0.7.md").exists()
+    assert val["val_nll"] > 0
 
 
 def test_evaluate_run_needs_a_run_directory(tmp_path):
