@@ -93,6 +93,30 @@ def _oracle_keys(runs: dict[str, list[dict]]) -> dict:
     return keys
 
 
+#: The range each metric can take: a confidence interval is clipped to it (a Student-t interval
+#: over 2-3 seeds easily reaches past 0 % or 100 %).
+METRIC_BOUNDS = {"projected_flop_cost": (0.0, 100.0), "expected_flop_cost": (0.0, 100.0),
+                 "routing_entropy": (0.0, 100.0)}
+
+
+def _bounds(key: str) -> tuple[float, float]:
+    if key in METRIC_BOUNDS:
+        return METRIC_BOUNDS[key]
+    if key.endswith("_accuracy"):
+        return 0.0, 100.0
+    return 0.0, math.inf  # NLL, bpc, negative ELBO, KL, time ratios: non-negative
+
+
+def bounded_ci(values, low: float, high: float) -> dict:
+    """:func:`mean_ci` with the interval clipped to ``[low, high]`` (``clipped`` says whether it
+    was)."""
+    ci = mean_ci(values)
+    if math.isnan(ci["low"]):
+        return {**ci, "clipped": False}
+    clipped = ci["low"] < low or ci["high"] > high
+    return {**ci, "low": max(ci["low"], low), "high": min(ci["high"], high), "clipped": clipped}
+
+
 def _metric_table(runs: dict[str, list[dict]]) -> dict:
     keys = {
         "projected_flop_cost": lambda m: m["soft"]["projected_flop_cost"],
@@ -113,7 +137,7 @@ def _metric_table(runs: dict[str, list[dict]]) -> dict:
         table[key] = {}
         for router, metrics in runs.items():
             per_seed = [get(m) for m in metrics]
-            table[key][router] = {"per_seed": per_seed, **mean_ci(per_seed)}
+            table[key][router] = {"per_seed": per_seed, **bounded_ci(per_seed, *_bounds(key))}
     for router, metrics in runs.items():
         shares = np.asarray([m["soft"]["expert_share"] for m in metrics])  # (seeds, L, K)
         table.setdefault("expert_share", {})[router] = {"mean": shares.mean(0).tolist(),
@@ -122,8 +146,12 @@ def _metric_table(runs: dict[str, list[dict]]) -> dict:
 
 
 def _claim(name: str, text: str, diffs, side: str, published=None) -> dict:
-    """A claim on paired differences (Bayesian - prior-free); ``side`` is "negative"/"small"."""
+    """A claim on paired differences (Bayesian - prior-free); ``side`` is "negative"/"small".
+    A difference with a missing (NaN) value gets "no verdict (missing data)"."""
     ci = mean_ci(diffs)
+    if not np.all(np.isfinite(np.asarray(diffs, dtype=float))):
+        return {"claim": name, "text": text, "difference": ci,
+                "verdict": "no verdict (missing data)", "published_difference": published}
     if side == "negative":
         if ci["n"] >= 2:
             held = "held" if ci["high"] < 0 else ("direction only" if ci["mean"] < 0
@@ -322,7 +350,9 @@ def phase1_report(result: dict) -> str:
              f"prior `{train['prior']}` (mean {train['prior_mean']}), beta0 = {train['beta0']}, "
              f"estimator `{train['estimator']}`, KL weight {train['kl_weight']}, free bits "
              f"{train['free_bits']}; the Bayesian objective: **{result['objective']}**. "
-             "Mean [95 % CI over seeds].", "",
+             "Mean [95 % CI over seeds, clipped to the metric's range]."
+             + (" **With fewer than 3 seeds the intervals are uninformative** (Student t with 1 "
+                "degree of freedom has t = 12.7)." if result["seeds"] < 3 else ""), "",
              f"**Power check: {power['reason']}.**", "", phase1_table(result), "",
              "![quality vs compute](quality_vs_compute.png)", ""]
     if result["claims"]:

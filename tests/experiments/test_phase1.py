@@ -85,6 +85,22 @@ def test_power_check_on_cases_built_to_fail(per_router, why):
     assert why in power["reason"]
 
 
+def test_intervals_never_leave_the_metrics_range():
+    from bayes_router.experiments.phase1 import bounded_ci
+
+    wide = bounded_ci([20.0, 90.0], 0.0, 100.0)  # 2 seeds: t = 12.7
+    assert wide["clipped"] and (wide["low"], wide["high"]) == (0.0, 100.0)
+    assert wide["mean"] == pytest.approx(55.0)
+    tight = bounded_ci([50.0, 51.0, 52.0], 0.0, 100.0)
+    assert not tight["clipped"] and tight["low"] > 0
+
+
+def test_a_claim_on_missing_data_has_no_verdict():
+    table = _table([10.0, math.nan, 12.0], [50.0, 52.0, 51.0])
+    result = {c["claim"]: c["verdict"] for c in claims(table, nll_margin_nats=0.05)}
+    assert result["projected_flop_cost"] == "no verdict (missing data)"
+
+
 def test_run_names_are_folder_safe():
     assert run_name("fixed:0.2,0.5,0.3", 1) == "fixed-0.2_0.5_0.3-seed1"
     assert run_name("bayesian", 0) == "bayesian-seed0"
