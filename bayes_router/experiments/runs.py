@@ -193,7 +193,7 @@ def finished_metrics(run_dir: Path, model_cfg: TinyLMConfig, train_cfg: TrainCon
                     if saved[part].get(k) != wanted[part][k])
     finished = (run_dir / "metrics.json").exists()
     if differ and (finished or differ != ["train.steps"]):
-        raise ValueError(f"{run_dir} holds a run with a different configuration (fields "
+        raise ValueError(f"{run_dir} holds a run with another configuration (fields "
                          f"{differ}); choose another --out directory")
     return json.loads((run_dir / "metrics.json").read_text()) if finished else None
 

@@ -16,12 +16,10 @@ a log axis, the mean over seeds and a band from the lowest to the highest seed) 
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import logging
 import math
-import multiprocessing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,16 +27,21 @@ import numpy as np
 import pyro
 import torch
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
 from bayes_router.analysis import (
     epistemic_uncertainty,
     expected_calibration_error,
     plot_beta0_sensitivity,
 )
-from bayes_router.experiments.runs import load_data, train_run, versions, write_json
+from bayes_router.experiments.runs import (
+    finished_metrics,
+    load_data,
+    train_runs,
+    versions,
+    write_json,
+)
 from bayes_router.inference.evaluate import collect
-from bayes_router.inference.train import CHECKPOINT_NAME, TrainConfig, load_trained
+from bayes_router.inference.train import TrainConfig, load_trained
 from bayes_router.models.config import TinyLMConfig
 
 logger = logging.getLogger(__name__)
@@ -148,38 +151,9 @@ def evaluate_point(run_dir: Path, eval_batches: int | None, data=None) -> dict:
     }
 
 
-def _configs_differ(run_dir: Path, model_cfg: TinyLMConfig, train_cfg: TrainConfig) -> list:
-    saved = json.loads((run_dir / "config.json").read_text())
-    wanted = json.loads(json.dumps({"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}))
-    return sorted(f"{part}.{key}" for part in ("model", "train")
-                  for key in set(saved[part]) | set(wanted[part])
-                  if saved[part].get(key) != wanted[part].get(key))
-
-
 def point_finished(run_dir: Path) -> bool:
     """A point is finished when its run directory holds ``metrics.json`` and the point file."""
     return (run_dir / "metrics.json").exists() and (run_dir / POINT_FILE).exists()
-
-
-def run_point(model_cfg: TinyLMConfig, train_cfg: TrainConfig, run_dir: Path,
-              eval_batches: int | None, data=None) -> dict:
-    """Train (or resume) one point and evaluate it; writes ``sweep_point.json``."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "metrics.json").exists():
-        resume = (run_dir / CHECKPOINT_NAME).exists()
-        train_run(model_cfg, train_cfg, run_dir, resume=resume, progress=False,
-                  eval_batches=eval_batches, data=data)
-    point = evaluate_point(run_dir, eval_batches, data)
-    write_json(run_dir / POINT_FILE, point)
-    return point
-
-
-def _init_worker() -> None:
-    torch.set_num_threads(1)
-
-
-def _worker(model_cfg, train_cfg, run_dir, eval_batches) -> dict:
-    return run_point(model_cfg, train_cfg, run_dir, eval_batches)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,34 +194,18 @@ def sweep_beta0(values: Sequence[float], seeds: int | Sequence[int], out_dir: Pa
         for seed in seeds:
             cfg = dataclasses.replace(train_cfg, beta0=value, seed=seed)
             run_dir = point_dir(out_dir, value, seed)
-            if (run_dir / "config.json").exists() and (run_dir / CHECKPOINT_NAME).exists():
-                differ = _configs_differ(run_dir, model_cfg, cfg)
-                if differ and (point_finished(run_dir) or differ != ["train.steps"]):
-                    raise ValueError(f"{run_dir} holds a run with another configuration "
-                                     f"(fields {differ}); choose another output directory")
+            finished_metrics(run_dir, model_cfg, cfg)  # refuses a run of another configuration
             if point_finished(run_dir):
                 logger.info("reusing finished point %s", run_dir)
                 points[value, seed] = json.loads((run_dir / POINT_FILE).read_text())
             else:
                 todo.append((value, seed, cfg, run_dir))
-    bar = tqdm(total=len(todo), disable=not progress or not todo, desc="beta0 sweep",
-               dynamic_ncols=True)
-    if jobs == 1 or len(todo) <= 1:
-        data = load_data(train_cfg, model_cfg) if todo else None
-        for value, seed, cfg, run_dir in todo:
-            bar.set_postfix(beta0=f"{value:g}", seed=seed)
-            points[value, seed] = run_point(model_cfg, cfg, run_dir, eval_batches, data)
-            bar.update(1)
-    else:
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context,
-                                                    initializer=_init_worker) as pool:
-            futures = {pool.submit(_worker, model_cfg, cfg, run_dir, eval_batches): (value, seed)
-                       for value, seed, cfg, run_dir in todo}
-            for future in concurrent.futures.as_completed(futures):
-                points[futures[future]] = future.result()
-                bar.update(1)
-    bar.close()
+    data = load_data(train_cfg, model_cfg) if todo else None
+    train_runs([(model_cfg, cfg, run_dir) for _, _, cfg, run_dir in todo], jobs=jobs,
+               progress=progress, data=data, eval_batches=eval_batches)
+    for value, seed, _, run_dir in todo:
+        points[value, seed] = evaluate_point(run_dir, eval_batches, data)
+        write_json(run_dir / POINT_FILE, points[value, seed])
 
     result = {
         "values": values, "seeds": seeds, "mark": mark_value,

@@ -140,7 +140,7 @@ def test_toy_phase1_end_to_end(tmp_path):
 
     import dataclasses
 
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ValueError, match="another configuration"):
         run_phase1(tmp_path / "p1", seeds=2, model_cfg=model_cfg,
                    train_cfg=dataclasses.replace(train_cfg, lr=0.5), progress=False,
                    report=False)

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-import bayes_router.experiments.sweep as sweep_module
+import bayes_router.experiments.runs as runs_module
 from bayes_router.cli import main
 from bayes_router.experiments.sweep import (
     SWEEP_METRICS,
@@ -48,15 +48,15 @@ def configs(corpus: str, **train_kwargs):
 
 @pytest.fixture
 def counted_training(monkeypatch):
-    """Count the trainings the sweep starts (in this process)."""
+    """Count the trainings the sweep starts (in this process, through runs.train_runs)."""
     trained = []
-    real = sweep_module.train_run
+    real = runs_module.train_run
 
     def counting(model_cfg, train_cfg, out_dir, **kwargs):
         trained.append((train_cfg.beta0, train_cfg.seed))
         return real(model_cfg, train_cfg, out_dir, **kwargs)
 
-    monkeypatch.setattr(sweep_module, "train_run", counting)
+    monkeypatch.setattr(runs_module, "train_run", counting)
     return trained
 
 
