@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -343,37 +344,76 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         raise
 
 
+#: The fields every checkpoint of ours holds.
+CHECKPOINT_FIELDS = ("format", "step", "seconds", "model", "optimizer", "rng", "batch_rng",
+                     "history", "evaluations", "model_config", "train_config")
+
+
 def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint with ``weights_only=True`` and check that it is one of ours."""
+    """Load a checkpoint with ``weights_only=True`` and check that it is one of ours, whole.
+
+    :raises CheckpointError: for a missing, unreadable or truncated file, one that holds
+        anything but tensors and plain containers (a pickle that ``weights_only`` refuses), one
+        of another format, or one that lacks a field or holds configurations that do not parse.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():  # a corrupted file, not a refusal
+            raise CheckpointError(f"{path} is not a readable bayes-router checkpoint "
+                                  f"(UnpicklingError: {str(error).splitlines()[0]})") from None
+        # weights_only refused an object: never load it unsafely
+        raise CheckpointError(
+            f"{path} holds Python objects besides tensors and plain containers, which a "
+            "bayes-router checkpoint never does; it was refused unread (do not load files "
+            "you do not trust)") from None
     except Exception as error:  # corrupted, truncated, or not a torch file at all
-        raise CheckpointError(f"{path} is not a readable bayes-router checkpoint: {error}"
+        raise CheckpointError(f"{path} is not a readable bayes-router checkpoint "
+                              f"({type(error).__name__}: {str(error).splitlines()[0]})"
                               ) from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a bayes-router checkpoint "
                               f"(expected format {CHECKPOINT_FORMAT!r})")
+    missing = [name for name in CHECKPOINT_FIELDS if name not in payload]
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete bayes-router checkpoint: missing "
+                              f"{missing}")
+    checkpoint_configs(payload, path)
     return payload
+
+
+def checkpoint_configs(payload: dict, path: Path | str = "checkpoint"
+                       ) -> tuple[TinyLMConfig, TrainConfig]:
+    """The model and training configurations a checkpoint was written with.
+
+    :raises CheckpointError: if either does not parse or is not a valid configuration.
+    """
+    try:
+        return (TinyLMConfig.from_dict(json.loads(payload["model_config"])),
+                TrainConfig.from_dict(json.loads(payload["train_config"])))
+    except (TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{path} holds configurations that do not parse: {error}"
+                              ) from None
 
 
 def check_same_config(payload: dict, model_cfg: TinyLMConfig, train_cfg: TrainConfig) -> None:
     """Refuse to resume a checkpoint written under another configuration (``steps`` may grow)."""
+    saved_model, saved_train = checkpoint_configs(payload)
     # through the dataclasses, so fields added since the checkpoint was written take defaults
-    saved_model = json.loads(json.dumps(TinyLMConfig.from_dict(
-        json.loads(payload["model_config"])).to_dict()))
-    saved_train = json.loads(json.dumps(TrainConfig.from_dict(
-        json.loads(payload["train_config"])).to_dict()))
-    current_train = json.loads(json.dumps(train_cfg.to_dict()))
-    diffs = [k for k in set(saved_model) | set(model_cfg.to_dict())
-             if saved_model.get(k) != json.loads(json.dumps(model_cfg.to_dict())).get(k)]
-    diffs += [k for k in set(saved_train) | set(current_train)
-              if k != "steps" and saved_train.get(k) != current_train.get(k)]
+    diffs = config_differences(saved_model, model_cfg, "")
+    diffs += [k for k in config_differences(saved_train, train_cfg, "") if k != "steps"]
     if diffs:
         raise CheckpointError(f"checkpoint was written with a different configuration "
                               f"(fields {sorted(diffs)}); start a new run directory instead")
+
+
+def config_differences(a, b, prefix: str) -> list[str]:
+    """Fields (as ``prefix + name``) in which two configurations differ, compared as JSON."""
+    a, b = json.loads(json.dumps(a.to_dict())), json.loads(json.dumps(b.to_dict()))
+    return sorted(prefix + k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -533,7 +573,7 @@ def warm_start_lm(model: RoutedLM, run_dir: Path) -> None:
         payload = load_checkpoint(path)
     except CheckpointError as error:
         raise ValueError(f"warm_start: {error}") from None
-    saved = TinyLMConfig.from_dict(json.loads(payload["model_config"]))
+    saved, saved_train = checkpoint_configs(payload, path)
     if saved != model.cfg:
         diffs = sorted(k for k, v in saved.to_dict().items() if model.cfg.to_dict()[k] != v)
         raise ValueError(f"warm_start: {run_dir} trained an LM of another configuration "
@@ -542,14 +582,13 @@ def warm_start_lm(model: RoutedLM, run_dir: Path) -> None:
     lm_state = {k[len("lm."):]: v for k, v in payload["model"].items() if k.startswith("lm.")}
     model.lm.load_state_dict(lm_state)
     logger.info("warm start: the LM of %s (%s router, step %d)", run_dir,
-                json.loads(payload["train_config"])["router"], payload["step"])
+                saved_train.router, payload["step"])
 
 
 def load_trained(run_dir: Path) -> tuple[RoutedLM, TinyLMConfig, TrainConfig, dict]:
     """Rebuild the routed LM of a run directory from its checkpoint."""
     payload = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)
-    model_cfg = TinyLMConfig.from_dict(json.loads(payload["model_config"]))
-    train_cfg = TrainConfig.from_dict(json.loads(payload["train_config"]))
+    model_cfg, train_cfg = checkpoint_configs(payload)
     with pyro.settings.context(module_local_params=True):
         model = build_routed_lm(model_cfg, train_cfg)
         model.load_state_dict(payload["model"])

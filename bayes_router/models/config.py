@@ -60,22 +60,33 @@ class TinyLMConfig:
         return cls(**{**PHASE1_SIZE, "vocab_size": vocab_size, **overrides})
 
     def __post_init__(self):
+        if isinstance(self.experts, str) or not hasattr(self.experts, "__iter__"):
+            raise ValueError(f"experts must be a sequence of expert names, got "
+                             f"{self.experts!r}")
         object.__setattr__(self, "experts", tuple(self.experts))
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "mlp_ratio",
-                     "controller_hidden", "chunk_size"):
+                     "controller_hidden", "chunk_size", "max_seq_len", "window"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be an integer >= 2, got {self.max_seq_len!r}")
-        if self.window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+            least = 2 if name == "max_seq_len" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        for name in ("shared_qkv", "causal", "tie_weights", "cost_includes_projections"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.window >= self.max_seq_len:
+            raise ValueError(
+                f"window must be < max_seq_len (a look-back of max_seq_len - 1 already sees "
+                f"every position; a longer one only costs time and memory), got "
+                f"window={self.window}, max_seq_len={self.max_seq_len}")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"n_heads must divide d_model, got n_heads={self.n_heads}, d_model={self.d_model}"
             )
         if not self.experts:
             raise ValueError("experts must name at least one expert")
+        if not all(isinstance(e, str) and e.strip() for e in self.experts):
+            raise ValueError(f"experts must be non-empty names (registered experts are "
+                             f"{expert_names()}), got {self.experts}")
         if len(set(self.experts)) != len(self.experts):
             raise ValueError(f"experts must not repeat a name, got {self.experts}")
 
