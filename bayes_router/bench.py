@@ -29,9 +29,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from bayes_router.analysis.study_plots import (
+    plot_bench_experts,
+    plot_bench_hard_layer,
+    save_figure,
+)
 from bayes_router.core.clock import median_times
 from bayes_router.inference.timing import svi_step_times
 from bayes_router.models.config import TinyLMConfig
@@ -253,7 +259,7 @@ def run_benchmark(out_dir: str | os.PathLike,
                   batch: int = 2, d_model: int = 256, n_heads: int = 4, window: int = 64,
                   repeats: int = 5,
                   mixes: Sequence[Sequence[float]] = ((1, 0, 0), (0.25, 0.5, 0.25), (0, 1, 0)),
-                  hard_seq_len: int = 4096, progress: bool = True, warmup: int = 2,
+                  hard_seq_len: int | None = None, progress: bool = True, warmup: int = 2,
                   naive_max_seq_len: int = 512, chunk_size: int = 64,
                   matmul_size: int = MATMUL_SIZE, seed: int = 0,
                   svi_configs: Sequence[dict] | None = None) -> dict:
@@ -267,7 +273,8 @@ def run_benchmark(out_dir: str | os.PathLike,
     :param window: look-back of the ``local`` expert.
     :param repeats: timed runs per measurement (the median is reported).
     :param mixes: expert shares ``(full, linear, local)`` of the hard-routed layer.
-    :param hard_seq_len: sequence length of the layer benchmark (also its ``max_seq_len``).
+    :param hard_seq_len: sequence length of the layer benchmark (also its ``max_seq_len``);
+        ``None``: the longest of ``seq_lens``.
     :param progress: show a progress bar over the measurements.
     :param warmup: untimed runs before each measurement.
     :param naive_max_seq_len: the naive twins are timed (forward) at the lengths up to this one.
@@ -278,9 +285,12 @@ def run_benchmark(out_dir: str | os.PathLike,
     :param svi_configs: LM sizes (``TinyLMConfig`` fields plus ``batch_size``) at which one
         Bayesian SVI step is timed against one prior-free step (default :data:`SVI_CONFIGS`;
         ``()`` skips them).
-    :returns: the results also written to ``bench.json`` (see :data:`CONVENTIONS`).
+    :returns: the results also written to ``bench.json`` (see :data:`CONVENTIONS`), with the
+        table in ``report.md`` and the figure ``bench.png``.
     """
     seq_lens = tuple(seq_lens)
+    if hard_seq_len is None and seq_lens:
+        hard_seq_len = max(seq_lens)
     _validate(seq_lens, batch, d_model, n_heads, window, repeats, warmup, hard_seq_len,
               matmul_size)
     mixes = _check_mixes(mixes, len(EXPERTS))
@@ -288,8 +298,10 @@ def run_benchmark(out_dir: str | os.PathLike,
     out_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     head_dim = d_model // n_heads
+    # max_seq_len only bounds the lengths (every cost is taken at its own T); a window beyond
+    # the sequence is legal here, where short lengths are timed with the long-sequence window
     cfg = TinyLMConfig(d_model=d_model, n_heads=n_heads, window=window, chunk_size=chunk_size,
-                       max_seq_len=hard_seq_len, experts=EXPERTS)
+                       max_seq_len=max(hard_seq_len, window + 1), experts=EXPERTS)
     naive_lens = [t for t in seq_lens if t <= naive_max_seq_len]
     n_routed = len({(1.0, 0.0, 0.0), *mixes})
     layer_runs = 2 * n_routed + 1 + len(EXPERTS)  # fwd and fwd+bwd, soft, dense cores
@@ -336,12 +348,35 @@ def run_benchmark(out_dir: str | os.PathLike,
     results["targets"] = check_targets(results)
     decided = [t["passed"] for t in results["targets"] if t["passed"] is not None]
     results["all_targets_passed"] = bool(decided) and all(decided)
+    results["figure"] = save_figure(bench_figure(results), out_dir / "bench.png")
     path = out_dir / "bench.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, path)
+    (out_dir / "report.md").write_text(bench_report(results))
     logger.info("wrote %s", path)
     return results
+
+
+def bench_figure(results: dict) -> Figure:
+    """Expert core times against T (forward, forward + backward) and the hard layer's mixes."""
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
+    plot_bench_experts(results, ax=axes[0], key="fwd_ms")
+    plot_bench_experts(results, ax=axes[1], key="fwd_bwd_ms")
+    plot_bench_hard_layer(results["hard_layer"], ax=axes[2])
+    return fig
+
+
+def bench_report(results: dict) -> str:
+    """``report.md`` of a benchmark run: the table, the targets and the figure."""
+    cfg = results["config"]
+    return "\n".join([
+        "# Benchmark", "",
+        f"Sequence lengths {cfg['seq_lens']}, hard layer at T={cfg['hard_seq_len']}, "
+        f"{cfg['repeats']} timed repeats after {cfg['warmup']} warm-up runs; raw times in "
+        "`bench.json` (its `conventions` say how each number is measured).", "",
+        "```", format_table(results), "```", "", "![benchmark](bench.png)", ""])
 
 
 def _bench_svi_step(spec: dict, repeats: int, warmup: int, seed: int) -> dict:

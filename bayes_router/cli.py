@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -166,11 +167,30 @@ def _configs(args, vocab_size: int):
     return model_cfg, train_cfg
 
 
+def _add_out(p, required: bool = True, help: str = "output folder") -> None:
+    p.add_argument("--out", required=required, default=None, help=help)
+    p.add_argument("--force", action="store_true",
+                   help="write into --out even if it holds another command's output")
+
+
+def _out_dir(args, command: str, default: Path | None = None) -> Path:
+    """``--out`` (or ``default``) checked and created: not empty, a writable folder, not
+    another command's output unless ``--force``."""
+    from bayes_router.experiments.rundir import prepare_output_dir
+    from bayes_router.experiments.runs import check_run_dir
+
+    if getattr(args, "run_dir", None) is not None:
+        check_run_dir(Path(args.run_dir))  # before a default folder is made inside it
+    path = default if args.out is None else args.out
+    return prepare_output_dir(path, command, force=args.force)
+
+
 def _train_arguments(p):
     _add_model_args(p)
     _add_train_args(p)
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true")
+    _add_out(p, help="run directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its checkpoint")
 
 
 @command("train", "train a Bayesian, prior-free or static routed LM into a run directory",
@@ -184,6 +204,7 @@ def cmd_train(args) -> int:
     probe_model, probe = _configs(args, vocab_size=128)
     data = load_data(probe, probe_model)  # synthetic tasks take the model's window
     model_cfg, train_cfg = _configs(args, vocab_size=data.vocab_size)
+    _out_dir(args, "train")
     if args.resume:
         from bayes_router.inference.train import check_same_config, load_checkpoint
 
@@ -226,7 +247,7 @@ def _phase1_arguments(p):
     _add_model_args(p)
     _add_train_args(p, router=False)
     g = p.add_argument_group("comparison")
-    g.add_argument("--out", required=True)
+    _add_out(g, help="comparison folder (one run folder per router and seed inside)")
     g.add_argument("--routers", type=_comma_names_routers, default=list(PHASE1_ROUTERS),
                    help="semicolon-separated router specs (the --router values of train)")
     g.add_argument("--seeds", type=int, default=3, help="seeds --seed .. --seed + N - 1")
@@ -252,6 +273,7 @@ def cmd_phase1(args) -> int:
     probe_model, probe = _configs(args, vocab_size=128)
     data = load_data(probe, probe_model)  # synthetic tasks take the model's window
     model_cfg, train_cfg = _configs(args, vocab_size=data.vocab_size)
+    _out_dir(args, "phase1")
     result = run_phase1(Path(args.out), seeds=args.seeds, model_cfg=model_cfg,
                         train_cfg=train_cfg, report=not args.no_report,
                         routers=tuple(args.routers), jobs=args.jobs, first_seed=args.seed,
@@ -270,36 +292,63 @@ EVAL_BATCHES_PHASE1 = 32
 
 
 def _bench_arguments(p):
-    p.add_argument("--out", required=True)
-    p.add_argument("--seq-lens", type=_comma_list(int), default=[128, 512, 1024, 2048, 4096])
+    _add_out(p)
+    p.add_argument("--seq-lens", type=_comma_list(int), default=[128, 512, 1024, 2048, 4096],
+                   help="sequence lengths of the expert timings")
+    p.add_argument("--hard-seq-len", type=int, default=None,
+                   help="length of the hard-routed layer timing (default: the longest of "
+                        "--seq-lens)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+    p.add_argument("--no-svi-step", action="store_true",
+                   help="skip the SVI step timing (two LM sizes, about a minute)")
 
 
 @command("bench", "speed benchmark of the experts and the hard-routed layer", _bench_arguments)
 def cmd_bench(args) -> int:
     from bayes_router.bench import format_table, run_benchmark
 
-    results = run_benchmark(Path(args.out), seq_lens=tuple(args.seq_lens))
+    _out_dir(args, "bench")
+    results = run_benchmark(Path(args.out), seq_lens=tuple(args.seq_lens),
+                            hard_seq_len=args.hard_seq_len, repeats=args.repeats,
+                            svi_configs=() if args.no_svi_step else None)
     print(format_table(results))
-    print(f"\nwrote {args.out}/bench.json")
+    print(f"\nwrote {args.out}/bench.json, {args.out}/bench.png and {args.out}/report.md")
     return 0
 
 
 def _data_arguments(p):
-    p.add_argument("--corpus", default="stdlib")
-    p.add_argument("--max-chars", type=int, default=None)
-    p.add_argument("--out", default=None, help="also write data.json, data.png and report.md")
+    from bayes_router.inference.train import TrainConfig
+    from bayes_router.models.config import PHASE1_SIZE
+
+    d = _field_defaults(TrainConfig)
+    p.add_argument("--corpus", default=d["dataset"],
+                   help="'stdlib', a text file or folder, or synthetic:<task or preset>")
+    p.add_argument("--max-chars", type=int, default=d["dataset_max_chars"],
+                   help="characters of a text corpus described (train's default cap, so both "
+                        "describe the same text; 0: the whole corpus)")
+    p.add_argument("--seq-len", type=int, default=d["seq_len"],
+                   help="sequence length a synthetic task is built at (as train builds it)")
+    p.add_argument("--window", type=int, default=PHASE1_SIZE["window"],
+                   help="local window a synthetic task is built for (train's --window)")
+    p.add_argument("--seed", type=int, default=d["seed"], help="seed of a synthetic task")
+    _add_out(p, required=False, help="also write data.json, data.png and report.md here")
 
 
 @command("data", "print statistics of a corpus", _data_arguments)
 def cmd_data(args) -> int:
-    if args.out:
+    if args.max_chars is not None and args.max_chars < 0:
+        raise ValueError(f"--max-chars must be >= 0 (0: the whole corpus), got {args.max_chars}")
+    options = dict(max_chars=args.max_chars or None, seed=args.seed)
+    if args.corpus.startswith("synthetic:"):
+        options.update(seq_len=args.seq_len, window=args.window)
+    if args.out is not None:
         from bayes_router.experiments.runs import corpus_report
 
-        stats = corpus_report(args.corpus, Path(args.out), max_chars=args.max_chars)
+        stats = corpus_report(args.corpus, _out_dir(args, "data"), **options)
     else:
         from bayes_router.data import corpus_statistics, load_corpus
 
-        stats = corpus_statistics(load_corpus(args.corpus, max_chars=args.max_chars))
+        stats = corpus_statistics(load_corpus(args.corpus, **options))
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -315,7 +364,7 @@ def _analysis_options(p):
 
 def _calibrate_arguments(p):
     p.add_argument("run_dir")
-    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/analysis)")
+    _add_out(p, required=False, help="output folder (default RUN_DIR/analysis)")
     _analysis_options(p)
 
 
@@ -324,7 +373,7 @@ def _calibrate_arguments(p):
 def cmd_calibrate(args) -> int:
     from bayes_router.experiments.report import calibrate_run, calibration_table
 
-    out = Path(args.out) if args.out else Path(args.run_dir) / "analysis"
+    out = _out_dir(args, "calibrate", Path(args.run_dir) / "analysis")
     result = calibrate_run(Path(args.run_dir), out, max_batches=args.max_batches,
                            num_samples=args.num_samples, n_boot=args.n_boot)
     print("\n".join(calibration_table(result)))
@@ -334,8 +383,8 @@ def cmd_calibrate(args) -> int:
 
 def _report_arguments(p):
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", default=None,
-                   help="output folder of a single run's analysis (default RUN_DIR/analysis)")
+    _add_out(p, required=False,
+             help="output folder of a single run's analysis (default RUN_DIR/analysis)")
     p.add_argument("--compare", default=None, metavar="DIR",
                    help="with several runs: write their calibration comparison into DIR")
     _analysis_options(p)
@@ -345,6 +394,7 @@ def _report_arguments(p):
          _report_arguments)
 def cmd_report(args) -> int:
     from bayes_router.experiments.report import analyse_run, report_runs
+    from bayes_router.experiments.runs import check_run_dir
 
     options = dict(max_batches=args.max_batches, num_samples=args.num_samples,
                    n_boot=args.n_boot)
@@ -352,9 +402,12 @@ def cmd_report(args) -> int:
         raise ValueError("--out takes a single RUN_DIR; several runs are each analysed into "
                          "RUN_DIR/analysis (use --compare DIR for a side-by-side comparison)")
     if args.out is not None:
-        results = [analyse_run(Path(args.run_dirs[0]), Path(args.out), **options)]
+        results = [analyse_run(Path(args.run_dirs[0]), _out_dir(args, "report"), **options)]
         outs = [Path(args.out)]
     else:
+        for run_dir in args.run_dirs:
+            check_run_dir(Path(run_dir))
+            _out_dir(args, "report", Path(run_dir) / "analysis")
         results = report_runs(args.run_dirs, out_dir=args.compare, **options)
         outs = [Path(d) / "analysis" for d in args.run_dirs]
     for out, result in zip(outs, results, strict=True):
@@ -375,7 +428,7 @@ def _sweep_beta0_arguments(p):
     g.add_argument("--values", type=_comma_list(float), default=[0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
                    help="comma-separated beta0 values (each > 0); --beta0 is ignored")
     g.add_argument("--seeds", type=int, default=3, help="seeds --seed .. --seed + N - 1")
-    g.add_argument("--out", required=True, help="sweep folder")
+    _add_out(g, help="sweep folder")
     g.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
     g.add_argument("--mark", default=None,
                    help="JSON file with an empirical-Bayes beta0 to mark on the plots")
@@ -393,6 +446,7 @@ def cmd_sweep_beta0(args) -> int:
     probe_model, probe = _configs(args, vocab_size=128)
     data = load_data(probe, probe_model)  # synthetic tasks take the model's window
     model_cfg, train_cfg = _configs(args, vocab_size=data.vocab_size)
+    _out_dir(args, "sweep-beta0")
     result = sweep_beta0(args.values, list(range(args.seed, args.seed + args.seeds)),
                          Path(args.out), model_cfg, train_cfg, jobs=args.jobs, mark=args.mark,
                          eval_batches=None if args.eval_all else args.eval_batches)
@@ -406,7 +460,7 @@ def _comma_names(text: str) -> list[str]:
 
 
 def _variance_arguments(p):
-    p.add_argument("--out", required=True, help="output folder")
+    _add_out(p)
     p.add_argument("--checkpoint", default=None, metavar="RUN_DIR",
                    help="measure a trained Bayesian run (default: train a small model here)")
     p.add_argument("--toy", action="store_true",
@@ -444,6 +498,7 @@ def cmd_variance(args) -> int:
 
     if args.toy and args.checkpoint:
         raise ValueError("--toy and --checkpoint exclude each other")
+    _out_dir(args, "variance")
     result = variance_lab(
         Path(args.out), checkpoint=Path(args.checkpoint) if args.checkpoint else None,
         toy=args.toy, estimators=args.estimators, num_draws=args.draws,
@@ -461,7 +516,7 @@ def _fit_beta0_arguments(p):
     from bayes_router.inference.empirical_bayes import METHODS
 
     p.add_argument("--method", default="both", choices=METHODS)
-    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/empirical-bayes)")
+    _add_out(p, required=False, help="output folder (default RUN_DIR/empirical-bayes)")
     p.add_argument("--svi-steps", type=int, default=200,
                    help="SVI steps continuing a fixed-beta0 run with beta0 learned")
     p.add_argument("--beta0-lr", type=float, default=0.05,
@@ -480,7 +535,7 @@ def _fit_beta0_arguments(p):
 def cmd_fit_beta0(args) -> int:
     from bayes_router.experiments.beta0_fit import beta0_report, fit_beta0_run
 
-    out = Path(args.out) if args.out else Path(args.run_dir) / "empirical-bayes"
+    out = _out_dir(args, "fit-beta0", Path(args.run_dir) / "empirical-bayes")
     result = fit_beta0_run(Path(args.run_dir), args.method, out, svi_steps=args.svi_steps,
                            beta0_lr=args.beta0_lr, stat_batches=args.stat_batches,
                            eval_batches=args.eval_batches, update_pi=args.update_pi,
@@ -492,7 +547,7 @@ def cmd_fit_beta0(args) -> int:
 
 def _evidence_arguments(p):
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/evidence)")
+    _add_out(p, required=False, help="output folder (default RUN_DIR/evidence)")
     p.add_argument("--tokens", type=int, default=256, help="validation tokens sampled")
     p.add_argument("--windows", type=int, default=16, help="validation windows they come from")
     p.add_argument("--seed", type=int, default=0)
@@ -503,7 +558,7 @@ def _evidence_arguments(p):
 def cmd_evidence(args) -> int:
     from bayes_router.experiments.evidence import evidence_report, evidence_run
 
-    out = Path(args.out) if args.out else Path(args.run_dir) / "evidence"
+    out = _out_dir(args, "evidence", Path(args.run_dir) / "evidence")
     result = evidence_run(Path(args.run_dir), out, tokens=args.tokens, windows=args.windows,
                           seed=args.seed)
     print(evidence_report(result))
@@ -517,22 +572,30 @@ def torch_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def _add_global_options(p: argparse.ArgumentParser, default) -> None:
+    """``-v`` and ``--threads``, accepted before or after the subcommand (after it, the
+    subparser's ``SUPPRESS`` default leaves the value given before it alone)."""
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="log at INFO level (and show the traceback of an error)")
+    p.add_argument(
+        "--threads", type=int, default=None if default is not argparse.SUPPRESS else default,
+        help="torch CPU threads (default: 1 for the small-model commands, where intra-op "
+             "threading does not pay and OpenMP spin-waits are slow on shared machines; all "
+             "cores for `bench`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bayes-router",
         description="Bayesian per-token attention routing: train, evaluate, analyse.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    parser.add_argument(
-        "--threads", type=int, default=None,
-        help="torch CPU threads (default: 1 for the small-model commands, where intra-op "
-             "threading does not pay and OpenMP spin-waits are slow on shared machines; all "
-             "cores for `bench`)")
+    _add_global_options(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text, arguments) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if arguments is not None:
             arguments(p)
+        _add_global_options(p.add_argument_group("global options"), default=argparse.SUPPRESS)
     return parser
 
 
@@ -555,16 +618,30 @@ def main(argv: list[str] | None = None) -> int:
         torch_threads(args.threads)
     elif args.command != "bench":
         torch_threads(1)
+    from bayes_router.experiments.rundir import OutputBusy
     from bayes_router.inference.train import TrainingDiverged
+
+    def fail(error, status: int) -> int:
+        if args.verbose:
+            logging.getLogger("bayes_router.cli").exception("%s failed", args.command)
+        print(f"bayes-router {args.command}: error: {error}", file=sys.stderr)
+        return status
 
     try:
         return fn(args)
-    except TrainingDiverged as error:  # a run that failed, not a usage error: exit status 1
-        print(f"bayes-router {args.command}: error: {error}", file=sys.stderr)
-        return 1
+    except (TrainingDiverged, OutputBusy) as error:  # a run that failed: exit status 1
+        return fail(error, 1)
     except ValueError as error:  # usage errors; a TypeError is a bug and keeps its traceback
-        print(f"bayes-router {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return fail(error, 2)
+    except BrokenPipeError:  # `bayes-router data | head`: the reader left, not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python flushes stdout at exit)
+        return 0
+    except OSError as error:  # the file system refused: say which file and why
+        where = f"{error.filename}: " if error.filename else ""
+        return fail(f"{where}{error.strerror or error}", 1)
+    except KeyboardInterrupt:
+        print(f"bayes-router {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

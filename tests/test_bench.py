@@ -51,6 +51,21 @@ def test_writes_valid_json_matching_the_results(toy_run):
     assert "SVI step" in format_table(results)
 
 
+def test_writes_a_report_and_a_figure(toy_run):
+    out, results = toy_run
+    report = (out / "report.md").read_text()
+    assert "![benchmark](bench.png)" in report and format_table(results) in report
+    assert (out / "bench.png").stat().st_size > 0 and results["figure"] == "bench.png"
+
+
+def test_the_hard_layer_defaults_to_the_longest_requested_length(tmp_path):
+    """--seq-lens 16 times nothing longer: the hard layer runs at 16, no SVI step asked."""
+    results = run_benchmark(tmp_path, **{**TOY, "seq_lens": (16,), "hard_seq_len": None,
+                                         "svi_configs": ()})
+    assert results["hard_layer"]["seq_len"] == 16 and results["svi_step"] == []
+    assert {r["seq_len"] for r in results["experts"]} == {16}
+
+
 def test_expert_rows_cover_every_expert_and_length(toy_run):
     _, results = toy_run
     rows = {(r["expert"], r["seq_len"]): r for r in results["experts"]}

@@ -170,8 +170,10 @@ def routing_accuracy_by_decile(pred_expert, oracle, uncertainty, n_bins: int = 1
     :param oracle: correct expert per token, or -1 ``(N,)``.
     :param uncertainty: routing uncertainty per token ``(N,)``.
     :param n_bins: number of equal-mass uncertainty bins.
-    :return: ``{"accuracy", "n_tokens", "bin_accuracy", "bin_count", "bin_mean_uncertainty"}``,
-        bins ordered from the least to the most uncertain.
+    :return: ``{"accuracy", "majority_baseline", "majority_label", "n_tokens", "bin_accuracy",
+        "bin_count", "bin_mean_uncertainty"}``, bins ordered from the least to the most
+        uncertain; ``majority_baseline`` is the accuracy of always choosing the most common
+        oracle label (the bar a router must clear to have learned anything).
     """
     n_bins = check_n_bins(n_bins)
     pred = label_array(pred_expert, "pred_expert")
@@ -187,8 +189,12 @@ def routing_accuracy_by_decile(pred_expert, oracle, uncertainty, n_bins: int = 1
         raise ValueError("oracle has no labelled token (all -1): nothing to score")
     correct = (pred == target)[labelled].astype(np.float64)
     binned = mean_by_uncertainty_bin(correct, score[labelled], n_bins)
+    labels, counts = np.unique(target[labelled], return_counts=True)
     return {
         "accuracy": float(correct.mean()),
+        # a router that sends every token to the most common label scores this much
+        "majority_baseline": float(counts.max() / counts.sum()),
+        "majority_label": int(labels[counts.argmax()]),
         "n_tokens": int(labelled.sum()),
         "bin_accuracy": binned["mean_value"],
         "bin_count": binned["count"],

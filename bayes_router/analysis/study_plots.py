@@ -247,3 +247,36 @@ def plot_beta0_trace(trace: Sequence[Sequence[float]], ax: Axes | None = None) -
     ax.set(xlabel="SVI step", ylabel="beta0", title="type-II ML in SVI")
     ax.legend(fontsize=7)
     return ax
+
+
+def plot_bench_experts(results: Mapping, ax: Axes | None = None, key: str = "fwd_ms") -> Axes:
+    """Each expert's attention-core time (``key``: ``fwd_ms`` or ``fwd_bwd_ms``) against the
+    sequence length, log-log, from ``bayes-router bench`` results."""
+    ax = _axes(ax)
+    rows = results["experts"]
+    for name in dict.fromkeys(r["expert"] for r in rows):
+        mine = [r for r in rows if r["expert"] == name]
+        ax.plot([r["seq_len"] for r in mine], [r[key] for r in mine], "o-", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length T",
+           ylabel=("forward" if key == "fwd_ms" else "forward + backward") + " time (ms)",
+           title="attention core")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_bench_hard_layer(hard_layer: Mapping, ax: Axes | None = None) -> Axes:
+    """The hard-routed layer's forward time relative to full-only for each expert mix, beside
+    the cost the FLOP model projects (with projections) for it."""
+    ax = _axes(ax)
+    rows = hard_layer["mixes"]
+    labels = ["/".join(f"{s:g}" for s in r["mix"]) for r in rows]
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["fwd_ratio"] for r in rows], 0.4, label="measured")
+    ax.bar(x + 0.2, [r["projected_cost_with_projections"] for r in rows], 0.4,
+           label="projected (FLOPs)")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xticks(x, labels)
+    ax.set(xlabel="mix full/linear/local", ylabel="time / full-only",
+           title=f"hard-routed layer, T={hard_layer['seq_len']}")
+    ax.legend(fontsize=8)
+    return ax

@@ -237,6 +237,9 @@ def load_corpus(spec: str | Path, *, max_chars: int | None = None, seed: int = 0
         path that does not exist.
     """
     spec = str(spec)
+    if spec.strip() == "":
+        raise ValueError("spec must be 'stdlib', 'synthetic:<task>' or a text file or folder, "
+                         "got an empty string")
     if spec.startswith("synthetic:"):
         task = spec.split(":", 1)[1]
         if task in PRESETS:

@@ -7,6 +7,7 @@ plate, so that the subsampled ELBO is an estimate for the whole training split).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -44,6 +45,17 @@ class TokenData:
         if split not in self.splits:
             raise ValueError(f"split must be one of {sorted(self.splits)}, got {split!r}")
         return self.splits[split]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of every split's token ids (and oracle labels): it changes when the corpus
+        does, so a run can tell that the data it is evaluated on is not what it trained on."""
+        digest = hashlib.sha256()
+        for name in sorted(self.splits):
+            parts = self.splits[name] if self.synthetic else (self.splits[name],)
+            digest.update(name.encode())
+            for part in parts:
+                digest.update(part.to(torch.int64).contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def num_windows(self, split: str, seq_len: int) -> int:
         """Number of disjoint windows of ``seq_len`` tokens (or sequences) in ``split``."""

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from bayes_router.analysis.study_plots import plot_beta0_objective, plot_beta0_trace, save_figure
 from bayes_router.core.dirichlet import dirichlet_kl_to_prior
-from bayes_router.experiments.runs import check_run_dir, load_data, versions, write_json
+from bayes_router.experiments.runs import check_run_dir, load_run, versions, write_json
 from bayes_router.inference.empirical_bayes import (
     METHODS,
     SETTLED_LOG_DRIFT,
@@ -25,7 +25,6 @@ from bayes_router.inference.empirical_bayes import (
     guide_concentrations,
     prior_mean,
 )
-from bayes_router.inference.train import load_trained
 from bayes_router.models.bayesian import BayesianRoutedLM
 
 logger = logging.getLogger(__name__)
@@ -93,7 +92,7 @@ def fit_beta0_run(run_dir, method: str = "both", out_dir=None, *, svi_steps: int
         raise ValueError("grid must hold positive beta0 values")
     run_dir = check_run_dir(Path(run_dir))
     out_dir = run_dir / "empirical-bayes" if out_dir is None else Path(out_dir)
-    model, model_cfg, train_cfg, payload = load_trained(run_dir)
+    model, model_cfg, train_cfg, payload, data = load_run(run_dir)
     if not isinstance(model, BayesianRoutedLM):
         raise ValueError(f"{run_dir} holds a {train_cfg.router} run; empirical Bayes for beta0 "
                          "needs a Bayesian run")
@@ -103,7 +102,6 @@ def fit_beta0_run(run_dir, method: str = "both", out_dir=None, *, svi_steps: int
                          "with its cost-based mean held fixed (a learned mean was already "
                          "fitted by type-II ML in training; --update-pi fits one here)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = load_data(train_cfg, model_cfg)
     pi = prior_mean(model)
     with pyro.settings.context(module_local_params=True):
         run_beta0 = (model.beta0 if model.learn_beta0 else model.beta0_fixed).detach().tolist()

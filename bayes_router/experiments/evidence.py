@@ -17,8 +17,7 @@ from matplotlib.figure import Figure
 from bayes_router.analysis.evidence import layer_evidence, summarise_layer
 from bayes_router.analysis.study_plots import save_figure
 from bayes_router.core.commitment import DEFAULT_LEVELS
-from bayes_router.experiments.runs import check_run_dir, load_data, versions, write_json
-from bayes_router.inference.train import load_trained
+from bayes_router.experiments.runs import check_run_dir, load_run, versions, write_json
 from bayes_router.models.bayesian import BayesianRoutedLM, compute_aware_prior
 
 logger = logging.getLogger(__name__)
@@ -46,8 +45,7 @@ def evidence_run(run_dir: Path, out_dir: Path | None = None, tokens: int = 256,
     run_dir = check_run_dir(run_dir)
     out_dir = run_dir / "evidence" if out_dir is None else Path(out_dir)
     with pyro.settings.context(module_local_params=True):
-        model, model_cfg, train_cfg, _ = load_trained(run_dir)
-        data = load_data(train_cfg, model_cfg)
+        model, model_cfg, train_cfg, _, data = load_run(run_dir)
         batch = next(data.eval_batches("val", windows, train_cfg.seq_len), None)
         if batch is None:
             raise ValueError(f"the validation split of {run_dir} is too short for one window")

@@ -64,12 +64,11 @@ from bayes_router.data.synthetic import ORACLE_LABEL_IDS, ORACLE_LABELS
 from bayes_router.experiments.runs import (
     EVAL_BATCHES,
     check_run_dir,
-    load_data,
+    load_run,
     versions,
     write_json,
 )
 from bayes_router.inference.evaluate import batch_outputs, routing_metrics
-from bayes_router.inference.train import load_trained
 from bayes_router.models.bayesian import BayesianRoutedLM
 
 logger = logging.getLogger(__name__)
@@ -375,8 +374,8 @@ def _simplex_tokens(arrays: TokenArrays, uncertainty, text_of, layer: int, seed:
 
 def _load(run_dir: Path):
     run_dir = check_run_dir(run_dir)
-    model, model_cfg, train_cfg, _ = load_trained(run_dir)
-    return run_dir, model, model_cfg, train_cfg, load_data(train_cfg, model_cfg)
+    model, model_cfg, train_cfg, _, data = load_run(run_dir)
+    return run_dir, model, model_cfg, train_cfg, data
 
 
 def _check_options(max_batches, n_boot) -> None:
@@ -386,26 +385,43 @@ def _check_options(max_batches, n_boot) -> None:
         raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
 
 
-def _calibration(arrays: TokenArrays, n_boot: int, seed: int) -> dict:
+def _calibration(arrays: TokenArrays, n_boot: int, seed: int, progress: bool = True) -> dict:
     T = arrays.window_len
+    paired = ("ece", "brier", "nll")
+    bar = tqdm(total=1 + (0 if arrays.bma_probs is None else 1 + len(paired)),
+               desc=f"bootstrap ({n_boot} resamples)", disable=not progress, dynamic_ncols=True)
     result = {"n_tokens": len(arrays.targets), "n_windows": arrays.n_windows,
               "n_bins": CALIBRATION_BINS, "n_boot": n_boot, "ci_level": 0.95,
               "bootstrap_unit": "window",
               "predictives": {"plug_in": calibration_summary(arrays.probs, arrays.targets, T,
                                                              n_boot, seed)}}
+    bar.update()
     if arrays.bma_probs is not None:
         result["predictives"]["bma"] = calibration_summary(arrays.bma_probs, arrays.targets, T,
                                                            n_boot, seed)
-        result["bma_minus_plug_in"] = {
-            name: paired_difference(CALIBRATION_METRICS[name], arrays.probs, arrays.bma_probs,
-                                    arrays.targets, T, n_boot, seed)
-            for name in ("ece", "brier", "nll")}
+        bar.update()
+        result["bma_minus_plug_in"] = {}
+        for name in paired:
+            result["bma_minus_plug_in"][name] = paired_difference(
+                CALIBRATION_METRICS[name], arrays.probs, arrays.bma_probs, arrays.targets, T,
+                n_boot, seed)
+            bar.update()
+    bar.close()
     return result
+
+
+def plug_in_label(router: str) -> str:
+    """What the plug-in predictive routes with: the posterior mean, or a deterministic
+    router's own weights."""
+    return ("plug-in (posterior mean)" if router == "bayesian"
+            else "plug-in (softmax weights)" if router == "prior-free"
+            else "plug-in (the router's weights)")
 
 
 def _reliability_png(calibration: dict, path: Path) -> str:
     predictives = calibration["predictives"]
-    labels = {"plug_in": "plug-in (posterior mean)", "bma": "Bayesian model average"}
+    labels = {"plug_in": plug_in_label(calibration.get("router", "")),
+              "bma": "Bayesian model average"}
     curves = {labels[k]: curve_from_dict(v["reliability"]["equal-width"])
               for k, v in predictives.items()}
     ece = {labels[k]: v["ece"]["value"] for k, v in predictives.items()}
@@ -430,7 +446,7 @@ def calibrate_run(run_dir: Path, out_dir: Path | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"run_dir": str(run_dir), "router": train_cfg.router, "split": "val",
               "num_samples": num_samples if isinstance(model, BayesianRoutedLM) else None,
-              **_calibration(arrays, n_boot, seed), "versions": versions()}
+              **_calibration(arrays, n_boot, seed, progress), "versions": versions()}
     result["figures"] = {"reliability": _reliability_png(result, out_dir / "reliability.png")}
     write_json(out_dir / "calibration.json", result)
     (out_dir / "calibration.md").write_text(
@@ -475,7 +491,8 @@ def analyse_run(run_dir: Path, out_dir: Path | None = None,
         "corpus": data.name, "experts": list(model_cfg.experts), "seq_len": train_cfg.seq_len,
         "n_tokens": len(arrays.targets), "n_windows": arrays.n_windows,
         "num_samples": num_samples if bayesian else None,
-        "calibration": _calibration(arrays, n_boot, seed),
+        "calibration": {"router": train_cfg.router,
+                        **_calibration(arrays, n_boot, seed, progress)},
         "routing": routing_metrics(torch.from_numpy(arrays.abar), costs),
         "uncertainty": {"per_layer": [{name: _summary(values[layer])
                                        for name, values in uncertainty.items()}
@@ -613,7 +630,8 @@ def calibration_table(result: dict) -> list[str]:
     c = result.get("calibration", result)
     lines = [f"| predictive | ECE ({CALIBRATION_BINS} bins) | ECE (equal-mass) | MCE | Brier | "
              "NLL (nats) | top-1 accuracy |", "|---|---|---|---|---|---|---|"]
-    names = {"plug_in": "plug-in (posterior mean)", "bma": "Bayesian model average"}
+    names = {"plug_in": plug_in_label(result.get("router", c.get("router", ""))),
+             "bma": "Bayesian model average"}
     for key, p in c["predictives"].items():
         lines.append(f"| {names[key]} | " + " | ".join(_ci(p[m]) for m in CALIBRATION_METRICS)
                      + f" | {p['accuracy']:.3f} |")
@@ -660,10 +678,14 @@ def analysis_report(result: dict) -> str:
                      f"{_num(row['spearman_damage'])} | {_num(row['spearman_nll'])} |")
     if result["routing_accuracy"]:
         lines += ["", "## Routing accuracy against the oracle", "",
-                  "| layer | accuracy | labelled tokens | accuracy per decile of total "
-                  "uncertainty (low → high) |", "|---|---|---|---|"]
+                  "The majority baseline is the accuracy of sending every token to the most "
+                  "common oracle label: a router must beat it to have learned anything.", "",
+                  "| layer | accuracy | majority baseline | labelled tokens | accuracy per "
+                  "decile of total uncertainty (low → high) |", "|---|---|---|---|---|"]
         for row in result["routing_accuracy"]:
-            lines.append(f"| {row['layer']} | {row['accuracy']:.3f} | {row['n_tokens']} | "
+            baseline = row.get("majority_baseline")
+            lines.append(f"| {row['layer']} | {row['accuracy']:.3f} | {_num(baseline)} | "
+                         f"{row['n_tokens']} | "
                          + " ".join(_num(a, 2) for a in row["bin_accuracy"]) + " |")
     if result.get("oracle_labels"):
         lines += ["", "## Prediction quality per oracle label (plug-in predictive)", "",

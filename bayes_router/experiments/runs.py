@@ -8,6 +8,7 @@ and the timed hard-routing forward pass), ``training.png`` and ``report.md``.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import math
@@ -32,17 +33,25 @@ from bayes_router.analysis.study_plots import (
 )
 from bayes_router.data import corpus_statistics, load_corpus
 from bayes_router.data.tokens import TokenData, token_data
-from bayes_router.inference.evaluate import evaluate, heldout_objective, timed_forward
+from bayes_router.experiments.rundir import run_lock
+from bayes_router.inference.evaluate import (
+    bits_label,
+    evaluate,
+    heldout_objective,
+    timed_forward,
+)
 from bayes_router.inference.train import (
     CHECKPOINT_NAME,
     TrainConfig,
     TrainingDiverged,
     check_compatible,
+    config_differences,
     gated_training_bias,
     load_trained,
     objective_label,
     train,
 )
+from bayes_router.models.bayesian import RoutedLM
 from bayes_router.models.config import TinyLMConfig
 
 logger = logging.getLogger(__name__)
@@ -98,6 +107,48 @@ def load_data(train_cfg: TrainConfig, model_cfg: TinyLMConfig | None = None) -> 
                       seed=train_cfg.seed, **options)
 
 
+def corpus_path(spec: str) -> str | None:
+    """The absolute path a corpus spec names (``None`` for ``stdlib`` and synthetic tasks)."""
+    if spec == "stdlib" or spec.startswith("synthetic:"):
+        return None
+    return str(Path(spec).resolve())
+
+
+def load_run(run_dir: Path) -> tuple[RoutedLM, TinyLMConfig, TrainConfig, dict, TokenData]:
+    """The trained model of a run directory, its configurations, checkpoint and data.
+
+    The checkpoint is the source of truth; a warning says when ``config.json`` disagrees with
+    it (a checkpoint copied in from another run) or when the corpus has changed since training
+    (its fingerprint differs). A run trained on a relative ``--corpus`` path finds it through
+    the resolved path it recorded, from any working directory.
+    """
+    run_dir = Path(run_dir)
+    model, model_cfg, train_cfg, payload = load_trained(run_dir)
+    config = {}
+    try:
+        config = read_json(run_dir / "config.json")
+        saved_model, saved_train = read_run_config(run_dir)
+        differ = (config_differences(saved_model, model_cfg, "model.")
+                  + [k for k in config_differences(saved_train, train_cfg, "train.")
+                     if k != "train.steps"])
+        if differ:
+            logger.warning("%s: the checkpoint disagrees with config.json in %s (a checkpoint "
+                           "of another run?); using the checkpoint's configuration", run_dir,
+                           differ)
+    except (OSError, ValueError) as error:
+        logger.warning("%s: config.json cannot be used (%s); using the checkpoint's "
+                       "configuration", run_dir, error)
+    recorded = config.get("corpus_path")
+    if recorded and not Path(train_cfg.dataset).exists() and Path(recorded).exists():
+        train_cfg = dataclasses.replace(train_cfg, dataset=recorded)
+    data = load_data(train_cfg, model_cfg)
+    if config.get("corpus_sha256") and config["corpus_sha256"] != data.fingerprint():
+        logger.warning("%s: the corpus %s has changed since this run was trained on it (its "
+                       "fingerprint differs); the results describe the data as it is now",
+                       run_dir, train_cfg.dataset)
+    return model, model_cfg, train_cfg, payload, data
+
+
 def check_run_dir(run_dir: Path) -> Path:
     """The run directory if it holds every file an analysis needs, else a clear error."""
     run_dir = Path(run_dir)
@@ -129,20 +180,28 @@ def final_metrics(model, data: TokenData, train_cfg: TrainConfig, eval_batches: 
 def train_run(model_cfg: TinyLMConfig, train_cfg: TrainConfig, out_dir: Path,
               resume: bool = False, progress: bool = True, eval_batches: int | None = EVAL_BATCHES,
               data: TokenData | None = None) -> dict:
-    """Train into ``out_dir`` and write config, history, metrics, figure and report.
+    """Train into ``out_dir`` and write config, history, metrics, figure and report, holding
+    the folder's write lock (:func:`~bayes_router.experiments.rundir.run_lock`) throughout.
 
     :raises ValueError: if ``out_dir`` already holds a run and ``resume`` is false (nothing is
         overwritten).
+    :raises OutputBusy: if another process is writing into ``out_dir``.
     """
-    out_dir = Path(out_dir)
+    check_compatible(model_cfg, train_cfg)  # before anything is written
+    with run_lock(out_dir):
+        return _train_run(model_cfg, train_cfg, Path(out_dir), resume, progress, eval_batches,
+                          data)
+
+
+def _train_run(model_cfg, train_cfg, out_dir, resume, progress, eval_batches, data) -> dict:
     if (out_dir / CHECKPOINT_NAME).exists() and not resume:
         raise ValueError(f"{out_dir} already holds a run; pass resume=True (--resume) to "
                          "continue it or choose another directory")
-    check_compatible(model_cfg, train_cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(train_cfg, model_cfg) if data is None else data
     config = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
-              "seed": train_cfg.seed, "corpus": data.name, "versions": versions(),
+              "seed": train_cfg.seed, "corpus": data.name,
+              "corpus_path": corpus_path(train_cfg.dataset),
+              "corpus_sha256": data.fingerprint(), "versions": versions(),
               "gradient_bias": gated_training_bias(train_cfg),
               "objective": objective_label(train_cfg)}
     if not resume:
@@ -169,7 +228,7 @@ def train_run(model_cfg: TinyLMConfig, train_cfg: TrainConfig, out_dir: Path,
         metrics["beta0"] = result.model.beta0.detach().tolist()
     write_json(out_dir / "metrics.json", metrics)
     plot_training(result.history, result.evaluations, out_dir / "training.png")
-    (out_dir / "report.md").write_text(run_report(config, metrics))
+    (out_dir / "report.md").write_text(run_report(config, metrics, result.evaluations))
     return metrics
 
 
@@ -184,18 +243,53 @@ def finished_metrics(run_dir: Path, model_cfg: TinyLMConfig, train_cfg: TrainCon
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         return None
-    saved = json.loads((run_dir / "config.json").read_text())
-    wanted = json.loads(json.dumps({"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}))
+    saved_model, saved_train = read_run_config(run_dir)
     # through the dataclasses, so that fields added since the run was written take defaults
-    saved = {"model": json.loads(json.dumps(TinyLMConfig.from_dict(saved["model"]).to_dict())),
-             "train": json.loads(json.dumps(TrainConfig.from_dict(saved["train"]).to_dict()))}
-    differ = sorted(f"{part}.{k}" for part in wanted for k in wanted[part]
-                    if saved[part].get(k) != wanted[part][k])
+    differ = (config_differences(saved_model, model_cfg, "model.")
+              + config_differences(saved_train, train_cfg, "train."))
     finished = (run_dir / "metrics.json").exists()
     if differ and (finished or differ != ["train.steps"]):
         raise ValueError(f"{run_dir} holds a run with another configuration (fields "
                          f"{differ}); choose another --out directory")
-    return json.loads((run_dir / "metrics.json").read_text()) if finished else None
+    return read_json(run_dir / "metrics.json", dict) if finished else None
+
+
+def read_json(path: Path, kind: type = dict):
+    """A JSON file of ours, parsed, with a clear error naming the file if it is not valid JSON
+    or not a ``kind`` at the top level."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, "
+                         f"column {error.colno}); it may be truncated: delete it or choose "
+                         f"another folder") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text (UTF-8 JSON) file") from None
+    if not isinstance(data, kind):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, expected a "
+                         f"{kind.__name__}")
+    return data
+
+
+def read_run_config(run_dir: Path) -> tuple[TinyLMConfig, TrainConfig]:
+    """The model and training configurations of a run's ``config.json``.
+
+    :raises ValueError: naming the file, if it does not parse or lacks a valid ``model`` or
+        ``train`` configuration.
+    """
+    path = Path(run_dir) / "config.json"
+    config = read_json(path, dict)
+    parts = []
+    for key, cls in (("model", TinyLMConfig), ("train", TrainConfig)):
+        if not isinstance(config.get(key), dict):
+            raise ValueError(f"{path} is not a run configuration: its {key!r} entry should be "
+                             f"an object of {cls.__name__} fields, got {config.get(key)!r}")
+        try:
+            parts.append(cls.from_dict(config[key]))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: invalid {key!r} configuration: {error}") from None
+    return parts[0], parts[1]
 
 
 def _init_worker() -> None:
@@ -261,8 +355,7 @@ def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None
     different splits, modes or thresholds never overwrite each other."""
     run_dir = check_run_dir(run_dir)
     with pyro.settings.context(module_local_params=True):
-        model, model_cfg, train_cfg, _ = load_trained(run_dir)
-        data = load_data(train_cfg, model_cfg)
+        model, model_cfg, train_cfg, _, data = load_run(run_dir)
         metrics = evaluate(model, data, split, train_cfg.seq_len, mode=mode,
                            gate_threshold=gate_threshold, max_batches=max_batches)
         if mode == "soft":
@@ -292,7 +385,7 @@ def _evaluation_report(run_dir: Path, metrics: dict, mode: str, split: str, expe
     lines = [f"# Evaluation: {mode} routing on the {split} split", "",
              "| metric | value |", "|---|---|",
              f"| {split} NLL (nats/token) | {metrics[f'{split}_nll']:.4f} |",
-             f"| {split} bits per character | {metrics[f'{split}_bpc']:.4f} |",
+             f"| {split} {bits_label(metrics)} | {metrics[f'{split}_bpc']:.4f} |",
              f"| projected FLOP cost (%) | {metrics['projected_flop_cost']:.1f} |",
              f"| expected FLOP cost (%) | {metrics['expected_flop_cost']:.1f} |",
              f"| routing entropy (%) | {metrics['routing_entropy']:.1f} |"]
@@ -305,9 +398,13 @@ def _evaluation_report(run_dir: Path, metrics: dict, mode: str, split: str, expe
     (run_dir / f"evaluation_{tag}.md").write_text("\n".join(lines))
 
 
-def corpus_report(spec: str, out_dir: Path, max_chars: int | None = None) -> dict:
-    """Statistics of a corpus into ``out_dir``: ``data.json``, ``data.png``, ``report.md``."""
-    stats = corpus_statistics(load_corpus(spec, max_chars=max_chars), top_k=30)
+def corpus_report(spec: str, out_dir: Path, max_chars: int | None = None,
+                  **corpus_options) -> dict:
+    """Statistics of a corpus into ``out_dir``: ``data.json``, ``data.png``, ``report.md``
+    (``corpus_options``: ``seed`` and a synthetic task's ``seq_len``, ``window``, ...)."""
+    stats = corpus_statistics(load_corpus(spec, max_chars=max_chars, **corpus_options),
+                              top_k=30)
+    stats["max_chars"] = max_chars
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "data.json", stats)
@@ -336,7 +433,10 @@ def plot_training(history: list[dict], evaluations: list[dict], path: Path) -> N
     fig = Figure(figsize=(13, 6.4))
     axes = fig.subplots(2, 3)
     plot_training_loss(history, ax=axes[0, 0])
-    plot_validation(evaluations, ax=axes[0, 1]).set_ylabel("val bits/char")
+    ax = plot_validation(evaluations, ax=axes[0, 1])
+    if evaluations:
+        ax.set_ylabel(f"val {bits_label(evaluations[-1])}")
+        ax.set_title(f"validation ({evaluations[-1]['tokens']} tokens per evaluation)")
     plot_training_terms(history, axes=(axes[0, 2], axes[1, 0], axes[1, 1], axes[1, 2]))
     fig.tight_layout()
     save_figure(fig, path)
@@ -364,15 +464,17 @@ def oracle_table(oracle: dict) -> list[str]:
     return lines
 
 
-def run_report(config: dict, metrics: dict) -> str:
-    """A short markdown report of one run."""
+def run_report(config: dict, metrics: dict, evaluations: list[dict] | None = None) -> str:
+    """A short markdown report of one run (``evaluations``: its periodic validations, whose
+    size the report relates to the final table's)."""
+    bits = bits_label(metrics["soft"])
     lines = [f"# Run: {metrics['router']} router", "",
              f"Corpus `{config['corpus']}`, seed {config['seed']}, {metrics['steps']} steps "
              f"({metrics['train_seconds']:.0f} s), cost vector "
              f"{[round(c, 3) for c in metrics['costs']]}. Objective: **{config['objective']}**"
              + (f"; warm start from `{config['train']['warm_start']}`"
                 if config["train"].get("warm_start") else "") + ".", "",
-             "| routing | val NLL (nats) | val bpc | projected FLOP % | expected FLOP % | "
+             f"| routing | val NLL (nats) | val {bits} | projected FLOP % | expected FLOP % | "
              "routing entropy % |", "|---|---|---|---|---|---|"]
     for mode in ("soft", "hard", "gated"):
         if mode in metrics:
@@ -380,6 +482,18 @@ def run_report(config: dict, metrics: dict) -> str:
             lines.append(f"| {mode} | {_fmt(m['val_nll'])} | {_fmt(m['val_bpc'])} | "
                          f"{_fmt(m['projected_flop_cost'], 1)} | "
                          f"{_fmt(m['expected_flop_cost'], 1)} | {_fmt(m['routing_entropy'], 1)} |")
+    lines += ["", f"The table evaluates {metrics['soft']['tokens']} validation tokens. Hard rows "
+              "describe the one-hot weights that ran: their expected cost equals the projected "
+              "cost and their routing entropy is 0."]
+    if evaluations:
+        periodic = evaluations[-1]["tokens"]
+        if periodic != metrics["soft"]["tokens"]:
+            lines[-1] += (f" The periodic validation of the progress bar and training.png "
+                          f"uses {periodic} tokens (`--eval-batches`), so its last value can "
+                          f"differ from the table's.")
+    if "beta0" in metrics:
+        lines += ["", "Learned prior concentration beta0 (type-II ML) per layer: "
+                  + ", ".join(f"{b:.4g}" for b in metrics["beta0"]) + "."]
     if "elbo" in metrics:
         e = metrics["elbo"]
         lines += ["", f"Held-out objective per token: negative ELBO {e['neg_elbo']:.4f} = NLL "

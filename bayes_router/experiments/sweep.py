@@ -33,15 +33,18 @@ from bayes_router.analysis import (
     expected_calibration_error,
     plot_beta0_sensitivity,
 )
+from bayes_router.experiments.rundir import run_lock
 from bayes_router.experiments.runs import (
     finished_metrics,
     load_data,
+    load_run,
+    read_json,
     train_runs,
     versions,
     write_json,
 )
 from bayes_router.inference.evaluate import collect
-from bayes_router.inference.train import TrainConfig, load_trained
+from bayes_router.inference.train import TrainConfig
 from bayes_router.models.config import TinyLMConfig
 
 logger = logging.getLogger(__name__)
@@ -132,10 +135,10 @@ def read_beta0_mark(path: Path) -> float:
 def evaluate_point(run_dir: Path, eval_batches: int | None, data=None) -> dict:
     """ECE of the plug-in predictive and mean mutual information of a trained Bayesian run, plus
     the numbers of its ``metrics.json``."""
-    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    metrics = read_json(Path(run_dir) / "metrics.json")
     with pyro.settings.context(module_local_params=True):
-        model, model_cfg, train_cfg, _ = load_trained(run_dir)
-        data = load_data(train_cfg, model_cfg) if data is None else data
+        model, model_cfg, train_cfg, _, run_data = load_run(run_dir)
+        data = run_data if data is None else data
         arrays = collect(model, data, "val", train_cfg.seq_len, mode="soft",
                          max_batches=eval_batches)
     probs = arrays["logits"].softmax(-1)
@@ -187,8 +190,13 @@ def sweep_beta0(values: Sequence[float], seeds: int | Sequence[int], out_dir: Pa
         raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
     mark_value = read_beta0_mark(mark) if mark is not None else None
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(out_dir):
+        return _sweep(values, seeds, out_dir, model_cfg, train_cfg, jobs, progress, mark,
+                      mark_value, eval_batches)
 
+
+def _sweep(values, seeds, out_dir, model_cfg, train_cfg, jobs, progress, mark, mark_value,
+           eval_batches) -> dict:
     points, todo = {}, []
     for value in values:
         for seed in seeds:
@@ -197,7 +205,7 @@ def sweep_beta0(values: Sequence[float], seeds: int | Sequence[int], out_dir: Pa
             finished_metrics(run_dir, model_cfg, cfg)  # refuses a run of another configuration
             if point_finished(run_dir):
                 logger.info("reusing finished point %s", run_dir)
-                points[value, seed] = json.loads((run_dir / POINT_FILE).read_text())
+                points[value, seed] = read_json(run_dir / POINT_FILE)
             else:
                 todo.append((value, seed, cfg, run_dir))
     data = load_data(train_cfg, model_cfg) if todo else None

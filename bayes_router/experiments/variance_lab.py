@@ -23,14 +23,13 @@ from bayes_router.analysis.study_plots import (
     save_figure,
 )
 from bayes_router.data.tokens import TokenData, token_data
-from bayes_router.experiments.runs import check_run_dir, load_data, versions, write_json
+from bayes_router.experiments.runs import check_run_dir, load_run, versions, write_json
 from bayes_router.inference.gradient_stats import snr_noise_floor
 from bayes_router.inference.toy_variance import toy_gradient_variance
 from bayes_router.inference.train import (
     CHECKPOINT_NAME,
     TrainConfig,
     build_routed_lm,
-    load_trained,
     train,
 )
 from bayes_router.inference.variance import (
@@ -182,11 +181,10 @@ def variance_lab(out_dir: Path, *, checkpoint: Path | None = None, toy: bool = F
     if checkpoint is not None:
         run_dir = check_run_dir(Path(checkpoint))
         with pyro.settings.context(module_local_params=True):
-            model, model_cfg, train_cfg, payload = load_trained(run_dir)
+            model, model_cfg, train_cfg, payload, data = load_run(run_dir)
         if not isinstance(model, BayesianRoutedLM):
             raise ValueError(f"{run_dir} holds a {train_cfg.router} run; the gradient-variance "
                              "lab needs a Bayesian run")
-        data = load_data(train_cfg, model_cfg)
         source = {"kind": "checkpoint", "run_dir": str(run_dir), "step": int(payload["step"])}
     else:
         model_cfg, train_cfg, data = _default_configs(train_steps, seed)

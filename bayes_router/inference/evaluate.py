@@ -32,8 +32,10 @@ from bayes_router.models.router import RoutingDecision
 def batch_outputs(model: RoutedLM, x: torch.Tensor, y: torch.Tensor, mode: str = "soft",
                   gate_threshold: float | None = None, gate_measure: str = "total") -> dict:
     """One evaluation pass on a batch, flattened per token: ``logits (N, V)``, ``nll (N,)``,
-    ``abar (L, N, K)``, ``concentration (L, N, K)`` (Bayesian, else ``None``), ``hard (L, N)``
-    (hard and gated modes, else ``None``), ``tokens (N,)``, ``targets (N,)``."""
+    ``abar (L, N, K)``, ``applied (L, N, K)`` (the weights the layers applied: ``abar`` under
+    soft routing, one-hot under hard routing, either per token under gated),
+    ``concentration (L, N, K)`` (Bayesian, else ``None``), ``hard (L, N)`` (hard and gated
+    modes, else ``None``), ``tokens (N,)``, ``targets (N,)``."""
     out = model.predict(x, mode=mode, gate_threshold=gate_threshold, gate_measure=gate_measure)
     logits = out.logits.reshape(-1, out.logits.shape[-1])  # (B T, V)
     targets = y.reshape(-1)
@@ -44,8 +46,9 @@ def batch_outputs(model: RoutedLM, x: torch.Tensor, y: torch.Tensor, mode: str =
                      if out.routing[0].decision.concentration is not None else None)
     hard = (torch.stack([r.hard_mask.reshape(-1) for r in out.routing])
             if out.routing[0].hard_mask is not None else None)
+    applied = torch.stack([r.applied_weights.reshape(abar.shape[1:]) for r in out.routing])
     return {"logits": logits, "nll": F.cross_entropy(logits, targets, reduction="none"),
-            "abar": abar, "concentration": concentration, "hard": hard,
+            "abar": abar, "applied": applied, "concentration": concentration, "hard": hard,
             "tokens": x.reshape(-1), "targets": targets}
 
 
@@ -65,22 +68,27 @@ def collect(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: st
         parts.append(part)
     if not parts:
         raise ValueError(f"split {split!r} is too short for one window of {seq_len} tokens")
-    token_dim = {"abar": 1, "concentration": 1, "hard": 1}
+    token_dim = {"abar": 1, "applied": 1, "concentration": 1, "hard": 1}
     return {key: None if parts[0][key] is None else
             torch.cat([p[key] for p in parts], dim=token_dim.get(key, 0))
             for key in parts[0]}
 
 
-def routing_metrics(abar: torch.Tensor, costs: torch.Tensor) -> dict:
+def routing_metrics(abar: torch.Tensor, costs: torch.Tensor,
+                    applied: torch.Tensor | None = None) -> dict:
     """The routing metrics (:mod:`bayes_router.core.routing`) from ``abar (L, N, K)`` and the
-    cost vector."""
+    cost vector: the projected cost and expert shares from ``abar``'s argmax, the expected cost
+    and routing entropy from the weights the layers ``applied`` (``abar`` if not given), so that
+    under hard routing they describe the one-hot weights that actually ran."""
     abar_np, costs_np = abar.double().numpy(), costs.double().numpy()
+    applied_np = abar_np if applied is None else applied.double().numpy()
     share = expert_share(abar_np)
     return {
         "projected_flop_cost": float(projected_flop_cost(abar_np, costs_np)),
-        "expected_flop_cost": float(expected_flop_cost(abar_np, costs_np)),
+        "expected_flop_cost": float(expected_flop_cost(applied_np, costs_np)),
         # a single expert leaves nothing to choose: fully committed routing
-        "routing_entropy": float(routing_entropy(abar_np)) if abar_np.shape[-1] > 1 else 0.0,
+        "routing_entropy": (float(routing_entropy(applied_np)) if abar_np.shape[-1] > 1
+                            else 0.0),
         "expert_share": np.asarray(share).tolist(),
         "expert_share_mean": np.asarray(share).mean(0).tolist(),
     }
@@ -89,17 +97,32 @@ def routing_metrics(abar: torch.Tensor, costs: torch.Tensor) -> dict:
 def evaluate(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: str = "soft",
              gate_threshold: float | None = None, max_batches: int | None = None,
              batch_size: int = 16) -> dict:
-    """``{split}_nll``, ``{split}_bpc`` and the routing metrics under routing ``mode``."""
+    """``{split}_nll``, ``{split}_bpc`` and the routing metrics under routing ``mode``.
+
+    ``{split}_bpc`` is the NLL in bits per token; ``bits_unit`` says what a token is
+    (``"character"`` for a text corpus, so bits per character; ``"token"`` for a synthetic
+    task, whose reports say bits per token)."""
     arrays = collect(model, data, split, seq_len, mode, gate_threshold, max_batches, batch_size)
     mean_nll = float(arrays["nll"].mean())
     metrics = {f"{split}_nll": mean_nll, f"{split}_bpc": mean_nll / math.log(2),
-               "mode": mode, "tokens": int(arrays["nll"].numel())}
-    metrics.update(routing_metrics(arrays["abar"], model.costs))
+               "bits_unit": bits_unit(data), "mode": mode,
+               "tokens": int(arrays["nll"].numel())}
+    metrics.update(routing_metrics(arrays["abar"], model.costs, arrays["applied"]))
     if arrays["hard"] is not None:
         metrics["hard_fraction"] = float(arrays["hard"].float().mean())
     if arrays["oracle"] is not None:
         metrics["oracle"] = oracle_metrics(arrays, model.cfg.experts)
     return metrics
+
+
+def bits_unit(data: TokenData) -> str:
+    """What one token of ``data`` is: ``"character"`` (text) or ``"token"`` (synthetic)."""
+    return "token" if data.synthetic else "character"
+
+
+def bits_label(metrics: dict) -> str:
+    """``"bits/char"`` or ``"bits/token"`` for metrics from :func:`evaluate`."""
+    return "bits/token" if metrics.get("bits_unit") == "token" else "bits/char"
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from bayes_router.data.tokens import TokenData
 from bayes_router.inference.estimators import Estimator, estimator_names, get_estimator
-from bayes_router.inference.evaluate import evaluate
+from bayes_router.inference.evaluate import bits_label, evaluate
 from bayes_router.inference.objective import (
     AuxiliaryOptimiser,
     FreeBitsELBO,
@@ -54,6 +54,10 @@ CHECKPOINT_NAME = "checkpoint.pt"
 #: A negative ELBO per token below this is impossible for a categorical likelihood (its NLL and
 #: KL are >= 0; single-sample estimates of the KL may dip a little below 0): divergence.
 IMPOSSIBLE_LOSS = -1.0
+#: A loss per token above this many times the run's first loss (itself at least 1 nat) is an
+#: explosion: no working run climbs three orders of magnitude above where it started (KL
+#: annealing and free bits raise it by small factors at most).
+EXPLOSION_FACTOR = 1e3
 
 
 class TrainingDiverged(RuntimeError):
@@ -202,6 +206,9 @@ class TrainConfig:
             values = self.beta0 if isinstance(self.beta0, tuple) else (self.beta0,)
             if not values or not all(math.isfinite(v) and v > 0 for v in values):
                 raise ValueError(f"beta0 must be > 0, got {self.beta0!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+                0 <= self.seed < 2 ** 63):
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         for name in ("beta0_init", "a_min", "tau", "lr", "grad_clip", "kl_weight"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
@@ -213,6 +220,9 @@ class TrainConfig:
             raise ValueError("kl_anneal_steps must be >= 0 and kl_anneal_start in [0, 1]")
         if not 0 <= self.gate_final <= 1 or not 0 <= self.gate_start <= self.gate_end <= 1:
             raise ValueError("gate_final must be in [0, 1] and 0 <= gate_start <= gate_end <= 1")
+        if not isinstance(self.dataset, str) or self.dataset.strip() == "":
+            raise ValueError(f"dataset must be 'stdlib', 'synthetic:<task>' or a text file or "
+                             f"folder, got {self.dataset!r}")
         if self.dataset_max_chars is not None and self.dataset_max_chars < 1:
             raise ValueError(f"dataset_max_chars must be >= 1 or None, got "
                              f"{self.dataset_max_chars}")
@@ -508,6 +518,13 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
                 raise TrainingDiverged(step, outcome.loss, last_good, "loss",
                                        f"{outcome.loss:.4g} nats/token, impossible for a "
                                        "categorical likelihood (its NLL and KL are >= 0)")
+            first = result.history[0]["loss"] if result.history else outcome.loss
+            if outcome.loss > EXPLOSION_FACTOR * max(first, 1.0):
+                bar.close()
+                raise TrainingDiverged(step, outcome.loss, last_good, "loss",
+                                       f"{outcome.loss:.4g} nats/token, over "
+                                       f"{EXPLOSION_FACTOR:g} x the first step's "
+                                       f"{first:.4g}: the run exploded")
             broken = _non_finite_state(model, optimiser)
             if broken is not None:
                 bar.close()
@@ -528,10 +545,11 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
                                    max_batches=train_cfg.eval_batches)
                 metrics["step"] = step
                 result.evaluations.append(metrics)
-                postfix["val_bpc"] = f"{metrics['val_bpc']:.3f}"
+                label = "val_bpc" if metrics["bits_unit"] == "character" else "val_bits"
+                postfix[label] = f"{metrics['val_bpc']:.3f}"
                 postfix["share"] = "/".join(f"{s:.2f}" for s in metrics["expert_share_mean"])
-                logger.info("step %d: loss %.4f, val bpc %.4f", step, per_token,
-                            metrics["val_bpc"])
+                logger.info("step %d: loss %.4f, val %s %.4f", step, per_token,
+                            bits_label(metrics), metrics["val_bpc"])
             bar.set_postfix(postfix)
             bar.update(1)
             result.seconds = time.perf_counter() - start

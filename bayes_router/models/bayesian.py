@@ -297,7 +297,14 @@ class BayesianRoutedLM(RoutedLM):
             if isinstance(beta0, str):
                 raise ValueError(f"beta0 must be a positive number, a list, or 'learn'; "
                                  f"got {beta0!r}")
-            values = torch.as_tensor(beta0, dtype=torch.float32).expand(cfg.n_layers).clone()
+            values = torch.as_tensor(beta0, dtype=torch.float32)
+            if values.dim() > 1 or (values.dim() == 1 and len(values) not in (1, cfg.n_layers)):
+                raise ValueError(f"beta0 must be one number or one per layer ({cfg.n_layers} "
+                                 f"layers), got {len(values.reshape(-1))} values {beta0!r}")
+            if not bool(torch.isfinite(values).all()):
+                raise ValueError(f"beta0 must be finite in float32 (at most "
+                                 f"{torch.finfo(torch.float32).max:.3g}), got {beta0!r}")
+            values = values.expand(cfg.n_layers).clone()
             compute_aware_prior(self.costs, values, eta)  # validates
             self.register_buffer("beta0_fixed", values)
         if prior == "seed":

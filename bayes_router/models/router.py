@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from bayes_router.core.validation import is_validation_enabled, validation_enabled
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.experts import build_expert
 
@@ -114,12 +115,30 @@ class RoutedAttention(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor, sparse: bool = False) -> Tensor:
         """Mix the experts with ``weights``; ``sparse`` skips the rows an expert has weight 0 on."""
-        K = len(self.experts)
+        K, D = len(self.experts), self.cfg.d_model
+        dtype = (self.out if self.cfg.shared_qkv else self.out[0]).weight.dtype
+        for name, t, width in (("x", x, D), ("weights", weights, K)):
+            if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() < 2:
+                raise ValueError(f"{name} must be a floating tensor (..., T, {width}), got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} of shape "
+                                 f"{tuple(getattr(t, 'shape', ()))}")
+        if x.shape[-1] != D:
+            raise ValueError(f"x must have shape (..., T, D={D}), got {tuple(x.shape)}")
+        if x.dtype != dtype:
+            raise ValueError(f"x must have the layer's dtype {dtype}, got {x.dtype} (convert "
+                             f"the input or the module with .to(dtype))")
         if weights.shape[-1] != K or weights.shape[-2] != x.shape[-2]:
             raise ValueError(f"weights must have shape (..., T={x.shape[-2]}, K={K}), "
                              f"got {tuple(weights.shape)}")
         if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
             raise ValueError("weights must be finite and non-negative")
+        if is_validation_enabled() and not bool(torch.isfinite(x).all()):
+            raise ValueError("x holds NaN or Inf")
+        with validation_enabled(False):  # q, k, v come from the checked x: no second pass
+            return self._mix(x, weights, sparse)
+
+    def _mix(self, x: Tensor, weights: Tensor, sparse: bool) -> Tensor:
+        K = len(self.experts)
         lead = torch.broadcast_shapes(x.shape[:-2], weights.shape[:-2])
         T, D = x.shape[-2:]
         x = x.expand(*lead, T, D).reshape(-1, T, D)  # (B, T, D), particles folded into B

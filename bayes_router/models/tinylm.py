@@ -116,7 +116,14 @@ class FixedRouting:
 
     def __init__(self, weights: list[Tensor]):
         self.weights = list(weights)
+        for i, w in enumerate(self.weights):
+            if not isinstance(w, Tensor) or not w.is_floating_point() or w.dim() < 2:
+                raise ValueError(f"FixedRouting: weights[{i}] must be a floating (..., T, K) "
+                                 f"tensor, got {getattr(w, 'shape', type(w).__name__)}")
 
     def __call__(self, layer: int, features: Tensor) -> RoutingDecision:
+        if not 0 <= layer < len(self.weights):
+            raise ValueError(f"FixedRouting holds weights for {len(self.weights)} layers, asked "
+                             f"for layer {layer}: give one (..., T, K) tensor per layer")
         w = self.weights[layer]
         return RoutingDecision(weights=w, mean=w)

@@ -130,6 +130,16 @@ def test_routing_accuracy_by_decile():
     assert np.all(np.diff(result["bin_mean_uncertainty"]) > 0)
 
 
+def test_routing_accuracy_reports_the_majority_class_baseline():
+    oracle = np.array([1] * 81 + [0] * 12 + [2] * 7 + [-1] * 5)  # -1 tokens do not count
+    always_one = np.ones_like(oracle)
+    result = routing_accuracy_by_decile(always_one, oracle, np.linspace(0, 1, len(oracle)))
+    # a router that sends every token to the commonest label scores exactly the baseline
+    assert result["majority_label"] == 1
+    assert result["majority_baseline"] == pytest.approx(81 / 100)
+    assert result["accuracy"] == pytest.approx(result["majority_baseline"])
+
+
 def test_routing_accuracy_invalid_input_raises():
     with pytest.raises(ValueError, match="no labelled token"):
         routing_accuracy_by_decile([0, 1], [-1, -1], [0.1, 0.2])

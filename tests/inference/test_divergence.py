@@ -71,6 +71,8 @@ ROUTES = {
     "nan loss": (lambda m: _poison_loss(m, lambda l, s: (l * math.nan, s)), "loss", "nan"),
     "absurd loss": (lambda m: _poison_loss(m, lambda l, s: (l * 0 - 3.56e7, s)), "loss",
                     "impossible"),
+    "exploding loss": (lambda m: _poison_loss(m, lambda l, s: (l * 1e6, s)), "loss",
+                       "exploded"),
     "non-finite gradient": (lambda m: _poison_loss(m, lambda l, s: (l, s * math.nan)),
                             "gradient norm", "nan"),
     "non-finite parameters": (_poison_parameters, "parameters", "not finite"),
@@ -110,6 +112,16 @@ def test_the_cli_reports_divergence_in_one_line(monkeypatch, tiny_corpus, tmp_pa
     assert f"training diverged at step {FAIL_AT}" in err and "Traceback" not in err
     messages = [line for line in err.splitlines() if "error" in line]  # besides the progress bar
     assert len(messages) == 1 and messages[0].startswith("bayes-router train: error: training")
+
+
+def test_a_real_explosion_is_stopped_at_its_first_step(tiny_data, tiny_corpus, tmp_path):
+    """lr = 1e3 (the largest accepted) blows the loss up by orders of magnitude at once."""
+    model_cfg, train_cfg = tiny_configs(tiny_data, tiny_corpus, steps=10, lr=1e3,
+                                        checkpoint_every=1, eval_every=10)
+    with pytest.raises(TrainingDiverged, match="training diverged at step") as error:
+        train_run(model_cfg, train_cfg, tmp_path / "run", progress=False, data=tiny_data)
+    assert error.value.step <= 3
+    assert (tmp_path / "run" / "diverged.json").exists()
 
 
 @pytest.mark.parametrize("kwargs", [{"lr": math.inf}, {"lr": 1e39}, {"kl_weight": math.inf},

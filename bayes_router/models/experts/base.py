@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from bayes_router.core.validation import is_validation_enabled
+
 ROW_TILE = 128  # query rows per tile when computing gathered rows (bounds memory and waste)
 
 
@@ -30,6 +32,7 @@ class AttentionExpert(nn.Module):
     def __init__(self, causal: bool = True):
         super().__init__()
         self.causal = bool(causal)
+        self.register_forward_pre_hook(_check_call, with_kwargs=True)
 
     @classmethod
     def from_config(cls, cfg) -> AttentionExpert:
@@ -48,6 +51,60 @@ class AttentionExpert(nn.Module):
 
     def extra_repr(self) -> str:
         return f"causal={self.causal}"
+
+
+def _check_call(expert: AttentionExpert, args: tuple, kwargs: dict):
+    names = ("q", "k", "v", "positions")
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    missing = [n for n in names[:3] if n not in bound]
+    if missing:
+        raise TypeError(f"{expert.name} expert: missing {missing}")
+    check_expert_inputs(expert.name, bound["q"], bound["k"], bound["v"], bound.get("positions"))
+
+
+def check_expert_inputs(name: str, q, k, v, positions=None) -> None:
+    """The contract of an expert's inputs, checked at its public boundary.
+
+    ``q, k, v``: floating tensors of one dtype and device, shape ``(B, H, T, d)`` each (the same
+    ``T``: every expert mixes a sequence with itself); ``positions``: an integer ``(B, R)``
+    tensor of rows in ``[0, T)``. With validation enabled
+    (:mod:`bayes_router.core.validation`) the values are checked too: finite inputs, positions
+    in range.
+
+    :raises ValueError: naming the argument and what it should be.
+    """
+    for arg, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} expert: {arg} must be a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} expert: {arg} must be a floating tensor, got {x.dtype}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} expert: {arg} must have shape (B, H, T, d), got "
+                             f"{tuple(x.shape)}")
+    if not q.dtype == k.dtype == v.dtype or not q.device == k.device == v.device:
+        raise ValueError(f"{name} expert: q, k and v must share dtype and device, got "
+                         f"{q.dtype}/{k.dtype}/{v.dtype} on {q.device}/{k.device}/{v.device}")
+    if q.shape != k.shape or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"{name} expert: q and k must have one shape (B, H, T, d) and v the "
+                         f"same (B, H, T), got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if positions is not None:
+        if not isinstance(positions, Tensor) or positions.is_floating_point() or \
+                positions.dtype == torch.bool:
+            raise ValueError(f"{name} expert: positions must be an integer tensor (B, R), got "
+                             f"{getattr(positions, 'dtype', type(positions).__name__)}")
+        if positions.dim() != 2 or positions.shape[0] != q.shape[0]:
+            raise ValueError(f"{name} expert: positions must have shape (B={q.shape[0]}, R), "
+                             f"got {tuple(positions.shape)}")
+    if not is_validation_enabled():
+        return
+    for arg, x in (("q", q), ("k", k), ("v", v)):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} expert: {arg} holds NaN or Inf")
+    if positions is not None and positions.numel() and (
+            int(positions.min()) < 0 or int(positions.max()) >= q.shape[2]):
+        raise ValueError(f"{name} expert: positions must lie in [0, T={q.shape[2]}), got "
+                         f"min {int(positions.min())}, max {int(positions.max())}")
 
 
 def check_positive_int(name: str, value) -> int:

@@ -1,0 +1,39 @@
+"""The validation switch of the public tensor checks, in the spirit of ``pyro.enable_validation``.
+
+Shape, dtype and configuration checks are always on (they read attributes only). The checks that
+read a tensor's values (finiteness of attention inputs, the range of gathered positions) are on
+by default and may be switched off for speed once a pipeline is known to be sound::
+
+    from bayes_router.core import validation
+    validation.enable_validation(False)        # everywhere, or
+    with validation.validation_enabled(False):  # inside a block
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+_ENABLED = True
+
+
+def enable_validation(flag: bool = True) -> None:
+    """Turn the value checks (finiteness, index ranges) on or off."""
+    global _ENABLED
+    _ENABLED = bool(flag)
+
+
+def is_validation_enabled() -> bool:
+    return _ENABLED
+
+
+@contextlib.contextmanager
+def validation_enabled(flag: bool = True) -> Iterator[None]:
+    """Set the switch inside a block and restore it afterwards."""
+    before = _ENABLED
+    enable_validation(flag)
+    try:
+        yield
+    finally:
+        enable_validation(before)

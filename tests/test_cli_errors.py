@@ -1,0 +1,145 @@
+"""Bad command-line input: one line on stderr naming the input, a usage exit status, no
+traceback and nothing written (the inputs of the reliability review, each a case here)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bayes_router.cli import main
+from bayes_router.experiments.runs import train_run
+from tests.helpers import tiny_configs
+
+TINY = ["--steps", "2", "--seq-len", "32", "--max-seq-len", "32", "--d-model", "16",
+        "--window", "4", "--chunk-size", "8", "--eval-every", "2", "--checkpoint-every", "2",
+        "--eval-batches", "1"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_corpus, tiny_data):
+    """A folder with a finished run, a data folder, and broken copies of the run."""
+    root = tmp_path_factory.mktemp("cli")
+    model_cfg, train_cfg = tiny_configs(tiny_data, tiny_corpus, steps=2, eval_every=2,
+                                        checkpoint_every=2)
+    train_run(model_cfg, train_cfg, root / "run", progress=False, data=tiny_data,
+              eval_batches=1)
+    (root / "afile").write_text("x")
+    (root / "data").mkdir()
+    (root / "data" / "data.json").write_text("{}")
+    payload = torch.load(root / "run" / "checkpoint.pt", weights_only=True)
+    shutil.copytree(root / "run", root / "missing-field")
+    torch.save({k: v for k, v in payload.items() if k != "model_config"},
+               root / "missing-field" / "checkpoint.pt")
+    shutil.copytree(root / "run", root / "pickle")
+    torch.save({"format": payload["format"], "object": Path("x")}, root / "pickle" /
+               "checkpoint.pt")
+    shutil.copytree(root / "run", root / "truncated")
+    data = (root / "run" / "checkpoint.pt").read_bytes()
+    (root / "truncated" / "checkpoint.pt").write_bytes(data[:len(data) // 2])
+    for name, text in {"empty": "{}", "list": "[]", "model5": '{"model": 5}',
+                       "cut": '{"model": {"d_mo'}.items():
+        for kind, sub in (("phase1", "bayesian-seed0"), ("sweep", "beta0=1/seed0")):
+            folder = root / f"{kind}-{name}" / sub
+            folder.mkdir(parents=True)
+            (folder / "config.json").write_text(text)
+    return root
+
+
+def cases(corpus):
+    train = ["train", "--corpus", corpus, *TINY]
+    return {
+        "out is a file": ([*train, "--out", "afile"], "--out afile is a file"),
+        "out cannot be created": ([*train, "--out", "afile/below"], "cannot be written"),
+        "empty out": ([*train, "--out", ""], "--out must name a folder"),
+        "empty corpus": (["train", *TINY, "--corpus", "", "--out", "r"], "got ''"),
+        "another command's folder": ([*train, "--out", "data"],
+                                     "holds the output of `bayes-router data`"),
+        "phase1 into a data folder": (["phase1", "--corpus", corpus, *TINY, "--out", "data"],
+                                      "holds the output of `bayes-router data`"),
+        "beta0 per layer, wrong count": ([*train, "--out", "r", "--beta0", "1,2,3"],
+                                         "one per layer (2 layers), got 3 values"),
+        "seed beyond int64": ([*train, "--out", "r", "--seed", str(2 ** 70)],
+                              "seed must be an integer in [0, 2**63)"),
+        "negative seed": ([*train, "--out", "r", "--seed", "-1"], "seed must be an integer"),
+        "beta0 overflows float32": ([*train, "--out", "r", "--beta0", "1e39"],
+                                    "beta0 must be finite in float32"),
+        "empty expert names": ([*train, "--out", "r", "--experts", ","],
+                               "experts must be non-empty names"),
+        "window beyond the sequence": ([*train, "--out", "r", "--window", "1000"],
+                                       "window must be < max_seq_len"),
+        "lr inf": ([*train, "--out", "r", "--lr", "inf"], "lr must be a finite number"),
+        "lr absurd": ([*train, "--out", "r", "--lr", "1e39"], "lr must be <= 1000"),
+        "kl weight inf": ([*train, "--out", "r", "--kl-weight", "inf"], "kl_weight must be"),
+        "checkpoint missing a field": (["evaluate", "missing-field"],
+                                       "incomplete bayes-router checkpoint: missing "
+                                       "['model_config']"),
+        "resume a checkpoint missing a field": ([*train, "--out", "missing-field", "--resume"],
+                                                "missing ['model_config']"),
+        "checkpoint holding objects": (["evaluate", "pickle"], "refused unread"),
+        "truncated checkpoint": (["evaluate", "truncated"], "not a readable bayes-router"),
+        "resume without a checkpoint": ([*train, "--out", "data", "--resume"],
+                                        "holds no checkpoint.pt"),
+        "report of a missing run": (["report", "nowhere"], "nowhere does not exist"),
+        "report into a file": (["report", "run", "--out", "afile"], "is a file"),
+        "bench into a file": (["bench", "--out", "afile", "--seq-lens", "16"], "is a file"),
+        "gate threshold out of range": (["evaluate", "run", "--routing", "gated",
+                                         "--gate-threshold", "2"], "gate_threshold must be"),
+        **{f"phase1 reusing a config.json that is {name}":
+           (["phase1", "--corpus", corpus, *TINY, "--seeds", "1", "--routers", "bayesian",
+             "--out", f"phase1-{name}"], f"phase1-{name}/bayesian-seed0/config.json")
+           for name in ("empty", "list", "model5", "cut")},
+        **{f"sweep reusing a config.json that is {name}":
+           (["sweep-beta0", "--corpus", corpus, *TINY, "--seeds", "1", "--values", "1",
+             "--out", f"sweep-{name}"], f"sweep-{name}/beta0=1/seed0/config.json")
+           for name in ("empty", "list", "model5", "cut")},
+    }
+
+
+CASE_NAMES = list(cases("c"))
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_bad_input_gets_one_clear_line(case, workspace, tiny_corpus, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    argv, fragment = cases(str(tiny_corpus))[case]
+    before = sorted(p.relative_to(workspace) for p in workspace.rglob("*"))
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"bayes-router {argv[0]}: error: "), err
+    assert fragment in errors[0], errors[0]
+    after = sorted(p.relative_to(workspace) for p in workspace.rglob("*"))
+    assert after == before  # a refused command writes nothing
+
+
+def test_global_options_are_accepted_after_the_subcommand(capsys):
+    assert main(["data", "--corpus", "synthetic:recall", "--threads", "1", "-v"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "synthetic:recall"
+
+
+def test_the_entry_point_exits_with_a_usage_status_in_a_fresh_process(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = subprocess.run([sys.executable, "-m", "bayes_router", "bench", "--out",
+                             str(tmp_path / "afile")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("bayes-router bench: error:")
+
+
+def test_a_file_system_refusal_is_one_line(tmp_path, monkeypatch, capsys):
+    """An OSError the checks could not foresee (here: the disk refusing a write) names the file."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "out" / "data.json"))
+
+    monkeypatch.setattr("bayes_router.experiments.runs.write_json", refuse)
+    code = main(["data", "--corpus", "synthetic:recall", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip() == f"bayes-router data: error: {tmp_path / 'out' / 'data.json'}: " \
+                          "Permission denied"
