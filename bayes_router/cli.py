@@ -220,12 +220,16 @@ def cmd_train(args) -> int:
 
 
 def _evaluate_arguments(p):
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a finished run directory (of `bayes-router train`)")
     from bayes_router.models.router import ROUTING_MODES
 
-    p.add_argument("--routing", default=ROUTING_MODES[0], choices=ROUTING_MODES)
-    p.add_argument("--gate-threshold", type=float, default=None)
-    p.add_argument("--split", default="val", choices=["val", "test"])
+    p.add_argument("--routing", default=ROUTING_MODES[0], choices=ROUTING_MODES,
+                   help="soft: every expert weighted; hard: each token's argmax expert only; "
+                        "gated: hard where the routing uncertainty is below --gate-threshold")
+    p.add_argument("--gate-threshold", type=float, default=None,
+                   help="normalised-entropy threshold in [0, 1] of --routing gated")
+    p.add_argument("--split", default="val", choices=["val", "test"],
+                   help="held-out split to evaluate")
 
 
 @command("evaluate", "evaluate a trained run under soft, hard or gated routing",
@@ -363,7 +367,7 @@ def _analysis_options(p):
 
 
 def _calibrate_arguments(p):
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a finished run directory")
     _add_out(p, required=False, help="output folder (default RUN_DIR/analysis)")
     _analysis_options(p)
 
@@ -382,7 +386,8 @@ def cmd_calibrate(args) -> int:
 
 
 def _report_arguments(p):
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="one or more finished run directories")
     _add_out(p, required=False,
              help="output folder of a single run's analysis (default RUN_DIR/analysis)")
     p.add_argument("--compare", default=None, metavar="DIR",
@@ -475,7 +480,7 @@ def _variance_arguments(p):
                    help="particle counts of the particle sweep ('' to skip)")
     p.add_argument("--particle-estimators", type=_comma_names,
                    default=["reparam-mc", "reparam-analytic", "stl", "score-baseline", "iwae",
-                            "dreg"])
+                            "dreg"], help="estimators of the particle sweep")
     p.add_argument("--beta0-values", type=_comma_list(float), default=[0.1, 1.0, 10.0],
                    help="beta0 values of the beta0 sweep, guide fixed ('' to skip)")
     p.add_argument("--sweep-estimators", type=_comma_names,
@@ -488,7 +493,7 @@ def _variance_arguments(p):
                    help="M of the sweeps (default min(draws, 30))")
     p.add_argument("--train-steps", type=int, default=100,
                    help="steps of the small model trained without --checkpoint")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (and of the model)")
 
 
 @command("variance", "gradient-variance lab: variance, SNR and cost of every ELBO estimator",
@@ -512,10 +517,12 @@ def cmd_variance(args) -> int:
 
 
 def _fit_beta0_arguments(p):
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished Bayesian run directory")
     from bayes_router.inference.empirical_bayes import METHODS
 
-    p.add_argument("--method", default="both", choices=METHODS)
+    p.add_argument("--method", default="both", choices=METHODS,
+                   help="svi: type-II ML by SVI on log beta0; minka: the fixed-point M-step on "
+                        "the guide's expected statistics; both")
     _add_out(p, required=False, help="output folder (default RUN_DIR/empirical-bayes)")
     p.add_argument("--svi-steps", type=int, default=200,
                    help="SVI steps continuing a fixed-beta0 run with beta0 learned")
@@ -527,7 +534,7 @@ def _fit_beta0_arguments(p):
                    help="validation batches of the held-out ELBO")
     p.add_argument("--update-pi", action="store_true",
                    help="also fit the prior mean pi (Minka, full Dirichlet)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the batches and guide samples")
 
 
 @command("fit-beta0", "empirical-Bayes beta0 of a run: type-II ML in SVI and Minka's M-step",
@@ -546,11 +553,11 @@ def cmd_fit_beta0(args) -> int:
 
 
 def _evidence_arguments(p):
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory")
     _add_out(p, required=False, help="output folder (default RUN_DIR/evidence)")
     p.add_argument("--tokens", type=int, default=256, help="validation tokens sampled")
     p.add_argument("--windows", type=int, default=16, help="validation windows they come from")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the token sample")
 
 
 @command("evidence", "evidence vs commitment: each token's likelihood gain of routing to an "

@@ -143,3 +143,17 @@ def test_a_file_system_refusal_is_one_line(tmp_path, monkeypatch, capsys):
     assert code == 1 and "Traceback" not in err
     assert err.strip() == f"bayes-router data: error: {tmp_path / 'out' / 'data.json'}: " \
                           "Permission denied"
+
+
+def test_every_option_has_help_text_and_shows_its_default():
+    import argparse
+
+    from bayes_router.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [f"{name} {action.option_strings or action.dest}"
+            for name, p in sub.choices.items() for action in p._actions
+            if not isinstance(action, argparse._HelpAction) and not action.help]
+    assert not bare, bare
+    assert "(default: 0.003)" in sub.choices["train"].format_help().replace("\n", " ")

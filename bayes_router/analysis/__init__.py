@@ -7,7 +7,6 @@ plots.
 
 from bayes_router.analysis.diagnostics import (
     auroc,
-    kl_divergence_categorical,
     mean_by_uncertainty_bin,
     routing_accuracy_by_decile,
     spearman,
@@ -33,6 +32,7 @@ from bayes_router.analysis.plots import (
     plot_uncertainty_strip,
     plot_uncertainty_vs_damage,
 )
+from bayes_router.core.categorical import kl_divergence_categorical
 from bayes_router.core.dirichlet import (
     RoutingUncertainty,
     aleatoric_uncertainty,

@@ -9,11 +9,14 @@ layer, ``val_nll`` (nats/token), ``val_bpc``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from bayes_router.core.categorical import kl_divergence_categorical
 from bayes_router.core.clock import median_times
 from bayes_router.core.routing import (
     expected_flop_cost,
@@ -24,7 +27,7 @@ from bayes_router.core.routing import (
 from bayes_router.data.synthetic import ORACLE_LABEL_IDS, ORACLE_LABELS
 from bayes_router.data.tokens import TokenData
 from bayes_router.inference.objective import objective_terms
-from bayes_router.models.bayesian import RoutedLM
+from bayes_router.models.bayesian import BayesianRoutedLM, RoutedLM
 from bayes_router.models.router import RoutingDecision
 
 
@@ -208,3 +211,100 @@ def timed_forward(model: RoutedLM, x: torch.Tensor, mode: str = "hard", repeats:
     routed_s, full_s = times["routed"], times["full_only"]
     return {"routed_seconds": routed_s, "full_only_seconds": full_s,
             "time_ratio": routed_s / full_s, "repeats": repeats, "mode": mode}
+
+
+# ------------------------------------------------------------------------------------------------
+# every predictive of the analysis, per token
+
+
+@dataclass
+class TokenArrays:
+    """Per-token values of one pass over a split: ``N = W T`` tokens of ``W`` windows of ``T``.
+
+    :ivar probs: plug-in predictive probabilities (soft routing) ``(N, V)``, float32.
+    :ivar nll: plug-in per-token NLL ``(N,)`` (cross-entropy of the soft logits).
+    :ivar bma_probs: Bayesian model average over routing samples ``(N, V)`` (Bayesian only).
+    :ivar damage: ``KL(soft || hard)`` per token ``(N,)`` (when the hard pass ran).
+    :ivar hard_nll: per-token NLL under hard routing ``(N,)`` (when the hard pass ran).
+    :ivar abar: posterior-mean (or softmax) routing weights ``(L, N, K)``.
+    :ivar concentration: the guide's Dirichlet concentration ``(L, N, K)`` (Bayesian only).
+    :ivar oracle: oracle expert per token, ``-1`` for "any" ``(N,)`` (synthetic tasks only).
+    """
+
+    window_len: int
+    tokens: np.ndarray
+    targets: np.ndarray
+    probs: np.ndarray
+    nll: np.ndarray
+    abar: np.ndarray
+    bma_probs: np.ndarray | None = None
+    damage: np.ndarray | None = None
+    hard_nll: np.ndarray | None = None
+    concentration: np.ndarray | None = None
+    oracle: np.ndarray | None = None
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.tokens) // self.window_len
+
+
+@torch.no_grad()
+def collect_tokens(model, data, split: str, seq_len: int, max_batches: int | None = None,
+                   batch_size: int = 16, num_samples: int = 8, hard: bool = True,
+                   seed: int = 0, progress: bool = False) -> TokenArrays:
+    """Run the soft, hard and (Bayesian) sampled predictives over the windows of ``split``.
+
+    The windows are those of :func:`~bayes_router.inference.evaluate.collect` with the same
+    ``batch_size`` and ``max_batches``.
+
+    :param num_samples: routing samples of the Bayesian model average.
+    :param hard: also run hard routing (for the damage).
+    :param seed: seed of the routing samples (the global torch generator is restored after).
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    model.eval()
+    bayesian = isinstance(model, BayesianRoutedLM)
+    total = -(-data.num_windows(split, seq_len) // batch_size)
+    total = total if max_batches is None else min(total, max_batches)
+    parts: dict[str, list] = {name: [] for name in (
+        "tokens", "targets", "probs", "nll", "abar", "bma", "damage", "hard_nll",
+        "concentration", "oracle")}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        batches = data.eval_batches_with_oracle(split, batch_size, seq_len, max_batches)
+        for x, y, oracle in tqdm(batches, total=total, disable=not progress, desc="analysis",
+                                 dynamic_ncols=True):
+            soft = batch_outputs(model, x, y, mode="soft")
+            logits, targets = soft["logits"], soft["targets"]  # (B T, V), (B T,)
+            for name in ("tokens", "targets", "nll", "abar"):
+                parts[name].append(soft[name])
+            parts["probs"].append(logits.softmax(-1))
+            if soft["concentration"] is not None:
+                parts["concentration"].append(soft["concentration"])
+            if hard:
+                hard_logits = model.predict(x, mode="hard").logits
+                hard_logits = hard_logits.reshape(-1, hard_logits.shape[-1])
+                parts["damage"].append(kl_divergence_categorical(logits.double(),
+                                                                 hard_logits.double()))
+                parts["hard_nll"].append(torch.nn.functional.cross_entropy(
+                    hard_logits, targets, reduction="none"))
+            if bayesian:
+                bma = model.sample_predict(x, num_samples)
+                parts["bma"].append(bma.reshape(-1, bma.shape[-1]))
+            if oracle is not None:
+                parts["oracle"].append(oracle.reshape(-1))
+    if not parts["tokens"]:
+        raise ValueError(f"split {split!r} is too short for one window of {seq_len} tokens")
+
+    def cat(name: str, dim: int = 0):
+        return torch.cat(parts[name], dim=dim).numpy() if parts[name] else None
+
+    return TokenArrays(window_len=seq_len, tokens=cat("tokens"), targets=cat("targets"),
+                       probs=cat("probs"), nll=cat("nll"), abar=cat("abar", 1),
+                       bma_probs=cat("bma"), damage=cat("damage"), hard_nll=cat("hard_nll"),
+                       concentration=cat("concentration", 1), oracle=cat("oracle"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the numbers

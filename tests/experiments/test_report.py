@@ -16,20 +16,18 @@ from bayes_router.analysis import (
     reliability_curve,
     routing_accuracy_by_decile,
 )
-from bayes_router.cli import main
-from bayes_router.data.synthetic import ORACLE_LABELS
-from bayes_router.data.tokens import TokenData
-from bayes_router.experiments.report import (
-    analyse_run,
-    calibrate_run,
-    collect_tokens,
+from bayes_router.analysis.report_figures import (
     damage_figure,
     reliability_figure,
     simplex_figure,
     uncertainty_strip_figure,
 )
+from bayes_router.cli import main
+from bayes_router.data.synthetic import ORACLE_LABELS
+from bayes_router.data.tokens import TokenData
+from bayes_router.experiments.report import analyse_run, calibrate_run
 from bayes_router.experiments.runs import load_data, train_run
-from bayes_router.inference.evaluate import collect
+from bayes_router.inference.evaluate import collect, collect_tokens
 from bayes_router.inference.train import TrainConfig, load_trained
 from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM
 from bayes_router.models.config import TinyLMConfig

@@ -109,3 +109,46 @@ def test_train_runs_in_parallel_match_serial_runs(tmp_path, tiny_corpus):
     assert (tmp_path / "prior-free" / "metrics.json").stat().st_mtime == mtime
     with pytest.raises(ValueError, match="jobs"):
         train_runs(specs, jobs=0)
+
+
+def test_a_run_finds_its_relative_corpus_from_any_directory_and_notices_changes(
+        tmp_path, monkeypatch, caplog):
+    from bayes_router.experiments.runs import load_run
+    from tests.conftest import TINY_TEXT
+
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "corpus.txt").write_text(TINY_TEXT)
+    monkeypatch.chdir(tmp_path / "work")
+    model_cfg = TinyLMConfig(vocab_size=98, d_model=16, n_heads=2, n_layers=2, max_seq_len=32,
+                             window=4, chunk_size=8, controller_hidden=8)
+    train_cfg = TrainConfig(steps=2, batch_size=4, seq_len=32, eval_every=2, eval_batches=1,
+                            checkpoint_every=2, dataset="corpus.txt", dataset_max_chars=None)
+    train_run(model_cfg, train_cfg, tmp_path / "run", progress=False, eval_batches=1)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["corpus_path"] == str(tmp_path / "work" / "corpus.txt")
+    assert len(config["corpus_sha256"]) == 64
+
+    monkeypatch.chdir(tmp_path)  # "corpus.txt" no longer resolves from here
+    with caplog.at_level("WARNING"):
+        *_, data = load_run(tmp_path / "run")
+    assert data.fingerprint() == config["corpus_sha256"] and not caplog.records
+
+    (tmp_path / "work" / "corpus.txt").write_text(TINY_TEXT.replace("fox", "cat"))
+    with caplog.at_level("WARNING"):
+        load_run(tmp_path / "run")
+    assert "has changed since this run was trained" in caplog.text
+
+
+def test_a_checkpoint_that_disagrees_with_config_json_is_named(run_dir, tmp_path, caplog):
+    import shutil
+
+    from bayes_router.experiments.runs import load_run
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["train"]["lr"] = 0.5  # as if checkpoint.pt came from another run
+    (copy / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING"):
+        load_run(copy)
+    assert "disagrees with config.json in ['train.lr']" in caplog.text

@@ -1,0 +1,124 @@
+"""The markdown of the analysis reports (:mod:`bayes_router.experiments.report`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from bayes_router.analysis.calibration import CALIBRATION_BINS, CALIBRATION_METRICS
+
+
+def plug_in_label(router: str) -> str:
+    """What the plug-in predictive routes with: the posterior mean, or a deterministic
+    router's own weights."""
+    return ("plug-in (posterior mean)" if router == "bayesian"
+            else "plug-in (softmax weights)" if router == "prior-free"
+            else "plug-in (the router's weights)")
+
+
+
+def _ci(entry: dict, digits: int = 4) -> str:
+    return (f"{entry['value']:.{digits}f} [{entry['low']:.{digits}f}, "
+            f"{entry['high']:.{digits}f}]")
+
+
+
+def _num(value, digits: int = 3) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+# markdown
+def run_line(result: dict) -> str:
+    c = result.get("calibration", result)
+    samples = f", BMA over {result['num_samples']} routing samples" if result["num_samples"] \
+        else ""
+    return (f"Run `{result['run_dir']}`, {result['split']} split, {c['n_tokens']} tokens in "
+            f"{c['n_windows']} windows{samples}. Intervals: 95 % percentile bootstrap over "
+            f"windows ({c['n_boot']} resamples).")
+
+
+# ------------------------------------------------------------------------------------------------
+def calibration_table(result: dict) -> list[str]:
+    """Markdown lines of the calibration table (and the BMA − plug-in differences)."""
+    c = result.get("calibration", result)
+    lines = [f"| predictive | ECE ({CALIBRATION_BINS} bins) | ECE (equal-mass) | MCE | Brier | "
+             "NLL (nats) | top-1 accuracy |", "|---|---|---|---|---|---|---|"]
+    names = {"plug_in": plug_in_label(result.get("router", c.get("router", ""))),
+             "bma": "Bayesian model average"}
+    for key, p in c["predictives"].items():
+        lines.append(f"| {names[key]} | " + " | ".join(_ci(p[m]) for m in CALIBRATION_METRICS)
+                     + f" | {p['accuracy']:.3f} |")
+    if "bma_minus_plug_in" in c:
+        lines += ["", "BMA − plug-in (paired bootstrap): " + ", ".join(
+            f"{name} {_ci(d, 5)}" for name, d in c["bma_minus_plug_in"].items()) + "."]
+    return lines
+
+
+
+def analysis_report(result: dict) -> str:
+    """The markdown report of :func:`analyse_run`."""
+    f = result["figures"]
+    lines = [f"# Analysis: {result['router']} router", "", run_line(result), "",
+             "## Predictive calibration", "", *calibration_table(result), "",
+             f"![reliability]({f['reliability']})", "", "## Routing uncertainty", "",
+             "| layer | " + " | ".join(f"{n} (mean / median)" for n in
+                                       result["uncertainty"]["per_layer"][0]) + " |",
+             "|---" * (1 + len(result["uncertainty"]["per_layer"][0])) + "|"]
+    for layer, row in enumerate(result["uncertainty"]["per_layer"]):
+        lines.append(f"| {layer} | " + " | ".join(f"{v['mean']:.3f} / {v['median']:.3f}"
+                                                  for v in row.values()) + " |")
+    r = result["routing"]
+    lines += ["", f"Projected FLOP cost {r['projected_flop_cost']:.1f} %, expected "
+              f"{r['expected_flop_cost']:.1f} %, routing entropy {r['routing_entropy']:.1f} %.",
+              "", "Routing uncertainty along the start of the first window (colour scale 0 to "
+              "log K nats):", "", f"![uncertainty strip]({f['uncertainty_strip']})", ""]
+    if "routing_simplex" in f:
+        lines += [f"![routing simplex]({f['routing_simplex']})", ""]
+    d = result["damage"]
+    lines += [f"![expert share]({f['expert_share']})", "", "## Damage of hard routing", "",
+              f"Per-token KL(soft || hard): mean {d['mean']:.4f}, median {d['median']:.4f}, "
+              f"90th percentile {d['p90']:.4f}, max {d['max']:.3f} nats. Val NLL soft "
+              f"{d['soft_nll']:.4f}, hard {d['hard_nll']:.4f} nats/token.", "",
+              f"![uncertainty vs damage]({f['uncertainty_vs_damage']})", "",
+              "Does an uncertainty measure flag the damaged tokens? AUROC for the top "
+              f"{100 * result['diagnostics']['top_fraction']:.0f} % most damaged tokens, Spearman "
+              "correlation with damage and with NLL:", "",
+              "| measure | AUROC top damage | Spearman damage | Spearman NLL |",
+              "|---|---|---|---|"]
+    diagnostics = result["diagnostics"]
+    rows = {**diagnostics["measures"], "random baseline": diagnostics["random_baseline"]}
+    for name, row in rows.items():
+        lines.append(f"| {name} | {_num(row['auroc_top_damage'])} | "
+                     f"{_num(row['spearman_damage'])} | {_num(row['spearman_nll'])} |")
+    if result["routing_accuracy"]:
+        lines += ["", "## Routing accuracy against the oracle", "",
+                  "The majority baseline is the accuracy of sending every token to the most "
+                  "common oracle label: a router must beat it to have learned anything.", "",
+                  "| layer | accuracy | majority baseline | labelled tokens | accuracy per "
+                  "decile of total uncertainty (low → high) |", "|---|---|---|---|---|"]
+        for row in result["routing_accuracy"]:
+            baseline = row.get("majority_baseline")
+            lines.append(f"| {row['layer']} | {row['accuracy']:.3f} | {_num(baseline)} | "
+                         f"{row['n_tokens']} | "
+                         + " ".join(_num(a, 2) for a in row["bin_accuracy"]) + " |")
+    if result.get("oracle_labels"):
+        lines += ["", "## Prediction quality per oracle label (plug-in predictive)", "",
+                  "| label | share of targets | NLL (nats) | accuracy |", "|---|---|---|---|"]
+        for name, e in result["oracle_labels"].items():
+            lines.append(f"| {name} | {100 * e['share']:.1f} % | {e['nll']:.3f} | "
+                         f"{100 * e['accuracy']:.1f} % |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def comparison_report(run_dirs, results: list[dict], figure: str) -> str:
+    """``comparison.md`` of :func:`~bayes_router.experiments.report.report_runs`."""
+    lines = ["# Calibration comparison", "",
+             "| run | predictive | ECE | ECE (equal-mass) | MCE | Brier | NLL | accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for d, r in zip(run_dirs, results, strict=True):
+        for key, p in r["calibration"]["predictives"].items():
+            lines.append(f"| {Path(d).name} | {key} | " + " | ".join(
+                _ci(p[m]) for m in CALIBRATION_METRICS) + f" | {p['accuracy']:.3f} |")
+    lines += ["", f"![reliability]({figure})", ""]
+    return "\n".join(lines)
