@@ -4,7 +4,7 @@ They take the posterior-mean routing weights ``abar`` of shape ``(L, N, K)`` (la
 experts) or ``(N, K)`` and, where compute matters, the cost vector ``costs (K,)`` in units of the
 ``full`` expert (``c_full = 1``), so that a cost of 100 % means all-full attention. They accept
 NumPy arrays or torch tensors, return Python floats (or NumPy arrays) and never modify their
-inputs. Names as in the results files (DESIGN.md, "Metrics").
+inputs. Names as in the results files (docs/phase1.md, "How to read the table").
 """
 
 from __future__ import annotations

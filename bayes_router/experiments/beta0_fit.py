@@ -104,7 +104,7 @@ def fit_beta0_run(run_dir, method: str = "both", out_dir=None, *, svi_steps: int
     out_dir.mkdir(parents=True, exist_ok=True)
     pi = prior_mean(model)
     with pyro.settings.context(module_local_params=True):
-        run_beta0 = (model.beta0 if model.learn_beta0 else model.beta0_fixed).detach().tolist()
+        run_beta0 = model.current_beta0().detach().tolist()
     train_batches = _sample_batches(data, "train", stat_batches, train_cfg.batch_size,
                                     train_cfg.seq_len, seed)
     val_batches = list(data.eval_batches("val", train_cfg.batch_size, train_cfg.seq_len,

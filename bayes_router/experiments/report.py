@@ -132,10 +132,16 @@ def _simplex_tokens(arrays: TokenArrays, uncertainty, text_of, layer: int, seed:
 # run-level entry points
 
 
-def _load(run_dir: Path):
+def _run_tokens(run_dir: Path, max_batches, n_boot, batch_size, num_samples, hard: bool,
+                seed: int, progress: bool):
+    """Check the options, load a finished run and make the per-token pass over its val split."""
+    _check_options(max_batches, n_boot)
     run_dir = check_run_dir(run_dir)
-    model, model_cfg, train_cfg, _, data = load_run(run_dir)
-    return run_dir, model, model_cfg, train_cfg, data
+    with pyro.settings.context(module_local_params=True):
+        model, model_cfg, train_cfg, _, data = load_run(run_dir)
+        arrays = collect_tokens(model, data, "val", train_cfg.seq_len, max_batches, batch_size,
+                                num_samples, hard=hard, seed=seed, progress=progress)
+    return run_dir, model, model_cfg, train_cfg, data, arrays
 
 
 def _check_options(max_batches, n_boot) -> None:
@@ -188,11 +194,8 @@ def calibrate_run(run_dir: Path, out_dir: Path | None = None,
 
     :raises ValueError: if ``run_dir`` is not a finished run directory.
     """
-    _check_options(max_batches, n_boot)
-    with pyro.settings.context(module_local_params=True):
-        run_dir, model, model_cfg, train_cfg, data = _load(run_dir)
-        arrays = collect_tokens(model, data, "val", train_cfg.seq_len, max_batches, batch_size,
-                                num_samples, hard=False, seed=seed, progress=progress)
+    run_dir, model, model_cfg, train_cfg, data, arrays = _run_tokens(
+        run_dir, max_batches, n_boot, batch_size, num_samples, False, seed, progress)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"run_dir": str(run_dir), "router": train_cfg.router, "split": "val",
@@ -219,11 +222,9 @@ def analyse_run(run_dir: Path, out_dir: Path | None = None,
     :param n_boot: bootstrap resamples (of windows) for the calibration intervals.
     :raises ValueError: if ``run_dir`` is not a finished run directory.
     """
-    _check_options(max_batches, n_boot)
+    run_dir, model, model_cfg, train_cfg, data, arrays = _run_tokens(
+        run_dir, max_batches, n_boot, batch_size, num_samples, True, seed, progress)
     with pyro.settings.context(module_local_params=True):
-        run_dir, model, model_cfg, train_cfg, data = _load(run_dir)
-        arrays = collect_tokens(model, data, "val", train_cfg.seq_len, max_batches, batch_size,
-                                num_samples, hard=True, seed=seed, progress=progress)
         bayesian = isinstance(model, BayesianRoutedLM)
         prior_mean = None
         if bayesian:
