@@ -47,7 +47,8 @@ def plot_reliability_diagram(probs=None, labels=None, *, curve: ReliabilityCurve
                              n_bins: int = 15, binning: str = "equal-width",
                              ax: Axes | None = None, label: str | None = None) -> Axes:
     """Accuracy per confidence bin as bars spanning the bins, the diagonal of perfect calibration,
-    and each bin's count written above its bar. Empty bins draw no bar.
+    and each bin's count written at its bar (see :func:`_count_labels`). Empty bins draw no bar
+    and no count.
 
     :param probs: predicted probabilities ``(N, C)`` (with ``labels``), or
     :param curve: a precomputed :class:`~bayes_router.analysis.metrics.ReliabilityCurve`.
@@ -73,9 +74,7 @@ def plot_reliability_diagram(probs=None, labels=None, *, curve: ReliabilityCurve
     ax = _axes(ax)
     ax.bar(left, accuracy, width=width, align="edge", edgecolor="black", alpha=0.7, label=label)
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1)
-    for x, y, n in zip(left + width / 2, accuracy, count[filled], strict=True):
-        ax.annotate(str(int(n)), (x, y), xytext=(0, 2), textcoords="offset points",
-                    ha="center", va="bottom", fontsize=7)
+    _count_labels(ax, left, width, accuracy, count[filled].astype(int))
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.08)
     ax.set_xlabel("confidence")
@@ -83,6 +82,53 @@ def plot_reliability_diagram(probs=None, labels=None, *, curve: ReliabilityCurve
     if label is not None:
         ax.legend()
     return ax
+
+
+_COUNT_GID = "reliability-count"
+_COUNT_NOTE_GID = "reliability-count-note"
+
+
+def _axes_width_points(ax: Axes) -> float:
+    """The width of ``ax`` in points, from its figure's size (before any layout is done)."""
+    figure = ax.figure.figure  # the root figure, also for a subfigure's axes
+    return float(ax.get_position().width * figure.get_size_inches()[0] * 72.0)
+
+
+def _count_labels(ax: Axes, left: np.ndarray, width: np.ndarray, accuracy: np.ndarray,
+                  count: np.ndarray, fontsize: float = 7.0, smallest: float = 5.5) -> None:
+    """Write each filled bin's count at its bar of a reliability diagram, so that no two
+    overlap: across the bar when every count fits its bin's width, else along it (rotated),
+    in a font shrunk (down to ``smallest``) to the narrowest bin. Bins still too narrow for
+    their count beside their neighbours' (equal-mass bins crowd near confidence 1) are left
+    unlabelled, the largest counts first kept, and a note gives how many and their counts'
+    range. A rotated count sits inside the top of a tall bar and above a short one."""
+    # the axes' width shrinks a little in a layout (tight_layout of a grid): keep a margin
+    points = width * 0.85 * _axes_width_points(ax)  # bin widths in points (x from 0 to 1)
+    digit, gap = 0.62, 1.5  # a digit's advance and the space between labels, per point of font
+    widest = max(len(str(n)) for n in count)
+    rotate = bool(np.any(widest * digit * fontsize + gap > points))
+    if rotate:
+        fontsize = float(np.clip((points.min() - gap) / 1.15, smallest, fontsize))
+    centers = left + width / 2
+    extent = np.array([(1.15 * fontsize if rotate else len(str(n)) * digit * fontsize) + gap
+                       for n in count]) / (0.85 * _axes_width_points(ax))  # in x units
+    kept: list[int] = []
+    for i in np.argsort(-count, kind="stable"):
+        if all(abs(centers[i] - centers[j]) >= (extent[i] + extent[j]) / 2 for j in kept):
+            kept.append(int(i))
+    for i in sorted(kept):
+        inside = rotate and accuracy[i] >= 0.5
+        ax.annotate(str(count[i]), (centers[i], accuracy[i]),
+                    xytext=(0, -2 if inside else 2), textcoords="offset points",
+                    ha="center", va="top" if inside else "bottom",
+                    rotation=90 if rotate else 0, fontsize=fontsize, gid=_COUNT_GID)
+    left_out = np.delete(count, kept)
+    if len(left_out):
+        spread = (f"{left_out.min()}" if left_out.min() == left_out.max()
+                  else f"{left_out.min()}-{left_out.max()}")
+        ax.text(0.02, 0.98, f"{len(left_out)} narrow bins unlabelled (counts {spread})",
+                transform=ax.transAxes, ha="left", va="top", fontsize=6, color="dimgray",
+                gid=_COUNT_NOTE_GID)
 
 
 def _escape(character: str) -> str:
@@ -174,7 +220,8 @@ def plot_routing_simplex(samples, ax: Axes | None = None, prior_mean=None,
 
 def plot_expert_share(share=None, ax: Axes | None = None,
                       expert_names: Sequence[str] = DEFAULT_EXPERT_NAMES, *, abar=None) -> Axes:
-    """Stacked bars of the fraction of tokens routed to each expert, one bar per layer.
+    """Stacked bars of the fraction of tokens routed to each expert, one bar per layer, the
+    legend outside the axes on the right (so that it never covers a bar).
 
     :param share: ``(L, K)`` shares (rows summing to 1), or
     :param abar: routing weights ``(L, N, K)`` passed to
@@ -203,7 +250,9 @@ def plot_expert_share(share=None, ax: Axes | None = None,
     ax.set_xlabel("layer")
     ax.set_ylabel("share of tokens")
     ax.set_ylim(0, 1)
-    ax.legend()
+    # the bars fill the axes, so the legend goes beside them, outside (a layout makes room)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8,
+              ncols=1 + (n_experts - 1) // 16)
     return ax
 
 

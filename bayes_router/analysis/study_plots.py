@@ -10,6 +10,7 @@ pyplot's global state, and nothing here chooses a backend (the command line does
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -131,9 +132,64 @@ def plot_shares(labels: Sequence[str], shares: Sequence[float], ax: Axes | None 
 # ---------------------------------------------------------------------------- gradient variance
 
 
-def _positive(values) -> np.ndarray:
-    values = np.asarray(values, dtype=float)
-    return np.where(np.isfinite(values) & (values > 0), values, np.nan)
+SUMMARY_LABELS = {
+    "total_variance": "total gradient variance",
+    "median_snr": "median signal-to-noise ratio",
+    "snr": "signal-to-noise ratio",
+    "mean_norm": "norm of the mean gradient",
+    "efficiency": "efficiency 1 / (variance × seconds)",
+    "seconds": "seconds per estimate",
+    "ms": "milliseconds per estimate",
+    "total_variance_ratio": "total variance / reference",
+    "median_snr_ratio": "median SNR / reference",
+    "seconds_ratio": "time / reference",
+    "efficiency_ratio": "efficiency / reference",
+    "num_deterministic": "deterministic parameters",
+}
+"""Axis labels of the summary keys of the gradient-variance results."""
+
+
+def summary_label(key: str) -> str:
+    """The axis label of a summary ``key`` (``total_variance`` -> ``total gradient variance``);
+    an unknown key with its underscores as spaces."""
+    return SUMMARY_LABELS.get(key, key.replace("_", " "))
+
+
+def _summary_value(summary: dict, key: str) -> float:
+    """``summary[key]`` as a float; ``None`` (how strict JSON writes ``inf``) is read back as
+    ``inf`` where the summary says it was one: a median SNR of deterministic parameters, the
+    efficiency of an estimator with zero variance; else as ``nan``."""
+    value = summary.get(key)
+    if value is not None:
+        return float(value)
+    if key == "median_snr" and summary.get("num_deterministic"):
+        return math.inf
+    if (key == "efficiency" and summary.get("total_variance") == 0
+            and (summary.get("seconds") or 0) > 0):
+        return math.inf
+    return math.nan
+
+
+def _drawable(values: np.ndarray) -> np.ndarray:
+    return np.isfinite(values) & (values > 0)
+
+
+def _special_text(value: float) -> str:
+    """How a value that a log axis cannot place is written on the figure."""
+    return "n/a" if math.isnan(value) else f"{value:.3g}"
+
+
+def _log_frame(values: np.ndarray) -> tuple[float, float, float]:
+    """``(low, high, step)`` in ``log10`` of the positive finite ``values`` (``0, 0`` if none),
+    ``step`` a quarter of their span (at least half a decade): infinite values are drawn a step
+    above ``high``, undrawable ones a step below ``low``."""
+    shown = values[_drawable(values)]
+    low, high = (np.log10(shown.min()), np.log10(shown.max())) if len(shown) else (0.0, 0.0)
+    return low, high, 0.25 * max(high - low, 2.0)
+
+
+_INFINITE_GID = "infinite-value"
+_UNDRAWN_GID = "undrawn-value"
 
 
 def estimator_color(name: str) -> str:
@@ -145,40 +201,81 @@ def estimator_color(name: str) -> str:
 def plot_variance_bars(result: dict, group: str, key: str = "total_variance",
                        ax: Axes | None = None, ylabel: str | None = None) -> Axes:
     """Bars of one summary ``key`` per estimator for one parameter ``group`` (log scale).
-    Estimators with a non-positive or infinite value are left out of the bars."""
+
+    An infinite value (e.g. the SNR of an estimator with zero variance) is a hatched bar above
+    all the others, marked ``∞``. An estimator whose value a log axis cannot show (zero,
+    negative, unknown) keeps its slot, with no bar and its value written in it."""
     names = [n for n, e in result["estimators"].items() if group in e["groups"]]
-    values = _positive([result["estimators"][n]["groups"][group][key] for n in names])
-    keep = ~np.isnan(values)
-    if not keep.any():
-        raise ValueError(f"no estimator has a positive finite {key} for group {group!r}")
-    labels = [f"{n} (N={result['estimators'][n]['num_particles']})"
-              for n, k in zip(names, keep, strict=True) if k]
-    ax = plot_estimator_bars(labels, values[keep], ax=ax,
-                             ylabel=ylabel or key.replace("_", " "))
+    values = np.array([_summary_value(result["estimators"][n]["groups"][group], key)
+                       for n in names], dtype=float)
+    finite, infinite = _drawable(values), np.isposinf(values)
+    if not (finite | infinite).any():
+        raise ValueError(f"no estimator has a positive {key} for group {group!r}")
+    low, high, step = _log_frame(values)
+    top = 10.0 ** (high + step)
+    labels = [f"{n} (N={result['estimators'][n]['num_particles']})" for n in names]
+    heights = np.where(finite, values, top)  # the undrawable bars are removed below
+    ax = plot_estimator_bars(labels, heights, ax=ax, ylabel=ylabel or summary_label(key))
+    bars = ax.patches[-len(heights):]
+    for position, (bar, value) in enumerate(zip(bars, values, strict=True)):
+        if np.isposinf(value):
+            bar.set(hatch="//", alpha=0.5, gid=_INFINITE_GID)
+            ax.annotate("∞", (position, top), xytext=(0, 1), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=12, gid=_INFINITE_GID)
+        elif not np.isfinite(value) or value <= 0:
+            bar.remove()
+            ax.text(position, 0.03, f"{_special_text(value)} (not drawn)", rotation=90,
+                    transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7,
+                    color="dimgray", gid=_UNDRAWN_GID)
+    if not finite.all():
+        ax.set_ylim(10.0 ** (low - step), 10.0 ** (high + 1.8 * step))
     ax.set_title(GROUP_LABELS.get(group, group), fontsize=9)
     return ax
 
 
 def _plot_sweep(sweep: dict, axis_key: str, group: str, key: str, ax: Axes | None,
                 xlabel: str) -> Axes:
+    """One line per estimator of ``key`` against ``sweep[axis_key]`` on a log y axis. An
+    infinite value is a triangle marked ``∞`` above the other points; a value a log axis
+    cannot show (zero, negative, unknown) is a triangle below them marked with the value."""
     ax = _axes(ax)
-    drawn = False
+    curves = []
     for name, points in sweep["estimators"].items():
         xs, ys = [], []
         for x in sweep[axis_key]:
             entry = points.get(repr(float(x)) if axis_key == "beta0_values" else str(x), {})
             if "groups" in entry and group in entry["groups"]:
                 xs.append(x)
-                ys.append(entry["groups"][group][key])
-        ys = _positive(ys)
-        if len(xs) and not np.isnan(ys).all():
-            ax.plot(xs, ys, marker="o", label=name, color=estimator_color(name))
-            drawn = True
-    if not drawn:
+                ys.append(_summary_value(entry["groups"][group], key))
+        if xs:
+            curves.append((name, np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)))
+    if not curves:
         raise ValueError(f"nothing to draw: no {key} for group {group!r}")
+    every = np.concatenate([ys for _, _, ys in curves])
+    if not (_drawable(every) | np.isposinf(every)).any():
+        raise ValueError(f"nothing to draw: no positive {key} for group {group!r}")
+    low, high, step = _log_frame(every)
+    for name, xs, ys in curves:
+        color, shown = estimator_color(name), _drawable(ys)
+        label = name
+        if shown.any():
+            ax.plot(xs, np.where(shown, ys, np.nan), marker="o", label=label, color=color)
+            label = "_nolegend_"
+        for x, y in zip(xs[~shown], ys[~shown], strict=True):
+            above = bool(np.isposinf(y))
+            where = 10.0 ** (high + step if above else low - step)
+            ax.plot([x], [where], marker="^" if above else "v", markersize=7, linestyle="none",
+                    color=color, label=label, gid=_INFINITE_GID if above else _UNDRAWN_GID)
+            label = "_nolegend_"
+            ax.annotate("∞" if above else _special_text(y), (x, where),
+                        xytext=(0, 5 if above else -5), textcoords="offset points",
+                        ha="center", va="bottom" if above else "top", fontsize=10, color=color,
+                        gid=_INFINITE_GID if above else _UNDRAWN_GID)
     ax.set_yscale("log")
+    if not _drawable(every).all():
+        ax.set_ylim(10.0 ** (low - 2 * step), 10.0 ** (high + 2 * step))
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(key.replace("_", " "))
+    ax.set_ylabel(summary_label(key))
     ax.set_title(GROUP_LABELS.get(group, group), fontsize=9)
     return ax
 
@@ -208,28 +305,60 @@ def plot_variance_along_training(sweep: dict, group: str, key: str = "total_vari
 # ---------------------------------------------------------------------------- empirical Bayes
 
 
+def _objective_window(grid: np.ndarray, objective: np.ndarray, floor: float,
+                      marks: Sequence[float]) -> tuple[float, float]:
+    """The ``beta0`` range of :func:`plot_beta0_objective`: the grid points where the objective
+    is above ``floor`` (the bottom of the y-range) and one more on either side, so that the
+    curve enters and leaves the panel, widened to hold every mark."""
+    order = np.argsort(grid)
+    grid, objective = grid[order], objective[order]
+    above = np.flatnonzero(np.isfinite(objective) & (objective >= floor))
+    if len(above):
+        first, last = max(above[0] - 1, 0), min(above[-1] + 1, len(grid) - 1)
+    else:
+        first, last = 0, len(grid) - 1
+    marks = [m for m in marks if math.isfinite(m) and m > 0]
+    return min([grid[first], *marks]), max([grid[last], *marks])
+
+
 def plot_beta0_objective(grid: Sequence[float], kl: Sequence[float],
                          estimates: Mapping[str, float], ax: Axes | None = None,
                          marked_kl: Sequence[float] = (), styles: Mapping | None = None,
                          title: str = "") -> Axes:
-    """The held-out ``-KL`` per token against ``beta0`` (log axis), each estimate a vertical
-    line; the y-range zooms on the estimates' ``-KL`` values ``marked_kl``.
+    """The held-out ``-KL`` per token against ``beta0``, each estimate a vertical line.
+
+    The y-range zooms on the estimates' ``-KL`` values ``marked_kl`` (twice their distance
+    below the best value); the x-range follows it: the ``beta0`` where the curve is inside the
+    y-range, one grid point beyond on either side and every estimate. The x axis is
+    logarithmic when that range spans a decade or more, linear otherwise.
 
     :param styles: ``name -> (color, linestyle)`` of the estimates.
     """
     if len(grid) != len(kl) or not len(grid):
         raise ValueError("grid and kl must be non-empty and of one length")
+    beta0 = np.asarray(grid, dtype=float)
+    objective = -np.asarray(kl, dtype=float)
     ax = _axes(ax, figsize=(4.0, 3.3))
-    ax.plot(grid, [-v for v in kl], color="black", lw=1)
+    ax.plot(beta0, objective, color="black", lw=1, marker=".", markersize=3)
     for name, value in estimates.items():
         color, style = (styles or {}).get(name, ("C0", "-"))
         ax.axvline(value, color=color, linestyle=style, label=f"{name} ({value:.3g})")
     marked = [-v for v in marked_kl]
-    peak = max(marked + [-v for v in kl])
-    span = max(2.0 * (peak - min(marked)), 1e-3) if marked else None
-    if span is not None:
+    peak = float(np.nanmax([*marked, *objective]))
+    if marked:
+        span = max(2.0 * (peak - min(marked)), 1e-3)
         ax.set_ylim(peak - span, peak + 0.1 * span)
-    ax.set_xscale("log")
+        floor = peak - span
+    else:
+        floor = -math.inf
+    low, high = _objective_window(beta0, objective, floor, list(estimates.values()))
+    if high / low >= 10.0:
+        ax.set_xscale("log")
+        pad = (high / low) ** 0.04
+        ax.set_xlim(low / pad, high * pad)
+    else:
+        pad = 0.04 * (high - low) or 0.05 * high
+        ax.set_xlim(low - pad, high + pad)
     ax.set(xlabel="beta0", ylabel="held-out -KL per token (nats)", title=title)
     ax.legend(fontsize=7)
     return ax

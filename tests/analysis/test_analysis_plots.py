@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PolyCollection
+from matplotlib.figure import Figure
 
 from bayes_router.analysis import (
     expert_share,
@@ -30,6 +32,19 @@ def _close_figures():
 
 def bar_geometry(ax):
     return [(p.get_x(), p.get_width(), p.get_y(), p.get_height()) for p in ax.patches]
+
+
+def drawn(fig):
+    """``fig`` laid out and drawn on an Agg canvas, so that its artists have window extents."""
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.canvas.draw()
+    return fig.canvas.get_renderer()
+
+
+def overlapping(boxes):
+    return [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes))
+            if boxes[i].overlaps(boxes[j])]
 
 
 # ----------------------------------------------------------------------- reliability diagram
@@ -85,6 +100,42 @@ def test_reliability_diagram_with_nothing_to_draw():
         plot_reliability_diagram()
 
 
+
+def predictions(n, calibrated, classes=5, seed=0):
+    """Predictions and labels: drawn from the predictions (accuracy close to confidence), or
+    independent of them (accuracy about ``1 / classes`` in every bin: all bars of one height,
+    where count labels used to collide)."""
+    rng = np.random.default_rng(seed)
+    logits = 2.0 * rng.normal(size=(n, classes))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    drawn_from = probs if calibrated else np.full_like(probs, 1.0 / classes)
+    labels = (rng.random((n, 1)) > drawn_from.cumsum(1)).sum(1)
+    return probs, labels
+
+
+@pytest.mark.parametrize("n_bins, binning, calibrated", [
+    (15, "equal-width", False), (15, "equal-width", True), (40, "equal-width", True),
+    (15, "equal-mass", True)])
+def test_reliability_count_labels_do_not_overlap(n_bins, binning, calibrated):
+    probs, labels = predictions(20000, calibrated)
+    curve = reliability_curve(probs, labels, n_bins=n_bins, binning=binning)
+    fig = Figure(figsize=(3.6, 3.5))  # one panel of the report's reliability figure
+    ax = plot_reliability_diagram(curve=curve, ax=fig.subplots())
+    renderer = drawn(fig)
+    counts = [t for t in ax.texts if t.get_text().isdigit()]  # one per labelled bin
+    assert overlapping([t.get_window_extent(renderer) for t in counts]) == []
+    assert all(t.get_fontsize() >= 5.5 for t in counts)
+    filled = [int(n) for n in curve.count if n > 0]
+    notes = [t.get_text() for t in ax.texts if t.get_gid() == "reliability-count-note"]
+    if len(counts) == len(filled):  # every count written, nothing to say
+        assert sorted(int(t.get_text()) for t in counts) == sorted(filled) and notes == []
+    else:  # the bins too narrow for their count are said to be, with their counts' range
+        assert len(notes) == 1
+        assert notes[0].startswith(f"{len(filled) - len(counts)} narrow bins unlabelled")
+        assert {int(t.get_text()) for t in counts} <= set(filled)
+    if n_bins == 15 and binning == "equal-width":  # the report's default: every count shown
+        assert len(counts) == len(filled)
+
 # ---------------------------------------------------------------------------- strip and share
 
 
@@ -115,6 +166,21 @@ def test_expert_share_stacks_one_bar_per_layer_and_expert():
     np.testing.assert_allclose([b[3] for b in bars], share.T.ravel())
     np.testing.assert_allclose([b[2] for b in bars], [0, 0, 0.5, 0.1, 0.8, 0.7])
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["full", "linear", "local"]
+
+
+@pytest.mark.parametrize("layers, experts", [(2, 3), (12, 8), (1, 20)])
+def test_expert_share_legend_covers_no_bar(layers, experts):
+    share = np.random.default_rng(layers).dirichlet(np.ones(experts), size=layers)
+    fig = Figure(figsize=(4.5, 3.2))  # as the evaluation report's figure
+    ax = plot_expert_share(share, ax=fig.add_subplot(),
+                           expert_names=[f"expert {k}" for k in range(experts)])
+    ax.set_title("expert share (gated routing)")
+    renderer = drawn(fig)
+    legend = ax.get_legend().get_window_extent(renderer)
+    bars = [p.get_window_extent(renderer) for p in ax.patches]
+    assert len(bars) == layers * experts
+    assert not any(legend.overlaps(bar) for bar in bars)
+    assert fig.bbox.contains(legend.x1 - 1, legend.y0 + 1)  # and the legend is in the figure
 
 
 def test_expert_share_from_routing_weights():
