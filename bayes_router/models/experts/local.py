@@ -55,6 +55,87 @@ def _masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> 
     return torch.matmul(scores.softmax(-1), v)
 
 
+#: Score entries (query rows x window keys) per tile of the dense kernel: ~1 MB of float32,
+#: so that scores, probabilities and their gradients stay in cache while a tile is processed.
+SCORE_TILE = 1 << 18
+
+
+def _windows(padded: Tensor, n_blocks: int, block: int, n_keys: int) -> Tensor:
+    """Overlapping key windows ``(G, n, S, d)`` of ``padded (G, rows, d)``, a view: window
+    ``j`` holds rows ``[j P, j P + S)``."""
+    G, _, d = padded.shape
+    return padded.as_strided((G, n_blocks, n_keys, d),
+                             (padded.stride(0), block * d, d, 1), padded.storage_offset())
+
+
+class _WindowAttention(torch.autograd.Function):
+    """Dense local attention on blocks of ``P = w`` queries against windows of ``S = m P`` keys
+    (``m = 2`` causal, ``3`` bidirectional), with its own backward.
+
+    The key and value windows are overlapping *views* of the keys padded once (no per-window
+    copies), and the work runs in tiles of whole ``(batch, head)`` rows of about
+    :data:`SCORE_TILE` score entries, small enough to stay in cache. The backward folds the
+    window gradients back onto the keys with ``m`` shifted adds (no scatter): autograd through
+    the strided views would instead materialise and scatter every window.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, causal):
+        B, H, T, d = q.shape
+        P, m = window, 2 if causal else 3  # blocks of P = w queries: measured best (see docs)
+        n = -(-T // P)
+        pad = n * P - T
+        S, rows = m * P, (n + m - 1) * P  # padded key rows: w in front (and w behind)
+        G = B * H
+        qb = F.pad(q, (0, 0, 0, pad)).reshape(G, n, P, d) * (1.0 / math.sqrt(d))
+        kp = F.pad(k, (0, 0, P, rows - P - T)).reshape(G, rows, d)
+        vp = F.pad(v, (0, 0, P, rows - P - T)).reshape(G, rows, d)
+        mask = _local_block_mask(n, P, S, T, window, causal, q.dtype, q.device)
+        out = q.new_empty(G, n, P, d)
+        save = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        probs = q.new_empty(G, n, P, S) if save else None
+        tile = max(1, SCORE_TILE // (n * P * S))
+        for a in range(0, G, tile):
+            b = min(G, a + tile)
+            kw = _windows(kp[a:b], n, P, S)
+            scores = torch.matmul(qb[a:b], kw.transpose(-1, -2)).add_(mask)
+            p = torch.softmax(scores, -1)
+            torch.matmul(p, _windows(vp[a:b], n, P, S), out=out[a:b])
+            if save:
+                probs[a:b] = p
+        if save:
+            ctx.save_for_backward(qb, kp, vp, probs)
+        ctx.shape = (B, H, T, d, P, m, n, rows)
+        return out.view(B, H, n * P, d)[:, :, :T]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        qb, kp, vp, probs = ctx.saved_tensors
+        B, H, T, d, P, m, n, rows = ctx.shape
+        G, S, scale = B * H, m * P, 1.0 / math.sqrt(d)
+        go = F.pad(grad_out, (0, 0, 0, n * P - T)).reshape(G, n, P, d)
+        dq = torch.empty_like(qb)
+        dk_blocks = qb.new_zeros(G, n + m - 1, P, d)
+        dv_blocks = qb.new_zeros(G, n + m - 1, P, d)
+        tile = max(1, SCORE_TILE // (n * P * S))
+        for a in range(0, G, tile):
+            b = min(G, a + tile)
+            kw, vw, p = _windows(kp[a:b], n, P, S), _windows(vp[a:b], n, P, S), probs[a:b]
+            dp = torch.matmul(go[a:b], vw.transpose(-1, -2))  # (g, n, P, S)
+            ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+            torch.matmul(ds, kw, out=dq[a:b])
+            dkw = torch.matmul(ds.transpose(-1, -2), qb[a:b])  # (g, n, S, d), q scaled
+            dvw = torch.matmul(p.transpose(-1, -2), go[a:b])
+            for r in range(m):  # window j's part r is padded block j + r
+                dk_blocks[a:b, r:r + n] += dkw[:, :, r * P:(r + 1) * P]
+                dv_blocks[a:b, r:r + n] += dvw[:, :, r * P:(r + 1) * P]
+        dq = (dq * scale).view(B, H, n * P, d)[:, :, :T]
+        dk = dk_blocks.view(B, H, rows, d)[:, :, P:P + T]
+        dv = dv_blocks.view(B, H, rows, d)[:, :, P:P + T]
+        return dq, dk, dv, None, None
+
+
 class LocalAttention(AttentionExpert):
     """Softmax attention over the window ``[t - w, t]`` (causal) or ``[t - w, t + w]``.
 
@@ -75,6 +156,12 @@ class LocalAttention(AttentionExpert):
         return cls(window=cfg.window, causal=cfg.causal)
 
     def forward(self, q, k, v, positions=None):
+        if positions is None:
+            return _WindowAttention.apply(q, k, v, self.window, self.causal)
+        return self._rows(q, k, v, positions)
+
+    def _rows(self, q, k, v, positions):
+        """Only the query rows at ``positions``, in the padded per-block layout."""
         w = self.window
         B, H, T, d = q.shape
         P = w  # block size
@@ -90,19 +177,12 @@ class LocalAttention(AttentionExpert):
             following = [F.pad(a, (0, 0, 0, 0, 0, 1))[:, :, 1:] for a in (kb, vb)]  # block j + 1
             keys = torch.cat([previous[0], kb, following[0]], dim=3)  # (B, H, n, 3P, d)
             values = torch.cat([previous[1], vb, following[1]], dim=3)
-        if positions is None:
-            qb = F.pad(q, (0, 0, 0, pad)).view(B, H, n_blocks, P, d)
-            mask = _local_block_mask(n_blocks, P, keys.shape[3], T, w, self.causal, q.dtype,
-                                     q.device)  # (n, P, S)
-        else:  # the rows of each block in a padded (n, M) layout
-            slot, source, M = block_layout(positions, P, n_blocks, T)
-            qb = gather_rows(q, source).view(B, H, n_blocks, M, d)
-            key_pos = _block_key_positions(n_blocks, P, keys.shape[3], q.device)  # (n, 1, S)
-            valid = _window_valid(key_pos, source.view(B, n_blocks, M, 1), T, w, self.causal)
-            mask = additive_mask(valid, q.dtype)[:, None]  # (B, 1, n, M, S)
+        slot, source, M = block_layout(positions, P, n_blocks, T)  # a padded (n, M) layout
+        qb = gather_rows(q, source).view(B, H, n_blocks, M, d)
+        key_pos = _block_key_positions(n_blocks, P, keys.shape[3], q.device)  # (n, 1, S)
+        valid = _window_valid(key_pos, source.view(B, n_blocks, M, 1), T, w, self.causal)
+        mask = additive_mask(valid, q.dtype)[:, None]  # (B, 1, n, M, S)
         out = _masked_softmax_attention(qb, keys, values, mask)  # (B, H, n, M, d)
-        if positions is None:
-            return out.reshape(B, H, n_blocks * P, d)[:, :, :T]
         return gather_rows(out.reshape(B, H, -1, d), slot)
 
     def flops_per_token(self, seq_len, d_model, n_heads):
