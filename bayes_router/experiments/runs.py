@@ -340,8 +340,11 @@ def train_runs(specs: list[tuple[TinyLMConfig, TrainConfig, Path]], jobs: int = 
             futures = {pool.submit(_train_worker, model_cfg, train_cfg, run_dir, partial,
                                    eval_batches): i
                        for i, model_cfg, train_cfg, run_dir, partial in todo}
+            bar.set_postfix_str(f"{min(jobs, len(todo))} workers")
             for future in concurrent.futures.as_completed(futures):
-                results[futures[future]] = future.result()
+                i = futures[future]
+                results[i] = future.result()
+                bar.set_postfix_str(f"finished {Path(specs[i][2]).name}")
                 bar.update(1)
     bar.close()
     return results
