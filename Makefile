@@ -12,7 +12,7 @@ DEMO_OUT ?= runs/demo
 DEMO_ARGS ?= --corpus synthetic:recall-far --seq-len 32 --max-seq-len 32 --window 4 \
 	--lr 1e-3 --steps 1200 --eval-every 300 --checkpoint-every 600 --seeds 3 --jobs 2
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench gpu-check clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/bayes-router bench --out runs/bench
+
+# On a CUDA machine (install a CUDA build: make gpu-check TORCH_SPEC='torch>=2.2'): the device
+# tests, training on the GPU (and on 2 GPUs when present) and the bench, into one JSON.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out runs/gpu-check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -117,7 +117,12 @@ def _add_train_args(p: argparse.ArgumentParser, router: bool = True) -> None:
     g.add_argument("--num-particles", type=int, default=d["num_particles"],
                    help="vectorised particles per step")
     g.add_argument("--steps", type=int, default=d["steps"], help="SVI steps")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per step")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help="sequences per step: the global batch, shared out over torchrun's "
+                        "processes")
+    g.add_argument("--micro-batches", type=int, default=d["micro_batches"],
+                   help="shards of each process's batch whose gradients are averaged (gradient "
+                        "accumulation)")
     g.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per sequence")
     g.add_argument("--lr", type=float, default=d["lr"], help="AdamW learning rate")
     g.add_argument("--grad-clip", type=float, default=d["grad_clip"],
@@ -158,6 +163,7 @@ def _configs(args, vocab_size: int):
         prior=args.prior, prior_mean=args.prior_mean, a_min=args.a_min,
         free_bits=args.free_bits, warm_start=args.warm_start, log_every=args.log_every,
         eval_batches=None if args.eval_all else args.eval_batches,
+        micro_batches=args.micro_batches,
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         grad_clip=args.grad_clip, kl_anneal_steps=args.kl_anneal_steps,
         kl_weight=args.kl_weight,
@@ -185,9 +191,18 @@ def _out_dir(args, command: str, default: Path | None = None) -> Path:
     return prepare_output_dir(path, command, force=args.force)
 
 
+def _add_device(p) -> None:
+    from bayes_router.inference.distributed import DEVICES
+
+    p.add_argument("--device", default="auto",
+                   help=f"{' | '.join(DEVICES)}; auto: CUDA when available (each torchrun "
+                        "process its LOCAL_RANK's GPU), else the CPU")
+
+
 def _train_arguments(p):
     _add_model_args(p)
     _add_train_args(p)
+    _add_device(p)
     _add_out(p, help="run directory")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its checkpoint")
@@ -211,7 +226,9 @@ def cmd_train(args) -> int:
         check_same_config(load_checkpoint(Path(args.out) / CHECKPOINT_NAME), model_cfg,
                           train_cfg)
     metrics = train_run(model_cfg, train_cfg, Path(args.out), resume=args.resume, data=data,
-                        eval_batches=None if args.eval_all else EVAL_BATCHES)
+                        eval_batches=None if args.eval_all else EVAL_BATCHES, device=args.device)
+    if metrics is None:  # a torchrun process other than rank 0: rank 0 reports
+        return 0
     print(f"wrote {args.out}/metrics.json and {args.out}/report.md")
     print(json.dumps({m: {k: metrics[m][k] for k in ("val_nll", "val_bpc",
                                                      "projected_flop_cost", "routing_entropy")}
@@ -230,6 +247,7 @@ def _evaluate_arguments(p):
                    help="normalised-entropy threshold in [0, 1] of --routing gated")
     p.add_argument("--split", default="val", choices=["val", "test"],
                    help="held-out split to evaluate")
+    _add_device(p)
 
 
 @command("evaluate", "evaluate a trained run under soft, hard or gated routing",
@@ -240,7 +258,8 @@ def cmd_evaluate(args) -> int:
     if args.routing == "gated" and args.gate_threshold is None:
         raise ValueError("--routing gated needs --gate-threshold (normalised entropy in [0, 1])")
     metrics = evaluate_run(Path(args.run_dir), mode=args.routing,
-                           gate_threshold=args.gate_threshold, split=args.split)
+                           gate_threshold=args.gate_threshold, split=args.split,
+                           device=args.device)
     print(json.dumps({k: v for k, v in metrics.items() if k != "expert_share"}, indent=2))
     return 0
 

@@ -86,6 +86,13 @@ def cases(corpus):
         "report of a missing run": (["report", "nowhere"], "nowhere does not exist"),
         "report into a file": (["report", "run", "--out", "afile"], "is a file"),
         "bench into a file": (["bench", "--out", "afile", "--seq-lens", "16"], "is a file"),
+        **({} if torch.cuda.is_available() else {
+            "cuda without CUDA": ([*train, "--out", "r", "--device", "cuda"],
+                                  "device 'cuda': CUDA is not available on this machine")}),
+        "unknown device": ([*train, "--out", "r", "--device", "tpu"],
+                           "device must be one of auto, cpu, cuda"),
+        "micro-batches not dividing the batch": ([*train, "--out", "r", "--micro-batches", "3"],
+                                                 "micro_batches (3) must divide batch_size"),
         "gate threshold out of range": (["evaluate", "run", "--routing", "gated",
                                          "--gate-threshold", "2"], "gate_threshold must be"),
         **{f"phase1 reusing a config.json that is {name}":

@@ -34,6 +34,7 @@ from bayes_router.analysis.study_plots import (
 from bayes_router.data import corpus_statistics, load_corpus
 from bayes_router.data.tokens import TokenData, token_data
 from bayes_router.experiments.rundir import run_lock
+from bayes_router.inference.distributed import Distributed, resolve_device
 from bayes_router.inference.evaluate import (
     bits_label,
     evaluate,
@@ -114,7 +115,8 @@ def corpus_path(spec: str) -> str | None:
     return str(Path(spec).resolve())
 
 
-def load_run(run_dir: Path) -> tuple[RoutedLM, TinyLMConfig, TrainConfig, dict, TokenData]:
+def load_run(run_dir: Path, device: str | torch.device = "cpu"
+             ) -> tuple[RoutedLM, TinyLMConfig, TrainConfig, dict, TokenData]:
     """The trained model of a run directory, its configurations, checkpoint and data.
 
     The checkpoint is the source of truth; a warning says when ``config.json`` disagrees with
@@ -123,7 +125,7 @@ def load_run(run_dir: Path) -> tuple[RoutedLM, TinyLMConfig, TrainConfig, dict, 
     the resolved path it recorded, from any working directory.
     """
     run_dir = Path(run_dir)
-    model, model_cfg, train_cfg, payload = load_trained(run_dir)
+    model, model_cfg, train_cfg, payload = load_trained(run_dir, device)
     config = {}
     try:
         config = read_json(run_dir / "config.json")
@@ -179,21 +181,32 @@ def final_metrics(model, data: TokenData, train_cfg: TrainConfig, eval_batches: 
 
 def train_run(model_cfg: TinyLMConfig, train_cfg: TrainConfig, out_dir: Path,
               resume: bool = False, progress: bool = True, eval_batches: int | None = EVAL_BATCHES,
-              data: TokenData | None = None) -> dict:
+              data: TokenData | None = None, device: str | torch.device = "cpu") -> dict | None:
     """Train into ``out_dir`` and write config, history, metrics, figure and report, holding
     the folder's write lock (:func:`~bayes_router.experiments.rundir.run_lock`) throughout.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every process trains its share of each batch and
+    rank 0 alone takes the lock and writes; the other ranks return ``None``.
 
     :raises ValueError: if ``out_dir`` already holds a run and ``resume`` is false (nothing is
         overwritten).
     :raises OutputBusy: if another process is writing into ``out_dir``.
     """
     check_compatible(model_cfg, train_cfg)  # before anything is written
+    device = resolve_device(device)
+    group = Distributed.from_environment(device)
+    if not group.is_main:
+        data = load_data(train_cfg, model_cfg) if data is None else data
+        train(model_cfg, train_cfg, data, out_dir=Path(out_dir), resume=resume,
+              progress=False, device=device, distributed=group)
+        return None
     with run_lock(out_dir):
         return _train_run(model_cfg, train_cfg, Path(out_dir), resume, progress, eval_batches,
-                          data)
+                          data, device, group)
 
 
-def _train_run(model_cfg, train_cfg, out_dir, resume, progress, eval_batches, data) -> dict:
+def _train_run(model_cfg, train_cfg, out_dir, resume, progress, eval_batches, data, device,
+               group) -> dict:
     if (out_dir / CHECKPOINT_NAME).exists() and not resume:
         raise ValueError(f"{out_dir} already holds a run; pass resume=True (--resume) to "
                          "continue it or choose another directory")
@@ -202,13 +215,15 @@ def _train_run(model_cfg, train_cfg, out_dir, resume, progress, eval_batches, da
               "seed": train_cfg.seed, "corpus": data.name,
               "corpus_path": corpus_path(train_cfg.dataset),
               "corpus_sha256": data.fingerprint(), "versions": versions(),
+              "device": str(device), "world_size": group.world_size,
+              "global_batch": train_cfg.batch_size,
               "gradient_bias": gated_training_bias(train_cfg),
               "objective": objective_label(train_cfg)}
     if not resume:
         write_json(out_dir / "config.json", config)
     try:
         result = train(model_cfg, train_cfg, data, out_dir=out_dir, resume=resume,
-                       progress=progress)
+                       progress=progress, device=device, distributed=group)
     except TrainingDiverged as error:
         write_json(out_dir / "diverged.json", {"step": error.step, "quantity": error.quantity,
                                                "value": error.loss, "detail": error.detail,
@@ -296,14 +311,14 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _train_worker(model_cfg, train_cfg, run_dir, resume, eval_batches) -> dict:
+def _train_worker(model_cfg, train_cfg, run_dir, resume, eval_batches, device) -> dict:
     return train_run(model_cfg, train_cfg, run_dir, resume=resume, progress=False,
-                     eval_batches=eval_batches)
+                     eval_batches=eval_batches, device=device)
 
 
 def train_runs(specs: list[tuple[TinyLMConfig, TrainConfig, Path]], jobs: int = 1,
                progress: bool = True, resume: bool = True, data: TokenData | None = None,
-               eval_batches: int | None = EVAL_BATCHES) -> list[dict]:
+               eval_batches: int | None = EVAL_BATCHES, device: str = "cpu") -> list[dict]:
     """Train every ``(model_cfg, train_cfg, run_dir)`` and return their metrics, in order.
 
     Finished runs of the same configuration are reused and interrupted ones resumed (with
@@ -331,14 +346,14 @@ def train_runs(specs: list[tuple[TinyLMConfig, TrainConfig, Path]], jobs: int = 
             bar.set_postfix(run=run_dir.name)
             results[i] = train_run(model_cfg, train_cfg, run_dir, resume=partial,
                                    progress=False, eval_batches=eval_batches,
-                                   data=data)
+                                   data=data, device=device)
             bar.update(1)
     else:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context,
                                                     initializer=_init_worker) as pool:
             futures = {pool.submit(_train_worker, model_cfg, train_cfg, run_dir, partial,
-                                   eval_batches): i
+                                   eval_batches, device): i
                        for i, model_cfg, train_cfg, run_dir, partial in todo}
             bar.set_postfix_str(f"{min(jobs, len(todo))} workers")
             for future in concurrent.futures.as_completed(futures):
@@ -351,14 +366,15 @@ def train_runs(specs: list[tuple[TinyLMConfig, TrainConfig, Path]], jobs: int = 
 
 
 def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None = None,
-                 split: str = "val", max_batches: int | None = None) -> dict:
+                 split: str = "val", max_batches: int | None = None,
+                 device: str | torch.device = "cpu") -> dict:
     """Evaluate a trained run under a routing ``mode`` on ``split``; writes
     ``metrics_<tag>.json``, ``evaluation_<tag>.md`` and ``expert_share_<tag>.png`` with the tag
     ``<split>_<mode>`` (``<split>_gated_<threshold>`` for gated routing), so evaluations of
     different splits, modes or thresholds never overwrite each other."""
     run_dir = check_run_dir(run_dir)
     with pyro.settings.context(module_local_params=True):
-        model, model_cfg, train_cfg, _, data = load_run(run_dir)
+        model, model_cfg, train_cfg, _, data = load_run(run_dir, device)
         metrics = evaluate(model, data, split, train_cfg.seq_len, mode=mode,
                            gate_threshold=gate_threshold, max_batches=max_batches)
         if mode == "soft":

@@ -39,6 +39,8 @@ def batch_outputs(model: RoutedLM, x: torch.Tensor, y: torch.Tensor, mode: str =
     soft routing, one-hot under hard routing, either per token under gated),
     ``concentration (L, N, K)`` (Bayesian, else ``None``), ``hard (L, N)`` (hard and gated
     modes, else ``None``), ``tokens (N,)``, ``targets (N,)``."""
+    device = model_device(model)
+    x, y = x.to(device), y.to(device)
     out = model.predict(x, mode=mode, gate_threshold=gate_threshold, gate_measure=gate_measure)
     logits = out.logits.reshape(-1, out.logits.shape[-1])  # (B T, V)
     targets = y.reshape(-1)
@@ -50,9 +52,15 @@ def batch_outputs(model: RoutedLM, x: torch.Tensor, y: torch.Tensor, mode: str =
     hard = (torch.stack([r.hard_mask.reshape(-1) for r in out.routing])
             if out.routing[0].hard_mask is not None else None)
     applied = torch.stack([r.applied_weights.reshape(abar.shape[1:]) for r in out.routing])
-    return {"logits": logits, "nll": F.cross_entropy(logits, targets, reduction="none"),
-            "abar": abar, "applied": applied, "concentration": concentration, "hard": hard,
-            "tokens": x.reshape(-1), "targets": targets}
+    parts = {"logits": logits, "nll": F.cross_entropy(logits, targets, reduction="none"),
+             "abar": abar, "applied": applied, "concentration": concentration, "hard": hard,
+             "tokens": x.reshape(-1), "targets": targets}
+    return {key: None if value is None else value.cpu() for key, value in parts.items()}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's parameters (where its inputs must go)."""
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -143,7 +151,8 @@ def heldout_objective(model: RoutedLM, data: TokenData, split: str, seq_len: int
         for j, (x, y) in enumerate(data.eval_batches(split, batch_size, seq_len,
                                                      max_batches=max_batches)):
             torch.manual_seed(seed + j)
-            terms = objective_terms(model, x, y)
+            device = model_device(model)
+            terms = objective_terms(model, x.to(device), y.to(device))
             part = np.array([terms["nll"], *terms["kl_per_layer"]]) * x.numel()
             totals = part if totals is None else totals + part
             tokens += x.numel()
@@ -188,9 +197,13 @@ def timed_forward(model: RoutedLM, x: torch.Tensor, mode: str = "hard", repeats:
     (every token on ``full``, computed by the same sparse code path), measured interleaved.
     An LM without a ``full`` expert is timed alone (``time_ratio`` ``None``)."""
     model.eval()
+    x = x.to(model_device(model))
+    synchronise = (torch.cuda.synchronize if x.device.type == "cuda"
+                   else (lambda: None))  # time the device's work, not its queueing
 
     def routed():
         model.predict(x, mode=mode, gate_threshold=gate_threshold)
+        synchronise()
 
     if "full" not in model.cfg.experts:
         routed_s = median_times({"routed": routed}, repeats, warmup=1)["routed"]
@@ -206,6 +219,7 @@ def timed_forward(model: RoutedLM, x: torch.Tensor, mode: str = "hard", repeats:
 
     def reference():
         model.lm(x, full_only, mode="hard")
+        synchronise()
 
     times = median_times({"routed": routed, "full_only": reference}, repeats, warmup=1)
     routed_s, full_s = times["routed"], times["full_only"]
@@ -282,15 +296,16 @@ def collect_tokens(model, data, split: str, seq_len: int, max_batches: int | Non
             parts["probs"].append(logits.softmax(-1))
             if soft["concentration"] is not None:
                 parts["concentration"].append(soft["concentration"])
+            x = x.to(model_device(model))
             if hard:
-                hard_logits = model.predict(x, mode="hard").logits
+                hard_logits = model.predict(x, mode="hard").logits.cpu()
                 hard_logits = hard_logits.reshape(-1, hard_logits.shape[-1])
                 parts["damage"].append(kl_divergence_categorical(logits.double(),
                                                                  hard_logits.double()))
                 parts["hard_nll"].append(torch.nn.functional.cross_entropy(
                     hard_logits, targets, reduction="none"))
             if bayesian:
-                bma = model.sample_predict(x, num_samples)
+                bma = model.sample_predict(x, num_samples).cpu()
                 parts["bma"].append(bma.reshape(-1, bma.shape[-1]))
             if oracle is not None:
                 parts["oracle"].append(oracle.reshape(-1))

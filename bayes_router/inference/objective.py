@@ -15,7 +15,7 @@ estimators), and they drive the optimiser themselves, so this module asks each E
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +143,10 @@ class AuxiliaryOptimiser:
         self.optimiser.step()
         self.optimiser.zero_grad(set_to_none=True)
 
+    def parameters(self) -> list[Tensor]:
+        """The auxiliary parameters that exist so far."""
+        return list(self.estimator.auxiliary_parameters(self.elbo))
+
     def zero_grad(self) -> None:
         """Drop the auxiliary parameters' gradients without a step (a skipped SVI step)."""
         for p in self.estimator.auxiliary_parameters(self.elbo):
@@ -167,22 +171,50 @@ class StepResult:
 def svi_step(elbo: ELBO, model, x: Tensor, y: Tensor, optimiser: torch.optim.Optimizer, *,
              dataset_size: int, grad_clip: float | None = None,
              clip_parameters: Iterable[Tensor] | None = None,
-             auxiliary: AuxiliaryOptimiser | None = None, **model_kwargs) -> StepResult:
+             auxiliary: AuxiliaryOptimiser | None = None, micro_batches: int = 1,
+             seeds: Sequence[int] | None = None, distributed=None,
+             **model_kwargs) -> StepResult:
     """One SVI step: the per-token surrogate's gradient, clipping, the optimiser step and the
     auxiliary parameters' step. A non-finite loss or gradient norm skips every update.
 
     :param clip_parameters: the parameters whose joint norm is clipped to ``grad_clip``
         (default all of ``model``'s); ``grad_clip=None`` measures the norm without clipping.
         Every gradient of ``model``'s parameters must be finite either way.
+    :param micro_batches: split ``(x, y)`` into this many equal shards and average their
+        gradients (gradient accumulation): each shard's loss is itself an estimate of the whole
+        ELBO, so the average is the batch's.
+    :param seeds: one torch seed per shard, set before its objective (``None``: the RNG runs
+        on): what makes a shard's noise the same as a micro-batch and as a process of its own.
+    :param distributed: a :class:`~bayes_router.inference.distributed.Distributed` group whose
+        ranks average their loss and gradients (data parallelism); ``None``: one process.
     :param model_kwargs: ``kl_scale``, ``gate_threshold`` for model and guide.
     """
-    loss, surrogate = per_token_loss_and_surrogate(elbo, model, x, y, dataset_size=dataset_size,
-                                                   **model_kwargs)
-    loss = float(loss)
+    if x.shape[0] % micro_batches:
+        raise ValueError(f"micro_batches ({micro_batches}) must divide the batch "
+                         f"({x.shape[0]} sequences)")
+    if seeds is not None and len(seeds) != micro_batches:
+        raise ValueError(f"seeds must hold one seed per micro-batch ({micro_batches}), got "
+                         f"{len(seeds)}")
+    surrogates, losses = [], []
+    for i, (xs, ys) in enumerate(zip(x.chunk(micro_batches), y.chunk(micro_batches),
+                                     strict=True)):
+        if seeds is not None:
+            torch.manual_seed(seeds[i])
+        loss, surrogate = per_token_loss_and_surrogate(elbo, model, xs, ys,
+                                                       dataset_size=dataset_size, **model_kwargs)
+        losses.append(float(loss))
+        surrogates.append(surrogate)
+    loss = sum(losses) / micro_batches
+    if distributed is not None:  # every rank decides on the same number
+        loss = distributed.mean(loss, x.device)
     if not math.isfinite(loss):
         return StepResult(loss, math.nan, "loss")
     optimiser.zero_grad(set_to_none=True)
-    surrogate.backward()
+    (sum(surrogates) / micro_batches).backward()
+    if distributed is not None:
+        distributed.average_gradients(list(model.parameters()))
+        if auxiliary is not None:
+            distributed.average_gradients(auxiliary.parameters())
     params = list(model.parameters() if clip_parameters is None else clip_parameters)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(
         params, math.inf if grad_clip is None else grad_clip))

@@ -26,6 +26,7 @@ from pyro.infer import ELBO
 from tqdm.auto import tqdm
 
 from bayes_router.data.tokens import TokenData
+from bayes_router.inference.distributed import Distributed, resolve_device, shard, shard_seed
 from bayes_router.inference.estimators import Estimator, estimator_names, get_estimator
 from bayes_router.inference.evaluate import bits_label, evaluate
 from bayes_router.inference.objective import (
@@ -132,6 +133,11 @@ class TrainConfig:
         run's LM; the second stage is an ELBO again.
     :param log_every: steps between the objective's logged terms (NLL, KL per layer, ...).
     :param eval_batches: validation batches per periodic evaluation (``None``: the whole split).
+    :param micro_batches: shards of each batch whose gradients are averaged (gradient
+        accumulation). With ``N`` processes each process takes ``batch_size / N`` sequences in
+        ``micro_batches`` shards; whenever a step has more than one shard, shard ``g`` draws its
+        noise from its own seed, so a run on ``N`` processes equals a run on one process with
+        ``N`` times the micro-batches (tested). ``batch_size`` is always the global batch.
     """
 
     router: str = "bayesian"
@@ -161,6 +167,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int | None = 8
     log_every: int = 10
+    micro_batches: int = 1
     checkpoint_every: int = 100
     seed: int = 0
     dataset: str = "stdlib"
@@ -194,7 +201,7 @@ class TrainConfig:
             raise ValueError(f"eval_batches must be an integer >= 1 or None (the whole split), "
                              f"got {self.eval_batches!r}")
         for name in ("num_particles", "steps", "batch_size", "seq_len", "eval_every",
-                     "log_every", "checkpoint_every"):
+                     "log_every", "checkpoint_every", "micro_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -216,6 +223,9 @@ class TrainConfig:
         if self.lr > 1e3:
             raise ValueError(f"lr must be <= 1000 (a learning rate beyond that only overflows), "
                              f"got {self.lr!r}")
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"micro_batches ({self.micro_batches}) must divide batch_size "
+                             f"({self.batch_size})")
         if self.kl_anneal_steps < 0 or not 0 <= self.kl_anneal_start <= 1:
             raise ValueError("kl_anneal_steps must be >= 0 and kl_anneal_start in [0, 1]")
         if not 0 <= self.gate_final <= 1 or not 0 <= self.gate_start <= self.gate_end <= 1:
@@ -443,13 +453,19 @@ class TrainResult:
 
 def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
           out_dir: Path | None = None, resume: bool = False, progress: bool = True,
-          max_steps: int | None = None) -> TrainResult:
+          max_steps: int | None = None, device: str | torch.device | None = "cpu",
+          distributed: Distributed | None = None) -> TrainResult:
     """Fit the routed LM by SVI on ``data`` (a :class:`~bayes_router.data.tokens.TokenData`).
 
     :param out_dir: where checkpoints go (``None``: no checkpoints).
     :param resume: continue from ``out_dir/checkpoint.pt`` (same configuration required).
     :param max_steps: stop after this step even if ``train_cfg.steps`` is larger (used to
         interrupt a run in tests; the schedules still follow ``train_cfg.steps``).
+    :param device: where the model and every batch live (see
+        :func:`~bayes_router.inference.distributed.resolve_device`; ``"auto"``: CUDA if any).
+    :param distributed: the process group of a data-parallel run (``None``: the one torchrun
+        describes, or a single process). Every rank draws the same global batch and trains on
+        its share; rank 0 alone evaluates, logs and writes checkpoints.
     """
     if data.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"the corpus has {data.vocab_size} token ids but vocab_size is "
@@ -458,15 +474,28 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
         raise ValueError(f"seq_len ({train_cfg.seq_len}) must be <= max_seq_len "
                          f"({model_cfg.max_seq_len})")
     checkpoint_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    device = resolve_device(device)
+    group = Distributed.from_environment(device) if distributed is None else distributed
+    shards = group.world_size * train_cfg.micro_batches
+    if train_cfg.batch_size % shards:
+        raise ValueError(f"batch_size ({train_cfg.batch_size}) must be divisible by the world "
+                         f"size x micro_batches ({group.world_size} x "
+                         f"{train_cfg.micro_batches}): every shard takes an equal share")
+    group.check_same(json.dumps([model_cfg.to_dict(), train_cfg.to_dict()], sort_keys=True),
+                     "the configuration")
     bias = gated_training_bias(train_cfg)
-    if bias is not None:
+    if bias is not None and group.is_main:
         logger.warning(bias)
     with pyro.settings.context(module_local_params=True):
         torch.manual_seed(train_cfg.seed)
-        model = build_routed_lm(model_cfg, train_cfg)
+        model = build_routed_lm(model_cfg, train_cfg).to(device)
         optimiser = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr,
                                       weight_decay=train_cfg.weight_decay)
         estimator, objective = make_objective(train_cfg)
+        if group.active and estimator.owns_state:
+            raise ValueError(f"estimator {train_cfg.estimator!r} keeps running state in its "
+                             "ELBO (baselines) that would drift apart between processes; "
+                             "train it on one process")
         auxiliary = AuxiliaryOptimiser(estimator, objective, lr=train_cfg.lr)
         batch_rng = torch.Generator().manual_seed(train_cfg.seed)
         result = TrainResult(model)
@@ -475,8 +504,14 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
                 raise ValueError("resume needs an output directory holding a checkpoint")
             payload = load_checkpoint(checkpoint_path)
             check_same_config(payload, model_cfg, train_cfg)
+            saved_world = payload.get("world_size", 1)
+            if saved_world != group.world_size:
+                raise CheckpointError(
+                    f"{checkpoint_path} was written by a run on {saved_world} process(es), "
+                    f"this one has {group.world_size}: resume with the same number (the "
+                    f"shards' random streams depend on it)")
             model.load_state_dict(payload["model"])
-            optimiser.load_state_dict(payload["optimizer"])
+            optimiser.load_state_dict(payload["optimizer"])  # follows the parameters' device
             torch.set_rng_state(payload["rng"])
             batch_rng.set_state(payload["batch_rng"])
             result.history = list(payload["history"])
@@ -489,18 +524,24 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
         dataset_size = data.num_windows("train", train_cfg.seq_len)
         last_good = checkpoint_path if resume else None  # never a stale file of another run
         stop = train_cfg.steps if max_steps is None else min(train_cfg.steps, max_steps)
-        bar = tqdm(total=stop, initial=result.step, disable=not progress, desc=model.kind,
-                   dynamic_ncols=True)
+        bar = tqdm(total=stop, initial=result.step, disable=not progress or not group.is_main,
+                   desc=model.kind, dynamic_ncols=True)
         start = time.perf_counter() - result.seconds
         while result.step < stop:
             step = result.step + 1
             model.train()
             gate_threshold = train_cfg.gate_threshold(step)
             x, y = data.sample_batch("train", train_cfg.batch_size, train_cfg.seq_len, batch_rng)
+            x, y = (shard(t, group.rank, group.world_size).to(device) for t in (x, y))
             kl_scale = train_cfg.kl_scale(step)
+            seeds = None if shards == 1 else [
+                shard_seed(train_cfg.seed, step, group.rank * train_cfg.micro_batches + i)
+                for i in range(train_cfg.micro_batches)]
             try:
                 outcome = svi_step(objective, model, x, y, optimiser, dataset_size=dataset_size,
                                    grad_clip=train_cfg.grad_clip, auxiliary=auxiliary,
+                                   micro_batches=train_cfg.micro_batches, seeds=seeds,
+                                   distributed=group if group.active else None,
                                    kl_scale=kl_scale, gate_threshold=gate_threshold)
             except ValueError as error:
                 # torch's argument validation of a distribution built from diverged parameters
@@ -534,13 +575,13 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
             result.step = step
             record = {"step": step, "loss": per_token, "grad_norm": float(grad_norm),
                       "kl_scale": kl_scale, "gate_threshold": gate_threshold}
-            if step % train_cfg.log_every == 0 or step == 1 or step == stop:
+            if group.is_main and (step % train_cfg.log_every == 0 or step == 1 or step == stop):
                 record.update(objective_terms(model, x, y))
             if isinstance(model, BayesianRoutedLM) and model.learn_beta0:
                 record["beta0"] = model.beta0.detach().tolist()
             result.history.append(record)
             postfix = {"loss": f"{per_token:.3f}"}
-            if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
+            if group.is_main and (step % train_cfg.eval_every == 0 or step == train_cfg.steps):
                 metrics = evaluate(model, data, "val", train_cfg.seq_len,
                                    max_batches=train_cfg.eval_batches)
                 metrics["step"] = step
@@ -555,16 +596,21 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
             result.seconds = time.perf_counter() - start
             if checkpoint_path is not None and (step % train_cfg.checkpoint_every == 0
                                                 or step == stop):
-                save_checkpoint(checkpoint_path, _checkpoint_payload(
-                    model, optimiser, batch_rng, result, model_cfg, train_cfg))
+                if group.is_main:
+                    save_checkpoint(checkpoint_path, _checkpoint_payload(
+                        model, optimiser, batch_rng, result, model_cfg, train_cfg,
+                        group.world_size))
+                group.barrier()  # no rank runs ahead of the checkpoint it would resume from
                 last_good = checkpoint_path
         bar.close()
     return result
 
 
 def _checkpoint_payload(model, optimiser, batch_rng, result: TrainResult,
-                        model_cfg: TinyLMConfig, train_cfg: TrainConfig) -> dict:
+                        model_cfg: TinyLMConfig, train_cfg: TrainConfig,
+                        world_size: int = 1) -> dict:
     return {
+        "world_size": world_size,
         "format": CHECKPOINT_FORMAT,
         "step": result.step,
         "seconds": result.seconds,
@@ -603,12 +649,14 @@ def warm_start_lm(model: RoutedLM, run_dir: Path) -> None:
                 saved_train.router, payload["step"])
 
 
-def load_trained(run_dir: Path) -> tuple[RoutedLM, TinyLMConfig, TrainConfig, dict]:
-    """Rebuild the routed LM of a run directory from its checkpoint."""
+def load_trained(run_dir: Path, device: str | torch.device = "cpu"
+                 ) -> tuple[RoutedLM, TinyLMConfig, TrainConfig, dict]:
+    """Rebuild the routed LM of a run directory from its checkpoint, on ``device`` (a
+    checkpoint written on any device loads onto any other)."""
     payload = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)
     model_cfg, train_cfg = checkpoint_configs(payload)
     with pyro.settings.context(module_local_params=True):
         model = build_routed_lm(model_cfg, train_cfg)
         model.load_state_dict(payload["model"])
-    model.eval()
+    model.to(resolve_device(device)).eval()
     return model, model_cfg, train_cfg, payload

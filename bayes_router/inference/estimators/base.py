@@ -41,9 +41,13 @@ class Estimator(ABC):
         reparameterised estimator). Pathwise gradients are biased when the likelihood is a
         discontinuous function of the sample, as under training-time gating
         (:func:`~bayes_router.inference.train.gated_training_bias`).
+    :cvar bool owns_state: whether the ELBO keeps state of its own between steps (running or
+        learned baselines): such estimators train on one process only, since that state would
+        drift apart between data-parallel ranks.
     """
 
     name: str = ""
+    owns_state: bool = False
     unbiased: bool = True
     reference: str = ""
     min_particles: int = 1

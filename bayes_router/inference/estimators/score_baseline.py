@@ -36,6 +36,7 @@ class ScoreBaseline(Estimator):
     pathwise = False
     warmup_steps = 20
     name = "score-baseline"
+    owns_state = True
     unbiased = True
     reference = ("Schulman, Heess, Weber, Abbeel (2015), Gradient Estimation Using Stochastic "
                  "Computation Graphs; Ranganath, Gerrish, Blei (2014), Black Box Variational "

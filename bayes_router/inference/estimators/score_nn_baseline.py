@@ -122,6 +122,7 @@ class ScoreNNBaseline(Estimator):
     pathwise = False
     warmup_steps = 20
     name = "score-nn-baseline"
+    owns_state = True
     unbiased = True
     reference = ("Mnih, Gregor (2014), Neural Variational Inference and Learning in Belief "
                  "Networks")

@@ -1,0 +1,128 @@
+"""Data-parallel training on torch.distributed (gloo, 2 CPU processes): after k steps the
+parameters equal a one-process run over the same global batch, for the Bayesian router and the
+prior-free one, and a killed-and-resumed 2-process run continues identically."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bayes_router.data.tokens import token_data
+from bayes_router.inference.distributed import Distributed, resolve_device, shard
+from bayes_router.inference.train import CheckpointError, load_checkpoint, train
+from tests.conftest import TINY_TEXT
+from tests.helpers import tiny_configs
+
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, corpus, out, router, steps, max_steps, resume, lr=1e-2):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        data = token_data(corpus)
+        model_cfg, train_cfg = tiny_configs(data, corpus, router=router, steps=steps,
+                                            checkpoint_every=1, eval_every=steps,
+                                            lr=lr)
+        result = train(model_cfg, train_cfg, data, out_dir=out, progress=False,
+                       max_steps=max_steps, resume=resume)
+        if rank == 0:
+            torch.save({k: v.detach().clone() for k, v in result.model.state_dict().items()},
+                       os.path.join(out, "final_state.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_processes(tmp_path, corpus, router, steps=STEPS, max_steps=None, resume=False):
+    out = tmp_path / "ddp"
+    out.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(_worker, args=(2, _free_port(), str(corpus), str(out), router, steps,
+                                      max_steps, resume), nprocs=2, start_method="spawn")
+    return torch.load(out / "final_state.pt", weights_only=True)
+
+
+def _one_process(tiny_data, tiny_corpus, router, micro_batches, steps=STEPS):
+    model_cfg, train_cfg = tiny_configs(tiny_data, tiny_corpus, router=router, steps=steps,
+                                        eval_every=steps, micro_batches=micro_batches)
+    return train(model_cfg, train_cfg, tiny_data, progress=False).model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ddp-corpus") / "corpus.txt"
+    path.write_text(TINY_TEXT)
+    return path
+
+
+@pytest.mark.parametrize("router", ["bayesian", "prior-free"])
+def test_two_processes_equal_one_process_over_the_same_global_batch(router, corpus, tmp_path):
+    data = token_data(str(corpus))
+    ddp = _two_processes(tmp_path, corpus, router)
+    single = _one_process(data, corpus, router, micro_batches=2)
+    assert set(ddp) == set(single)
+    for name, value in single.items():
+        torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # and the comparison can fail: one process without the shards draws other noise or none
+    if router == "bayesian":
+        plain = _one_process(data, corpus, router, micro_batches=1)
+        assert any(not torch.allclose(plain[n], single[n], atol=1e-6) for n in single)
+
+
+def test_a_killed_two_process_run_resumes_identically(corpus, tmp_path):
+    uninterrupted = _two_processes(tmp_path / "a", corpus, "bayesian", steps=4)
+    _two_processes(tmp_path / "b", corpus, "bayesian", steps=4, max_steps=2)
+    assert load_checkpoint(tmp_path / "b" / "ddp" / "checkpoint.pt")["step"] == 2
+    resumed = _two_processes(tmp_path / "b", corpus, "bayesian", steps=4, resume=True)
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_checkpoint_of_another_world_size_is_refused(corpus, tmp_path):
+    _two_processes(tmp_path, corpus, "prior-free", steps=2)
+    data = token_data(str(corpus))
+    model_cfg, train_cfg = tiny_configs(data, corpus, router="prior-free", steps=4,
+                                        checkpoint_every=1, eval_every=2)
+    with pytest.raises(CheckpointError, match="written by a run on 2 process"):
+        train(model_cfg, train_cfg, data, out_dir=tmp_path / "ddp", resume=True, progress=False)
+
+
+def _mismatched(rank, world, port, corpus, out):
+    _worker(rank, world, port, corpus, out, "prior-free", 2, None, False, lr=1e-2 * (1 + rank))
+
+
+def test_ranks_with_different_configurations_are_refused(corpus, tmp_path):
+    with pytest.raises(mp.ProcessRaisedException, match="the configuration differs between "
+                                                         "ranks: ranks \\[1\\] disagree"):
+        mp.start_processes(_mismatched, args=(2, _free_port(), str(corpus), str(tmp_path)),
+                           nprocs=2, start_method="spawn")
+
+
+def test_the_world_size_must_divide_the_batch():
+    with pytest.raises(ValueError, match="world size 3 must divide batch_size 4"):
+        shard(torch.zeros(4, 2), 0, 3)
+    with pytest.raises(ValueError, match="micro_batches"):
+        tiny_configs(token_data("synthetic:recall"), "x", micro_batches=3)
+
+
+def test_devices_resolve_or_say_why_not():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available on this machine"):
+            resolve_device("cuda")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:1")
+    with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda"):
+        resolve_device("tpu")
+    assert Distributed().is_main and not Distributed().active
