@@ -127,11 +127,22 @@ def test_user_registered_expert_with_fixed_cost():
 
 
 def test_flop_model_closed_forms():
+    """Useful FLOPs for every expert (the keys a query attends, counted position by position
+    here), executed FLOPs beside them."""
     cfg = TinyLMConfig(d_model=64, n_heads=4, window=8, chunk_size=16, max_seq_len=100)
     flops = expert_flops(cfg)
-    assert flops["full"] == pytest.approx(4 * 64 * 50.5)
-    assert flops["local"] == pytest.approx(4 * 64 * 16)
-    assert flops["linear"] == pytest.approx(4 * 64 * 16 + 4 * 64 * 16)
+    T, w = 100, 8
+    assert flops["full"] == pytest.approx(4 * 64 * sum(t + 1 for t in range(T)) / T)
+    assert flops["local"] == pytest.approx(4 * 64 * sum(min(t + 1, w + 1) for t in range(T)) / T)
+    assert flops["linear"] == pytest.approx(4 * 64 * 16)
+    two_sided = TinyLMConfig(d_model=64, n_heads=4, window=8, max_seq_len=100, causal=False)
+    keys = sum(min(t, w) + min(T - 1 - t, w) + 1 for t in range(T)) / T
+    assert expert_flops(two_sided)["local"] == pytest.approx(4 * 64 * keys)
+    assert expert_flops(two_sided)["full"] == pytest.approx(4 * 64 * T)
+    local, linear = build_expert("local", cfg), build_expert("linear", cfg)
+    assert local.executed_flops_per_token(T, 64, 4) == pytest.approx(4 * 64 * 16)
+    assert linear.executed_flops_per_token(T, 64, 4) == pytest.approx(4 * 64 * 16 + 4 * 64 * 16)
+    assert build_expert("full", cfg).executed_flops_per_token(T, 64, 4) == flops["full"]
     with_proj = expert_flops(cfg, include_projections=True)
     assert with_proj["full"] - flops["full"] == pytest.approx(8 * 64 * 64)
     costs = cost_vector(cfg)

@@ -43,7 +43,16 @@ class AttentionExpert(nn.Module):
         raise NotImplementedError
 
     def flops_per_token(self, seq_len: int, d_model: int, n_heads: int) -> float:
+        """*Useful* FLOPs per query token, averaged over the ``seq_len`` positions: what the
+        mixing needs at the least (the keys a query really attends, a linear state's update and
+        readout), whatever the kernel does. The cost vector of the prior uses these, for every
+        expert alike (multiply-add = 2 FLOPs; projections excluded)."""
         raise NotImplementedError
+
+    def executed_flops_per_token(self, seq_len: int, d_model: int, n_heads: int) -> float:
+        """FLOPs per query token the kernel actually runs (masked-out work included), reported
+        beside the useful ones; by default the same."""
+        return self.flops_per_token(seq_len, d_model, n_heads)
 
     def naive(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """The same mixing by a dense, obviously correct computation (all rows)."""

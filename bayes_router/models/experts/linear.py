@@ -80,13 +80,14 @@ class LinearAttention(AttentionExpert):
         return gather_rows(out.reshape(B, H, n_chunks * M, d), slot)
 
     def flops_per_token(self, seq_len, d_model, n_heads):
-        # chunk state and readout, 2 x 2 D d (d = D / H); the intra-chunk block is computed
-        # whole and then masked: C keys for the scores and C for the values, 4 D C
-        head_dim = d_model // n_heads
-        if not self.causal:
-            return 4.0 * d_model * head_dim
-        C = min(self.chunk_size, seq_len)
-        return 4.0 * d_model * head_dim + 4.0 * d_model * C
+        # useful: the state update phi(k) v^T and the readout phi(q)^T S, 2 x 2 D d (d = D / H)
+        return 4.0 * d_model * (d_model // n_heads)
+
+    def executed_flops_per_token(self, seq_len, d_model, n_heads):
+        # the chunked kernel also scores every chunk whole, then masks it: C keys for the scores
+        # and C for the values, 4 D C (causal only)
+        useful = self.flops_per_token(seq_len, d_model, n_heads)
+        return useful + (4.0 * d_model * min(self.chunk_size, seq_len) if self.causal else 0.0)
 
     def naive(self, q, k, v):
         return naive_linear(q, k, v, causal=self.causal, eps=self.eps)

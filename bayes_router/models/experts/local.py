@@ -186,9 +186,16 @@ class LocalAttention(AttentionExpert):
         return gather_rows(out.reshape(B, H, -1, d), slot)
 
     def flops_per_token(self, seq_len, d_model, n_heads):
-        # the blocked kernel evaluates 2w (causal) or 3w keys per query, never more than T
-        keys = min(2 * self.window if self.causal else 3 * self.window, seq_len)
+        # useful: the keys in [t - w, t] (causal) or [t - w, t + w] inside the sequence,
+        # averaged over t (closed forms of sum_t min(t + 1, w + 1) and its two-sided twin)
+        T, w = seq_len, min(self.window, seq_len - 1)
+        before = (w * (w + 1) / 2 + (T - w) * (w + 1)) / T  # mean of min(t, w) + 1
+        keys = before if self.causal else 2 * before - 1
         return 4.0 * d_model * keys
+
+    def executed_flops_per_token(self, seq_len, d_model, n_heads):
+        # the blocked kernel scores 2w (causal) or 3w keys per query row
+        return 4.0 * d_model * (2 if self.causal else 3) * self.window
 
     def naive(self, q, k, v):
         return naive_local(q, k, v, window=self.window, causal=self.causal)

@@ -29,15 +29,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bayes_router.analysis.study_plots import (
-    plot_bench_experts,
-    plot_bench_hard_layer,
-    save_figure,
-)
+from bayes_router.analysis.study_plots import save_figure
+from bayes_router.bench.conventions import CONVENTIONS
+from bayes_router.bench.report import bench_figure, bench_report
+from bayes_router.bench.targets import check_targets
 from bayes_router.core.clock import median_times
 from bayes_router.inference.timing import svi_step_times
 from bayes_router.models.config import TinyLMConfig
@@ -50,15 +48,6 @@ SCHEMA = "bayes_router.bench/1"
 EXPERTS = ("full", "linear", "local")
 FWD_BWD_FLOP_FACTOR = 3.0
 MATMUL_SIZE = 2048
-# speed targets: (expert fraction of matmul throughput, length), local scaling, hard-layer slack
-THROUGHPUT_TARGET = 0.40
-THROUGHPUT_TARGET_SEQ_LEN = 2048
-SCALING_SEQ_LENS = (2048, 4096)
-SCALING_TARGET = 2.5
-HARD_MIX_TARGET = (0.25, 0.5, 0.25)
-HARD_SLACK_TARGET = 1.3
-#: A Bayesian SVI step may cost at most this multiple of a prior-free step of the same LM.
-SVI_STEP_TARGET = 1.25
 #: LM sizes of the SVI step-time comparison: the Phase-1 TinyLM and a larger one.
 SVI_CONFIGS = (
     {"vocab_size": 98, "d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 128,
@@ -66,39 +55,6 @@ SVI_CONFIGS = (
     {"vocab_size": 98, "d_model": 128, "n_heads": 4, "n_layers": 4, "max_seq_len": 256,
      "window": 32, "chunk_size": 64, "batch_size": 16},
 )
-
-CONVENTIONS = {
-    "time": "median wall-clock milliseconds (time.perf_counter) of `repeats` runs after `warmup` "
-            "runs; forward runs under torch.no_grad(); the layer measurements that are compared "
-            "with each other (all forwards; all forward + backwards) are timed round-robin",
-    "fwd_flops": "FLOP model of the expert's attention core: "
-                 "expert.flops_per_token(T, D, H) * B * T (multiply-add = 2 FLOPs; q/k/v/out "
-                 "projections not included)",
-    "fwd_bwd_flops": "3 x fwd_flops by convention (backward ~ 2 x forward), not counted",
-    "fraction_of_matmul": "achieved GFLOP/s divided by this run's fp32 matmul GFLOP/s",
-    "fwd_bwd": "forward, then torch.autograd.grad of the output against a random cotangent with "
-               "respect to q, k, v (experts) or the input and all parameters (layer)",
-    "hard_layer": "RoutedAttention with one-hot weights, sparse=True: tokens are assigned to "
-                  "experts at random in the mix's proportions (exact counts per sequence)",
-    "measured_ratio": "layer time of the mix / layer time of the full-only layer (every token "
-                      "one-hot on full, i.e. the mix (1, 0, 0))",
-    "projected_cost_attention_core": "sum_k share_k * c_k with c = cost_vector(cfg, T), "
-                                     "projections excluded: the attention-core FLOPs relative "
-                                     "to full",
-    "projected_cost_with_projections": "sum_k share_k * c_k with c from expert_flops(cfg, T, "
-                                       "include_projections=True) relative to full: the layer's "
-                                       "FLOPs including the shared q/k/v/out projections "
-                                       "(8 D^2 per token), the fair comparison for "
-                                       "measured_ratio",
-    "projected_cost_timed": "sum_k share_k * c_k with c_k = (full-only layer time - dense full "
-                            "core time + dense core time of expert k) / full-only layer time, "
-                            "the dense cores timed on the layer's own heads: what the mix would "
-                            "cost if every expert ran its rows at its dense speed. "
-                            "measured_ratio / projected_cost_timed isolates the overhead of the "
-                            "sparse (gathered-row) paths from the FLOP model's optimism",
-    "hard_layer_target": "measured_ratio <= 1.3 x projected_cost_with_projections (the layer times "
-                         "include the projections); the attention-core version is recorded too",
-}
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -206,54 +162,6 @@ def _environment() -> dict:
     }
 
 
-def _target(name: str, description: str, value: float | None, threshold: float,
-            comparison: str, **extra) -> dict:
-    passed = None
-    if value is not None:
-        passed = bool(value >= threshold) if comparison == ">=" else bool(value <= threshold)
-    return {"name": name, "description": description, "value": value, "threshold": threshold,
-            "comparison": comparison, "passed": passed, **extra}
-
-
-def check_targets(results: dict) -> list[dict]:
-    """The speed targets, each ``{"name", "description", "value", "comparison", "threshold",
-    "passed"}`` (``passed`` iff ``value <comparison> threshold``).
-
-    ``passed`` is ``None`` when the run did not measure what a target needs (e.g. ``T = 2048``
-    missing from ``seq_lens``, or the 25/50/25 mix missing from ``mixes``).
-    """
-    fwd = {(r["expert"], r["seq_len"]): r for r in results["experts"]}
-    targets = []
-    for name in ("full", "local"):
-        row = fwd.get((name, THROUGHPUT_TARGET_SEQ_LEN))
-        targets.append(_target(
-            f"{name}_fwd_throughput_T{THROUGHPUT_TARGET_SEQ_LEN}",
-            f"{name} fwd at T={THROUGHPUT_TARGET_SEQ_LEN}: fraction of matmul GFLOP/s",
-            None if row is None else row["fwd_fraction_of_matmul"], THROUGHPUT_TARGET, ">="))
-    short, long = (fwd.get(("local", t)) for t in SCALING_SEQ_LENS)
-    targets.append(_target(
-        f"local_fwd_scaling_T{SCALING_SEQ_LENS[0]}_to_T{SCALING_SEQ_LENS[1]}",
-        f"local fwd time T={SCALING_SEQ_LENS[1]} / T={SCALING_SEQ_LENS[0]}",
-        None if short is None or long is None else long["fwd_ms"] / short["fwd_ms"],
-        SCALING_TARGET, "<="))
-    for i, step in enumerate(results.get("svi_step", [])):
-        c = step["config"]
-        targets.append(_target(
-            f"svi_step_ratio_{i}", f"Bayesian / prior-free SVI step (D={c['d_model']}, "
-            f"L={c['n_layers']}, T={step['seq_len']}, B={step['batch_size']})",
-            step["ratio"], SVI_STEP_TARGET, "<=", primary=i == len(results["svi_step"]) - 1))
-    mix = next((m for m in results["hard_layer"]["mixes"]
-                if tuple(m["mix"]) == HARD_MIX_TARGET), None)
-    for basis in ("with_projections", "attention_core"):
-        targets.append(_target(
-            f"hard_layer_fwd_vs_projected_{basis}",
-            f"hard layer fwd at mix {'/'.join(f'{s:g}' for s in HARD_MIX_TARGET)}: "
-            f"measured_ratio / projected_cost_{basis}",
-            None if mix is None else mix["fwd_ratio"] / mix[f"projected_cost_{basis}"],
-            HARD_SLACK_TARGET, "<=", primary=basis == "with_projections"))
-    return targets
-
-
 def run_benchmark(out_dir: str | os.PathLike,
                   seq_lens: Sequence[int] = (128, 512, 1024, 2048, 4096),
                   batch: int = 2, d_model: int = 256, n_heads: int = 4, window: int = 64,
@@ -356,27 +264,6 @@ def run_benchmark(out_dir: str | os.PathLike,
     (out_dir / "report.md").write_text(bench_report(results))
     logger.info("wrote %s", path)
     return results
-
-
-def bench_figure(results: dict) -> Figure:
-    """Expert core times against T (forward, forward + backward) and the hard layer's mixes."""
-    fig = Figure(figsize=(13, 3.8))
-    axes = fig.subplots(1, 3)
-    plot_bench_experts(results, ax=axes[0], key="fwd_ms")
-    plot_bench_experts(results, ax=axes[1], key="fwd_bwd_ms")
-    plot_bench_hard_layer(results["hard_layer"], ax=axes[2])
-    return fig
-
-
-def bench_report(results: dict) -> str:
-    """``report.md`` of a benchmark run: the table, the targets and the figure."""
-    cfg = results["config"]
-    return "\n".join([
-        "# Benchmark", "",
-        f"Sequence lengths {cfg['seq_lens']}, hard layer at T={cfg['hard_seq_len']}, "
-        f"{cfg['repeats']} timed repeats after {cfg['warmup']} warm-up runs; raw times in "
-        "`bench.json` (its `conventions` say how each number is measured).", "",
-        "```", format_table(results), "```", "", "![benchmark](bench.png)", ""])
 
 
 def _bench_svi_step(spec: dict, repeats: int, warmup: int, seed: int) -> dict:
@@ -484,71 +371,3 @@ def _bench_layer(cfg: TinyLMConfig, T: int, batch: int, mixes, generator, measur
     }
 
 
-def _format_load(load: float | None) -> str:
-    return "n/a" if load is None else f"{load:.2f}"
-
-
-def format_table(results: dict) -> str:
-    """A fixed-width text rendering of :func:`run_benchmark`'s results."""
-    env, cfg, mm = results["environment"], results["config"], results["matmul"]
-    lines = [
-        f"torch {env['torch']}, {env['num_threads']} threads, {env['processor']} "
-        f"({env['platform']})",
-        f"fp32 matmul {mm['size']}x{mm['size']}: {mm['gflops']:.1f} GFLOP/s; 1-min load average "
-        f"{_format_load(env.get('load_average_1min'))} before, "
-        f"{_format_load(env.get('load_average_1min_after'))} after",
-        "",
-        f"Attention core, causal: B={cfg['batch']} H={cfg['n_heads']} D={cfg['d_model']} "
-        f"w={cfg['window']} chunk={cfg['chunk_size']}  (fwd+bwd GFLOP/s use 3 x fwd FLOPs)",
-        f"{'expert':<7}{'T':>6}{'fwd ms':>10}{'GFLOP/s':>9}{'%mm':>6}"
-        f"{'f+b ms':>10}{'GFLOP/s':>9}{'%mm':>6}{'naive ms':>10}",
-    ]
-    naive = {(r["expert"], r["seq_len"]): r["fwd_ms"] for r in results["naive"]}
-    for r in results["experts"]:
-        naive_ms = naive.get((r["expert"], r["seq_len"]))
-        lines.append(
-            f"{r['expert']:<7}{r['seq_len']:>6}{r['fwd_ms']:>10.2f}{r['fwd_gflops']:>9.1f}"
-            f"{100 * r['fwd_fraction_of_matmul']:>6.0f}{r['fwd_bwd_ms']:>10.2f}"
-            f"{r['fwd_bwd_gflops']:>9.1f}{100 * r['fwd_bwd_fraction_of_matmul']:>6.0f}"
-            + (f"{naive_ms:>10.2f}" if naive_ms is not None else f"{'-':>10}"))
-    hard = results["hard_layer"]
-    lines += [
-        "",
-        f"Hard-routed layer (RoutedAttention, shared q/k/v/out, sparse=True), T={hard['seq_len']}: "
-        f"full-only {hard['full_only_fwd_ms']:.1f} ms fwd, {hard['full_only_fwd_bwd_ms']:.1f} ms "
-        f"fwd+bwd; soft (all experts dense) {hard['soft_fwd_ms']:.1f} ms fwd "
-        f"({hard['soft_fwd_ratio']:.2f}x)",
-        "ratio = time / full-only time; projected = sum_k share_k c_k (core: attention only; "
-        "+proj: with q/k/v/out)",
-        "timed = the mix at each expert's dense speed (dense cores timed on the layer's heads: "
-        + ", ".join(f"{n} {ms:.1f} ms" for n, ms in hard["dense_core_fwd_ms"].items()) + ")",
-        f"{'full/linear/local':<19}{'fwd ms':>9}{'ratio':>7}{'f+b ms':>9}{'ratio':>7}"
-        f"{'proj core':>11}{'proj +proj':>12}{'timed':>8}",
-    ]
-    for r in hard["mixes"]:
-        mix = "/".join(f"{s:.2f}" for s in r["mix"])
-        lines.append(
-            f"{mix:<19}{r['fwd_ms']:>9.1f}{r['fwd_ratio']:>7.2f}{r['fwd_bwd_ms']:>9.1f}"
-            f"{r['fwd_bwd_ratio']:>7.2f}{r['projected_cost_attention_core']:>11.3f}"
-            f"{r['projected_cost_with_projections']:>12.3f}{r['projected_cost_timed']:>8.3f}")
-    if results.get("svi_step"):
-        lines += ["", "SVI step (loss + backward + Adam), median seconds; ratio to prior-free",
-                  f"{'D':>5}{'L':>3}{'T':>6}{'B':>4}{'bayesian':>10}{'two-pass':>10}"
-                  f"{'prior-free':>11}{'ratio':>7}{'2-pass':>8}"]
-        for r in results["svi_step"]:
-            c = r["config"]
-            lines.append(f"{c['d_model']:>5}{c['n_layers']:>3}{r['seq_len']:>6}"
-                         f"{r['batch_size']:>4}{r['bayesian_s']:>10.3f}"
-                         f"{r['bayesian_two_pass_s']:>10.3f}{r['prior_free_s']:>11.3f}"
-                         f"{r['ratio']:>7.2f}{r['two_pass_ratio']:>8.2f}")
-    lines += ["", "Targets"]
-    for t in results["targets"]:
-        status = {True: "PASS", False: "FAIL", None: "n/a "}[t["passed"]]
-        value = "not measured" if t["value"] is None else f"{t['value']:.3f}"
-        lines.append(f"[{status}] {t['description']}: {value} "
-                     f"({t['comparison']} {t['threshold']:g})")
-    return "\n".join(lines)
-
-
-__all__ = ["CONVENTIONS", "check_targets", "format_table", "matmul_throughput", "median_time",
-           "median_times", "one_hot_mix", "run_benchmark"]
