@@ -324,6 +324,10 @@ def _bench_arguments(p):
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
     p.add_argument("--no-svi-step", action="store_true",
                    help="skip the SVI step timing (two LM sizes, about a minute)")
+    p.add_argument("--no-flex", action="store_true",
+                   help="skip the compiled flex_attention baseline (it compiles for ~20-50 s)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-memory measurement (a fresh process per configuration)")
 
 
 @command("bench", "speed benchmark of the experts and the hard-routed layer", _bench_arguments)
@@ -333,7 +337,8 @@ def cmd_bench(args) -> int:
     _out_dir(args, "bench")
     results = run_benchmark(Path(args.out), seq_lens=tuple(args.seq_lens),
                             hard_seq_len=args.hard_seq_len, repeats=args.repeats,
-                            svi_configs=() if args.no_svi_step else None)
+                            svi_configs=() if args.no_svi_step else None,
+                            flex=not args.no_flex, memory=not args.no_memory)
     print(format_table(results))
     print(f"\nwrote {args.out}/bench.json, {args.out}/bench.png and {args.out}/report.md")
     return 0

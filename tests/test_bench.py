@@ -4,13 +4,14 @@ import json
 import math
 
 import pytest
+import torch
 
 from bayes_router.bench import EXPERTS, format_table, one_hot_mix, run_benchmark
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.experts import cost_vector
 
 TOY = dict(seq_lens=(16, 32), d_model=32, n_heads=2, window=4, hard_seq_len=32, repeats=1,
-           warmup=0, progress=False, matmul_size=256,
+           warmup=0, progress=False, matmul_size=256, flex=False, memory=False,
            svi_configs=({"vocab_size": 20, "d_model": 16, "n_heads": 2, "n_layers": 1,
                          "max_seq_len": 16, "window": 4, "chunk_size": 8, "batch_size": 2},))
 
@@ -140,3 +141,50 @@ def test_one_hot_mix_has_exact_counts():
 def test_bad_arguments_raise_value_error(tmp_path, bad):
     with pytest.raises(ValueError):
         run_benchmark(tmp_path, **{**TOY, **bad})
+
+
+def test_the_baselines_compute_what_they_claim():
+    from bayes_router.bench.baselines import PlainCausalLM, banded_sdpa, peak_memory, plain_step
+    from bayes_router.models.experts.naive import naive_local
+
+    q, k, v = (torch.randn(2, 2, 23, 8) for _ in range(3))
+    torch.testing.assert_close(banded_sdpa(4, 23)(q, k, v), naive_local(q, k, v, window=4),
+                               rtol=1e-5, atol=1e-5)
+    cfg = TinyLMConfig(vocab_size=20, d_model=16, n_heads=2, n_layers=2, max_seq_len=16,
+                       window=4)
+    lm = PlainCausalLM(cfg)
+    x = torch.randint(0, 20, (3, 16))
+    x2 = x.clone()
+    x2[:, 9:] = (x2[:, 9:] + 1) % 20
+    assert torch.allclose(lm(x)[:, :9], lm(x2)[:, :9], atol=1e-6)  # causal
+    step = plain_step(cfg, x, x.roll(-1, 1), lr=1e-2)
+    losses = [step() for _ in range(30)]
+    assert losses[-1] < losses[0]  # it trains
+    memory = peak_memory("plain", {k: v for k, v in cfg.to_dict().items()}, batch_size=2, steps=1)
+    assert memory["peak_rss_mb"] >= memory["import_rss_mb"] > 0
+
+
+def test_the_step_and_memory_targets_are_checked():
+    from bayes_router.bench.targets import check_targets
+
+    results = {"experts": [], "hard_layer": {"mixes": []},
+               "local_baselines": {"seq_len": 2048, "flex_over_local": 0.8},
+               "svi_step": [{"config": {"d_model": 64, "n_layers": 2}, "seq_len": 128,
+                             "batch_size": 16, "ratio": 1.1, "prior_free_over_plain": 1.7,
+                             "prior_free_memory_over_plain": 1.2}]}
+    passed = {t["name"]: t["passed"] for t in check_targets(results)}
+    assert passed["local_vs_flex_T2048"] is False and passed["svi_step_ratio_0"] is True
+    assert passed["prior_free_over_plain_0"] is False
+    assert passed["prior_free_memory_over_plain_0"] is True
+
+
+def test_the_short_length_hard_layer_rows_and_target(tmp_path):
+    results = run_benchmark(tmp_path, **{**TOY, "seq_lens": (16, 128), "hard_seq_len": None,
+                                         "svi_configs": ()})
+    rows = results["hard_layer_short"]
+    assert {r["seq_len"] for r in rows} == {128} and len(rows) == 3  # the three default mixes
+    for r in rows:
+        assert r["fwd_ratio"] == pytest.approx(r["fwd_ms"] / r["full_only_fwd_ms"])
+    target = next(t for t in results["targets"] if t["name"] == "hard_layer_short_worst")
+    assert target["value"] == max(r["fwd_ratio"] for r in rows)
+    assert "Hard-routed layer at short lengths" in format_table(results)

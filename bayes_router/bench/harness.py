@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -33,10 +34,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bayes_router.analysis.study_plots import save_figure
+from bayes_router.bench.baselines import banded_sdpa, compiled_flex, peak_memory, plain_step
 from bayes_router.bench.conventions import CONVENTIONS
 from bayes_router.bench.report import bench_figure, bench_report
-from bayes_router.bench.targets import check_targets
-from bayes_router.core.clock import median_times
+from bayes_router.bench.targets import (
+    SHORT_SEQ_LENS,
+    THROUGHPUT_TARGET_SEQ_LEN,
+    check_targets,
+)
+from bayes_router.core.clock import interleaved_times, median_times
 from bayes_router.inference.timing import svi_step_times
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.experts import build_expert, cost_vector, expert_flops
@@ -170,7 +176,8 @@ def run_benchmark(out_dir: str | os.PathLike,
                   hard_seq_len: int | None = None, progress: bool = True, warmup: int = 2,
                   naive_max_seq_len: int = 512, chunk_size: int = 64,
                   matmul_size: int = MATMUL_SIZE, seed: int = 0,
-                  svi_configs: Sequence[dict] | None = None) -> dict:
+                  svi_configs: Sequence[dict] | None = None, flex: bool = True,
+                  memory: bool = True) -> dict:
     """Benchmark the experts and the hard-routed layer; write ``out_dir/bench.json``.
 
     :param out_dir: output folder (created if missing).
@@ -191,8 +198,11 @@ def run_benchmark(out_dir: str | os.PathLike,
     :param seed: seed of the random inputs and token assignments (a private generator; the
         global RNG is left alone).
     :param svi_configs: LM sizes (``TinyLMConfig`` fields plus ``batch_size``) at which one
-        Bayesian SVI step is timed against one prior-free step (default :data:`SVI_CONFIGS`;
-        ``()`` skips them).
+        Bayesian SVI step is timed against one prior-free step and one step of the plain causal
+        LM of that size (default :data:`SVI_CONFIGS`; ``()`` skips them).
+    :param flex: also time compiled ``flex_attention`` as a local-attention baseline (it
+        compiles once, tens of seconds).
+    :param memory: measure each training configuration's peak memory in a fresh process.
     :returns: the results also written to ``bench.json`` (see :data:`CONVENTIONS`), with the
         table in ``report.md`` and the figure ``bench.png``.
     """
@@ -213,18 +223,32 @@ def run_benchmark(out_dir: str | os.PathLike,
     naive_lens = [t for t in seq_lens if t <= naive_max_seq_len]
     n_routed = len({(1.0, 0.0, 0.0), *mixes})
     layer_runs = 2 * n_routed + 1 + len(EXPERTS)  # fwd and fwd+bwd, soft, dense cores
-    total = 1 + 2 * len(EXPERTS) * len(seq_lens) + len(EXPERTS) * len(naive_lens) + layer_runs
+    total = (1 + 2 * len(EXPERTS) * len(seq_lens) + len(EXPERTS) * len(naive_lens) + layer_runs
+             + 1 + int(flex)  # the local baselines
+             + sum(1 + len(mixes) for t in SHORT_SEQ_LENS if t in seq_lens))
     bar = tqdm(total=total, disable=not progress, desc="bench", unit="measurement")
 
+    spreads: dict[str, list[float]] = {}
+
     def measure(label: str | Mapping[str, Callable[[], object]], fn=None):
-        """Milliseconds of ``fn``, or of each function of a mapping timed round-robin."""
+        """Median milliseconds of ``fn``, or of each function of a mapping timed round-robin
+        (every round's time kept for :func:`spread`)."""
         fns = {label: fn} if fn is not None else label
         bar.set_postfix_str(", ".join(fns)[:60])
-        ms = {name: 1e3 * seconds for name, seconds in median_times(fns, repeats, warmup).items()}
+        times = interleaved_times(fns, repeats, warmup)
+        ms = {}
+        for name, seconds in times.items():
+            spreads[name] = [1e3 * t for t in seconds]
+            ms[name] = statistics.median(spreads[name])
+            logger.debug("%s: %.3f ms", name, ms[name])
         bar.update(len(fns))
-        for name, value in ms.items():
-            logger.debug("%s: %.3f ms", name, value)
         return ms[label] if fn is not None else ms
+
+    def spread(label: str, prefix: str) -> dict:
+        """``<prefix>_ms_min`` and ``<prefix>_ms_max`` of a measured label."""
+        return {f"{prefix}_ms_min": min(spreads[label]), f"{prefix}_ms_max": max(spreads[label])}
+
+    measure.spread = spread
 
     results: dict = {
         "schema": SCHEMA,
@@ -245,10 +269,15 @@ def run_benchmark(out_dir: str | os.PathLike,
         bar.update()
         peak = results["matmul"]["gflops"]
         logger.info("fp32 matmul %d: %.1f GFLOP/s", matmul_size, peak)
-        results["experts"], results["naive"] = _bench_experts(
-            cfg, seq_lens, batch, naive_lens, peak, generator, measure)
+        baselines_at = (THROUGHPUT_TARGET_SEQ_LEN if THROUGHPUT_TARGET_SEQ_LEN in seq_lens
+                        else max(seq_lens))
+        results["experts"], results["naive"], results["local_baselines"] = _bench_experts(
+            cfg, seq_lens, batch, naive_lens, peak, generator, measure, baselines_at, flex)
         results["hard_layer"] = _bench_layer(cfg, hard_seq_len, batch, mixes, generator, measure)
-        results["svi_step"] = [_bench_svi_step(dict(c), repeats, warmup, seed)
+        short = [t for t in SHORT_SEQ_LENS if t <= cfg.max_seq_len and t in seq_lens]
+        results["hard_layer_short"] = _bench_layer_short(cfg, short, batch, mixes, generator,
+                                                         measure)
+        results["svi_step"] = [_bench_svi_step(dict(c), repeats, warmup, seed, memory)
                                for c in (SVI_CONFIGS if svi_configs is None else svi_configs)]
     finally:
         bar.close()
@@ -266,46 +295,107 @@ def run_benchmark(out_dir: str | os.PathLike,
     return results
 
 
-def _bench_svi_step(spec: dict, repeats: int, warmup: int, seed: int) -> dict:
-    """One Bayesian SVI step (one-pass and naive two-pass) against one prior-free step."""
+def _bench_svi_step(spec: dict, repeats: int, warmup: int, seed: int,
+                    memory: bool = True) -> dict:
+    """One Bayesian SVI step (one-pass and naive two-pass) and one prior-free step against one
+    step of the plain causal LM of the same size, timed round-robin; then each kind's peak
+    memory in a fresh process."""
+    spec = dict(spec)
     batch_size = spec.pop("batch_size", 16)
     cfg = TinyLMConfig(**spec)
     timing = svi_step_times(cfg, batch_size=batch_size, repeats=repeats, warmup=warmup,
-                            seed=seed)
-    return {key: timing[key] for key in ("bayesian_s", "bayesian_two_pass_s", "prior_free_s",
-                                         "ratio", "two_pass_ratio", "batch_size", "seq_len",
-                                         "estimator")} | {"config": {
-        k: timing["config"][k] for k in ("d_model", "n_heads", "n_layers", "max_seq_len",
-                                         "window", "chunk_size")}}
+                            seed=seed, extra_steps=lambda c, x, y: {"plain": plain_step(c, x, y)})
+    keys = [k for k in timing if k.endswith("_s")]
+    row = {key: timing[key] for key in (*keys, "ratio", "two_pass_ratio", "batch_size",
+                                        "seq_len", "estimator")}
+    row["prior_free_over_plain"] = timing["prior_free_s"] / timing["plain_s"]
+    row["bayesian_over_plain"] = timing["bayesian_s"] / timing["plain_s"]
+    row["tokens_per_second"] = {kind: batch_size * timing["seq_len"] / timing[f"{kind}_s"]
+                                for kind in ("bayesian", "prior_free", "plain")}
+    if memory:
+        row["memory_mb"] = {kind: peak_memory(kind, spec, batch_size)
+                            for kind in ("bayesian", "prior-free", "plain")}
+        row["prior_free_memory_over_plain"] = (row["memory_mb"]["prior-free"]["training_mb"]
+                                               / row["memory_mb"]["plain"]["training_mb"])
+    row["config"] = {k: timing["config"][k] for k in ("d_model", "n_heads", "n_layers",
+                                                      "max_seq_len", "window", "chunk_size")}
+    return row
 
 
-def _bench_experts(cfg: TinyLMConfig, seq_lens, batch, naive_lens, peak, generator, measure):
-    """Forward and forward + backward of every expert's core at every length; naive forwards."""
+def _bench_experts(cfg: TinyLMConfig, seq_lens, batch, naive_lens, peak, generator, measure,
+                   baselines_at: int | None = None, flex: bool = True):
+    """Forward and forward + backward of every expert's core at every length, the experts of
+    one length timed round-robin; naive forwards; and at ``baselines_at`` the local-attention
+    baselines (banded SDPA, compiled flex_attention) in the same round-robin as the experts."""
     H, d, D = cfg.n_heads, cfg.head_dim, cfg.d_model
-    rows, naive_rows = [], []
+    rows, naive_rows, local_baselines = [], [], {}
     for T in seq_lens:
         q, k, v, cotangent = (torch.randn(batch, H, T, d, generator=generator) for _ in range(4))
         q_, k_, v_ = (x.clone().requires_grad_() for x in (q, k, v))
-        for name in EXPERTS:
-            expert = build_expert(name, cfg)
+        experts = {name: build_expert(name, cfg) for name in EXPERTS}
+        forwards = {f"{name} T={T} fwd": _forward(e, q, k, v) for name, e in experts.items()}
+        if T == baselines_at:
+            forwards[f"sdpa-banded T={T} fwd"] = _forward(banded_sdpa(cfg.window, T), q, k, v)
+            flex_fn, compile_s, why_not = compiled_flex(cfg.window, T) if flex else (
+                None, None, "not asked (--no-flex)")
+            local_baselines = {"seq_len": T, "flex_compile_seconds": compile_s,
+                               "flex_unavailable": why_not}
+            if flex_fn is not None:
+                forwards[f"flex T={T} fwd"] = _forward(flex_fn, q, k, v)
+        fwd = measure(forwards)
+        fwd_bwd = measure({f"{name} T={T} fwd+bwd": _forward_backward(
+            e, (q_, k_, v_), (q_, k_, v_), cotangent) for name, e in experts.items()})
+        for name, expert in experts.items():
+            fwd_ms, fwd_bwd_ms = fwd[f"{name} T={T} fwd"], fwd_bwd[f"{name} T={T} fwd+bwd"]
             fwd_flops = expert.flops_per_token(T, D, H) * batch * T
-            fwd_ms = measure(f"{name} T={T} fwd", _forward(expert, q, k, v))
-            fwd_bwd_ms = measure(f"{name} T={T} fwd+bwd", _forward_backward(
-                expert, (q_, k_, v_), (q_, k_, v_), cotangent))
+            executed = expert.executed_flops_per_token(T, D, H) * batch * T
             fwd_gflops = fwd_flops / fwd_ms / 1e6
             fwd_bwd_gflops = FWD_BWD_FLOP_FACTOR * fwd_flops / fwd_bwd_ms / 1e6
             rows.append({
                 "expert": name, "seq_len": T, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms,
+                **measure.spread(f"{name} T={T} fwd", "fwd"),
+                **measure.spread(f"{name} T={T} fwd+bwd", "fwd_bwd"),
                 "fwd_flops": fwd_flops, "fwd_bwd_flops": FWD_BWD_FLOP_FACTOR * fwd_flops,
+                "fwd_executed_flops": executed,
                 "fwd_gflops": fwd_gflops, "fwd_bwd_gflops": fwd_bwd_gflops,
                 "fwd_fraction_of_matmul": fwd_gflops / peak,
+                "fwd_executed_fraction_of_matmul": executed / fwd_ms / 1e6 / peak,
                 "fwd_bwd_fraction_of_matmul": fwd_bwd_gflops / peak,
             })
             if T in naive_lens:
                 naive_ms = measure(f"naive {name} T={T} fwd", _forward(expert.naive, q, k, v))
                 naive_rows.append({"expert": name, "seq_len": T, "fwd_ms": naive_ms,
                                    "speedup_of_fast": naive_ms / fwd_ms})
-    return rows, naive_rows
+        if T == baselines_at:
+            local_ms = fwd[f"local T={T} fwd"]
+            for label, key in (("sdpa-banded", "sdpa_banded"), ("flex", "flex")):
+                ms = fwd.get(f"{label} T={T} fwd")
+                local_baselines[f"{key}_fwd_ms"] = ms
+                local_baselines[f"{key}_over_local"] = None if ms is None else ms / local_ms
+            local_baselines["local_fwd_ms"] = local_ms
+    return rows, naive_rows, local_baselines
+
+
+def _bench_layer_short(cfg: TinyLMConfig, lengths, batch: int, mixes, generator,
+                       measure) -> list[dict]:
+    """The hard-routed layer's forward in every mix against full-only at short lengths, where
+    the sparse paths' bookkeeping weighs most (each length timed round-robin)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+        layer = RoutedAttention(cfg)
+    rows = []
+    full_only = (1.0, 0.0, 0.0)
+    for T in lengths:
+        x = torch.randn(batch, T, cfg.d_model, generator=generator)
+        routed = {mix: one_hot_mix(batch, T, mix, generator)[0] for mix in (full_only, *mixes)}
+        fwd = measure({f"short T={T} {'/'.join(f'{v:g}' for v in mix)}":
+                       _forward(layer, x, w, sparse=True) for mix, w in routed.items()})
+        reference = fwd[f"short T={T} {'/'.join(f'{v:g}' for v in full_only)}"]
+        for mix in mixes:
+            label = f"short T={T} {'/'.join(f'{v:g}' for v in mix)}"
+            rows.append({"seq_len": T, "mix": list(mix), "fwd_ms": fwd[label],
+                         "full_only_fwd_ms": reference, "fwd_ratio": fwd[label] / reference})
+    return rows
 
 
 def _bench_layer(cfg: TinyLMConfig, T: int, batch: int, mixes, generator, measure) -> dict:

@@ -54,16 +54,45 @@ def format_table(results: dict) -> str:
             f"{mix:<19}{r['fwd_ms']:>9.1f}{r['fwd_ratio']:>7.2f}{r['fwd_bwd_ms']:>9.1f}"
             f"{r['fwd_bwd_ratio']:>7.2f}{r['projected_cost_attention_core']:>11.3f}"
             f"{r['projected_cost_with_projections']:>12.3f}{r['projected_cost_timed']:>8.3f}")
+    if results.get("hard_layer_short"):
+        lines += ["", "Hard-routed layer at short lengths, fwd time / full-only (same round-robin "
+                  "per length): " + "; ".join(
+                      f"T={r['seq_len']} {'/'.join(f'{v:g}' for v in r['mix'])}: "
+                      f"{r['fwd_ratio']:.2f}" for r in results["hard_layer_short"])]
+    baselines = results.get("local_baselines") or {}
+    if baselines:
+        def ms(value):
+            return "n/a" if value is None else f"{value:.2f} ms"
+        lines += ["", f"Local attention at T={baselines['seq_len']}, fwd (same round-robin): "
+                  f"toolkit {ms(baselines['local_fwd_ms'])}, banded SDPA "
+                  f"{ms(baselines['sdpa_banded_fwd_ms'])}, compiled flex_attention "
+                  f"{ms(baselines.get('flex_fwd_ms'))}"
+                  + (f" (compiled in {baselines['flex_compile_seconds']:.0f} s)"
+                     if baselines.get("flex_compile_seconds") else "")
+                  + (f"; {baselines['flex_unavailable']}" if baselines.get("flex_unavailable")
+                     else "")]
     if results.get("svi_step"):
-        lines += ["", "SVI step (loss + backward + Adam), median seconds; ratio to prior-free",
-                  f"{'D':>5}{'L':>3}{'T':>6}{'B':>4}{'bayesian':>10}{'two-pass':>10}"
-                  f"{'prior-free':>11}{'ratio':>7}{'2-pass':>8}"]
+        lines += ["", "SVI step (loss + backward + AdamW), median seconds (min-max); ratios of "
+                  "medians; plain = a nanoGPT-style causal LM of the same size",
+                  f"{'D':>5}{'L':>3}{'T':>6}{'B':>4}{'bayesian':>19}{'prior-free':>19}"
+                  f"{'plain':>19}{'B/PF':>6}{'PF/plain':>9}{'mem PF/plain':>13}"]
         for r in results["svi_step"]:
             c = r["config"]
+
+            def cell(kind, r=r):
+                return (f"{r[f'{kind}_s']:.3f} ({r[f'{kind}_min_s']:.3f}-"
+                        f"{r[f'{kind}_max_s']:.3f})")
+            memory = r.get("prior_free_memory_over_plain")
             lines.append(f"{c['d_model']:>5}{c['n_layers']:>3}{r['seq_len']:>6}"
-                         f"{r['batch_size']:>4}{r['bayesian_s']:>10.3f}"
-                         f"{r['bayesian_two_pass_s']:>10.3f}{r['prior_free_s']:>11.3f}"
-                         f"{r['ratio']:>7.2f}{r['two_pass_ratio']:>8.2f}")
+                         f"{r['batch_size']:>4}{cell('bayesian'):>19}{cell('prior_free'):>19}"
+                         f"{cell('plain'):>19}{r['ratio']:>6.2f}"
+                         f"{r['prior_free_over_plain']:>9.2f}"
+                         + (f"{memory:>13.2f}" if memory is not None else f"{'-':>13}"))
+        if any("memory_mb" in r for r in results["svi_step"]):
+            lines.append("peak training memory above the imports (MiB, fresh process each): "
+                         + "; ".join(", ".join(f"{k} {v['training_mb']:.0f}"
+                                               for k, v in r["memory_mb"].items())
+                                     for r in results["svi_step"] if "memory_mb" in r))
     lines += ["", "Targets"]
     for t in results["targets"]:
         status = {True: "PASS", False: "FAIL", None: "n/a "}[t["passed"]]

@@ -7,10 +7,12 @@ alike; the reported ratios are of medians.
 
 from __future__ import annotations
 
+import statistics
+
 import pyro
 import torch
 
-from bayes_router.core.clock import median_times
+from bayes_router.core.clock import interleaved_times
 from bayes_router.inference.estimators import get_estimator
 from bayes_router.inference.objective import svi_step
 from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM
@@ -19,11 +21,14 @@ from bayes_router.models.config import TinyLMConfig
 
 def svi_step_times(cfg: TinyLMConfig, batch_size: int = 16, seq_len: int | None = None,
                    estimator: str = "reparam-analytic", repeats: int = 10, warmup: int = 2,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, extra_steps=None) -> dict:
     """Median seconds of one optimiser step (loss, backward, Adam update) for each step kind.
 
+    :param extra_steps: ``extra_steps(cfg, x, y) -> {kind: step}``, more steps on the same batch
+        timed in the same round-robin (a baseline LM), reported as ``<kind>_s``.
     :returns: ``{"bayesian_s", "bayesian_two_pass_s", "prior_free_s", "ratio",
-        "two_pass_ratio", ...}`` with ``ratio = bayesian_s / prior_free_s``.
+        "two_pass_ratio", ...}`` with ``ratio = bayesian_s / prior_free_s``, and
+        ``<kind>_min_s`` / ``<kind>_max_s`` beside every median.
     """
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
     if repeats < 1 or warmup < 0:
@@ -50,8 +55,13 @@ def svi_step_times(cfg: TinyLMConfig, batch_size: int = 16, seq_len: int | None 
             model, objective = kinds[kind]
             return lambda: svi_step(objective, model, x, y, optimisers[kind], dataset_size=1000)
 
-        times = median_times({kind: step(kind) for kind in kinds}, repeats, warmup)
-    medians = {f"{kind}_s": float(t) for kind, t in times.items()}
+        steps = {kind: step(kind) for kind in kinds}
+        if extra_steps is not None:
+            steps.update(extra_steps(cfg, x, y))
+        times = interleaved_times(steps, repeats, warmup)
+    medians = {f"{kind}_s": float(statistics.median(t)) for kind, t in times.items()}
+    medians.update({f"{kind}_min_s": float(min(t)) for kind, t in times.items()})
+    medians.update({f"{kind}_max_s": float(max(t)) for kind, t in times.items()})
     return {**medians,
             "ratio": medians["bayesian_s"] / medians["prior_free_s"],
             "two_pass_ratio": medians["bayesian_two_pass_s"] / medians["prior_free_s"],
