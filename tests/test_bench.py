@@ -162,6 +162,10 @@ def test_the_baselines_compute_what_they_claim():
     assert losses[-1] < losses[0]  # it trains
     memory = peak_memory("plain", {k: v for k, v in cfg.to_dict().items()}, batch_size=2, steps=1)
     assert memory["peak_rss_mb"] >= memory["import_rss_mb"] > 0
+    assert memory["training_mb"] > 0  # the training's own peak, not the imports'
+    bigger = peak_memory("plain", {**cfg.to_dict(), "d_model": 128, "max_seq_len": 256,
+                                   "vocab_size": 2000}, batch_size=16, steps=1)
+    assert bigger["training_mb"] > memory["training_mb"]  # it measures what it claims
 
 
 def test_the_step_and_memory_targets_are_checked():

@@ -119,9 +119,32 @@ def compiled_flex(window: int, seq_len: int, causal: bool = True
     return (lambda q, k, v: flex(q, k, v, block_mask=block_mask)), seconds, None
 
 
+def _rss_mb(field: str) -> float | None:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in MiB, from /proc (Linux)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak resident memory (Linux: ``clear_refs`` 5), so that the peak
+    measured next is the training's, not the imports' transient one."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _memory_child(kind: str, spec: dict, batch_size: int, steps: int, queue) -> None:
     torch.set_num_threads(1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset = _reset_peak()
+    before = _rss_mb("VmRSS") if reset else None
     cfg = TinyLMConfig(**spec)
     x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.max_seq_len))
     y = torch.randint(0, cfg.vocab_size, (batch_size, cfg.max_seq_len))
@@ -140,15 +163,20 @@ def _memory_child(kind: str, spec: dict, batch_size: int, steps: int, queue) -> 
                 svi_step(elbo, model, x, y, optimiser, dataset_size=1000, grad_clip=1.0)
     for _ in range(steps):
         step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if reset:
+        queue.put({"peak_rss_mb": _rss_mb("VmHWM"), "import_rss_mb": before,
+                   "method": "VmHWM after clear_refs"})
+        return
     unit = 2 ** 20 if sys.platform == "darwin" else 2 ** 10  # ru_maxrss: bytes on macOS, KiB
-    queue.put({"peak_rss_mb": after / unit, "import_rss_mb": before / unit})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
+    queue.put({"peak_rss_mb": peak, "import_rss_mb": None, "method": "ru_maxrss"})
 
 
 def peak_memory(kind: str, spec: dict, batch_size: int = 16, steps: int = 3) -> dict:
     """Peak resident memory (MiB) of ``steps`` training steps of ``kind`` (``"bayesian"``,
     ``"prior-free"`` or ``"plain"``) of the LM ``spec``, in a fresh spawned process; with the
-    process's resident memory after its imports, and the difference."""
+    process's resident memory after its imports, and the difference (``training_mb``; ``None``
+    where the peak cannot be reset, off Linux, and only the whole process's peak is known)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     child = context.Process(target=_memory_child, args=(kind, dict(spec), batch_size, steps,
@@ -156,6 +184,7 @@ def peak_memory(kind: str, spec: dict, batch_size: int = 16, steps: int = 3) -> 
     child.start()
     result = queue.get(timeout=600)
     child.join()
-    result["training_mb"] = result["peak_rss_mb"] - result["import_rss_mb"]
+    result["training_mb"] = (None if result["import_rss_mb"] is None
+                             else result["peak_rss_mb"] - result["import_rss_mb"])
     return result
 

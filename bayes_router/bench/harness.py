@@ -315,8 +315,9 @@ def _bench_svi_step(spec: dict, repeats: int, warmup: int, seed: int,
     if memory:
         row["memory_mb"] = {kind: peak_memory(kind, spec, batch_size)
                             for kind in ("bayesian", "prior-free", "plain")}
-        row["prior_free_memory_over_plain"] = (row["memory_mb"]["prior-free"]["training_mb"]
-                                               / row["memory_mb"]["plain"]["training_mb"])
+        mine, plain = (row["memory_mb"][k]["training_mb"] for k in ("prior-free", "plain"))
+        row["prior_free_memory_over_plain"] = (mine / plain if mine is not None and plain
+                                               else None)
     row["config"] = {k: timing["config"][k] for k in ("d_model", "n_heads", "n_layers",
                                                       "max_seq_len", "window", "chunk_size")}
     return row

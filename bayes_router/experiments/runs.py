@@ -376,7 +376,8 @@ def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None
     with pyro.settings.context(module_local_params=True):
         model, model_cfg, train_cfg, _, data = load_run(run_dir, device)
         metrics = evaluate(model, data, split, train_cfg.seq_len, mode=mode,
-                           gate_threshold=gate_threshold, max_batches=max_batches)
+                           gate_threshold=gate_threshold, max_batches=max_batches,
+                           progress=True)
         if mode == "soft":
             metrics["elbo"] = heldout_objective(model, data, split, train_cfg.seq_len,
                                                 max_batches=max_batches)

@@ -66,14 +66,17 @@ def model_device(model: torch.nn.Module) -> torch.device:
 @torch.no_grad()
 def collect(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: str = "soft",
             gate_threshold: float | None = None, max_batches: int | None = None,
-            batch_size: int = 16, gate_measure: str = "total") -> dict:
+            batch_size: int = 16, gate_measure: str = "total", progress: bool = False) -> dict:
     """:func:`batch_outputs` over every evaluation window of a split (at most ``max_batches``
     batches), concatenated along the token axis, with ``oracle (N,)``: the oracle label of
     every target of a synthetic task (``None`` for text)."""
     model.eval()
     parts = []
-    for x, y, oracle in data.eval_batches_with_oracle(split, batch_size, seq_len,
-                                                      max_batches=max_batches):
+    total = -(-data.num_windows(split, seq_len) // batch_size)
+    batches = data.eval_batches_with_oracle(split, batch_size, seq_len, max_batches=max_batches)
+    for x, y, oracle in tqdm(batches, total=total if max_batches is None else
+                             min(total, max_batches), disable=not progress,
+                             desc=f"evaluate ({mode}, {split})", dynamic_ncols=True):
         part = batch_outputs(model, x, y, mode, gate_threshold, gate_measure)
         part["oracle"] = None if oracle is None else oracle.reshape(-1)
         parts.append(part)
@@ -107,13 +110,14 @@ def routing_metrics(abar: torch.Tensor, costs: torch.Tensor,
 
 def evaluate(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: str = "soft",
              gate_threshold: float | None = None, max_batches: int | None = None,
-             batch_size: int = 16) -> dict:
+             batch_size: int = 16, progress: bool = False) -> dict:
     """``{split}_nll``, ``{split}_bpc`` and the routing metrics under routing ``mode``.
 
     ``{split}_bpc`` is the NLL in bits per token; ``bits_unit`` says what a token is
     (``"character"`` for a text corpus, so bits per character; ``"token"`` for a synthetic
     task, whose reports say bits per token)."""
-    arrays = collect(model, data, split, seq_len, mode, gate_threshold, max_batches, batch_size)
+    arrays = collect(model, data, split, seq_len, mode, gate_threshold, max_batches, batch_size,
+                     progress=progress)
     mean_nll = float(arrays["nll"].mean())
     metrics = {f"{split}_nll": mean_nll, f"{split}_bpc": mean_nll / math.log(2),
                "bits_unit": bits_unit(data), "mode": mode,
