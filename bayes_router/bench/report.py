@@ -74,8 +74,8 @@ def format_table(results: dict) -> str:
     if results.get("svi_step"):
         lines += ["", "SVI step (loss + backward + AdamW), median seconds (min-max); ratios of "
                   "medians; plain = a nanoGPT-style causal LM of the same size",
-                  f"{'D':>5}{'L':>3}{'T':>6}{'B':>4}{'bayesian':>19}{'prior-free':>19}"
-                  f"{'plain':>19}{'B/PF':>6}{'PF/plain':>9}{'mem PF/plain':>13}"]
+                  f"{'D':>5}{'L':>3}{'T':>6}{'B':>4}{'bayesian':>22}{'prior-free':>22}"
+                  f"{'plain':>22}{'B/PF':>6}{'PF/plain':>9}{'mem PF/plain':>13}"]
         for r in results["svi_step"]:
             c = r["config"]
 
@@ -84,8 +84,8 @@ def format_table(results: dict) -> str:
                         f"{r[f'{kind}_max_s']:.3f})")
             memory = r.get("prior_free_memory_over_plain")
             lines.append(f"{c['d_model']:>5}{c['n_layers']:>3}{r['seq_len']:>6}"
-                         f"{r['batch_size']:>4}{cell('bayesian'):>19}{cell('prior_free'):>19}"
-                         f"{cell('plain'):>19}{r['ratio']:>6.2f}"
+                         f"{r['batch_size']:>4}{cell('bayesian'):>22}{cell('prior_free'):>22}"
+                         f"{cell('plain'):>22}{r['ratio']:>6.2f}"
                          f"{r['prior_free_over_plain']:>9.2f}"
                          + (f"{memory:>13.2f}" if memory is not None else f"{'-':>13}"))
         if any("memory_mb" in r for r in results["svi_step"]):
