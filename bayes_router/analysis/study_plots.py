@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from bayes_router.analysis.plots import plot_estimator_bars
 from bayes_router.inference.estimators import estimator_names
@@ -389,6 +390,9 @@ def plot_bench_experts(results: Mapping, ax: Axes | None = None, key: str = "fwd
     ax.set(xscale="log", yscale="log", xlabel="sequence length T",
            ylabel=("forward" if key == "fwd_ms" else "forward + backward") + " time (ms)",
            title="attention core")
+    lengths = sorted({r["seq_len"] for r in rows})
+    ax.set_xticks(lengths, [str(t) for t in lengths])  # the measured lengths, no 10^k clutter
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=8)
     return ax
 
