@@ -277,6 +277,7 @@ def _phase1_arguments(p):
     g.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
     g.add_argument("--no-report", action="store_true",
                    help="skip the learned routers' analysis reports")
+    _add_device(g)
 
 
 def _comma_names_routers(text: str) -> list[str]:
@@ -300,7 +301,8 @@ def cmd_phase1(args) -> int:
     result = run_phase1(Path(args.out), seeds=args.seeds, model_cfg=model_cfg,
                         train_cfg=train_cfg, report=not args.no_report,
                         routers=tuple(args.routers), jobs=args.jobs, first_seed=args.seed,
-                        eval_batches=None if args.eval_all else EVAL_BATCHES_PHASE1)
+                        eval_batches=None if args.eval_all else EVAL_BATCHES_PHASE1,
+                        device=args.device)
     print(phase1_table(result))
     print(f"\npower check: {result['power']['reason']}")
     for claim in result["claims"]:
@@ -461,6 +463,7 @@ def _sweep_beta0_arguments(p):
     g.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
     g.add_argument("--mark", default=None,
                    help="JSON file with an empirical-Bayes beta0 to mark on the plots")
+    _add_device(g)
 
 
 @command("sweep-beta0", "train and evaluate Bayesian runs over a grid of beta0 values x seeds",
@@ -478,7 +481,8 @@ def cmd_sweep_beta0(args) -> int:
     _out_dir(args, "sweep-beta0")
     result = sweep_beta0(args.values, list(range(args.seed, args.seed + args.seeds)),
                          Path(args.out), model_cfg, train_cfg, jobs=args.jobs, mark=args.mark,
-                         eval_batches=None if args.eval_all else args.eval_batches)
+                         eval_batches=None if args.eval_all else args.eval_batches,
+                         device=args.device)
     print(sweep_report(result))
     print(f"wrote {args.out}/sweep.json and {args.out}/report.md")
     return 0

@@ -225,7 +225,7 @@ def run_phase1(out_dir: Path, seeds: int = 3, steps: int = 300,
                model_cfg: TinyLMConfig | None = None, train_cfg: TrainConfig | None = None,
                progress: bool = True, resume: bool = True, report: bool = True,
                routers: tuple[str, ...] = PHASE1_ROUTERS, jobs: int = 1, first_seed: int = 0,
-               eval_batches: int | None = None) -> dict:
+               eval_batches: int | None = None, device: str = "cpu") -> dict:
     """Train every router for ``seeds`` seeds and write ``phase1.json``, ``phase1.md`` and
     ``quality_vs_compute.png``.
 
@@ -237,6 +237,8 @@ def run_phase1(out_dir: Path, seeds: int = 3, steps: int = 300,
         the claims need ``bayesian`` and ``prior-free``, the power check two ``fixed:<expert>``.
     :param jobs: parallel worker processes (one torch thread each).
     :param eval_batches: validation batches of the final metrics (``None``: the whole split).
+    :param device: where every run trains (see
+        :func:`~bayes_router.inference.distributed.resolve_device`).
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -252,13 +254,13 @@ def run_phase1(out_dir: Path, seeds: int = 3, steps: int = 300,
               out_dir / run_name(router, seed)) for router in routers for seed in seed_list]
     with run_lock(out_dir):
         return _phase1(out_dir, specs, routers, seeds, seed_list, model_cfg, base_train, data,
-                       progress, resume, report, jobs, eval_batches)
+                       progress, resume, report, jobs, eval_batches, device)
 
 
 def _phase1(out_dir, specs, routers, seeds, seed_list, model_cfg, base_train, data, progress,
-            resume, report, jobs, eval_batches) -> dict:
+            resume, report, jobs, eval_batches, device) -> dict:
     metrics = train_runs(specs, jobs=jobs, progress=progress, resume=resume, data=data,
-                         eval_batches=eval_batches)
+                         eval_batches=eval_batches, device=device)
     runs = {router: [metrics[i * seeds + j] for j in range(seeds)]
             for i, router in enumerate(routers)}
     table = _metric_table(runs)

@@ -166,7 +166,7 @@ def point_finished(run_dir: Path) -> bool:
 def sweep_beta0(values: Sequence[float], seeds: int | Sequence[int], out_dir: Path,
                 model_cfg: TinyLMConfig, train_cfg: TrainConfig, jobs: int = 1,
                 progress: bool = True, mark: Path | None = None,
-                eval_batches: int | None = 8) -> dict:
+                eval_batches: int | None = 8, device: str = "cpu") -> dict:
     """Train and evaluate a Bayesian run at every ``beta0`` in ``values`` for every seed.
 
     :param values: the ``beta0`` grid, each > 0.
@@ -178,6 +178,7 @@ def sweep_beta0(values: Sequence[float], seeds: int | Sequence[int], out_dir: Pa
     :param mark: a JSON file with an empirical-Bayes ``beta0`` to mark (see
         :func:`read_beta0_mark`).
     :param eval_batches: validation batches for every evaluation of a point.
+    :param device: where every point trains.
     :raises ValueError: for a value <= 0, a non-Bayesian ``train_cfg``, ``jobs < 1``, or a
         finished point whose configuration differs from the requested one.
     """
@@ -192,11 +193,11 @@ def sweep_beta0(values: Sequence[float], seeds: int | Sequence[int], out_dir: Pa
     out_dir = Path(out_dir)
     with run_lock(out_dir):
         return _sweep(values, seeds, out_dir, model_cfg, train_cfg, jobs, progress, mark,
-                      mark_value, eval_batches)
+                      mark_value, eval_batches, device)
 
 
 def _sweep(values, seeds, out_dir, model_cfg, train_cfg, jobs, progress, mark, mark_value,
-           eval_batches) -> dict:
+           eval_batches, device) -> dict:
     points, todo = {}, []
     for value in values:
         for seed in seeds:
@@ -210,7 +211,7 @@ def _sweep(values, seeds, out_dir, model_cfg, train_cfg, jobs, progress, mark, m
                 todo.append((value, seed, cfg, run_dir))
     data = load_data(train_cfg, model_cfg) if todo else None
     train_runs([(model_cfg, cfg, run_dir) for _, _, cfg, run_dir in todo], jobs=jobs,
-               progress=progress, data=data, eval_batches=eval_batches)
+               progress=progress, data=data, eval_batches=eval_batches, device=device)
     for value, seed, _, run_dir in todo:
         points[value, seed] = evaluate_point(run_dir, eval_batches, data)
         write_json(run_dir / POINT_FILE, points[value, seed])
