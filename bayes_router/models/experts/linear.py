@@ -15,14 +15,15 @@ from bayes_router.models.experts.base import (
 from bayes_router.models.experts.naive import elu_feature_map, naive_linear
 
 
-def _readout(phi_q: Tensor, scores: Tensor, v_chunks: Tensor, prior_state: Tensor,
-             prior_norm: Tensor, eps: float) -> Tensor:
+def _readout(phi_q: Tensor, scores: Tensor, v_chunks: Tensor, prior: Tensor, eps: float
+             ) -> Tensor:
     """Outputs of queries ``phi_q (B, H, n, M, d)`` from their masked intra-chunk ``scores
-    (B, H, n, M, C)`` and the exclusive prefix state ``prior_state (B, H, n, d, d)`` /
-    ``prior_norm (B, H, n, d)`` of the chunks before theirs."""
-    numerator = scores @ v_chunks + phi_q @ prior_state
-    denominator = scores.sum(-1) + (phi_q * prior_norm[:, :, :, None]).sum(-1)
-    return numerator / (denominator[..., None] + eps)
+    (B, H, n, M, C)``, the chunks' values with a ones column ``v_chunks (B, H, n, C, d + 1)``
+    and the exclusive prefix ``prior (B, H, n, d, d + 1)`` of the chunks before theirs: one
+    product gives numerator and normaliser together (the ones column sums the weights)."""
+    out = scores @ v_chunks + phi_q @ prior
+    d = out.shape[-1] - 1
+    return out[..., :d] / (out[..., d:] + eps)
 
 
 class LinearAttention(AttentionExpert):
@@ -59,24 +60,24 @@ class LinearAttention(AttentionExpert):
         n_chunks = -(-T // C)
         pad = n_chunks * C - T
         phi_k = F.pad(phi_k, (0, 0, 0, pad)).view(B, H, n_chunks, C, d)  # zero features past T
-        v_chunks = F.pad(v, (0, 0, 0, pad)).view(B, H, n_chunks, C, d)
-        chunk_state = phi_k.transpose(-2, -1) @ v_chunks  # (B, H, n, d, d)
-        chunk_norm = phi_k.sum(-2)  # (B, H, n, d)
+        ones = torch.ones(*v.shape[:-1], 1, dtype=v.dtype, device=v.device)
+        v_chunks = F.pad(torch.cat([v, ones], -1), (0, 0, 0, pad)).view(B, H, n_chunks, C, d + 1)
+        # per chunk sum_s phi(k_s) [v_s, 1]^T: the state and the normaliser in one product
+        chunk_state = phi_k.transpose(-2, -1) @ v_chunks  # (B, H, n, d, d + 1)
         # exclusive prefix sums: the state of all chunks before chunk j
-        prior_state = F.pad(chunk_state.cumsum(2)[:, :, :-1], (0, 0, 0, 0, 1, 0))
-        prior_norm = F.pad(chunk_norm.cumsum(2)[:, :, :-1], (0, 0, 1, 0))
+        prior = F.pad(chunk_state.cumsum(2)[:, :, :-1], (0, 0, 0, 0, 1, 0))
         if positions is None:
             phi_q = F.pad(phi_q, (0, 0, 0, pad)).view(B, H, n_chunks, C, d)
-            causal_mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-            scores = (phi_q @ phi_k.transpose(-2, -1)).masked_fill(~causal_mask, 0.0)  # (B,H,n,C,C)
-            out = _readout(phi_q, scores, v_chunks, prior_state, prior_norm, self.eps)
+            causal_mask = torch.ones(C, C, dtype=q.dtype, device=q.device).tril_()
+            scores = (phi_q @ phi_k.transpose(-2, -1)) * causal_mask  # (B, H, n, C, C)
+            out = _readout(phi_q, scores, v_chunks, prior, self.eps)
             return out.reshape(B, H, n_chunks * C, d)[:, :, :T]
         slot, source, M = block_layout(positions, C, n_chunks, T)
         phi_q = gather_rows(phi_q, source).view(B, H, n_chunks, M, d)  # rows grouped by chunk
         key_pos = torch.arange(n_chunks * C, device=q.device).view(n_chunks, 1, C)
         causal = (key_pos <= source.view(B, n_chunks, M, 1)).to(q.dtype)[:, None]  # (B,1,n,M,C)
         scores = (phi_q @ phi_k.transpose(-2, -1)) * causal  # (B, H, n, M, C)
-        out = _readout(phi_q, scores, v_chunks, prior_state, prior_norm, self.eps)
+        out = _readout(phi_q, scores, v_chunks, prior, self.eps)
         return gather_rows(out.reshape(B, H, n_chunks * M, d), slot)
 
     def flops_per_token(self, seq_len, d_model, n_heads):
