@@ -668,12 +668,13 @@ def main(argv: list[str] | None = None) -> int:
         return fail(error, 1)
     except ValueError as error:  # usage errors; a TypeError is a bug and keeps its traceback
         return fail(error, 2)
-    except BrokenPipeError:  # `bayes-router data | head`: the reader left, not an error
+    except BrokenPipeError:  # `bayes-router data | head`: the reader left; say so as a shell does
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python flushes stdout at exit)
-        return 0
+        return 141
     except OSError as error:  # the file system refused: say which file and why
         where = f"{error.filename}: " if error.filename else ""
-        return fail(f"{where}{error.strerror or error}", 1)
+        hint = "" if args.verbose else " (-v shows the traceback)"
+        return fail(f"{where}{error.strerror or error}{hint}", 1)
     except KeyboardInterrupt:
         print(f"bayes-router {args.command}: interrupted", file=sys.stderr)
         return 130

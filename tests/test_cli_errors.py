@@ -149,7 +149,7 @@ def test_a_file_system_refusal_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert err.strip() == f"bayes-router data: error: {tmp_path / 'out' / 'data.json'}: " \
-                          "Permission denied"
+                          "Permission denied (-v shows the traceback)"
 
 
 def test_every_option_has_help_text_and_shows_its_default():

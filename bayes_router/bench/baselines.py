@@ -19,11 +19,19 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from queue import Empty
 
 import pyro
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    FLEX_IMPORT_ERROR = None
+except ImportError as error:  # an older torch: the baseline is reported unavailable
+    create_block_mask = flex_attention = None
+    FLEX_IMPORT_ERROR = str(error)
 
 from bayes_router.inference.estimators import get_estimator
 from bayes_router.inference.objective import svi_step
@@ -98,10 +106,8 @@ def compiled_flex(window: int, seq_len: int, causal: bool = True
                   ) -> tuple[Callable | None, float | None, str | None]:
     """Compiled ``flex_attention`` with a sliding-window block mask: ``(fn, compile seconds,
     None)``, or ``(None, None, why not)`` where torch cannot provide it."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError as error:  # an older torch
-        return None, None, f"flex_attention unavailable: {error}"
+    if flex_attention is None:
+        return None, None, f"flex_attention unavailable: {FLEX_IMPORT_ERROR}"
 
     def sliding(b, h, q_index, k_index):
         near = q_index - k_index <= window
@@ -182,7 +188,15 @@ def peak_memory(kind: str, spec: dict, batch_size: int = 16, steps: int = 3) -> 
     child = context.Process(target=_memory_child, args=(kind, dict(spec), batch_size, steps,
                                                         queue))
     child.start()
-    result = queue.get(timeout=600)
+    while True:  # a child that crashes (or is killed for memory) is a failed measurement
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not child.is_alive():
+                child.join()
+                raise RuntimeError(f"the {kind} memory measurement died (exit status "
+                                   f"{child.exitcode})") from None
     child.join()
     result["training_mb"] = (None if result["import_rss_mb"] is None
                              else result["peak_rss_mb"] - result["import_rss_mb"])

@@ -11,6 +11,10 @@ def _format_load(load: float | None) -> str:
     return "n/a" if load is None else f"{load:.2f}"
 
 
+def _mb(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def format_table(results: dict) -> str:
     """A fixed-width text rendering of :func:`run_benchmark`'s results."""
     env, cfg, mm = results["environment"], results["config"], results["matmul"]
@@ -90,7 +94,7 @@ def format_table(results: dict) -> str:
                          + (f"{memory:>13.2f}" if memory is not None else f"{'-':>13}"))
         if any("memory_mb" in r for r in results["svi_step"]):
             lines.append("peak training memory above the imports (MiB, fresh process each): "
-                         + "; ".join(", ".join(f"{k} {v['training_mb']:.0f}"
+                         + "; ".join(", ".join(f"{k} {_mb(v['training_mb'])}"
                                                for k, v in r["memory_mb"].items())
                                      for r in results["svi_step"] if "memory_mb" in r))
     lines += ["", "Targets"]

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import platform
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu"
         logger.warning("%s: config.json cannot be used (%s); using the checkpoint's "
                        "configuration", run_dir, error)
     recorded = config.get("corpus_path")
-    if recorded and not Path(train_cfg.dataset).exists() and Path(recorded).exists():
+    if recorded and Path(recorded).exists():  # the file it trained on, from any directory
         train_cfg = dataclasses.replace(train_cfg, dataset=recorded)
     data = load_data(train_cfg, model_cfg)
     if config.get("corpus_sha256") and config["corpus_sha256"] != data.fingerprint():
@@ -329,6 +330,10 @@ def train_runs(specs: list[tuple[TinyLMConfig, TrainConfig, Path]], jobs: int = 
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("phase1 and sweep-beta0 do not run under torchrun: they train many "
+                         "small runs, in parallel with --jobs; use torchrun for one large "
+                         "`bayes-router train`")
     results: list[dict | None] = []
     todo = []
     for i, (model_cfg, train_cfg, run_dir) in enumerate(specs):

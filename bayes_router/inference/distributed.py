@@ -89,6 +89,8 @@ class Distributed:
         if not dist.is_available():
             raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":  # NCCL's collectives run on the current device: this rank's
+            torch.cuda.set_device(device)
         dist.init_process_group(backend)
         logger.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
         return cls(dist.get_rank(), dist.get_world_size())
@@ -103,18 +105,22 @@ class Distributed:
 
     def average_gradients(self, params: list[torch.Tensor]) -> None:
         """Replace every gradient by its mean over the ranks (one flat all-reduce). A
-        parameter without a gradient on this rank counts as zero, so that every rank sends the
-        same buffer."""
+        parameter without a gradient on this rank counts as zero in the mean; one without a
+        gradient on every rank keeps none (as on one process, so the optimiser skips it)."""
+        params = [p for p in params if p.requires_grad]
         if not self.active or not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        has = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype,
+                           device=grads[0].device)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [has])
         dist.all_reduce(flat)
         flat /= self.world_size
         offset = 0
-        for p, g in zip(params, grads, strict=True):
+        anywhere = flat[-len(params):] > 0
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
+            p.grad = flat[offset:offset + n].view_as(p).clone() if bool(anywhere[i]) else None
             offset += n
 
     def check_same(self, text: str, what: str) -> None:

@@ -195,22 +195,37 @@ def svi_step(elbo: ELBO, model, x: Tensor, y: Tensor, optimiser: torch.optim.Opt
     if seeds is not None and len(seeds) != micro_batches:
         raise ValueError(f"seeds must hold one seed per micro-batch ({micro_batches}), got "
                          f"{len(seeds)}")
-    surrogates, losses = [], []
+    optimiser.zero_grad(set_to_none=True)
+    losses, refused = [], None
     for i, (xs, ys) in enumerate(zip(x.chunk(micro_batches), y.chunk(micro_batches),
                                      strict=True)):
         if seeds is not None:
             torch.manual_seed(seeds[i])
-        loss, surrogate = per_token_loss_and_surrogate(elbo, model, xs, ys,
-                                                       dataset_size=dataset_size, **model_kwargs)
+        try:
+            loss, surrogate = per_token_loss_and_surrogate(
+                elbo, model, xs, ys, dataset_size=dataset_size, **model_kwargs)
+        except ValueError as error:
+            # torch's validation of a distribution built from diverged parameters: with other
+            # ranks waiting on this one, fail through the averaged loss so that all stop
+            if distributed is None or not str(error).startswith("Expected parameter"):
+                raise
+            refused = str(error).split("\n")[0]
+            losses.append(math.nan)
+            break
         losses.append(float(loss))
-        surrogates.append(surrogate)
+        if math.isfinite(losses[-1]):
+            # one shard's graph at a time: accumulation needs no more memory than one shard
+            (surrogate / micro_batches).backward()
     loss = sum(losses) / micro_batches
     if distributed is not None:  # every rank decides on the same number
         loss = distributed.mean(loss, x.device)
     if not math.isfinite(loss):
+        optimiser.zero_grad(set_to_none=True)
+        if auxiliary is not None:
+            auxiliary.zero_grad()
+        if refused is not None:
+            raise ValueError(refused)
         return StepResult(loss, math.nan, "loss")
-    optimiser.zero_grad(set_to_none=True)
-    (sum(surrogates) / micro_batches).backward()
     if distributed is not None:
         distributed.average_gradients(list(model.parameters()))
         if auxiliary is not None:
@@ -243,7 +258,8 @@ def objective_terms(model, x: Tensor, y: Tensor) -> dict:
     is routed alike) and ``shares`` (argmax share of each expert per layer). Routers without
     latents report their deterministic weights, KL 0 and ``a0`` ``None``.
     """
-    with torch.random.fork_rng(devices=[]):
+    # fork the RNG of the device the batch is on too: logging never moves a CUDA run's stream
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         bayesian = hasattr(model, "prior_concentration")
         if bayesian:
             out = model.guide(x)

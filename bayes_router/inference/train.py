@@ -513,6 +513,8 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
             model.load_state_dict(payload["model"])
             optimiser.load_state_dict(payload["optimizer"])  # follows the parameters' device
             torch.set_rng_state(payload["rng"])
+            if payload.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(payload["cuda_rng"])
             batch_rng.set_state(payload["batch_rng"])
             result.history = list(payload["history"])
             result.evaluations = list(payload["evaluations"])
@@ -617,6 +619,7 @@ def _checkpoint_payload(model, optimiser, batch_rng, result: TrainResult,
         "model": model.state_dict(),
         "optimizer": optimiser.state_dict(),
         "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         "batch_rng": batch_rng.get_state(),
         "history": result.history,
         "evaluations": result.evaluations,

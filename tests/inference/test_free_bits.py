@@ -62,7 +62,10 @@ def test_zero_free_bits_is_the_mean_field_elbo():
 def test_free_bits_clamp_every_tokens_kl_and_cut_its_gradient():
     model, (x, y) = _model(), _batch()
     kls = [k.detach() for k in _per_token_kl(model, x, y, seed=5)]
-    lam = float(torch.cat([k.flatten() for k in kls]).median())  # half the tokens below it
+    # half the tokens below lambda, none at it: max(KL, lambda) passes the gradient of a tie
+    middle = torch.cat([k.flatten() for k in kls]).sort().values
+    lam = float(middle[len(middle) // 2 - 1:len(middle) // 2 + 1].mean())
+    assert all(bool((k != lam).all()) for k in kls)
     base, _ = _loss(FreeBitsELBO(0.0), model, x, y, seed=5)
     clamped, surrogate = _loss(FreeBitsELBO(lam), model, x, y, seed=5, kl_scale=0.5)
     scale = N / x.shape[0]
@@ -87,8 +90,26 @@ def test_free_bits_clamp_every_tokens_kl_and_cut_its_gradient():
                           prior[layer])
         loss = loss + 0.5 * scale * kl[kl > lam].sum()
     loss.backward()
-    for ours, ref in zip(grads, [p.grad for p in model.controllers.parameters()], strict=True):
-        torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=1e-4, atol=1e-6)
+    refs = [p.grad.clone() for p in model.controllers.parameters()]
+    # the network is float32 and the two paths sum the same terms in other orders: compare at
+    # 1e-4 of the gradient's scale (measured: 2e-5), far below what the clamp changes (below)
+    for ours, ref in zip(grads, refs, strict=True):
+        torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=1e-4,
+                                   atol=1e-4 * float(ref.abs().max()))
+    # the comparison can fail: without the clamp (every token's KL counted) the gradient differs
+    model.zero_grad()
+    torch.manual_seed(5)
+    trace = poutine.trace(model.guide).get_trace(x, y, dataset_size=N)
+    replayed = poutine.trace(poutine.replay(model.model, trace=trace)).get_trace(
+        x, y, dataset_size=N)
+    unclamped = -replayed.nodes["obs"]["fn"].log_prob(y).sum() * scale
+    for layer in range(CFG.n_layers):
+        unclamped = unclamped + 0.5 * scale * dirichlet_kl(
+            trace.nodes[alpha_site(layer)]["fn"].base_dist.concentration, prior[layer]).sum()
+    unclamped.backward()
+    gap = max(float((g - p.grad).abs().max() / p.grad.abs().max())
+              for g, p in zip(grads, model.controllers.parameters(), strict=True))
+    assert gap > 1e-2
 
 
 def test_free_bits_validation():

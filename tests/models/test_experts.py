@@ -212,3 +212,22 @@ def test_local_kernel_gradient_only_for_what_needs_it():
     (g,) = torch.autograd.grad(expert(q, k, v).sum(), (k,))
     (r,) = torch.autograd.grad(expert.naive(q, k, v).sum(), (k,))
     torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_local_kernel_takes_permuted_and_transposed_inputs(causal):
+    """Heads that are views of another layout (channels-last after a permute, a transpose) give
+    the naive twin's outputs and gradients too."""
+    expert = build_expert("local", TinyLMConfig(window=3, causal=causal))
+    B, H, T, d = 1, 2, 13, 4
+    permuted = [torch.randn(B, T, d, H, dtype=torch.float64).permute(0, 3, 1, 2)
+                .requires_grad_() for _ in range(3)]
+    transposed = [torch.randn(B, T, H, d, dtype=torch.float64).transpose(1, 2)
+                  .requires_grad_() for _ in range(3)]
+    for q, k, v in (permuted, transposed):
+        out, ref = expert(q, k, v), expert.naive(q, k, v)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        upstream = torch.randn_like(out)
+        for g, r in zip(torch.autograd.grad(out, (q, k, v), upstream),
+                        torch.autograd.grad(ref, (q, k, v), upstream)):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)

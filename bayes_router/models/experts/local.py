@@ -88,8 +88,10 @@ class _WindowAttention(torch.autograd.Function):
         S, rows = m * P, (n + m - 1) * P  # padded key rows: w in front (and w behind)
         G = B * H
         qb = F.pad(q, (0, 0, 0, pad)).reshape(G, n, P, d) * (1.0 / math.sqrt(d))
-        kp = F.pad(k, (0, 0, P, rows - P - T)).reshape(G, rows, d)
-        vp = F.pad(v, (0, 0, P, rows - P - T)).reshape(G, rows, d)
+        # contiguous rows: the windows are strided views that assume them (F.pad keeps the
+        # memory format of a permuted input, where reshape would return a view)
+        kp = F.pad(k, (0, 0, P, rows - P - T)).reshape(G, rows, d).contiguous()
+        vp = F.pad(v, (0, 0, P, rows - P - T)).reshape(G, rows, d).contiguous()
         mask = _local_block_mask(n, P, S, T, window, causal, q.dtype, q.device)
         out = q.new_empty(G, n, P, d)
         save = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
