@@ -67,6 +67,7 @@ class Distributed:
 
     rank: int = 0
     world_size: int = 1
+    device: str = "cpu"  # where the group's collectives put their tensors (CUDA for NCCL)
 
     @property
     def active(self) -> bool:
@@ -82,7 +83,7 @@ class Distributed:
         """Join the process group ``torchrun`` describes (``WORLD_SIZE > 1``), creating it if
         needed: NCCL for a CUDA device, gloo otherwise. One process: a group of one."""
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
+            return cls(dist.get_rank(), dist.get_world_size(), str(device))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size <= 1:
             return cls()
@@ -93,7 +94,7 @@ class Distributed:
             torch.cuda.set_device(device)
         dist.init_process_group(backend)
         logger.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
-        return cls(dist.get_rank(), dist.get_world_size())
+        return cls(dist.get_rank(), dist.get_world_size(), str(device))
 
     def mean(self, value: float, device: torch.device) -> float:
         """``value`` averaged over the ranks (itself in one process)."""
@@ -137,6 +138,21 @@ class Distributed:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
+
+    def agree(self, failed: BaseException | None, what: str) -> None:
+        """Share whether a rank failed at ``what`` (rank 0's checkpoint or evaluation): every
+        rank raises together instead of the others waiting on one that has gone. The failing
+        rank re-raises its own error; the others a ``RuntimeError`` naming it."""
+        if not self.active:
+            if failed is not None:
+                raise failed
+            return
+        flag = torch.tensor([0.0 if failed is None else 1.0], device=self.device)
+        dist.all_reduce(flag)
+        if failed is not None:
+            raise failed
+        if float(flag) > 0:
+            raise RuntimeError(f"another rank failed at {what}; see its message")
 
 
 def shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

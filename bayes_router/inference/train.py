@@ -583,9 +583,17 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
                 record["beta0"] = model.beta0.detach().tolist()
             result.history.append(record)
             postfix = {"loss": f"{per_token:.3f}"}
-            if group.is_main and (step % train_cfg.eval_every == 0 or step == train_cfg.steps):
-                metrics = evaluate(model, data, "val", train_cfg.seq_len,
-                                   max_batches=train_cfg.eval_batches)
+            evaluating = step % train_cfg.eval_every == 0 or step == train_cfg.steps
+            metrics, failed = None, None
+            if group.is_main and evaluating:
+                try:
+                    metrics = evaluate(model, data, "val", train_cfg.seq_len,
+                                       max_batches=train_cfg.eval_batches)
+                except Exception as error:  # the other ranks must not wait on this one
+                    failed = error
+            if evaluating:
+                group.agree(failed, f"the evaluation of step {step}")
+            if metrics is not None:
                 metrics["step"] = step
                 result.evaluations.append(metrics)
                 label = "val_bpc" if metrics["bits_unit"] == "character" else "val_bits"
@@ -598,11 +606,16 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
             result.seconds = time.perf_counter() - start
             if checkpoint_path is not None and (step % train_cfg.checkpoint_every == 0
                                                 or step == stop):
+                failed = None
                 if group.is_main:
-                    save_checkpoint(checkpoint_path, _checkpoint_payload(
-                        model, optimiser, batch_rng, result, model_cfg, train_cfg,
-                        group.world_size))
-                group.barrier()  # no rank runs ahead of the checkpoint it would resume from
+                    try:
+                        save_checkpoint(checkpoint_path, _checkpoint_payload(
+                            model, optimiser, batch_rng, result, model_cfg, train_cfg,
+                            group.world_size))
+                    except Exception as error:  # e.g. a full disk: every rank stops
+                        failed = error
+                # also the barrier: no rank runs ahead of the checkpoint it would resume from
+                group.agree(failed, f"the checkpoint of step {step}")
                 last_good = checkpoint_path
         bar.close()
     return result

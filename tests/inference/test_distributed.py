@@ -126,3 +126,34 @@ def test_devices_resolve_or_say_why_not():
     with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda"):
         resolve_device("tpu")
     assert Distributed().is_main and not Distributed().active
+
+
+def _failing_checkpoint(rank, world, port, corpus, out):
+    import importlib
+
+    # the package re-exports the function `train`, which hides the module of that name
+    train_module = importlib.import_module("bayes_router.inference.train")
+
+    if rank == 0:  # rank 0's disk refuses the checkpoint of step 2
+        real = train_module.save_checkpoint
+
+        def refuse(path, payload):
+            if payload["step"] == 2:
+                raise OSError(28, "No space left on device", str(path))
+            real(path, payload)
+
+        train_module.save_checkpoint = refuse
+    try:
+        _worker(rank, world, port, corpus, out, "prior-free", 4, None, False)
+    except (OSError, RuntimeError) as error:
+        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+            f.write(f"{type(error).__name__}: {error}")
+
+
+def test_a_failure_on_rank_0_stops_every_rank(corpus, tmp_path):
+    """Rank 0 cannot write a checkpoint: rank 1 stops too instead of waiting at the barrier."""
+    mp.start_processes(_failing_checkpoint, args=(2, _free_port(), str(corpus), str(tmp_path)),
+                       nprocs=2, start_method="spawn")
+    assert "No space left on device" in (tmp_path / "rank0.txt").read_text()
+    assert "another rank failed at the checkpoint of step 2" in (
+        tmp_path / "rank1.txt").read_text()

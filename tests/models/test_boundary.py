@@ -48,7 +48,8 @@ def test_the_validation_switch_turns_the_value_checks_off(name):
 @pytest.mark.parametrize("case, match", [
     ("3d", r"q must have shape \(B, H, T, d\)"),
     ("int", "q must be a floating tensor"),
-    ("short_k", "q and k must have one shape"),
+    ("short_k", "q, k and v must have one shape"),
+    ("wide_v", "q, k and v must have one shape"),
     ("mixed_dtype", "must share dtype and device"),
     ("positions_range", r"positions must lie in \[0, T=8\)"),
     ("positions_float", "positions must be an integer tensor"),
@@ -65,6 +66,8 @@ def test_experts_refuse_malformed_inputs(name, case, match):
         q = q.long()
     elif case == "short_k":
         k, v = k[:, :, :5], v[:, :, :5]
+    elif case == "wide_v":
+        v = torch.randn(2, 2, 8, 5)
     elif case == "mixed_dtype":
         k = k.double()
     elif case == "positions_range":

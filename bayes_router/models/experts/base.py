@@ -93,10 +93,9 @@ def check_expert_inputs(name: str, q, k, v, positions=None) -> None:
     if not q.dtype == k.dtype == v.dtype or not q.device == k.device == v.device:
         raise ValueError(f"{name} expert: q, k and v must share dtype and device, got "
                          f"{q.dtype}/{k.dtype}/{v.dtype} on {q.device}/{k.device}/{v.device}")
-    if q.shape != k.shape or k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"{name} expert: q and k must have one shape (B, H, T, d) and v the "
-                         f"same (B, H, T), got q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
+    if not q.shape == k.shape == v.shape:
+        raise ValueError(f"{name} expert: q, k and v must have one shape (B, H, T, d), got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if positions is not None:
         if not isinstance(positions, Tensor) or positions.is_floating_point() or \
                 positions.dtype == torch.bool:
