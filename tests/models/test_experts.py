@@ -184,6 +184,18 @@ def test_padding_rows_do_not_widen_the_block_layout(name):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+def _assert_matches_naive(expert, q, k, v):
+    """Outputs and gradients (float64) of ``expert`` against its naive twin; the twin's
+    output."""
+    out, ref = expert(q, k, v), expert.naive(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    upstream = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), upstream, retain_graph=True),
+                    torch.autograd.grad(ref, (q, k, v), upstream, retain_graph=True)):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    return ref
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("T, window", [(45, 4), (2, 5), (9, 9)])
 def test_local_kernel_in_many_tiles_matches_naive(causal, T, window, monkeypatch):
@@ -195,12 +207,7 @@ def test_local_kernel_in_many_tiles_matches_naive(causal, T, window, monkeypatch
     monkeypatch.setattr(local, "SCORE_TILE", 1)
     expert = build_expert("local", TinyLMConfig(window=window, max_seq_len=64, causal=causal))
     q, k, v = _qkv(3, T, requires_grad=True)
-    out, ref = expert(q, k, v), expert.naive(q, k, v)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    upstream = torch.randn_like(out)
-    for g, r in zip(torch.autograd.grad(out, (q, k, v), upstream),
-                    torch.autograd.grad(ref, (q, k, v), upstream)):
-        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    ref = _assert_matches_naive(expert, q, k, v)
     with torch.no_grad():  # the inference path saves nothing and gives the same numbers
         torch.testing.assert_close(expert(q, k, v), ref, rtol=1e-10, atol=1e-10)
 
@@ -225,9 +232,4 @@ def test_local_kernel_takes_permuted_and_transposed_inputs(causal):
     transposed = [torch.randn(B, T, H, d, dtype=torch.float64).transpose(1, 2)
                   .requires_grad_() for _ in range(3)]
     for q, k, v in (permuted, transposed):
-        out, ref = expert(q, k, v), expert.naive(q, k, v)
-        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-        upstream = torch.randn_like(out)
-        for g, r in zip(torch.autograd.grad(out, (q, k, v), upstream),
-                        torch.autograd.grad(ref, (q, k, v), upstream)):
-            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+        _assert_matches_naive(expert, q, k, v)
