@@ -18,6 +18,14 @@ def _clean_pyro_state():
     pyro.clear_param_store()
 
 
+@pytest.fixture
+def local_params():
+    """Pyro with ``module_local_params=True`` for the test (no global parameter store); a
+    module opts in with ``pytestmark = pytest.mark.usefixtures("local_params")``."""
+    with pyro.settings.context(module_local_params=True):
+        yield
+
+
 #: A small repetitive text: enough windows for tiny models to train, evaluate and resume on.
 TINY_TEXT = "the quick brown fox jumps over the lazy dog. " * 60
 

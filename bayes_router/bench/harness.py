@@ -381,30 +381,36 @@ def _bench_layer_short(cfg: TinyLMConfig, lengths, batch: int, mixes, generator,
                        measure) -> list[dict]:
     """The hard-routed layer's forward in every mix against full-only at short lengths, where
     the sparse paths' bookkeeping weighs most (each length timed round-robin)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
-        layer = RoutedAttention(cfg)
+    layer = _seeded_layer(cfg, generator)
     rows = []
     full_only = (1.0, 0.0, 0.0)
     for T in lengths:
         x = torch.randn(batch, T, cfg.d_model, generator=generator)
-        routed = {mix: one_hot_mix(batch, T, mix, generator)[0] for mix in (full_only, *mixes)}
-        fwd = measure({f"short T={T} {'/'.join(f'{v:g}' for v in mix)}":
-                       _forward(layer, x, w, sparse=True) for mix, w in routed.items()})
-        reference = fwd[f"short T={T} {'/'.join(f'{v:g}' for v in full_only)}"]
+
+        def label(mix, T=T) -> str:
+            return f"short T={T} " + "/".join(f"{v:g}" for v in mix)
+
+        fwd = measure({label(mix): _forward(layer, x, one_hot_mix(batch, T, mix, generator)[0],
+                                            sparse=True)
+                       for mix in dict.fromkeys((full_only, *mixes))})
+        reference = fwd[label(full_only)]
         for mix in mixes:
-            label = f"short T={T} {'/'.join(f'{v:g}' for v in mix)}"
-            rows.append({"seq_len": T, "mix": list(mix), "fwd_ms": fwd[label],
-                         "full_only_fwd_ms": reference, "fwd_ratio": fwd[label] / reference})
+            rows.append({"seq_len": T, "mix": list(mix), "fwd_ms": fwd[label(mix)],
+                         "full_only_fwd_ms": reference, "fwd_ratio": fwd[label(mix)] / reference})
     return rows
+
+
+def _seeded_layer(cfg: TinyLMConfig, generator: torch.Generator) -> RoutedAttention:
+    """A ``RoutedAttention`` seeded from ``generator`` (the caller's global RNG untouched)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+        return RoutedAttention(cfg)
 
 
 def _bench_layer(cfg: TinyLMConfig, T: int, batch: int, mixes, generator, measure) -> dict:
     """The hard-routed layer in each mix against the full-only layer; the soft layer; the dense
     expert cores on the layer's heads. Each group is timed round-robin so its ratios are fair."""
-    with torch.random.fork_rng():  # seeded parameters, the caller's global RNG untouched
-        torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
-        layer = RoutedAttention(cfg)
+    layer = _seeded_layer(cfg, generator)
     params = list(layer.parameters())
     x = torch.randn(batch, T, cfg.d_model, generator=generator)
     x_ = x.clone().requires_grad_()

@@ -130,7 +130,7 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu"
     config = {}
     try:
         config = read_json(run_dir / "config.json")
-        saved_model, saved_train = read_run_config(run_dir)
+        saved_model, saved_train = read_run_config(run_dir, config)
         differ = (config_differences(saved_model, model_cfg, "model.")
                   + [k for k in config_differences(saved_train, train_cfg, "train.")
                      if k != "train.steps"])
@@ -288,14 +288,16 @@ def read_json(path: Path, kind: type = dict):
     return data
 
 
-def read_run_config(run_dir: Path) -> tuple[TinyLMConfig, TrainConfig]:
-    """The model and training configurations of a run's ``config.json``.
+def read_run_config(run_dir: Path, config: dict | None = None
+                    ) -> tuple[TinyLMConfig, TrainConfig]:
+    """The model and training configurations of a run's ``config.json`` (``config``: its
+    contents, when the caller has read them already).
 
     :raises ValueError: naming the file, if it does not parse or lacks a valid ``model`` or
         ``train`` configuration.
     """
     path = Path(run_dir) / "config.json"
-    config = read_json(path, dict)
+    config = read_json(path, dict) if config is None else config
     parts = []
     for key, cls in (("model", TinyLMConfig), ("train", TrainConfig)):
         if not isinstance(config.get(key), dict):

@@ -96,11 +96,11 @@ class Distributed:
         logger.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
         return cls(dist.get_rank(), dist.get_world_size(), str(device))
 
-    def mean(self, value: float, device: torch.device) -> float:
+    def mean(self, value: float) -> float:
         """``value`` averaged over the ranks (itself in one process)."""
         if not self.active:
             return value
-        t = torch.tensor([value], dtype=torch.float64, device=device)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t) / self.world_size
 

@@ -218,7 +218,7 @@ def svi_step(elbo: ELBO, model, x: Tensor, y: Tensor, optimiser: torch.optim.Opt
             (surrogate / micro_batches).backward()
     loss = sum(losses) / micro_batches
     if distributed is not None:  # every rank decides on the same number
-        loss = distributed.mean(loss, x.device)
+        loss = distributed.mean(loss)
     if not math.isfinite(loss):
         optimiser.zero_grad(set_to_none=True)
         if auxiliary is not None:

@@ -2,7 +2,6 @@
 and its verdicts on cases built to pass and to fail."""
 
 import numpy as np
-import pyro
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,10 +20,8 @@ CFG = TinyLMConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_seq_len
                    chunk_size=4, controller_hidden=8, cost_preset="seed")
 
 
-@pytest.fixture(autouse=True)
-def _local_params():
-    with pyro.settings.context(module_local_params=True):
-        yield
+# PyroModule parameters local to each module, no global parameter store
+pytestmark = pytest.mark.usefixtures("local_params")
 
 
 def _model(beta0=1.0, bias=None):

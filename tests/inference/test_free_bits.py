@@ -1,6 +1,5 @@
 """Free bits against the analytic KL by hand, and the logged objective terms against the ELBO."""
 
-import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
@@ -16,10 +15,8 @@ CFG = TinyLMConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_seq_len
 N = 12
 
 
-@pytest.fixture(autouse=True)
-def _local_params():
-    with pyro.settings.context(module_local_params=True):
-        yield
+# PyroModule parameters local to each module, no global parameter store
+pytestmark = pytest.mark.usefixtures("local_params")
 
 
 def _model():

@@ -1,6 +1,5 @@
 """The Pyro model/guide pair: traces, the ELBO against a hand computation, one-pass == two-pass."""
 
-import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
@@ -24,10 +23,8 @@ CFG = TinyLMConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_seq_len
 N = 40  # dataset size (sequences): the batch plate scales by N / B
 
 
-@pytest.fixture(autouse=True)
-def _local_params():
-    with pyro.settings.context(module_local_params=True):
-        yield
+# PyroModule parameters local to each module, no global parameter store
+pytestmark = pytest.mark.usefixtures("local_params")
 
 
 def _batch(B=3, T=9):

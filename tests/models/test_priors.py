@@ -3,7 +3,6 @@ and the guide floor against the prior."""
 
 import logging
 
-import pyro
 import pytest
 import torch
 
@@ -14,10 +13,8 @@ CFG = TinyLMConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_seq_len
                    chunk_size=4, controller_hidden=8, cost_preset="seed")
 
 
-@pytest.fixture(autouse=True)
-def _local_params():
-    with pyro.settings.context(module_local_params=True):
-        yield
+# PyroModule parameters local to each module, no global parameter store
+pytestmark = pytest.mark.usefixtures("local_params")
 
 
 def test_seed_prior_reproduces_the_prototype_concentrations():

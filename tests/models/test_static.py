@@ -1,6 +1,5 @@
 """Static routing baselines: spec parsing, exact shares, and the likelihood-only Pyro pair."""
 
-import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
@@ -14,10 +13,8 @@ CFG = TinyLMConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_seq_len
 EXPERTS = CFG.experts
 
 
-@pytest.fixture(autouse=True)
-def _local_params():
-    with pyro.settings.context(module_local_params=True):
-        yield
+# PyroModule parameters local to each module, no global parameter store
+pytestmark = pytest.mark.usefixtures("local_params")
 
 
 def test_parse_static_router():
