@@ -77,6 +77,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser, router: bool = True) -> None:
+    from bayes_router.core.precision import DTYPES
     from bayes_router.inference.estimators import estimator_names
     from bayes_router.inference.train import ROUTERS, TrainConfig
     from bayes_router.models.bayesian import PRIOR_MEANS, PRIORS
@@ -123,6 +124,9 @@ def _add_train_args(p: argparse.ArgumentParser, router: bool = True) -> None:
     g.add_argument("--micro-batches", type=int, default=d["micro_batches"],
                    help="shards of each process's batch whose gradients are averaged (gradient "
                         "accumulation)")
+    g.add_argument("--dtype", default=d["dtype"], choices=list(DTYPES),
+                   help="the LM's matmuls under autocast (float16 with loss scaling); the "
+                        "router and the Dirichlet maths stay in full precision")
     g.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per sequence")
     g.add_argument("--lr", type=float, default=d["lr"], help="AdamW learning rate")
     g.add_argument("--grad-clip", type=float, default=d["grad_clip"],
@@ -163,7 +167,7 @@ def _configs(args, vocab_size: int):
         prior=args.prior, prior_mean=args.prior_mean, a_min=args.a_min,
         free_bits=args.free_bits, warm_start=args.warm_start, log_every=args.log_every,
         eval_batches=None if args.eval_all else args.eval_batches,
-        micro_batches=args.micro_batches,
+        micro_batches=args.micro_batches, dtype=args.dtype,
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         grad_clip=args.grad_clip, kl_anneal_steps=args.kl_anneal_steps,
         kl_weight=args.kl_weight,
@@ -247,6 +251,11 @@ def _evaluate_arguments(p):
                    help="normalised-entropy threshold in [0, 1] of --routing gated")
     p.add_argument("--split", default="val", choices=["val", "test"],
                    help="held-out split to evaluate")
+    from bayes_router.core.precision import DTYPES
+
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="the LM's matmuls under autocast (default full precision, whatever "
+                        "the run trained in)")
     _add_device(p)
 
 
@@ -259,7 +268,7 @@ def cmd_evaluate(args) -> int:
         raise ValueError("--routing gated needs --gate-threshold (normalised entropy in [0, 1])")
     metrics = evaluate_run(Path(args.run_dir), mode=args.routing,
                            gate_threshold=args.gate_threshold, split=args.split,
-                           device=args.device)
+                           device=args.device, dtype=args.dtype)
     print(json.dumps({k: v for k, v in metrics.items() if k != "expert_share"}, indent=2))
     return 0
 

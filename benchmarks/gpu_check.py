@@ -1,6 +1,6 @@
 """The GPU check (`make gpu-check`): on a machine with CUDA, the device tests with CUDA
-selected, a short training run on the GPU, 2-process NCCL training when two GPUs are present,
-and the bench, with every number in one JSON file.
+selected, a short training run on the GPU in float32 and in bfloat16, 2-process NCCL training when
+two GPUs are present, and the bench, with every number in one JSON file.
 
     python benchmarks/gpu_check.py --out runs/gpu-check
 
@@ -44,15 +44,19 @@ def main() -> int:
     result = {"torch": torch.__version__, "cuda": torch.version.cuda,
               "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
     result["tests"] = run([py, "-m", "pytest", "-q", "tests/test_devices.py",
-                           "tests/inference/test_distributed.py", "tests/models"],
+                           "tests/inference/test_distributed.py",
+                           "tests/inference/test_precision_training.py", "tests/models"],
                           out / "tests.log")
     train = ["train", "--corpus", "stdlib", "--steps", str(args.steps), "--eval-every",
              str(args.steps), "--checkpoint-every", str(args.steps)]
     result["train_cuda"] = run([*br, *train, "--device", "cuda", "--out", str(out / "cuda"),
                                 "--force"], out / "train_cuda.log")
+    result["train_cuda_bf16"] = run([*br, *train, "--device", "cuda", "--dtype", "bfloat16",
+                                     "--out", str(out / "cuda_bf16"), "--force"],
+                                    out / "train_cuda_bf16.log")
     result["train_cpu"] = run([*br, *train, "--device", "cpu", "--out", str(out / "cpu"),
                                "--force"], out / "train_cpu.log")
-    for name in ("cuda", "cpu"):
+    for name in ("cuda", "cuda_bf16", "cpu"):
         metrics = out / name / "metrics.json"
         if metrics.exists():
             m = json.loads(metrics.read_text())

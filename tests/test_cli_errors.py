@@ -125,6 +125,15 @@ def test_bad_input_gets_one_clear_line(case, workspace, tiny_corpus, capsys, mon
     assert after == before  # a refused command writes nothing
 
 
+def test_an_unknown_dtype_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--dtype", "half", "--out", "r"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--dtype: invalid choice: 'half'" in err
+    assert all(name in err for name in ("float32", "bfloat16", "float16"))
+
+
 def test_global_options_are_accepted_after_the_subcommand(capsys):
     assert main(["data", "--corpus", "synthetic:recall", "--threads", "1", "-v"]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "synthetic:recall"

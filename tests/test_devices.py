@@ -42,3 +42,19 @@ def test_a_checkpoint_loads_onto_any_device_and_evaluates_alike(device_run, load
     assert arrays.probs.shape[0] == arrays.targets.shape[0]
     x, _ = next(data.eval_batches("val", 2, 32))
     assert timed_forward(model, x, repeats=1)["routed_seconds"] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_training_and_evaluation_on_the_device(device, dtype, tmp_path, tiny_data,
+                                                             tiny_corpus):
+    model_cfg, train_cfg = tiny_configs(tiny_data, tiny_corpus, steps=2, eval_every=2,
+                                        checkpoint_every=2, dtype=dtype)
+    metrics = train_run(model_cfg, train_cfg, tmp_path / "run", progress=False, data=tiny_data,
+                        eval_batches=1, device=device)
+    assert metrics["soft"]["val_nll"] > 0
+    low = evaluate_run(tmp_path / "run", max_batches=1, device=device, dtype=dtype)
+    exact = evaluate_run(tmp_path / "run", max_batches=1, device=device)
+    assert low["dtype"] == dtype and exact["dtype"] == "float32"
+    assert low["val_nll"] == pytest.approx(exact["val_nll"], rel=1e-2)
+    assert (tmp_path / "run" / f"metrics_val_soft_{dtype}.json").exists()

@@ -116,9 +116,11 @@ def corpus_path(spec: str) -> str | None:
     return str(Path(spec).resolve())
 
 
-def load_run(run_dir: Path, device: str | torch.device = "cpu"
+def load_run(run_dir: Path, device: str | torch.device = "cpu",
+             dtype: str | torch.dtype = "float32"
              ) -> tuple[RoutedLM, TinyLMConfig, TrainConfig, dict, TokenData]:
-    """The trained model of a run directory, its configurations, checkpoint and data.
+    """The trained model of a run directory (computing in ``dtype``, see
+    :func:`~bayes_router.inference.train.load_trained`), its configurations, checkpoint and data.
 
     The checkpoint is the source of truth; a warning says when ``config.json`` disagrees with
     it (a checkpoint copied in from another run) or when the corpus has changed since training
@@ -126,7 +128,7 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu"
     the resolved path it recorded, from any working directory.
     """
     run_dir = Path(run_dir)
-    model, model_cfg, train_cfg, payload = load_trained(run_dir, device)
+    model, model_cfg, train_cfg, payload = load_trained(run_dir, device, dtype)
     config = {}
     try:
         config = read_json(run_dir / "config.json")
@@ -374,14 +376,15 @@ def train_runs(specs: list[tuple[TinyLMConfig, TrainConfig, Path]], jobs: int = 
 
 def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None = None,
                  split: str = "val", max_batches: int | None = None,
-                 device: str | torch.device = "cpu") -> dict:
-    """Evaluate a trained run under a routing ``mode`` on ``split``; writes
-    ``metrics_<tag>.json``, ``evaluation_<tag>.md`` and ``expert_share_<tag>.png`` with the tag
-    ``<split>_<mode>`` (``<split>_gated_<threshold>`` for gated routing), so evaluations of
-    different splits, modes or thresholds never overwrite each other."""
+                 device: str | torch.device = "cpu", dtype: str = "float32") -> dict:
+    """Evaluate a trained run under a routing ``mode`` on ``split``, computing in ``dtype``;
+    writes ``metrics_<tag>.json``, ``evaluation_<tag>.md`` and ``expert_share_<tag>.png`` with
+    the tag ``<split>_<mode>`` (``<split>_gated_<threshold>`` for gated routing, ``_<dtype>``
+    appended below float32), so evaluations of different splits, modes, thresholds or
+    precisions never overwrite each other."""
     run_dir = check_run_dir(run_dir)
     with pyro.settings.context(module_local_params=True):
-        model, model_cfg, train_cfg, _, data = load_run(run_dir, device)
+        model, model_cfg, train_cfg, _, data = load_run(run_dir, device, dtype)
         metrics = evaluate(model, data, split, train_cfg.seq_len, mode=mode,
                            gate_threshold=gate_threshold, max_batches=max_batches,
                            progress=True)
@@ -390,7 +393,8 @@ def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None
                                                 max_batches=max_batches)
         x, _ = next(data.eval_batches(split, 8, train_cfg.seq_len))
         metrics["timing"] = timed_forward(model, x, mode=mode, gate_threshold=gate_threshold)
-    tag = evaluation_tag(split, mode, gate_threshold)
+    metrics["dtype"] = dtype
+    tag = evaluation_tag(split, mode, gate_threshold) + ("" if dtype == "float32" else f"_{dtype}")
     write_json(run_dir / f"metrics_{tag}.json", metrics)
     _evaluation_report(run_dir, metrics, mode, split, model.cfg.experts, tag)
     return metrics
@@ -500,7 +504,10 @@ def run_report(config: dict, metrics: dict, evaluations: list[dict] | None = Non
              f"({metrics['train_seconds']:.0f} s), cost vector "
              f"{[round(c, 3) for c in metrics['costs']]}. Objective: **{config['objective']}**"
              + (f"; warm start from `{config['train']['warm_start']}`"
-                if config["train"].get("warm_start") else "") + ".", "",
+                if config["train"].get("warm_start") else "")
+             + (f"; the LM computed in {config['train']['dtype']} under autocast (training "
+                f"and this table), the router in float32"
+                if config["train"].get("dtype", "float32") != "float32" else "") + ".", "",
              f"| routing | val NLL (nats) | val {bits} | projected FLOP % | expected FLOP % | "
              "routing entropy % |", "|---|---|---|---|---|---|"]
     for mode in ("soft", "hard", "gated"):

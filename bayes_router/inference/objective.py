@@ -161,11 +161,15 @@ class StepResult:
     :ivar grad_norm: the gradient norm before clipping (NaN when the loss already failed).
     :ivar failed: ``None``, or which quantity was not finite (``"loss"`` or ``"gradient
         norm"``); the parameters were then left unchanged.
+    :ivar overflow: with a ``float16`` loss scaler: the scaled gradients overflowed, so the
+        scaler lowered its scale and the parameters were left unchanged (expected now and then,
+        not a failure).
     """
 
     loss: float
     grad_norm: float
     failed: str | None = None
+    overflow: bool = False
 
 
 def svi_step(elbo: ELBO, model, x: Tensor, y: Tensor, optimiser: torch.optim.Optimizer, *,
@@ -173,7 +177,7 @@ def svi_step(elbo: ELBO, model, x: Tensor, y: Tensor, optimiser: torch.optim.Opt
              clip_parameters: Iterable[Tensor] | None = None,
              auxiliary: AuxiliaryOptimiser | None = None, micro_batches: int = 1,
              seeds: Sequence[int] | None = None, distributed=None,
-             **model_kwargs) -> StepResult:
+             scaler: torch.amp.GradScaler | None = None, **model_kwargs) -> StepResult:
     """One SVI step: the per-token surrogate's gradient, clipping, the optimiser step and the
     auxiliary parameters' step. A non-finite loss or gradient norm skips every update.
 
@@ -187,6 +191,10 @@ def svi_step(elbo: ELBO, model, x: Tensor, y: Tensor, optimiser: torch.optim.Opt
         on): what makes a shard's noise the same as a micro-batch and as a process of its own.
     :param distributed: a :class:`~bayes_router.inference.distributed.Distributed` group whose
         ranks average their loss and gradients (data parallelism); ``None``: one process.
+    :param scaler: a dynamic loss scaler (``float16`` training, see
+        :func:`~bayes_router.core.precision.gradient_scaler`): the backward runs on the scaled
+        surrogate and the gradients are unscaled before clipping; an overflow skips the update
+        and lowers the scale (``StepResult.overflow``).
     :param model_kwargs: ``kl_scale``, ``gate_threshold`` for model and guide.
     """
     if x.shape[0] % micro_batches:
@@ -215,7 +223,8 @@ def svi_step(elbo: ELBO, model, x: Tensor, y: Tensor, optimiser: torch.optim.Opt
         losses.append(float(loss))
         if math.isfinite(losses[-1]):
             # one shard's graph at a time: accumulation needs no more memory than one shard
-            (surrogate / micro_batches).backward()
+            surrogate = surrogate / micro_batches
+            (surrogate if scaler is None else scaler.scale(surrogate)).backward()
     loss = sum(losses) / micro_batches
     if distributed is not None:  # every rank decides on the same number
         loss = distributed.mean(loss)
@@ -230,6 +239,13 @@ def svi_step(elbo: ELBO, model, x: Tensor, y: Tensor, optimiser: torch.optim.Opt
         distributed.average_gradients(list(model.parameters()))
         if auxiliary is not None:
             distributed.average_gradients(auxiliary.parameters())
+    if scaler is not None:
+        scaler.unscale_(optimiser)
+        scale = scaler.get_scale()
+        if auxiliary is not None:  # the auxiliary parameters' gradients were scaled too
+            for p in auxiliary.parameters():
+                if p.grad is not None:
+                    p.grad.div_(scale)
     params = list(model.parameters() if clip_parameters is None else clip_parameters)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(
         params, math.inf if grad_clip is None else grad_clip))
@@ -239,8 +255,15 @@ def svi_step(elbo: ELBO, model, x: Tensor, y: Tensor, optimiser: torch.optim.Opt
         optimiser.zero_grad(set_to_none=True)
         if auxiliary is not None:
             auxiliary.zero_grad()
+        if scaler is not None:  # an overflow of the scaled gradients: lower the scale
+            scaler.update()
+            return StepResult(loss, grad_norm, overflow=True)
         return StepResult(loss, grad_norm, "gradient norm")
-    optimiser.step()
+    if scaler is None:
+        optimiser.step()
+    else:
+        scaler.step(optimiser)
+        scaler.update()
     if auxiliary is not None:
         auxiliary.step()
     return StepResult(loss, grad_norm)

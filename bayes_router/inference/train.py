@@ -25,6 +25,7 @@ import torch
 from pyro.infer import ELBO
 from tqdm.auto import tqdm
 
+from bayes_router.core.precision import gradient_scaler, resolve_dtype
 from bayes_router.data.tokens import TokenData
 from bayes_router.inference.distributed import Distributed, resolve_device, shard, shard_seed
 from bayes_router.inference.estimators import Estimator, estimator_names, get_estimator
@@ -59,6 +60,10 @@ IMPOSSIBLE_LOSS = -1.0
 #: explosion: no working run climbs three orders of magnitude above where it started (KL
 #: annealing and free bits raise it by small factors at most).
 EXPLOSION_FACTOR = 1e3
+
+
+#: Consecutive float16 overflows (skipped steps, each halving the loss scale) that stop a run.
+MAX_OVERFLOWS = 25
 
 
 class TrainingDiverged(RuntimeError):
@@ -138,6 +143,9 @@ class TrainConfig:
         ``micro_batches`` shards; whenever a step has more than one shard, shard ``g`` draws its
         noise from its own seed, so a run on ``N`` processes equals a run on one process with
         ``N`` times the micro-batches (tested). ``batch_size`` is always the global batch.
+    :param dtype: the LM's compute dtype under autocast, ``float32``, ``bfloat16`` or
+        ``float16`` (with dynamic loss scaling); the routing maths stay in full precision (see
+        :mod:`bayes_router.core.precision`).
     """
 
     router: str = "bayesian"
@@ -168,6 +176,7 @@ class TrainConfig:
     eval_batches: int | None = 8
     log_every: int = 10
     micro_batches: int = 1
+    dtype: str = "float32"
     checkpoint_every: int = 100
     seed: int = 0
     dataset: str = "stdlib"
@@ -223,6 +232,7 @@ class TrainConfig:
         if self.lr > 1e3:
             raise ValueError(f"lr must be <= 1000 (a learning rate beyond that only overflows), "
                              f"got {self.lr!r}")
+        resolve_dtype(self.dtype)  # a ValueError naming the allowed values
         if self.batch_size % self.micro_batches:
             raise ValueError(f"micro_batches ({self.micro_batches}) must divide batch_size "
                              f"({self.batch_size})")
@@ -489,6 +499,8 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
     with pyro.settings.context(module_local_params=True):
         torch.manual_seed(train_cfg.seed)
         model = build_routed_lm(model_cfg, train_cfg).to(device)
+        model.set_precision(train_cfg.dtype)
+        scaler = gradient_scaler(device, resolve_dtype(train_cfg.dtype))
         optimiser = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr,
                                       weight_decay=train_cfg.weight_decay)
         estimator, objective = make_objective(train_cfg)
@@ -516,6 +528,8 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
             if payload.get("cuda_rng") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(payload["cuda_rng"])
             batch_rng.set_state(payload["batch_rng"])
+            if scaler is not None and payload.get("scaler") is not None:
+                scaler.load_state_dict(payload["scaler"])
             result.history = list(payload["history"])
             result.evaluations = list(payload["evaluations"])
             result.step = int(payload["step"])
@@ -529,6 +543,7 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
         bar = tqdm(total=stop, initial=result.step, disable=not progress or not group.is_main,
                    desc=model.kind, dynamic_ncols=True)
         start = time.perf_counter() - result.seconds
+        overflows = 0  # consecutive float16 overflows (steps the loss scaler skipped)
         while result.step < stop:
             step = result.step + 1
             model.train()
@@ -544,7 +559,8 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
                                    grad_clip=train_cfg.grad_clip, auxiliary=auxiliary,
                                    micro_batches=train_cfg.micro_batches, seeds=seeds,
                                    distributed=group if group.active else None,
-                                   kl_scale=kl_scale, gate_threshold=gate_threshold)
+                                   scaler=scaler, kl_scale=kl_scale,
+                                   gate_threshold=gate_threshold)
             except ValueError as error:
                 # torch's argument validation of a distribution built from diverged parameters
                 if not str(error).startswith("Expected parameter"):
@@ -556,6 +572,13 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
                 bar.close()
                 value = outcome.loss if outcome.failed == "loss" else outcome.grad_norm
                 raise TrainingDiverged(step, value, last_good, outcome.failed)
+            overflows = overflows + 1 if outcome.overflow else 0
+            if overflows >= MAX_OVERFLOWS:
+                bar.close()
+                raise TrainingDiverged(step, outcome.grad_norm, last_good, "gradient norm",
+                                       f"{overflows} float16 overflows in a row (loss scale "
+                                       f"now {scaler.get_scale():.3g}): the gradients are "
+                                       f"not finite at any scale")
             if outcome.loss < IMPOSSIBLE_LOSS:
                 bar.close()
                 raise TrainingDiverged(step, outcome.loss, last_good, "loss",
@@ -577,6 +600,8 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
             result.step = step
             record = {"step": step, "loss": per_token, "grad_norm": float(grad_norm),
                       "kl_scale": kl_scale, "gate_threshold": gate_threshold}
+            if scaler is not None:
+                record.update(loss_scale=scaler.get_scale(), overflow=outcome.overflow)
             if group.is_main and (step % train_cfg.log_every == 0 or step == 1 or step == stop):
                 record.update(objective_terms(model, x, y))
             if isinstance(model, BayesianRoutedLM) and model.learn_beta0:
@@ -611,7 +636,7 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
                     try:
                         save_checkpoint(checkpoint_path, _checkpoint_payload(
                             model, optimiser, batch_rng, result, model_cfg, train_cfg,
-                            group.world_size))
+                            group.world_size, scaler))
                     except Exception as error:  # e.g. a full disk: every rank stops
                         failed = error
                 # also the barrier: no rank runs ahead of the checkpoint it would resume from
@@ -623,9 +648,10 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
 
 def _checkpoint_payload(model, optimiser, batch_rng, result: TrainResult,
                         model_cfg: TinyLMConfig, train_cfg: TrainConfig,
-                        world_size: int = 1) -> dict:
+                        world_size: int = 1, scaler=None) -> dict:
     return {
         "world_size": world_size,
+        "scaler": None if scaler is None else scaler.state_dict(),
         "format": CHECKPOINT_FORMAT,
         "step": result.step,
         "seconds": result.seconds,
@@ -665,14 +691,17 @@ def warm_start_lm(model: RoutedLM, run_dir: Path) -> None:
                 saved_train.router, payload["step"])
 
 
-def load_trained(run_dir: Path, device: str | torch.device = "cpu"
+def load_trained(run_dir: Path, device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype = "float32"
                  ) -> tuple[RoutedLM, TinyLMConfig, TrainConfig, dict]:
     """Rebuild the routed LM of a run directory from its checkpoint, on ``device`` (a
-    checkpoint written on any device loads onto any other)."""
+    checkpoint written on any device loads onto any other), computing in ``dtype`` (by
+    default full precision, whatever the run trained in: analysis wants exact numbers)."""
     payload = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)
     model_cfg, train_cfg = checkpoint_configs(payload)
     with pyro.settings.context(module_local_params=True):
         model = build_routed_lm(model_cfg, train_cfg)
         model.load_state_dict(payload["model"])
     model.to(resolve_device(device)).eval()
+    model.set_precision(dtype)
     return model, model_cfg, train_cfg, payload

@@ -198,6 +198,12 @@ class RoutedLM(PyroModule):
             raise ValueError(f"costs must hold {cfg.n_experts} positive values, got {costs}")
         self.register_buffer("costs", costs)
 
+    def set_precision(self, dtype: str | torch.dtype | None) -> None:
+        """Run the LM's matmuls in ``dtype`` under autocast (see
+        :meth:`~bayes_router.models.tinylm.TinyLM.set_precision`): the routing controllers,
+        the Dirichlet sites and the likelihood stay in full precision."""
+        self.lm.set_precision(dtype)
+
     def _plate(self, x: Tensor, dataset_size: int | None):
         B = x.shape[0]
         size = B if dataset_size is None else int(dataset_size)

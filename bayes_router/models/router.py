@@ -159,14 +159,14 @@ class RoutedAttention(nn.Module):
                 o = expert(q, k, v).transpose(1, 2)  # (B, T, H, d)
                 if not shared:
                     o = self.out[i](o.reshape(B, T, D))
-                y = y + w.view(B, T, *[1] * (o.dim() - 2)) * o
+                y = y + w.view(B, T, *[1] * (o.dim() - 2)) * o.to(y.dtype)  # (autocast)
                 continue
             positions, valid = selected_positions(selected)  # (B, R)
             o = expert(q, k, v, positions).transpose(1, 2)  # (B, R, H, d)
             if not shared:
                 o = self.out[i](o.reshape(B, -1, D))
             w_rows = w.gather(1, positions) * valid
-            contribution = w_rows.view(*w_rows.shape, *[1] * (o.dim() - 2)) * o
+            contribution = w_rows.view(*w_rows.shape, *[1] * (o.dim() - 2)) * o.to(y.dtype)
             index = positions.view(*positions.shape, *[1] * (o.dim() - 2)).expand_as(o)
             y = y.scatter_add(1, index, contribution)
         if shared:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from bayes_router.core.precision import autocast, full_precision, resolve_dtype
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.router import (
     LayerRouting,
@@ -64,6 +65,14 @@ class TinyLM(nn.Module):
         if cfg.tie_weights:
             self.head.weight = self.token_embedding.weight
         self.apply(self._init_weights)
+        #: the dtype of the blocks' matmuls under autocast (``float32``: no autocast); a runtime
+        #: setting, not part of the state dict (see :mod:`bayes_router.core.precision`)
+        self.compute_dtype = torch.float32
+
+    def set_precision(self, dtype: str | torch.dtype | None) -> None:
+        """Run the blocks' linear layers and experts in ``dtype`` (``float32``, ``bfloat16``
+        or ``float16``) under autocast; the router, the norms and the logits stay ``float32``."""
+        self.compute_dtype = resolve_dtype(dtype)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -102,13 +111,16 @@ class TinyLM(nn.Module):
         T = x.shape[1]
         h = self.token_embedding(x) + self.position_embedding.weight[:T]  # (B, T, D)
         routing = []
-        for layer, block in enumerate(self.blocks):
-            features = controller_features(h, self.cfg.max_seq_len)  # (..., T, D+2)
-            decision = router(layer, features)
-            weights, index, hard = routing_weights(decision, mode, gate_threshold)
-            h = block(h, weights, sparse=mode != "soft")
-            routing.append(LayerRouting(features, decision, weights, index, hard))
-        return LMOutput(self.head(self.ln_final(h)), routing)
+        with autocast(h.device, self.compute_dtype):
+            for layer, block in enumerate(self.blocks):
+                with full_precision(h.device):  # the router's maths stay in full precision
+                    features = controller_features(h, self.cfg.max_seq_len)  # (..., T, D+2)
+                    decision = router(layer, features)
+                    weights, index, hard = routing_weights(decision, mode, gate_threshold)
+                h = block(h, weights, sparse=mode != "soft")
+                routing.append(LayerRouting(features, decision, weights, index, hard))
+            logits = self.head(self.ln_final(h))
+        return LMOutput(logits.to(h.dtype), routing)  # the likelihood in full precision
 
 
 class FixedRouting:
