@@ -36,6 +36,12 @@ class TinyLMConfig:
     :param cost_preset: ``"flops"`` (costs from the FLOP model at ``max_seq_len``) or ``"seed"``
         (the paper prototype's fixed ``[1.0, 0.15, 0.30]``).
     :param cost_includes_projections: count the q/k/v/out projections in the cost vector.
+    :param dense_hard_max_len: hard-routed sequences up to this length run every token through
+        one dense attention matrix, each row by its own expert
+        (:mod:`~bayes_router.models.dense_mix`), instead of the sparse per-expert paths, whose
+        bookkeeping costs more than they save on short sequences; ``0``: always sparse. Needs
+        ``shared_qkv`` and experts with a dense form. The default is the measured crossover
+        (``docs/experts.md``).
     """
 
     vocab_size: int = 128
@@ -53,6 +59,7 @@ class TinyLMConfig:
     tie_weights: bool = True
     cost_preset: str = "flops"
     cost_includes_projections: bool = False
+    dense_hard_max_len: int = 256
 
     @classmethod
     def phase1(cls, vocab_size: int = 128, **overrides) -> TinyLMConfig:
@@ -70,6 +77,10 @@ class TinyLMConfig:
             least = 2 if name == "max_seq_len" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        if isinstance(self.dense_hard_max_len, bool) or not isinstance(
+                self.dense_hard_max_len, int) or self.dense_hard_max_len < 0:
+            raise ValueError(f"dense_hard_max_len must be an integer >= 0 (0: always sparse), "
+                             f"got {self.dense_hard_max_len!r}")
         for name in ("shared_qkv", "causal", "tie_weights", "cost_includes_projections"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

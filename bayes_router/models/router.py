@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from bayes_router.core.validation import is_validation_enabled, validation_enabled
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.dense_mix import row_masks, shared_softmax, softmax_experts
 from bayes_router.models.experts import build_expert
 
 ROUTING_MODES = ("soft", "hard", "gated")
@@ -100,6 +101,7 @@ class RoutedAttention(nn.Module):
         self.cfg = cfg
         self.experts = nn.ModuleList(build_expert(name, cfg) for name in cfg.experts)
         D = cfg.d_model
+        self._row_masks: dict = {}  # (T, dtype, device) -> dense_mix.row_masks
         if cfg.shared_qkv:
             self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
         else:
@@ -137,6 +139,29 @@ class RoutedAttention(nn.Module):
         with validation_enabled(False):  # q, k, v come from the checked x: no second pass
             return self._mix(x, weights, sparse)
 
+    def _shared_softmax(self, q: Tensor, k: Tensor, v: Tensor, weights: Tensor
+                        ) -> tuple[Tensor | None, list[int]]:
+        """On a short hard-routed sequence, the rows of every softmax expert through one
+        attention (:mod:`~bayes_router.models.dense_mix`), weighted, as ``(B, T, H, d)``, and
+        the experts it covered; ``(None, [])`` where it does not apply (a row with more than
+        one expert, or a single softmax expert alone)."""
+        shared = softmax_experts(self.experts)
+        T = q.shape[2]
+        if T > self.cfg.dense_hard_max_len or not shared:
+            return None, []
+        selected = weights != 0
+        used = selected.any(1).any(0).tolist()
+        shared = [e for e in shared if used[e]]
+        if not shared or sum(used) < 2 or not bool((selected.sum(-1) == 1).all()):
+            return None, []
+        key = (T, q.dtype, q.device)
+        if key not in self._row_masks:  # a few (T, T) masks per length: built once
+            self._row_masks[key] = row_masks(self.experts, *key)
+        index = selected.to(torch.int8).argmax(-1)  # (B, T)
+        o = shared_softmax(q, k, v, index, self._row_masks[key], shared)  # (B, H, T, d)
+        w = weights.gather(-1, index[..., None]).to(o.dtype)  # (B, T, 1)
+        return o.transpose(1, 2) * w[..., None], shared
+
     def _mix(self, x: Tensor, weights: Tensor, sparse: bool) -> Tensor:
         K = len(self.experts)
         lead = torch.broadcast_shapes(x.shape[:-2], weights.shape[:-2])
@@ -146,9 +171,15 @@ class RoutedAttention(nn.Module):
         B, shared = x.shape[0], self.cfg.shared_qkv
         H, d = self.cfg.n_heads, self.cfg.head_dim
         y = x.new_zeros(B, T, H, d) if shared else x.new_zeros(B, T, D)
+        done = []
         if shared:
             q, k, v = self._heads(self.qkv(x))
+            if sparse:
+                o, done = self._shared_softmax(q, k, v, weights)
+                y = y if o is None else y + o.to(y.dtype)
         for i, expert in enumerate(self.experts):
+            if i in done:
+                continue
             w = weights[..., i]  # (B, T)
             selected = w != 0
             if sparse and not bool(selected.any()):

@@ -42,11 +42,12 @@ def test_expert_matches_naive_twin(name, causal, B, T):
 
 @pytest.mark.parametrize("name", ["full", "linear", "local"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gathered_rows_match_dense_rows(name, causal, monkeypatch):
+@pytest.mark.parametrize("chunk_size", [8, 32], ids=["prefix-sums", "quadratic"])
+def test_gathered_rows_match_dense_rows(name, causal, chunk_size, monkeypatch):
     import bayes_router.models.experts.base as experts_base
 
     monkeypatch.setattr(experts_base, "ROW_TILE", 5)  # several tiles, a ragged last one
-    expert = build_expert(name, TinyLMConfig(window=4, chunk_size=8, causal=causal))
+    expert = build_expert(name, TinyLMConfig(window=4, chunk_size=chunk_size, causal=causal))
     B, T = 2, 45
     q, k, v = _qkv(B, T, requires_grad=True)
     positions = torch.stack([torch.randperm(T)[:17].sort().values for _ in range(B)])
@@ -142,6 +143,9 @@ def test_flop_model_closed_forms():
     local, linear = build_expert("local", cfg), build_expert("linear", cfg)
     assert local.executed_flops_per_token(T, 64, 4) == pytest.approx(4 * 64 * 16)
     assert linear.executed_flops_per_token(T, 64, 4) == pytest.approx(4 * 64 * 16 + 4 * 64 * 16)
+    # two chunks or fewer: the quadratic form scores every key
+    short = build_expert("linear", TinyLMConfig(chunk_size=64))
+    assert short.executed_flops_per_token(100, 64, 4) == pytest.approx(4 * 64 * 100)
     assert build_expert("full", cfg).executed_flops_per_token(T, 64, 4) == flops["full"]
     with_proj = expert_flops(cfg, include_projections=True)
     assert with_proj["full"] - flops["full"] == pytest.approx(8 * 64 * 64)

@@ -18,8 +18,10 @@ CFG = TinyLMConfig(d_model=16, n_heads=2, window=3, chunk_size=4, max_seq_len=32
 
 @pytest.mark.parametrize("shared_qkv", [True, False])
 @pytest.mark.parametrize("T", [1, 13])
-def test_hard_equals_soft_with_one_hot(shared_qkv, T):
-    cfg = TinyLMConfig(**{**CFG.to_dict(), "shared_qkv": shared_qkv})
+@pytest.mark.parametrize("dense_hard_max_len", [0, 256], ids=["sparse", "shared-softmax"])
+def test_hard_equals_soft_with_one_hot(shared_qkv, T, dense_hard_max_len):
+    cfg = TinyLMConfig(**{**CFG.to_dict(), "shared_qkv": shared_qkv,
+                          "dense_hard_max_len": dense_hard_max_len})
     layer = RoutedAttention(cfg).double()
     x = torch.randn(2, T, 16, dtype=torch.float64)
     one_hot = F.one_hot(torch.randint(0, 3, (2, T)), 3).double()

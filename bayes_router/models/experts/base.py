@@ -18,6 +18,12 @@ from bayes_router.core.validation import is_validation_enabled
 ROW_TILE = 128  # query rows per tile when computing gathered rows (bounds memory and waste)
 
 
+def causal_valid(seq_len: int, causal: bool, device=None) -> Tensor:
+    """``(T, T)``: every key (bidirectional) or the keys at or before the query (causal)."""
+    valid = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
+    return valid.tril_() if causal else valid
+
+
 class AttentionExpert(nn.Module):
     """Base class: a parameter-free mixer ``(q, k, v[, positions]) -> o``.
 
@@ -57,6 +63,13 @@ class AttentionExpert(nn.Module):
     def naive(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """The same mixing by a dense, obviously correct computation (all rows)."""
         raise NotImplementedError
+
+    def softmax_keys(self, seq_len: int, device=None) -> Tensor | None:
+        """``(T, T)`` boolean, the keys each query sees, if this expert is softmax attention
+        ``softmax(q k^T / sqrt(d))`` over them; ``None`` (the default) otherwise. Experts that
+        give one share a single score matrix on short hard-routed sequences
+        (:mod:`~bayes_router.models.dense_mix`)."""
+        return None
 
     def extra_repr(self) -> str:
         return f"causal={self.causal}"

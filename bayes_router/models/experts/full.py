@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bayes_router.models.experts.base import AttentionExpert, gather_rows, row_tiles
+from bayes_router.models.experts.base import (
+    AttentionExpert,
+    causal_valid,
+    gather_rows,
+    row_tiles,
+)
 from bayes_router.models.experts.naive import naive_full
 
 
@@ -36,3 +41,6 @@ class FullAttention(AttentionExpert):
 
     def naive(self, q, k, v):
         return naive_full(q, k, v, causal=self.causal)
+
+    def softmax_keys(self, seq_len, device=None):
+        return causal_valid(seq_len, self.causal, device)

@@ -202,5 +202,9 @@ class LocalAttention(AttentionExpert):
     def naive(self, q, k, v):
         return naive_local(q, k, v, window=self.window, causal=self.causal)
 
+    def softmax_keys(self, seq_len, device=None):
+        positions = torch.arange(seq_len, device=device)
+        return _window_valid(positions, positions[:, None], seq_len, self.window, self.causal)
+
     def extra_repr(self) -> str:
         return f"window={self.window}, causal={self.causal}"
