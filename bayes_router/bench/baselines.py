@@ -33,6 +33,7 @@ except ImportError as error:  # an older torch: the baseline is reported unavail
     create_block_mask = flex_attention = None
     FLEX_IMPORT_ERROR = str(error)
 
+from bayes_router.core.optim import adamw
 from bayes_router.inference.estimators import get_estimator
 from bayes_router.inference.objective import svi_step
 from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM
@@ -81,7 +82,7 @@ def plain_step(cfg: TinyLMConfig, x: Tensor, y: Tensor, lr: float = 1e-4
     """One AdamW step of :class:`PlainCausalLM` on ``(x, y)`` (gradient clipping included, as
     in the routed LM's step)."""
     model = PlainCausalLM(cfg)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimiser = adamw(model.parameters(), lr=lr)
 
     def step() -> float:
         loss = F.cross_entropy(model(x).reshape(-1, cfg.vocab_size), y.reshape(-1))
@@ -162,7 +163,7 @@ def _memory_child(kind: str, spec: dict, batch_size: int, steps: int, queue) -> 
                      if kind == "bayesian" else PriorFreeRoutedLM(cfg))
         elbo = get_estimator("reparam-analytic" if kind == "bayesian"
                              else "reparam-mc").make_elbo(max_plate_nesting=1)
-        optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimiser = adamw(model.parameters(), lr=1e-4)
 
         def step():
             with pyro.settings.context(module_local_params=True):

@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bayes_router.core.dirichlet import expected_log_alpha
+from bayes_router.core.optim import adamw
 from bayes_router.data.tokens import TokenData
 from bayes_router.inference.estimators import get_estimator
 from bayes_router.inference.minka import fit_dirichlet, fit_precision
@@ -179,7 +180,7 @@ def fit_beta0_svi(model: BayesianRoutedLM, data: TokenData, train_cfg, steps: in
         else:
             groups.append({"params": others, "lr": train_cfg.lr if lr is None else lr,
                            "weight_decay": train_cfg.weight_decay})
-        optimiser = torch.optim.AdamW(groups)
+        optimiser = adamw(groups)
         elbo = estimator.make_elbo(num_particles=train_cfg.num_particles,
                                    vectorize_particles=True, max_plate_nesting=1)
         for step in tqdm(range(steps), disable=not progress, desc="svi beta0",

@@ -13,6 +13,7 @@ import pyro
 import torch
 
 from bayes_router.core.clock import interleaved_times
+from bayes_router.core.optim import adamw
 from bayes_router.inference.estimators import get_estimator
 from bayes_router.inference.objective import svi_step
 from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM
@@ -49,7 +50,7 @@ def svi_step_times(cfg: TinyLMConfig, batch_size: int = 16, seq_len: int | None 
             "bayesian_two_pass": (two_pass, elbo),
             "prior_free": (prior_free, plain),
         }
-        optimisers = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, (m, _) in kinds.items()}
+        optimisers = {k: adamw(m.parameters(), lr=1e-4) for k, (m, _) in kinds.items()}
 
         def step(kind: str):
             model, objective = kinds[kind]

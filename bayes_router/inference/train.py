@@ -25,6 +25,7 @@ import torch
 from pyro.infer import ELBO
 from tqdm.auto import tqdm
 
+from bayes_router.core.optim import adamw
 from bayes_router.core.precision import gradient_scaler, resolve_dtype
 from bayes_router.data.tokens import TokenData
 from bayes_router.inference.distributed import Distributed, resolve_device, shard, shard_seed
@@ -501,8 +502,8 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
         model = build_routed_lm(model_cfg, train_cfg).to(device)
         model.set_precision(train_cfg.dtype)
         scaler = gradient_scaler(device, resolve_dtype(train_cfg.dtype))
-        optimiser = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr,
-                                      weight_decay=train_cfg.weight_decay)
+        optimiser = adamw(model.parameters(), lr=train_cfg.lr,
+                          weight_decay=train_cfg.weight_decay)
         estimator, objective = make_objective(train_cfg)
         if group.active and estimator.owns_state:
             raise ValueError(f"estimator {train_cfg.estimator!r} keeps running state in its "
