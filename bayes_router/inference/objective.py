@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 import torch
 from pyro.distributions.util import scale_and_mask
-from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO
 from torch import Tensor
 from torch.distributions import Independent, kl_divergence
 
 from bayes_router.core.dirichlet import dirichlet_kl
+from bayes_router.inference.estimators.reparam_analytic import AnalyticKLELBO
 
 
 def loss_and_surrogate(elbo: ELBO, model, guide, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -73,9 +74,11 @@ def _token_distribution(fn):
     return fn
 
 
-class FreeBitsELBO(TraceMeanField_ELBO):
+class FreeBitsELBO(AnalyticKLELBO):
     """``TraceMeanField_ELBO`` with *free bits* (Kingma et al. 2016, "Improved Variational
-    Inference with Inverse Autoregressive Flow"): every latent's analytic KL counts as
+    Inference with Inverse Autoregressive Flow"), on the traces of
+    :class:`~bayes_router.inference.estimators.reparam_analytic.AnalyticKLELBO` (no
+    log-densities it never reads): every latent's analytic KL counts as
     ``max(KL, lambda)``, per token (the last batch dimension once ``.to_event`` is unwrapped)
     and site. A token pays nothing for committing up to ``lambda`` nats, and the KL's gradient
     vanishes below that. **Not an ELBO** for ``lambda > 0``; at ``lambda = 0`` it is
