@@ -41,7 +41,13 @@ def _worker(rank, world, port, corpus, out, router, steps, max_steps, resume, lr
             torch.save({k: v.detach().clone() for k, v in result.model.state_dict().items()},
                        os.path.join(out, "final_state.pt"))
     finally:
-        dist.destroy_process_group()
+        # both ranks past their last collective before either tears gloo down: a rank that
+        # destroys its group while the other still completes one can abort the other (SIGABRT
+        # "terminate called without an active exception", seen once under a loaded machine)
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _two_processes(tmp_path, corpus, router, steps=STEPS, max_steps=None, resume=False):
