@@ -124,6 +124,19 @@ class Distributed:
             p.grad = flat[offset:offset + n].view_as(p).clone() if bool(anywhere[i]) else None
             offset += n
 
+    def average_(self, tensors: list[torch.Tensor]) -> None:
+        """Replace every tensor, in place, by its mean over the ranks (one flat all-reduce;
+        the ranks must pass tensors of the same shapes in the same order)."""
+        if not self.active or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
     def check_same(self, text: str, what: str) -> None:
         """Refuse to go on if ``text`` (e.g. a configuration as JSON) differs between ranks."""
         if not self.active:

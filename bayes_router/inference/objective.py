@@ -150,6 +150,11 @@ class AuxiliaryOptimiser:
         """The auxiliary parameters that exist so far."""
         return list(self.estimator.auxiliary_parameters(self.elbo))
 
+    def state_tensors(self) -> list[Tensor]:
+        """The estimator's state between steps (see
+        :meth:`~bayes_router.inference.estimators.base.Estimator.state_tensors`)."""
+        return self.estimator.state_tensors(self.elbo)
+
     def zero_grad(self) -> None:
         """Drop the auxiliary parameters' gradients without a step (a skipped SVI step)."""
         for p in self.estimator.auxiliary_parameters(self.elbo):
@@ -260,6 +265,7 @@ def svi_step(elbo: ELBO, model, x: Tensor, y: Tensor, optimiser: torch.optim.Opt
             auxiliary.zero_grad()
         if scaler is not None:  # an overflow of the scaled gradients: lower the scale
             scaler.update()
+            _share_state(auxiliary, distributed)
             return StepResult(loss, grad_norm, overflow=True)
         return StepResult(loss, grad_norm, "gradient norm")
     if scaler is None:
@@ -269,7 +275,15 @@ def svi_step(elbo: ELBO, model, x: Tensor, y: Tensor, optimiser: torch.optim.Opt
         scaler.update()
     if auxiliary is not None:
         auxiliary.step()
+    _share_state(auxiliary, distributed)
     return StepResult(loss, grad_norm)
+
+
+def _share_state(auxiliary: AuxiliaryOptimiser | None, distributed) -> None:
+    """Average an estimator's running and learned baselines over the ranks: each rank's shard
+    moved them differently, and the run must keep one state (rank 0 stands for all)."""
+    if auxiliary is not None and distributed is not None and auxiliary.estimator.owns_state:
+        distributed.average_(auxiliary.state_tensors())
 
 
 @torch.no_grad()

@@ -505,10 +505,6 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
         optimiser = adamw(model.parameters(), lr=train_cfg.lr,
                           weight_decay=train_cfg.weight_decay)
         estimator, objective = make_objective(train_cfg)
-        if group.active and estimator.owns_state:
-            raise ValueError(f"estimator {train_cfg.estimator!r} keeps running state in its "
-                             "ELBO (baselines) that would drift apart between processes; "
-                             "train it on one process")
         auxiliary = AuxiliaryOptimiser(estimator, objective, lr=train_cfg.lr)
         batch_rng = torch.Generator().manual_seed(train_cfg.seed)
         result = TrainResult(model)

@@ -163,3 +163,50 @@ def test_a_failure_on_rank_0_stops_every_rank(corpus, tmp_path):
     assert "No space left on device" in (tmp_path / "rank0.txt").read_text()
     assert "another rank failed at the checkpoint of step 2" in (
         tmp_path / "rank1.txt").read_text()
+
+
+def _baseline_worker(rank, world, port, corpus, out, estimator):
+    import pyro
+
+    from bayes_router.inference.estimators import get_estimator
+    from bayes_router.inference.objective import AuxiliaryOptimiser
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    seen = {}
+    real_init = AuxiliaryOptimiser.__init__
+
+    def keep(self, *args, **kwargs):  # remember the run's auxiliary state to report it
+        real_init(self, *args, **kwargs)
+        seen["aux"] = self
+
+    AuxiliaryOptimiser.__init__ = keep
+    try:
+        data = token_data(corpus)
+        model_cfg, train_cfg = tiny_configs(data, corpus, estimator=estimator, steps=3,
+                                            eval_every=3, checkpoint_every=3)
+        with pyro.settings.context(module_local_params=True):
+            train(model_cfg, train_cfg, data, progress=False)
+        state = [t.detach().clone() for t in seen["aux"].state_tensors()]
+        assert get_estimator(estimator).owns_state
+        torch.save(state, os.path.join(out, f"state{rank}.pt"))
+    finally:
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("estimator", ["score-baseline", "score-nn-baseline"])
+def test_estimator_baselines_stay_one_state_across_ranks(corpus, tmp_path, estimator):
+    """Each rank's shard moves the running (and learned) baselines its own way; after every
+    step the ranks average them, so both hold the same state."""
+    mp.start_processes(_baseline_worker, args=(2, _free_port(), str(corpus), str(tmp_path),
+                                               estimator), nprocs=2, start_method="spawn")
+    state0, state1 = (torch.load(tmp_path / f"state{r}.pt", weights_only=True) for r in (0, 1))
+    assert len(state0) == len(state1) >= 2  # a running average per layer at least
+    for a, b in zip(state0, state1, strict=True):
+        assert torch.equal(a, b)
+    assert any(bool(t.abs().sum() > 0) for t in state0)

@@ -6,18 +6,15 @@ import importlib
 import pytest
 import torch
 
-from bayes_router.inference.train import TrainConfig, TrainingDiverged, load_checkpoint, train
-from bayes_router.models.config import TinyLMConfig
+from bayes_router.inference.train import TrainingDiverged, load_checkpoint, train
+from tests.helpers import tiny_configs
 
 train_module = importlib.import_module("bayes_router.inference.train")
 
 
 def _cfgs(data, **train_kwargs):
-    model_cfg = TinyLMConfig(vocab_size=data.vocab_size, d_model=16, n_heads=2, n_layers=2,
-                             max_seq_len=32, window=4, chunk_size=8, controller_hidden=8)
-    defaults = dict(steps=8, batch_size=4, seq_len=32, eval_every=8, eval_batches=1,
-                    checkpoint_every=4, dataset="unused", lr=1e-2)
-    return model_cfg, TrainConfig(**{**defaults, **train_kwargs})
+    return tiny_configs(data, "unused", **{"steps": 8, "eval_every": 8, "checkpoint_every": 4,
+                                           **train_kwargs})
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import ELBO
 from torch import Tensor
 
 from bayes_router.core.dirichlet import SAMPLING_DTYPE
+
+#: Where Pyro's ``TraceGraph_ELBO`` keeps each site's decaying-average baseline.
+BASELINE_PREFIX = "__baseline_avg_downstream_cost_"
 
 
 class Estimator(ABC):
@@ -42,8 +46,8 @@ class Estimator(ABC):
         discontinuous function of the sample, as under training-time gating
         (:func:`~bayes_router.inference.train.gated_training_bias`).
     :cvar bool owns_state: whether the ELBO keeps state of its own between steps (running or
-        learned baselines): such estimators train on one process only, since that state would
-        drift apart between data-parallel ranks.
+        learned baselines, :meth:`state_tensors`): under data parallelism the ranks average it
+        after every step, so that it stays one state.
     """
 
     name: str = ""
@@ -79,6 +83,16 @@ class Estimator(ABC):
         A fresh dict on each call (empty unless the estimator configures baselines).
         """
         return {}
+
+    def state_tensors(self, elbo: ELBO) -> list[Tensor]:
+        """Every tensor of the state ``elbo`` keeps between steps (running averages, baseline
+        nets), in an order every process agrees on; the data-parallel ranks average them after
+        each step. By default the auxiliary parameters and Pyro's decaying-average baselines
+        (``__baseline_avg_downstream_cost_<site>`` in the param store)."""
+        store = pyro.get_param_store()
+        averages = [store[name].data for name in sorted(store.keys())
+                    if name.startswith(BASELINE_PREFIX)]
+        return [p.data for p in self.auxiliary_parameters(elbo)] + averages
 
     def auxiliary_parameters(self, elbo: ELBO) -> list[Tensor]:
         """Parameters that ``elbo`` (built by :meth:`make_elbo`) owns and that the caller must
