@@ -185,6 +185,43 @@ def _failing_checkpoint(rank, world, port, corpus, out):
             f.write(f"{type(error).__name__}: {error}")
 
 
+def _refused_shard(rank, world, port, corpus, out):
+    from bayes_router.inference import objective
+
+    if rank == 1:  # rank 1's guide is refused by torch's validation at step 2
+        real = objective.loss_and_surrogate
+        calls = {"n": 0}
+
+        def refuse(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise ValueError("Expected parameter concentration (Tensor of shape (2, 32, 3)) "
+                                 "of distribution Dirichlet to satisfy the constraint "
+                                 "IndependentConstraint(GreaterThan(lower_bound=0.0), 1), but "
+                                 "found invalid values:\ntensor([nan])")
+            return real(*args, **kwargs)
+
+        objective.loss_and_surrogate = refuse
+    try:
+        _worker(rank, world, port, corpus, out, "bayesian", 4, None, False)
+    except RuntimeError as error:  # TrainingDiverged
+        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+            f.write(f"{type(error).__name__} {error.step} {error.quantity}: {error}")
+
+
+def test_a_shard_refused_by_distribution_validation_stops_every_rank(corpus, tmp_path):
+    """Rank 1's Dirichlet is refused mid-step: the averaged loss is NaN on every rank, so rank
+    1 stops on the refusal and rank 0 on the loss, at the same step, instead of rank 0 waiting
+    at the next collective."""
+    mp.start_processes(_refused_shard, args=(2, _free_port(), str(corpus), str(tmp_path)),
+                       nprocs=2, start_method="spawn")
+    rank0 = (tmp_path / "rank0.txt").read_text()
+    rank1 = (tmp_path / "rank1.txt").read_text()
+    assert rank1.startswith("TrainingDiverged 2 distribution parameters: ")
+    assert "Expected parameter concentration" in rank1
+    assert rank0.startswith("TrainingDiverged 2 loss: ")
+
+
 def test_a_failure_on_rank_0_stops_every_rank(corpus, tmp_path):
     """Rank 0 cannot write a checkpoint: rank 1 stops too instead of waiting at the barrier."""
     mp.start_processes(_failing_checkpoint, args=(2, _free_port(), str(corpus), str(tmp_path)),
