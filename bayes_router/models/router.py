@@ -21,6 +21,8 @@ from bayes_router.models.dense_mix import row_masks, shared_softmax, softmax_exp
 from bayes_router.models.experts import build_expert
 
 ROUTING_MODES = ("soft", "hard", "gated")
+#: Sequence lengths whose row masks a layer keeps (each ``K x T x T``, at most 0.8 MB at T=256).
+ROW_MASK_CACHE = 8
 
 
 @dataclass
@@ -101,7 +103,8 @@ class RoutedAttention(nn.Module):
         self.cfg = cfg
         self.experts = nn.ModuleList(build_expert(name, cfg) for name in cfg.experts)
         D = cfg.d_model
-        self._row_masks: dict = {}  # (T, dtype, device) -> dense_mix.row_masks
+        self._softmax_experts = softmax_experts(self.experts)
+        self._row_masks: dict = {}  # (T, dtype, device) -> dense_mix.row_masks, the last few
         if cfg.shared_qkv:
             self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
         else:
@@ -145,7 +148,7 @@ class RoutedAttention(nn.Module):
         attention (:mod:`~bayes_router.models.dense_mix`), weighted, as ``(B, T, H, d)``, and
         the experts it covered; ``(None, [])`` where it does not apply (a row with more than
         one expert, or a single softmax expert alone)."""
-        shared = softmax_experts(self.experts)
+        shared = self._softmax_experts
         T = q.shape[2]
         if T > self.cfg.dense_hard_max_len or not shared:
             return None, []
@@ -156,6 +159,8 @@ class RoutedAttention(nn.Module):
             return None, []
         key = (T, q.dtype, q.device)
         if key not in self._row_masks:  # a few (T, T) masks per length: built once
+            if len(self._row_masks) >= ROW_MASK_CACHE:
+                del self._row_masks[next(iter(self._row_masks))]  # the oldest length
             self._row_masks[key] = row_masks(self.experts, *key)
         index = selected.to(torch.int8).argmax(-1)  # (B, T)
         o = shared_softmax(q, k, v, index, self._row_masks[key], shared)  # (B, H, T, d)

@@ -111,3 +111,12 @@ def test_softmax_keys_are_the_naive_masks():
 def test_dense_hard_max_len_is_checked(value):
     with pytest.raises(ValueError, match="dense_hard_max_len must be an integer >= 0"):
         TinyLMConfig(dense_hard_max_len=value)
+
+
+def test_the_row_mask_cache_keeps_the_last_few_lengths():
+    layer = RoutedAttention(CFG)
+    for T in range(4, 16):
+        one_hot = F.one_hot(torch.arange(T).remainder(3)[None], 3).float()
+        layer(torch.randn(1, T, 16), one_hot, sparse=True)
+    assert [key[0] for key in layer._row_masks] == list(range(16 - router_module.ROW_MASK_CACHE,
+                                                              16))
