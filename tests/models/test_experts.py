@@ -16,7 +16,8 @@ from bayes_router.models.experts import (
 )
 from bayes_router.models.experts.base import block_layout
 
-SHAPES = [(1, 1), (2, 7), (2, 16), (1, 37)]  # (B, T): T=1, odd lengths, multiples of the chunk
+SHAPES = [(1, 1), (2, 7), (2, 16), (1, 17), (2, 24), (1, 37)]  # (B, T): T=1, odd lengths,
+# multiples of the chunk; with chunk 8, T > 16 runs the prefix sums, T <= 16 the quadratic form
 
 
 def _qkv(B, T, H=2, d=4, requires_grad=False):

@@ -80,18 +80,26 @@ class _WindowAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, window, causal):
+    def _layout(q, k, v, window, causal):
+        """The scaled query blocks ``(G, n, P, d)`` and the padded keys and values
+        ``(G, rows, d)``, with the sizes ``(B, H, T, d, P, m, n, rows)``."""
         B, H, T, d = q.shape
         P, m = window, 2 if causal else 3  # blocks of P = w queries: measured best (see docs)
         n = -(-T // P)
-        pad = n * P - T
-        S, rows = m * P, (n + m - 1) * P  # padded key rows: w in front (and w behind)
+        rows = (n + m - 1) * P  # padded key rows: w in front (and w behind)
         G = B * H
-        qb = F.pad(q, (0, 0, 0, pad)).reshape(G, n, P, d) * (1.0 / math.sqrt(d))
+        qb = F.pad(q, (0, 0, 0, n * P - T)).reshape(G, n, P, d) * (1.0 / math.sqrt(d))
         # contiguous rows: the windows are strided views that assume them (F.pad keeps the
         # memory format of a permuted input, where reshape would return a view)
         kp = F.pad(k, (0, 0, P, rows - P - T)).reshape(G, rows, d).contiguous()
         vp = F.pad(v, (0, 0, P, rows - P - T)).reshape(G, rows, d).contiguous()
+        return qb, kp, vp, (B, H, T, d, P, m, n, rows)
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, causal):
+        qb, kp, vp, shape = _WindowAttention._layout(q, k, v, window, causal)
+        B, H, T, d, P, m, n, rows = shape
+        S, G = m * P, B * H
         mask = _local_block_mask(n, P, S, T, window, causal, q.dtype, q.device)
         out = q.new_empty(G, n, P, d)
         save = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
@@ -105,16 +113,17 @@ class _WindowAttention(torch.autograd.Function):
             torch.matmul(p, _windows(vp[a:b], n, P, S), out=out[a:b])
             if save:
                 probs[a:b] = p
-        if save:
-            ctx.save_for_backward(qb, kp, vp, probs)
-        ctx.shape = (B, H, T, d, P, m, n, rows)
+        if save:  # the inputs, not their padded copies: the layer's other experts keep them
+            ctx.save_for_backward(q, k, v, probs)
+        ctx.window, ctx.causal = window, causal
         return out.view(B, H, n * P, d)[:, :, :T]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        qb, kp, vp, probs = ctx.saved_tensors
-        B, H, T, d, P, m, n, rows = ctx.shape
+        q, k, v, probs = ctx.saved_tensors
+        qb, kp, vp, (B, H, T, d, P, m, n, rows) = _WindowAttention._layout(
+            q, k, v, ctx.window, ctx.causal)
         G, S, scale = B * H, m * P, 1.0 / math.sqrt(d)
         go = F.pad(grad_out, (0, 0, 0, n * P - T)).reshape(G, n, P, d)
         dq = torch.empty_like(qb)
