@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of PyTorch (installed from local disk on our machines). Override, e.g.
-#   make test TORCH_SPEC='torch>=2.2'     to let pip pick (a CUDA build on Linux).
+#   make test TORCH_SPEC='torch>=2.4'     to let pip pick (a CUDA build on Linux).
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -35,7 +35,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/bayes-router bench --out runs/bench
 
-# On a CUDA machine (install a CUDA build: make gpu-check TORCH_SPEC='torch>=2.2'): the device
+# On a CUDA machine (install a CUDA build: make gpu-check TORCH_SPEC='torch>=2.4'): the device
 # tests, training on the GPU (and on 2 GPUs when present) and the bench, into one JSON.
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py --out runs/gpu-check

@@ -4,11 +4,19 @@ The parameters, the residual stream, the layer norms, the logits and everything 
 routing controller, the Dirichlet prior and guide, their samples, log-densities and KL terms) stay
 in ``float32`` or ``float64`` whatever is chosen here: ``float32`` draws of a Dirichlet at the
 guide floor already underflow (see :data:`~bayes_router.core.dirichlet.SAMPLING_DTYPE`), so a
-half-precision routing latent would be worse. Only the LM's linear layers and attention experts
-run in the lower precision, through :func:`torch.autocast`. torch's softmax, sum and cumsum
-kernels accumulate ``bfloat16``/``float16`` in ``float32`` already (explicit ``float32`` casts in
-the experts gave the very same errors), so the experts need no casts of their own; the tests hold
-every expert in both dtypes to its ``float64`` twin, outputs and gradients.
+half-precision routing latent would be worse. Only the LM's linear layers (the output head
+included: its logits are cast back to full precision before the categorical likelihood) and the
+attention experts run in the lower precision, through :func:`torch.autocast`. On CPU torch's
+softmax, sum and cumsum kernels accumulate ``bfloat16``/``float16`` in ``float32`` already
+(explicit ``float32`` casts in the experts gave the very same errors); CUDA's autocast returns
+those ops in ``float32``, so the local kernel, whose products write into preallocated buffers,
+runs with autocast off on inputs already in the compute dtype. The tests hold every expert in
+both dtypes to its ``float64`` twin, outputs and gradients (on CPU; ``make gpu-check`` runs them
+on CUDA).
+
+``float16`` tops out at 65504: the linear expert's unnormalised prefix sums grow with the
+sequence, so long sequences in ``float16`` can overflow where ``bfloat16`` (float32's range)
+does not. Prefer ``bfloat16`` wherever the hardware has it.
 
 ``float16`` has a narrow exponent range: its gradients need loss scaling
 (:func:`gradient_scaler`), ``bfloat16`` does not.
@@ -56,9 +64,11 @@ def autocast(device: torch.device | str, dtype: torch.dtype | None):
     return torch.autocast(device_type, dtype=dtype)
 
 
-def full_precision(device: torch.device | str):
-    """A context that switches autocast off inside an autocast region (the router's and the
-    likelihood's maths)."""
+def full_precision(device: torch.device | str, dtype: torch.dtype | None):
+    """A context that switches off the autocast of :func:`autocast` ``(device, dtype)`` inside
+    its region (the router's maths); nothing where that is no autocast."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, enabled=False)
 
 

@@ -32,6 +32,7 @@ from bayes_router.analysis.study_plots import (
     plot_validation,
     save_figure,
 )
+from bayes_router.core.precision import dtype_name, resolve_dtype
 from bayes_router.data import corpus_statistics, load_corpus
 from bayes_router.data.tokens import TokenData, token_data
 from bayes_router.experiments.rundir import run_lock
@@ -376,13 +377,15 @@ def train_runs(specs: list[tuple[TinyLMConfig, TrainConfig, Path]], jobs: int = 
 
 def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None = None,
                  split: str = "val", max_batches: int | None = None,
-                 device: str | torch.device = "cpu", dtype: str = "float32") -> dict:
+                 device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
+                 ) -> dict:
     """Evaluate a trained run under a routing ``mode`` on ``split``, computing in ``dtype``;
     writes ``metrics_<tag>.json``, ``evaluation_<tag>.md`` and ``expert_share_<tag>.png`` with
     the tag ``<split>_<mode>`` (``<split>_gated_<threshold>`` for gated routing, ``_<dtype>``
     appended below float32), so evaluations of different splits, modes, thresholds or
     precisions never overwrite each other."""
     run_dir = check_run_dir(run_dir)
+    dtype = dtype_name(resolve_dtype(dtype))  # "bfloat16" for torch.bfloat16 too
     with pyro.settings.context(module_local_params=True):
         model, model_cfg, train_cfg, _, data = load_run(run_dir, device, dtype)
         metrics = evaluate(model, data, split, train_cfg.seq_len, mode=mode,

@@ -143,7 +143,9 @@ class TrainConfig:
         accumulation). With ``N`` processes each process takes ``batch_size / N`` sequences in
         ``micro_batches`` shards; whenever a step has more than one shard, shard ``g`` draws its
         noise from its own seed, so a run on ``N`` processes equals a run on one process with
-        ``N`` times the micro-batches (tested). ``batch_size`` is always the global batch.
+        ``N`` times the micro-batches (tested; not for ``score-baseline`` and
+        ``score-nn-baseline``, whose baselines the processes average after every step instead
+        of updating them shard after shard). ``batch_size`` is always the global batch.
     :param dtype: the LM's compute dtype under autocast, ``float32``, ``bfloat16`` or
         ``float16`` (with dynamic loss scaling); the routing maths stay in full precision (see
         :mod:`bayes_router.core.precision`).

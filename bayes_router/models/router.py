@@ -164,8 +164,8 @@ class RoutedAttention(nn.Module):
             self._row_masks[key] = row_masks(self.experts, *key)
         index = selected.to(torch.int8).argmax(-1)  # (B, T)
         o = shared_softmax(q, k, v, index, self._row_masks[key], shared)  # (B, H, T, d)
-        w = weights.gather(-1, index[..., None]).to(o.dtype)  # (B, T, 1)
-        return o.transpose(1, 2) * w[..., None], shared
+        w = weights.gather(-1, index[..., None])  # (B, T, 1), in the layer's dtype
+        return o.transpose(1, 2).to(w.dtype) * w[..., None], shared
 
     def _mix(self, x: Tensor, weights: Tensor, sparse: bool) -> Tensor:
         K = len(self.experts)
@@ -181,7 +181,7 @@ class RoutedAttention(nn.Module):
             q, k, v = self._heads(self.qkv(x))
             if sparse:
                 o, done = self._shared_softmax(q, k, v, weights)
-                y = y if o is None else y + o.to(y.dtype)
+                y = y if o is None else y + o
         for i, expert in enumerate(self.experts):
             if i in done:
                 continue

@@ -70,8 +70,9 @@ class TinyLM(nn.Module):
         self.compute_dtype = torch.float32
 
     def set_precision(self, dtype: str | torch.dtype | None) -> None:
-        """Run the blocks' linear layers and experts in ``dtype`` (``float32``, ``bfloat16``
-        or ``float16``) under autocast; the router, the norms and the logits stay ``float32``."""
+        """Run the blocks' linear layers, the experts and the output head in ``dtype``
+        (``float32``, ``bfloat16`` or ``float16``) under autocast; the router and the norms
+        stay ``float32``, and the logits are cast back to it before any likelihood."""
         self.compute_dtype = resolve_dtype(dtype)
 
     @staticmethod
@@ -113,7 +114,7 @@ class TinyLM(nn.Module):
         routing = []
         with autocast(h.device, self.compute_dtype):
             for layer, block in enumerate(self.blocks):
-                with full_precision(h.device):  # the router's maths stay in full precision
+                with full_precision(h.device, self.compute_dtype):  # the router's maths
                     features = controller_features(h, self.cfg.max_seq_len)  # (..., T, D+2)
                     decision = router(layer, features)
                     weights, index, hard = routing_weights(decision, mode, gate_threshold)

@@ -74,3 +74,9 @@ def test_has_analytic_kl_follows_torchs_registry():
     dirichlet = d.Dirichlet(torch.ones(4, 3))
     assert has_analytic_kl(dirichlet.to_event(1), d.Dirichlet(torch.full((4, 3), 2.0)).to_event(1))
     assert not has_analytic_kl(dirichlet.to_event(1), d.Delta(torch.ones(4, 3)).to_event(1))
+    # a .to_event on one side only: torch's registry has nothing for it, Pyro's KL raises,
+    # and the ELBO must still find the log-densities of its Monte-Carlo fallback
+    one_sided = (dirichlet.to_event(1), d.Dirichlet(torch.full((4, 3), 2.0)))
+    assert not has_analytic_kl(*one_sided)
+    with pytest.raises(NotImplementedError):
+        torch.distributions.kl_divergence(*one_sided)

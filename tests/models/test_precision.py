@@ -112,3 +112,18 @@ def test_dtype_names_are_checked():
         PriorFreeRoutedLM(TinyLMConfig(vocab_size=8)).set_precision("int8")
     assert gradient_scaler("cpu", torch.bfloat16) is None
     assert gradient_scaler("cpu", torch.float16) is not None
+
+
+def test_the_local_kernel_keeps_its_inputs_dtype_under_another_autocast():
+    """Its products write into preallocated buffers of the inputs' dtype: an autocast that
+    changes an intermediate's dtype (CUDA's returns softmax in float32) must not reach them."""
+    expert = build_expert("local", TinyLMConfig(window=4))
+    q, k, v = (torch.randn(2, 2, 19, 8, dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+    with autocast("cpu", torch.bfloat16):  # bfloat16 products, float16 buffers
+        out = expert(q, k, v)
+    assert out.dtype == torch.float16
+    ref = expert.naive(*[t.detach().double() for t in (q, k, v)])
+    assert _relative_error(out, ref) < TOLERANCE[torch.float16]
+    out.sum().backward()
+    assert q.grad.dtype == torch.float16

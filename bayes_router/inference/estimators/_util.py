@@ -60,22 +60,20 @@ class ScorePartsIndependent(dist.Independent):
 
 
 def has_analytic_kl(q: Distribution, p: Distribution) -> bool:
-    """Whether ``kl_divergence(q, p)`` has a closed form: torch's KL registry dispatches on the
-    types inside any ``.to_event`` wrappers (Pyro registers ``(Independent, Independent)`` to
-    unwrap them)."""
-    q_base, _ = unwrap_independent(q)
-    p_base, _ = unwrap_independent(p)
-    return _dispatch_kl(type(q_base), type(p_base)) is not NotImplemented
-
-
-def _score_parts(site) -> None:
-    """Pyro's ``Trace.compute_score_parts`` for one site."""
-    value = site["fn"].score_parts(site["value"], *site["args"], **site["kwargs"])
-    site["unscaled_log_prob"] = value.log_prob
-    value = value.scale_and_mask(site["scale"], site["mask"])
-    site["score_parts"] = value
-    site["log_prob"] = value.log_prob
-    site["log_prob_sum"] = value.log_prob.sum()
+    """Whether ``kl_divergence(q, p)`` has a closed form, by the rules it dispatches with:
+    Pyro's ``(Independent, Independent)`` rule strips the ``.to_event`` dimensions the two
+    share, and torch's registry takes the rest. Conservative: where the two wrap differently
+    (a ``.to_event`` on one side only) it answers ``False``, and the caller computes the
+    log-densities a Monte-Carlo fallback would need."""
+    while isinstance(q, torch.distributions.Independent) and isinstance(
+            p, torch.distributions.Independent):
+        if q.reinterpreted_batch_ndims != p.reinterpreted_batch_ndims:
+            return False
+        q, p = q.base_dist, p.base_dist
+    if isinstance(q, torch.distributions.Independent) or isinstance(
+            p, torch.distributions.Independent):
+        return False
+    return _dispatch_kl(type(q), type(p)) is not NotImplemented
 
 
 def importance_traces(model, guide, args, kwargs, max_plate_nesting, analytic_kl: bool = False):
@@ -106,11 +104,7 @@ def importance_traces(model, guide, args, kwargs, max_plate_nesting, analytic_kl
         for name in closed_form:  # fully reparameterised: no score-function term, nothing else
             guide_trace.nodes[name]["score_parts"] = ScoreParts(None, 0, None)
     model_trace.compute_log_prob(site_filter=lambda name, site: name not in closed_form)
-    if not closed_form:
-        guide_trace.compute_score_parts()
-    for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample" and name not in closed_form and "score_parts" not in site:
-            _score_parts(site)
+    guide_trace.compute_score_parts()  # skips the closed-form sites: they hold score parts
     if is_validation_enabled():
         for trace in (model_trace, guide_trace):
             for site in trace.nodes.values():

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.trace_mean_field_elbo import _check_mean_field_requirement
 from pyro.infer.util import is_validation_enabled
+from pyro.util import check_if_enumerated
 
 from bayes_router.inference.estimators._util import importance_traces
 from bayes_router.inference.estimators.base import Estimator
@@ -28,6 +29,7 @@ class AnalyticKLELBO(TraceMeanField_ELBO):
         model_trace, guide_trace, _ = importance_traces(
             model, guide, args, kwargs, self.max_plate_nesting, analytic_kl=True)
         if is_validation_enabled():
+            check_if_enumerated(guide_trace)
             _check_mean_field_requirement(model_trace, guide_trace)
         return model_trace, guide_trace
 

@@ -97,6 +97,13 @@ class _WindowAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, window, causal):
+        # q, k, v arrive in the compute dtype: autocast off, so that every product here, and
+        # the out= buffers, keep it (CUDA's autocast would return the softmax in float32)
+        with torch.autocast(q.device.type, enabled=False):
+            return _WindowAttention._forward(ctx, q, k, v, window, causal)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, window, causal):
         qb, kp, vp, shape = _WindowAttention._layout(q, k, v, window, causal)
         B, H, T, d, P, m, n, rows = shape
         S, G = m * P, B * H
