@@ -104,6 +104,15 @@ class Distributed:
         dist.all_reduce(t)
         return float(t) / self.world_size
 
+    def _mean_of(self, tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+        """The ranks' mean of each tensor, by one flat all-reduce in ``dtype`` (views of one
+        buffer; the ranks must pass tensors of the same shapes in the same order)."""
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        parts = flat.split([t.numel() for t in tensors])
+        return [part.view_as(t) for part, t in zip(parts, tensors, strict=True)]
+
     def average_gradients(self, params: list[torch.Tensor]) -> None:
         """Replace every gradient by its mean over the ranks (one flat all-reduce). A
         parameter without a gradient on this rank counts as zero in the mean; one without a
@@ -114,28 +123,17 @@ class Distributed:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         has = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype,
                            device=grads[0].device)
-        flat = torch.cat([g.reshape(-1) for g in grads] + [has])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        anywhere = flat[-len(params):] > 0
-        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone() if bool(anywhere[i]) else None
-            offset += n
+        *means, anywhere = self._mean_of(grads + [has], grads[0].dtype)
+        for p, mean, somewhere in zip(params, means, (anywhere > 0).tolist(), strict=True):
+            p.grad = mean.clone() if somewhere else None
 
     def average_(self, tensors: list[torch.Tensor]) -> None:
-        """Replace every tensor, in place, by its mean over the ranks (one flat all-reduce;
-        the ranks must pass tensors of the same shapes in the same order)."""
+        """Replace every tensor, in place, by its mean over the ranks (one flat all-reduce in
+        float64; the ranks must pass tensors of the same shapes in the same order)."""
         if not self.active or not tensors:
             return
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+        for t, mean in zip(tensors, self._mean_of(tensors, torch.float64), strict=True):
+            t.copy_(mean)
 
     def check_same(self, text: str, what: str) -> None:
         """Refuse to go on if ``text`` (e.g. a configuration as JSON) differs between ranks."""

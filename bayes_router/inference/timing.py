@@ -23,7 +23,7 @@ from bayes_router.models.config import TinyLMConfig
 def svi_step_times(cfg: TinyLMConfig, batch_size: int = 16, seq_len: int | None = None,
                    estimator: str = "reparam-analytic", repeats: int = 10, warmup: int = 2,
                    seed: int = 0, extra_steps=None) -> dict:
-    """Median seconds of one optimiser step (loss, backward, Adam update) for each step kind.
+    """Median seconds of one optimiser step (loss, backward, AdamW update) for each step kind.
 
     :param extra_steps: ``extra_steps(cfg, x, y) -> {kind: step}``, more steps on the same batch
         timed in the same round-robin (a baseline LM), reported as ``<kind>_s``.

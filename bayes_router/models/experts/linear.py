@@ -63,7 +63,7 @@ class LinearAttention(AttentionExpert):
                                       + self.eps)
         B, H, T, d = q.shape
         C = self.chunk_size
-        if T <= QUADRATIC_CHUNKS * C:
+        if self.quadratic(T):
             return self._quadratic(phi_q, phi_k, v, positions)
         n_chunks = -(-T // C)
         pad = n_chunks * C - T
@@ -87,6 +87,11 @@ class LinearAttention(AttentionExpert):
         scores = (phi_q @ phi_k.transpose(-2, -1)) * causal  # (B, H, n, M, C)
         out = _readout(phi_q, scores, v_chunks, prior, self.eps)
         return gather_rows(out.reshape(B, H, n_chunks * M, d), slot)
+
+    def quadratic(self, seq_len: int) -> bool:
+        """Whether a causal sequence of ``seq_len`` runs as one masked ``T x T`` product
+        (:data:`QUADRATIC_CHUNKS` chunks or fewer) rather than the chunked prefix sums."""
+        return seq_len <= QUADRATIC_CHUNKS * self.chunk_size
 
     def _quadratic(self, phi_q: Tensor, phi_k: Tensor, v: Tensor, positions: Tensor | None
                    ) -> Tensor:
@@ -112,7 +117,7 @@ class LinearAttention(AttentionExpert):
         useful = self.flops_per_token(seq_len, d_model, n_heads)
         if not self.causal:
             return useful
-        if seq_len <= QUADRATIC_CHUNKS * self.chunk_size:  # every key scored, then masked
+        if self.quadratic(seq_len):  # every key scored, then masked
             return 4.0 * d_model * seq_len
         return useful + 4.0 * d_model * min(self.chunk_size, seq_len)
 
