@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from bayes_router.core.validation import is_validation_enabled, validation_enabled
+from bayes_router.core.validation import all_finite, is_validation_enabled, validation_enabled
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.dense_mix import row_masks, shared_softmax, softmax_experts
 from bayes_router.models.experts import build_expert
@@ -135,9 +135,9 @@ class RoutedAttention(nn.Module):
         if weights.shape[-1] != K or weights.shape[-2] != x.shape[-2]:
             raise ValueError(f"weights must have shape (..., T={x.shape[-2]}, K={K}), "
                              f"got {tuple(weights.shape)}")
-        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        if not all_finite(weights) or bool((weights < 0).any()):
             raise ValueError("weights must be finite and non-negative")
-        if is_validation_enabled() and not bool(torch.isfinite(x).all()):
+        if is_validation_enabled() and not all_finite(x):
             raise ValueError("x holds NaN or Inf")
         with validation_enabled(False):  # q, k, v come from the checked x: no second pass
             return self._mix(x, weights, sparse)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from bayes_router.core.validation import is_validation_enabled
+from bayes_router.core.validation import all_finite, is_validation_enabled
 
 ROW_TILE = 128  # query rows per tile when computing gathered rows (bounds memory and waste)
 
@@ -120,7 +120,7 @@ def check_expert_inputs(name: str, q, k, v, positions=None) -> None:
     if not is_validation_enabled():
         return
     for arg, x in (("q", q), ("k", k), ("v", v)):
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise ValueError(f"{name} expert: {arg} holds NaN or Inf")
     if positions is not None and positions.numel() and (
             int(positions.min()) < 0 or int(positions.max()) >= q.shape[2]):
