@@ -238,3 +238,39 @@ def test_local_kernel_takes_permuted_and_transposed_inputs(causal):
                   .requires_grad_() for _ in range(3)]
     for q, k, v in (permuted, transposed):
         _assert_matches_naive(expert, q, k, v)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T", [1, 5, 13, 37])
+@pytest.mark.parametrize("window, block", [(4, 2), (4, 1), (6, 3), (6, 2), (8, 4)])
+def test_local_kernel_with_blocks_smaller_than_the_window(causal, T, window, block, monkeypatch):
+    """Blocks of ``P < w`` queries (windows of ``P + w`` keys, ``P + 2w`` bidirectional, the
+    layout of ``w >= 64``): outputs and the kernel's own backward against the naive twin, in
+    one tile and in many; with permuted inputs too."""
+    import bayes_router.models.experts.local as local
+
+    expert = build_expert("local", TinyLMConfig(window=window, max_seq_len=64, causal=causal))
+    monkeypatch.setattr(expert, "block_size", lambda: block)
+    q, k, v = _qkv(2, T, requires_grad=True)
+    _assert_matches_naive(expert, q, k, v)
+    monkeypatch.setattr(local, "SCORE_TILE", 1)
+    _assert_matches_naive(expert, q, k, v)
+    permuted = [torch.randn(2, T, 4, 2, dtype=torch.float64).permute(0, 3, 1, 2)
+                .requires_grad_() for _ in range(3)]
+    _assert_matches_naive(expert, *permuted)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_local_kernel_halves_its_blocks_from_a_window_of_64(causal):
+    """The default layout at ``w = 64`` (blocks of 32) against the naive twin, and the executed
+    FLOPs it reports (``P + w`` keys, ``P + 2w`` bidirectional)."""
+    from bayes_router.models.experts.local import HALF_BLOCKS_FROM
+
+    expert = build_expert("local", TinyLMConfig(window=64, max_seq_len=256, causal=causal))
+    assert HALF_BLOCKS_FROM == 64 and expert.block_size() == 32
+    assert build_expert("local", TinyLMConfig(window=63)).block_size() == 63
+    assert build_expert("local", TinyLMConfig(window=32)).block_size() == 32
+    q, k, v = _qkv(1, 150, d=2, requires_grad=True)
+    _assert_matches_naive(expert, q, k, v)
+    keys = 32 + (64 if causal else 128)
+    assert expert.executed_flops_per_token(150, 8, 2) == 4.0 * 8 * keys

@@ -28,9 +28,10 @@ def _window_valid(key_pos: Tensor, query_pos: Tensor, seq_len: int, window: int,
     return valid & (offset <= 0) if causal else valid & (offset <= window)
 
 
-def _block_key_positions(n_blocks: int, block: int, n_keys: int, device) -> Tensor:
-    """``(n, 1, S)`` positions of the keys each block attends (from the previous block on)."""
-    return (torch.arange(n_blocks, device=device)[:, None, None] * block - block
+def _block_key_positions(n_blocks: int, block: int, n_keys: int, front: int, device
+                         ) -> Tensor:
+    """``(n, 1, S)`` positions of the keys each block attends, from ``front`` before it on."""
+    return (torch.arange(n_blocks, device=device)[:, None, None] * block - front
             + torch.arange(n_keys, device=device))
 
 
@@ -41,7 +42,7 @@ def _local_block_mask(n_blocks: int, block: int, n_keys: int, seq_len: int, wind
     depends only on the shapes; callers must not modify it)."""
     query_pos = (torch.arange(n_blocks, device=device)[:, None, None] * block
                  + torch.arange(block, device=device)[:, None])  # (n, P, 1)
-    key_pos = _block_key_positions(n_blocks, block, n_keys, device)
+    key_pos = _block_key_positions(n_blocks, block, n_keys, window, device)
     return additive_mask(_window_valid(key_pos, query_pos, seq_len, window, causal), dtype)
 
 
@@ -59,6 +60,27 @@ def _masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> 
 #: so that scores, probabilities and their gradients stay in cache while a tile is processed.
 SCORE_TILE = 1 << 18
 
+#: The smallest window whose dense kernel runs blocks of ``w / 2`` queries (see
+#: :meth:`LocalAttention.block_size`).
+HALF_BLOCKS_FROM = 64
+
+
+def _padded(x: Tensor, front: int, rows: int, scale: float | None = None) -> Tensor:
+    """``x (B, H, T, d)`` copied (times ``scale``) into zero rows ``(B, H, rows, d)``, from row
+    ``front`` on, contiguous: one pass over ``x``, zeros only in the padding (``F.pad`` zeroes
+    the whole output first), whatever the memory format of ``x`` (the windows are strided views
+    that assume contiguous rows)."""
+    B, H, T, d = x.shape
+    out = x.new_empty(B, H, rows, d)
+    out[:, :, :front].zero_()
+    out[:, :, front + T:].zero_()
+    body = out[:, :, front:front + T]
+    if scale is None:
+        body.copy_(x)
+    else:
+        torch.mul(x, scale, out=body)
+    return out
+
 
 def _windows(padded: Tensor, n_blocks: int, block: int, n_keys: int) -> Tensor:
     """Overlapping key windows ``(G, n, S, d)`` of ``padded (G, rows, d)``, a view: window
@@ -69,8 +91,8 @@ def _windows(padded: Tensor, n_blocks: int, block: int, n_keys: int) -> Tensor:
 
 
 class _WindowAttention(torch.autograd.Function):
-    """Dense local attention on blocks of ``P = w`` queries against windows of ``S = m P`` keys
-    (``m = 2`` causal, ``3`` bidirectional), with its own backward.
+    """Dense local attention on blocks of ``P`` queries (``P`` divides ``w``) against windows of
+    ``S = m P = P + w`` keys (``P + 2w`` bidirectional), with its own backward.
 
     The key and value windows are overlapping *views* of the keys padded once (no per-window
     copies), and the work runs in tiles of whole ``(batch, head)`` rows of about
@@ -80,31 +102,32 @@ class _WindowAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def _layout(q, k, v, window, causal):
+    def _layout(q, k, v, window, causal, block):
         """The scaled query blocks ``(G, n, P, d)`` and the padded keys and values
-        ``(G, rows, d)``, with the sizes ``(B, H, T, d, P, m, n, rows)``."""
+        ``(G, rows, d)``, with the sizes ``(B, H, T, d, P, m, n, rows)``: blocks of ``P``
+        queries (``P`` divides ``w``) against windows of ``S = m P`` keys, ``w`` before the
+        block (and ``w`` after it, bidirectional)."""
         B, H, T, d = q.shape
-        P, m = window, 2 if causal else 3  # blocks of P = w queries: measured best (see docs)
+        P = block
+        m = 1 + (1 if causal else 2) * (window // P)
         n = -(-T // P)
         rows = (n + m - 1) * P  # padded key rows: w in front (and w behind)
         G = B * H
-        qb = F.pad(q, (0, 0, 0, n * P - T)).reshape(G, n, P, d) * (1.0 / math.sqrt(d))
-        # contiguous rows: the windows are strided views that assume them (F.pad keeps the
-        # memory format of a permuted input, where reshape would return a view)
-        kp = F.pad(k, (0, 0, P, rows - P - T)).reshape(G, rows, d).contiguous()
-        vp = F.pad(v, (0, 0, P, rows - P - T)).reshape(G, rows, d).contiguous()
+        qb = _padded(q, 0, n * P, scale=1.0 / math.sqrt(d)).view(G, n, P, d)
+        kp = _padded(k, window, rows).view(G, rows, d)
+        vp = _padded(v, window, rows).view(G, rows, d)
         return qb, kp, vp, (B, H, T, d, P, m, n, rows)
 
     @staticmethod
-    def forward(ctx, q, k, v, window, causal):
+    def forward(ctx, q, k, v, window, causal, block):
         # q, k, v arrive in the compute dtype: autocast off, so that every product here, and
         # the out= buffers, keep it (CUDA's autocast would return the softmax in float32)
         with torch.autocast(q.device.type, enabled=False):
-            return _WindowAttention._forward(ctx, q, k, v, window, causal)
+            return _WindowAttention._forward(ctx, q, k, v, window, causal, block)
 
     @staticmethod
-    def _forward(ctx, q, k, v, window, causal):
-        qb, kp, vp, shape = _WindowAttention._layout(q, k, v, window, causal)
+    def _forward(ctx, q, k, v, window, causal, block):
+        qb, kp, vp, shape = _WindowAttention._layout(q, k, v, window, causal, block)
         B, H, T, d, P, m, n, rows = shape
         S, G = m * P, B * H
         mask = _local_block_mask(n, P, S, T, window, causal, q.dtype, q.device)
@@ -122,7 +145,7 @@ class _WindowAttention(torch.autograd.Function):
                 probs[a:b] = p
         if save:  # the inputs, not their padded copies: the layer's other experts keep them
             ctx.save_for_backward(q, k, v, probs)
-        ctx.window, ctx.causal = window, causal
+        ctx.window, ctx.causal, ctx.block = window, causal, block
         return out.view(B, H, n * P, d)[:, :, :T]
 
     @staticmethod
@@ -130,7 +153,7 @@ class _WindowAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, probs = ctx.saved_tensors
         qb, kp, vp, (B, H, T, d, P, m, n, rows) = _WindowAttention._layout(
-            q, k, v, ctx.window, ctx.causal)
+            q, k, v, ctx.window, ctx.causal, ctx.block)
         G, S, scale = B * H, m * P, 1.0 / math.sqrt(d)
         go = F.pad(grad_out, (0, 0, 0, n * P - T)).reshape(G, n, P, d)
         dq = torch.empty_like(qb)
@@ -149,15 +172,17 @@ class _WindowAttention(torch.autograd.Function):
                 dk_blocks[a:b, r:r + n] += dkw[:, :, r * P:(r + 1) * P]
                 dv_blocks[a:b, r:r + n] += dvw[:, :, r * P:(r + 1) * P]
         dq = (dq * scale).view(B, H, n * P, d)[:, :, :T]
-        dk = dk_blocks.view(B, H, rows, d)[:, :, P:P + T]
-        dv = dv_blocks.view(B, H, rows, d)[:, :, P:P + T]
-        return dq, dk, dv, None, None
+        w = ctx.window
+        dk = dk_blocks.view(B, H, rows, d)[:, :, w:w + T]
+        dv = dv_blocks.view(B, H, rows, d)[:, :, w:w + T]
+        return dq, dk, dv, None, None, None
 
 
 class LocalAttention(AttentionExpert):
     """Softmax attention over the window ``[t - w, t]`` (causal) or ``[t - w, t + w]``.
 
-    Blocked: queries in blocks of ``w`` rows attend the keys of their own and neighbouring blocks,
+    Blocked: queries in blocks of ``w`` rows (``w / 2`` from ``w = 64``) attend the keys of their
+    own and neighbouring blocks,
     so memory and time grow linearly in ``T``; no dense ``T x T`` band is ever built.
 
     :param window: look-back ``w``.
@@ -175,8 +200,18 @@ class LocalAttention(AttentionExpert):
 
     def forward(self, q, k, v, positions=None):
         if positions is None:
-            return _WindowAttention.apply(q, k, v, self.window, self.causal)
+            return _WindowAttention.apply(q, k, v, self.window, self.causal,
+                                          self.block_size())
         return self._rows(q, k, v, positions)
+
+    def block_size(self) -> int:
+        """Queries per block of the dense kernel, ``P``: ``w / 2`` for an even ``w >= 64``,
+        else ``w``. A block scores ``P + w`` keys per query (``P + 2w`` bidirectional), so
+        halving it cuts the wasted scores by a third where the blocks stay large enough for
+        efficient products (``docs/experts.md``: 0.85x forward at ``w = 64``, ``d = 64``;
+        slower forward+backward at ``w = 16, 32``)."""
+        w = self.window
+        return w // 2 if w >= HALF_BLOCKS_FROM and w % 2 == 0 else w
 
     def _rows(self, q, k, v, positions):
         """Only the query rows at ``positions``, in the padded per-block layout."""
@@ -197,7 +232,7 @@ class LocalAttention(AttentionExpert):
             values = torch.cat([previous[1], vb, following[1]], dim=3)
         slot, source, M = block_layout(positions, P, n_blocks, T)  # a padded (n, M) layout
         qb = gather_rows(q, source).view(B, H, n_blocks, M, d)
-        key_pos = _block_key_positions(n_blocks, P, keys.shape[3], q.device)  # (n, 1, S)
+        key_pos = _block_key_positions(n_blocks, P, keys.shape[3], P, q.device)  # (n, 1, S)
         valid = _window_valid(key_pos, source.view(B, n_blocks, M, 1), T, w, self.causal)
         mask = additive_mask(valid, q.dtype)[:, None]  # (B, 1, n, M, S)
         out = _masked_softmax_attention(qb, keys, values, mask)  # (B, H, n, M, d)
@@ -212,8 +247,9 @@ class LocalAttention(AttentionExpert):
         return 4.0 * d_model * keys
 
     def executed_flops_per_token(self, seq_len, d_model, n_heads):
-        # the blocked kernel scores 2w (causal) or 3w keys per query row
-        return 4.0 * d_model * (2 if self.causal else 3) * self.window
+        # the blocked kernel scores P + w (causal) or P + 2w keys per query row, P the block
+        keys = self.block_size() + (1 if self.causal else 2) * self.window
+        return 4.0 * d_model * keys
 
     def naive(self, q, k, v):
         return naive_local(q, k, v, window=self.window, causal=self.causal)
