@@ -6,7 +6,6 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from bayes_router.models.experts.base import (
@@ -60,63 +59,84 @@ def _masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> 
 #: so that scores, probabilities and their gradients stay in cache while a tile is processed.
 SCORE_TILE = 1 << 18
 
+#: Hard-routed rows run the dense kernel and gather its rows when some block holds more than
+#: this share of its ``P`` queries (``M > 0.5 P``): measured crossover of the two at T = 4096,
+#: ``w = 64`` (M/P = 0.47: rows 0.78x dense; 0.59: 1.02x) and T = 512, ``w = 16``
+#: (``docs/experts.md``).
+DENSE_ROWS_FROM = 0.5
+
 #: The smallest window whose dense kernel runs blocks of ``w / 2`` queries (see
 #: :meth:`LocalAttention.block_size`).
 HALF_BLOCKS_FROM = 64
 
 
-def _padded(x: Tensor, front: int, rows: int, scale: float | None = None) -> Tensor:
-    """``x (B, H, T, d)`` copied (times ``scale``) into zero rows ``(B, H, rows, d)``, from row
-    ``front`` on, contiguous: one pass over ``x``, zeros only in the padding (``F.pad`` zeroes
-    the whole output first), whatever the memory format of ``x`` (the windows are strided views
-    that assume contiguous rows)."""
+def _padded(x: Tensor, rows: int, front: int = 0, back: int = 0, scale: float | None = None
+            ) -> Tensor:
+    """``x (B, H, T, d)`` as one flat block of rows ``(front + B H rows + back, d)``: each
+    ``(batch, head)`` sequence copied (times ``scale``) into ``rows`` rows (zeros after its
+    ``T``), the sequences back to back, between ``front`` and ``back`` zero rows. One pass over
+    ``x`` whatever its memory format, zeros only in the padding (``F.pad`` zeroes the whole
+    output first)."""
     B, H, T, d = x.shape
-    out = x.new_empty(B, H, rows, d)
-    out[:, :, :front].zero_()
-    out[:, :, front + T:].zero_()
-    body = out[:, :, front:front + T]
+    body_rows = B * H * rows
+    out = x.new_empty(front + body_rows + back, d)
+    out[:front].zero_()
+    out[front + body_rows:].zero_()
+    body = out[front:front + body_rows].view(B, H, rows, d)
+    body[:, :, T:].zero_()
     if scale is None:
-        body.copy_(x)
+        body[:, :, :T].copy_(x)
     else:
-        torch.mul(x, scale, out=body)
+        torch.mul(x, scale, out=body[:, :, :T])
     return out
 
 
-def _windows(padded: Tensor, n_blocks: int, block: int, n_keys: int) -> Tensor:
-    """Overlapping key windows ``(G, n, S, d)`` of ``padded (G, rows, d)``, a view: window
-    ``j`` holds rows ``[j P, j P + S)``."""
-    G, _, d = padded.shape
-    return padded.as_strided((G, n_blocks, n_keys, d),
-                             (padded.stride(0), block * d, d, 1), padded.storage_offset())
+def _windows(flat: Tensor, first: int, count: int, block: int, n_keys: int) -> Tensor:
+    """Windows ``first .. first + count`` of ``n_keys`` rows of ``flat (rows, d)``, window ``i``
+    the rows ``[i P, i P + S)``: ``(count, S, d)``, a view (overlapping)."""
+    d = flat.shape[1]
+    return flat.as_strided((count, n_keys, d), (block * d, d, 1),
+                           flat.storage_offset() + first * block * d)
 
 
 class _WindowAttention(torch.autograd.Function):
     """Dense local attention on blocks of ``P`` queries (``P`` divides ``w``) against windows of
     ``S = m P = P + w`` keys (``P + 2w`` bidirectional), with its own backward.
 
-    The key and value windows are overlapping *views* of the keys padded once (no per-window
-    copies), and the work runs in tiles of whole ``(batch, head)`` rows of about
+    The keys and values of every ``(batch, head)`` sequence are padded once into one flat
+    block of rows, back to back, so that the windows of all blocks of all sequences are one
+    overlapping strided *view* with a single batch stride: the products run on it with no
+    per-window copies (a view per sequence would not merge its batch dimensions, and
+    ``matmul`` would copy every window). The work runs in tiles of whole sequences of about
     :data:`SCORE_TILE` score entries, small enough to stay in cache. The backward folds the
     window gradients back onto the keys with ``m`` shifted adds (no scatter): autograd through
     the strided views would instead materialise and scatter every window.
+
+    The window of a sequence's first block (and last, bidirectional) reaches ``w`` rows of the
+    neighbouring sequence, masked out: finite inputs never mix (tested), but a NaN or an
+    infinity there would reach that block's outputs, as through any ``0 * x``. The value
+    checks (:mod:`bayes_router.core.validation`, on by default) refuse such inputs at the
+    expert's boundary.
     """
 
     @staticmethod
     def _layout(q, k, v, window, causal, block):
-        """The scaled query blocks ``(G, n, P, d)`` and the padded keys and values
-        ``(G, rows, d)``, with the sizes ``(B, H, T, d, P, m, n, rows)``: blocks of ``P``
-        queries (``P`` divides ``w``) against windows of ``S = m P`` keys, ``w`` before the
-        block (and ``w`` after it, bidirectional)."""
+        """The scaled query blocks ``(G n, P, d)`` and the keys and values as flat padded rows
+        ``(w + G n P (+ w), d)``, with the sizes ``(B, H, T, d, P, m, n)``: block ``j`` of
+        sequence ``g`` (flat block ``i = g n + j``) attends the window of ``S = m P`` rows
+        from flat row ``i P`` on, the ``w`` keys before it (and ``w`` after it,
+        bidirectional), ``P`` dividing ``w``. Consecutive windows are one stride apart across
+        sequences too, so every product runs on views (no window is copied); the keys of a
+        neighbouring sequence a window reaches are masked out."""
         B, H, T, d = q.shape
         P = block
         m = 1 + (1 if causal else 2) * (window // P)
         n = -(-T // P)
-        rows = (n + m - 1) * P  # padded key rows: w in front (and w behind)
-        G = B * H
-        qb = _padded(q, 0, n * P, scale=1.0 / math.sqrt(d)).view(G, n, P, d)
-        kp = _padded(k, window, rows).view(G, rows, d)
-        vp = _padded(v, window, rows).view(G, rows, d)
-        return qb, kp, vp, (B, H, T, d, P, m, n, rows)
+        after = 0 if causal else window
+        qb = _padded(q, n * P, scale=1.0 / math.sqrt(d)).view(B * H * n, P, d)
+        kp = _padded(k, n * P, window, after)
+        vp = _padded(v, n * P, window, after)
+        return qb, kp, vp, (B, H, T, d, P, m, n)
 
     @staticmethod
     def forward(ctx, q, k, v, window, causal, block):
@@ -127,22 +147,20 @@ class _WindowAttention(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, q, k, v, window, causal, block):
-        qb, kp, vp, shape = _WindowAttention._layout(q, k, v, window, causal, block)
-        B, H, T, d, P, m, n, rows = shape
-        S, G = m * P, B * H
+        qb, kp, vp, (B, H, T, d, P, m, n) = _WindowAttention._layout(q, k, v, window, causal,
+                                                                      block)
+        S, N = m * P, B * H * n  # window length, blocks in all
         mask = _local_block_mask(n, P, S, T, window, causal, q.dtype, q.device)
-        out = q.new_empty(G, n, P, d)
+        out = q.new_empty(N, P, d)
         save = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        probs = q.new_empty(G, n, P, S) if save else None
-        tile = max(1, SCORE_TILE // (n * P * S))
-        for a in range(0, G, tile):
-            b = min(G, a + tile)
-            kw = _windows(kp[a:b], n, P, S)
-            scores = torch.matmul(qb[a:b], kw.transpose(-1, -2)).add_(mask)
-            p = torch.softmax(scores, -1)
-            torch.matmul(p, _windows(vp[a:b], n, P, S), out=out[a:b])
-            if save:
-                probs[a:b] = p
+        probs = q.new_empty(N, P, S) if save else None
+        tile = n * max(1, SCORE_TILE // (n * P * S))  # whole sequences of blocks
+        for a in range(0, N, tile):
+            b = min(N, a + tile)
+            scores = torch.matmul(qb[a:b], _windows(kp, a, b - a, P, S).transpose(-1, -2))
+            scores = scores.view(-1, n, P, S).add_(mask).view(b - a, P, S)
+            p = torch.softmax(scores, -1, out=probs[a:b]) if save else scores.softmax(-1)
+            torch.matmul(p, _windows(vp, a, b - a, P, S), out=out[a:b])
         if save:  # the inputs, not their padded copies: the layer's other experts keep them
             ctx.save_for_backward(q, k, v, probs)
         ctx.window, ctx.causal, ctx.block = window, causal, block
@@ -152,29 +170,29 @@ class _WindowAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, probs = ctx.saved_tensors
-        qb, kp, vp, (B, H, T, d, P, m, n, rows) = _WindowAttention._layout(
-            q, k, v, ctx.window, ctx.causal, ctx.block)
-        G, S, scale = B * H, m * P, 1.0 / math.sqrt(d)
-        go = F.pad(grad_out, (0, 0, 0, n * P - T)).reshape(G, n, P, d)
+        w = ctx.window
+        qb, kp, vp, (B, H, T, d, P, m, n) = _WindowAttention._layout(q, k, v, w, ctx.causal,
+                                                                      ctx.block)
+        S, N, scale = m * P, B * H * n, 1.0 / math.sqrt(d)
+        go = _padded(grad_out, n * P).view(N, P, d)
         dq = torch.empty_like(qb)
-        dk_blocks = qb.new_zeros(G, n + m - 1, P, d)
-        dv_blocks = qb.new_zeros(G, n + m - 1, P, d)
-        tile = max(1, SCORE_TILE // (n * P * S))
-        for a in range(0, G, tile):
-            b = min(G, a + tile)
-            kw, vw, p = _windows(kp[a:b], n, P, S), _windows(vp[a:b], n, P, S), probs[a:b]
-            dp = torch.matmul(go[a:b], vw.transpose(-1, -2))  # (g, n, P, S)
+        dk_blocks = qb.new_zeros(N + m - 1, P, d)  # the flat padded rows, in blocks of P
+        dv_blocks = qb.new_zeros(N + m - 1, P, d)
+        tile = n * max(1, SCORE_TILE // (n * P * S))
+        for a in range(0, N, tile):
+            b = min(N, a + tile)
+            kw, vw, p = _windows(kp, a, b - a, P, S), _windows(vp, a, b - a, P, S), probs[a:b]
+            dp = torch.matmul(go[a:b], vw.transpose(-1, -2))  # (t, P, S)
             ds = p * (dp - (dp * p).sum(-1, keepdim=True))
             torch.matmul(ds, kw, out=dq[a:b])
-            dkw = torch.matmul(ds.transpose(-1, -2), qb[a:b])  # (g, n, S, d), q scaled
+            dkw = torch.matmul(ds.transpose(-1, -2), qb[a:b])  # (t, S, d), q scaled
             dvw = torch.matmul(p.transpose(-1, -2), go[a:b])
-            for r in range(m):  # window j's part r is padded block j + r
-                dk_blocks[a:b, r:r + n] += dkw[:, :, r * P:(r + 1) * P]
-                dv_blocks[a:b, r:r + n] += dvw[:, :, r * P:(r + 1) * P]
+            for r in range(m):  # window i's part r is flat block i + r
+                dk_blocks[a + r:b + r] += dkw[:, r * P:(r + 1) * P]
+                dv_blocks[a + r:b + r] += dvw[:, r * P:(r + 1) * P]
         dq = (dq * scale).view(B, H, n * P, d)[:, :, :T]
-        w = ctx.window
-        dk = dk_blocks.view(B, H, rows, d)[:, :, w:w + T]
-        dv = dv_blocks.view(B, H, rows, d)[:, :, w:w + T]
+        dk = dk_blocks.view(-1, d)[w:w + N * P].view(B, H, n * P, d)[:, :, :T]
+        dv = dv_blocks.view(-1, d)[w:w + N * P].view(B, H, n * P, d)[:, :, :T]
         return dq, dk, dv, None, None, None
 
 
@@ -214,25 +232,26 @@ class LocalAttention(AttentionExpert):
         return w // 2 if w >= HALF_BLOCKS_FROM and w % 2 == 0 else w
 
     def _rows(self, q, k, v, positions):
-        """Only the query rows at ``positions``, in the padded per-block layout."""
+        """Only the query rows at ``positions``: grouped by block into an ``(n, M)`` layout,
+        each block against its window of the flat padded keys (a view, as in the dense
+        kernel); the dense kernel's rows where blocks are more than :data:`DENSE_ROWS_FROM`
+        full."""
         w = self.window
         B, H, T, d = q.shape
-        P = w  # block size
+        P = self.block_size()
         n_blocks = -(-T // P)
-        pad = n_blocks * P - T
-        kb = F.pad(k, (0, 0, 0, pad)).view(B, H, n_blocks, P, d)
-        vb = F.pad(v, (0, 0, 0, pad)).view(B, H, n_blocks, P, d)
-        previous = [F.pad(a, (0, 0, 0, 0, 1, 0))[:, :, :-1] for a in (kb, vb)]  # block j - 1
-        if self.causal:
-            keys = torch.cat([previous[0], kb], dim=3)  # (B, H, n, 2P, d)
-            values = torch.cat([previous[1], vb], dim=3)
-        else:
-            following = [F.pad(a, (0, 0, 0, 0, 0, 1))[:, :, 1:] for a in (kb, vb)]  # block j + 1
-            keys = torch.cat([previous[0], kb, following[0]], dim=3)  # (B, H, n, 3P, d)
-            values = torch.cat([previous[1], vb, following[1]], dim=3)
         slot, source, M = block_layout(positions, P, n_blocks, T)  # a padded (n, M) layout
+        if M > DENSE_ROWS_FROM * P:  # the dense kernel and a gather are faster
+            return gather_rows(_WindowAttention.apply(q, k, v, w, self.causal, P), positions)
+        S = P + (1 if self.causal else 2) * w  # keys per window
+        after = 0 if self.causal else w
+        kp = _padded(k, n_blocks * P, w, after)
+        vp = _padded(v, n_blocks * P, w, after)
+        N = B * H * n_blocks
+        keys = _windows(kp, 0, N, P, S).view(B, H, n_blocks, S, d)
+        values = _windows(vp, 0, N, P, S).view(B, H, n_blocks, S, d)
         qb = gather_rows(q, source).view(B, H, n_blocks, M, d)
-        key_pos = _block_key_positions(n_blocks, P, keys.shape[3], P, q.device)  # (n, 1, S)
+        key_pos = _block_key_positions(n_blocks, P, S, w, q.device)  # (n, 1, S)
         valid = _window_valid(key_pos, source.view(B, n_blocks, M, 1), T, w, self.causal)
         mask = additive_mask(valid, q.dtype)[:, None]  # (B, 1, n, M, S)
         out = _masked_softmax_attention(qb, keys, values, mask)  # (B, H, n, M, d)
