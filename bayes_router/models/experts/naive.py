@@ -13,7 +13,7 @@ from torch import Tensor
 
 def elu_feature_map(x: Tensor) -> Tensor:
     """The linear expert's positive feature map ``elu(x) + 1`` (Katharopoulos et al., 2020)."""
-    return F.elu(x) + 1.0
+    return F.elu(x).add_(1.0)  # one pass less: elu saves its input, not its output
 
 
 def naive_full(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
