@@ -53,18 +53,18 @@ class LinearAttention(AttentionExpert):
         return cls(chunk_size=cfg.chunk_size, causal=cfg.causal)
 
     def forward(self, q, k, v, positions=None):
-        phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
+        # the feature map of the queries only where they are read (a gather commutes with it)
+        phi_k = elu_feature_map(k)
         if not self.causal:
             state = phi_k.transpose(-2, -1) @ v  # (B, H, d, d)
             normaliser = phi_k.sum(-2)  # (B, H, d)
-            if positions is not None:
-                phi_q = gather_rows(phi_q, positions)
+            phi_q = elu_feature_map(q if positions is None else gather_rows(q, positions))
             return (phi_q @ state) / ((phi_q * normaliser[:, :, None]).sum(-1, keepdim=True)
                                       + self.eps)
         B, H, T, d = q.shape
         C = self.chunk_size
         if self.quadratic(T):
-            return self._quadratic(phi_q, phi_k, v, positions)
+            return self._quadratic(q, phi_k, v, positions)
         n_chunks = -(-T // C)
         pad = n_chunks * C - T
         phi_k = F.pad(phi_k, (0, 0, 0, pad)).view(B, H, n_chunks, C, d)  # zero features past T
@@ -75,13 +75,13 @@ class LinearAttention(AttentionExpert):
         # exclusive prefix sums: the state of all chunks before chunk j
         prior = F.pad(chunk_state.cumsum(2)[:, :, :-1], (0, 0, 0, 0, 1, 0))
         if positions is None:
-            phi_q = F.pad(phi_q, (0, 0, 0, pad)).view(B, H, n_chunks, C, d)
+            phi_q = F.pad(elu_feature_map(q), (0, 0, 0, pad)).view(B, H, n_chunks, C, d)
             causal_mask = torch.ones(C, C, dtype=q.dtype, device=q.device).tril_()
             scores = (phi_q @ phi_k.transpose(-2, -1)) * causal_mask  # (B, H, n, C, C)
             out = _readout(phi_q, scores, v_chunks, prior, self.eps)
             return out.reshape(B, H, n_chunks * C, d)[:, :, :T]
         slot, source, M = block_layout(positions, C, n_chunks, T)
-        phi_q = gather_rows(phi_q, source).view(B, H, n_chunks, M, d)  # rows grouped by chunk
+        phi_q = elu_feature_map(gather_rows(q, source)).view(B, H, n_chunks, M, d)  # by chunk
         key_pos = torch.arange(n_chunks * C, device=q.device).view(n_chunks, 1, C)
         causal = (key_pos <= source.view(B, n_chunks, M, 1)).to(q.dtype)[:, None]  # (B,1,n,M,C)
         scores = (phi_q @ phi_k.transpose(-2, -1)) * causal  # (B, H, n, M, C)
@@ -93,17 +93,18 @@ class LinearAttention(AttentionExpert):
         (:data:`QUADRATIC_CHUNKS` chunks or fewer) rather than the chunked prefix sums."""
         return seq_len <= QUADRATIC_CHUNKS * self.chunk_size
 
-    def _quadratic(self, phi_q: Tensor, phi_k: Tensor, v: Tensor, positions: Tensor | None
+    def _quadratic(self, q: Tensor, phi_k: Tensor, v: Tensor, positions: Tensor | None
                    ) -> Tensor:
         """The causal form as one masked ``T x T`` product, for sequences of at most
         :data:`QUADRATIC_CHUNKS` chunks (fewer, larger operations than the prefix sums)."""
         T = phi_k.shape[2]
         key_pos = torch.arange(T, device=phi_k.device)
         if positions is None:
-            mask = (key_pos <= key_pos[:, None]).to(phi_q.dtype)  # (T, T)
+            phi_q = elu_feature_map(q)
+            mask = (key_pos <= key_pos[:, None]).to(q.dtype)  # (T, T)
         else:
-            phi_q = gather_rows(phi_q, positions)
-            mask = (key_pos <= positions[:, :, None]).to(phi_q.dtype)[:, None]  # (B, 1, R, T)
+            phi_q = elu_feature_map(gather_rows(q, positions))
+            mask = (key_pos <= positions[:, :, None]).to(q.dtype)[:, None]  # (B, 1, R, T)
         scores = (phi_q @ phi_k.transpose(-2, -1)) * mask
         return (scores @ v) / (scores.sum(-1, keepdim=True) + self.eps)
 
