@@ -320,3 +320,32 @@ def test_local_rows_by_either_path_match_naive(causal, dense_from, window, block
     for g, r in zip(torch.autograd.grad(out, (q, k, v), upstream),
                     torch.autograd.grad(ref, (q, k, v), upstream), strict=True):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("T", [7, 9, 12])
+def test_linear_prefix_sums_backward_passes_gradcheck(T):
+    """The chunked prefix sums' own backward (chunks of 3: T > 2 chunks) against finite
+    differences, T a multiple of the chunk or not."""
+    from bayes_router.models.experts.linear import _ChunkedLinear
+
+    q, k, v = _qkv(2, T, d=3, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: _ChunkedLinear.apply(q, k, v, 3, 1e-6),
+                                    (q, k, v), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("wrt", [(0,), (1,), (2,), (0, 2)])
+def test_linear_prefix_sums_gradient_only_for_what_needs_it(wrt):
+    expert = build_expert("linear", TinyLMConfig(chunk_size=4))
+    q, k, v = _qkv(2, 19)
+    inputs = [q, k, v]
+    for i in wrt:
+        inputs[i].requires_grad_()
+    chosen = [inputs[i] for i in wrt]
+    upstream = torch.randn(2, 2, 19, 4, dtype=torch.float64)
+    got = torch.autograd.grad(expert(*inputs), chosen, upstream)
+    ref = torch.autograd.grad(expert.naive(*inputs), chosen, upstream)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(expert(q, k, v), expert.naive(q, k, v), rtol=1e-10,
+                                   atol=1e-10)

@@ -26,6 +26,111 @@ def _readout(phi_q: Tensor, scores: Tensor, v_chunks: Tensor, prior: Tensor, eps
     return out[..., :d] / (out[..., d:] + eps)
 
 
+def _padded_rows(x: Tensor, rows: int) -> Tensor:
+    """``x (B, H, T, d)`` in zero rows ``(B, H, rows, d)``, contiguous: ``x`` itself where that
+    is already so, else one copy with zeros only in the padding."""
+    B, H, T, d = x.shape
+    if rows == T and x.is_contiguous():
+        return x
+    out = x.new_empty(B, H, rows, d)
+    out[:, :, :T] = x
+    out[:, :, T:] = 0
+    return out
+
+
+def _with_ones(v: Tensor, rows: int) -> Tensor:
+    """``[v, 1]``, ``(B, H, rows, d + 1)``, zero rows after ``T``: the values with the ones
+    column whose sums give the normaliser, written in one pass."""
+    B, H, T, d = v.shape
+    out = v.new_empty(B, H, rows, d + 1)
+    out[:, :, :T, :d] = v
+    out[:, :, :T, d] = 1
+    out[:, :, T:] = 0
+    return out
+
+
+class _ChunkedLinear(torch.autograd.Function):
+    """The causal chunked prefix sums of all rows, with their own backward.
+
+    Forward, per chunk ``j`` of ``C`` positions (``G = B H`` sequences, ``n`` chunks, rows past
+    ``T`` zero): ``S_j = phi(K_j)^T [V_j, 1]``; ``P_j = sum_{i<j} S_i``; ``A_j =
+    tril(phi(Q_j) phi(K_j)^T)``; ``[num, den]_j = phi(Q_j) P_j + A_j [V_j, 1]``; ``o = num /
+    (den + eps)``. It saves the masked scores ``A``, the prefix states ``P``, the normaliser
+    and its output; the feature maps and the ones-column values are rebuilt from ``q, k, v``
+    in the backward (one pass each), where autograd would keep all of them, and the backward
+    runs its products without autograd's pad, concatenation and mask copies.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, chunk, eps):
+        # q, k, v arrive in the compute dtype: autocast off, so that every product keeps it
+        with torch.autocast(q.device.type, enabled=False):
+            B, H, T, d = q.shape
+            n = -(-T // chunk)
+            pq, pk, vc = _ChunkedLinear._operands(q, k, v, chunk, n)
+            state = pk.transpose(-1, -2) @ vc  # (G, n, d, d + 1)
+            prior = torch.empty_like(state)
+            prior[:, 0] = 0
+            torch.cumsum(state[:, :-1], 1, out=prior[:, 1:])  # exclusive prefix sums
+            scores = torch.matmul(pq, pk.transpose(-1, -2)).tril_()  # (G, n, C, C)
+            out = torch.matmul(pq, prior)  # (G, n, C, d + 1), fresh
+            out.view(-1, chunk, d + 1).baddbmm_(scores.view(-1, chunk, chunk),
+                                                vc.view(-1, chunk, d + 1))
+            den = out[..., d:] + eps
+            o = out[..., :d] / den  # (G, n, C, d), contiguous
+            if any(ctx.needs_input_grad[:3]):
+                ctx.save_for_backward(q, k, v, scores, prior, den, o)
+            ctx.chunk = chunk
+            return o.view(B, H, n * chunk, d)[:, :, :T]
+
+    @staticmethod
+    def _operands(q, k, v, chunk, n):
+        """``phi(q)``, ``phi(k)`` and ``[v, 1]`` in chunks ``(G, n, C, .)``, zero past ``T``."""
+        B, H, T, d = q.shape
+        G, rows = B * H, n * chunk
+        pq = _padded_rows(elu_feature_map(q), rows).view(G, n, chunk, d)
+        pk = _padded_rows(elu_feature_map(k), rows).view(G, n, chunk, d)
+        vc = _with_ones(v, rows).view(G, n, chunk, d + 1)
+        return pq, pk, vc
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, v, scores, prior, den, o = ctx.saved_tensors
+        with torch.autocast(q.device.type, enabled=False):
+            return _ChunkedLinear._backward(ctx.chunk, grad, q, k, v, scores, prior, den, o) \
+                + (None, None)
+
+    @staticmethod
+    def _backward(chunk, grad, q, k, v, scores, prior, den, o):
+        B, H, T, d = q.shape
+        n = -(-T // chunk)
+        pq, pk, vc = _ChunkedLinear._operands(q, k, v, chunk, n)
+        # [num, den] -> o = num / den: d num = g / den, d den = -sum_d g o / den
+        g = _padded_rows(grad.to(o.dtype), n * chunk).view(B * H, n, chunk, d)
+        g_out = g.new_empty(B * H, n, chunk, d + 1)
+        torch.div(g, den, out=g_out[..., :d])
+        torch.sum(g_out[..., :d] * o, -1, keepdim=True, out=g_out[..., d:]).neg_()
+        g_scores = torch.matmul(g_out, vc.transpose(-1, -2)).tril_()  # (G, n, C, C)
+        g_pq = torch.matmul(g_out, prior.transpose(-1, -2))  # (G, n, C, d)
+        g_pq.view(-1, chunk, d).baddbmm_(g_scores.view(-1, chunk, chunk), pk.view(-1, chunk, d))
+        g_prior = torch.matmul(pq.transpose(-1, -2), g_out)  # (G, n, d, d + 1)
+        # prior_j = sum_{i<j} state_i, so d state_i = sum_{j>i} d prior_j
+        g_state = torch.zeros_like(g_prior)
+        g_state[:, :-1] = g_prior[:, 1:].flip(1).cumsum(1).flip(1)
+        g_pk = torch.matmul(vc, g_state.transpose(-1, -2))  # state = phi(k)^T [v, 1]
+        g_pk.view(-1, chunk, d).baddbmm_(g_scores.transpose(-1, -2).reshape(-1, chunk, chunk),
+                                         pq.view(-1, chunk, d))
+        g_vc = torch.matmul(pk, g_state)
+        g_vc.view(-1, chunk, d + 1).baddbmm_(scores.transpose(-1, -2).reshape(-1, chunk, chunk),
+                                             g_out.view(-1, chunk, d + 1))
+        # phi = elu + 1 has derivative min(phi, 1)
+        g_q = g_pq.mul_(pq.clamp_(max=1)).view(B, H, n * chunk, d)[:, :, :T]
+        g_k = g_pk.mul_(pk.clamp_(max=1)).view(B, H, n * chunk, d)[:, :, :T]
+        g_v = g_vc.view(B, H, n * chunk, d + 1)[:, :, :T, :d]
+        return g_q, g_k, g_v
+
+
 #: Causal sequences of at most this many chunks run as one masked ``T x T`` product: at two
 #: chunks (T=128, C=64, B=2, H=4, d=64) it took 0.42x the prefix sums' forward time and 0.69x
 #: their forward+backward; at four chunks the prefix sums win (``docs/experts.md``).
@@ -53,6 +158,10 @@ class LinearAttention(AttentionExpert):
         return cls(chunk_size=cfg.chunk_size, causal=cfg.causal)
 
     def forward(self, q, k, v, positions=None):
+        B, H, T, d = q.shape
+        C = self.chunk_size
+        if self.causal and positions is None and not self.quadratic(T):
+            return _ChunkedLinear.apply(q, k, v, C, self.eps)
         # the feature map of the queries only where they are read (a gather commutes with it)
         phi_k = elu_feature_map(k)
         if not self.causal:
@@ -61,8 +170,6 @@ class LinearAttention(AttentionExpert):
             phi_q = elu_feature_map(q if positions is None else gather_rows(q, positions))
             return (phi_q @ state) / ((phi_q * normaliser[:, :, None]).sum(-1, keepdim=True)
                                       + self.eps)
-        B, H, T, d = q.shape
-        C = self.chunk_size
         if self.quadratic(T):
             return self._quadratic(q, phi_k, v, positions)
         n_chunks = -(-T // C)
@@ -74,12 +181,6 @@ class LinearAttention(AttentionExpert):
         chunk_state = phi_k.transpose(-2, -1) @ v_chunks  # (B, H, n, d, d + 1)
         # exclusive prefix sums: the state of all chunks before chunk j
         prior = F.pad(chunk_state.cumsum(2)[:, :, :-1], (0, 0, 0, 0, 1, 0))
-        if positions is None:
-            phi_q = F.pad(elu_feature_map(q), (0, 0, 0, pad)).view(B, H, n_chunks, C, d)
-            causal_mask = torch.ones(C, C, dtype=q.dtype, device=q.device).tril_()
-            scores = (phi_q @ phi_k.transpose(-2, -1)) * causal_mask  # (B, H, n, C, C)
-            out = _readout(phi_q, scores, v_chunks, prior, self.eps)
-            return out.reshape(B, H, n_chunks * C, d)[:, :, :T]
         slot, source, M = block_layout(positions, C, n_chunks, T)
         phi_q = elu_feature_map(gather_rows(q, source)).view(B, H, n_chunks, M, d)  # by chunk
         key_pos = torch.arange(n_chunks * C, device=q.device).view(n_chunks, 1, C)
