@@ -195,7 +195,8 @@ class RoutedAttention(nn.Module):
                 o = expert(q, k, v).transpose(1, 2)  # (B, T, H, d)
                 if not shared:
                     o = self.out[i](o.reshape(B, T, D))
-                y = y + w.view(B, T, *[1] * (o.dim() - 2)) * o.to(y.dtype)  # (autocast)
+                # one pass: y + w o (o in y's dtype under autocast)
+                y = torch.addcmul(y, w.view(B, T, *[1] * (o.dim() - 2)), o.to(y.dtype))
                 continue
             positions, valid = selected_positions(selected)  # (B, R)
             o = expert(q, k, v, positions).transpose(1, 2)  # (B, R, H, d)

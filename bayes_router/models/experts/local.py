@@ -121,8 +121,10 @@ class _WindowAttention(torch.autograd.Function):
 
     @staticmethod
     def _layout(q, k, v, window, causal, block):
-        """The scaled query blocks ``(G n, P, d)`` and the keys and values as flat padded rows
-        ``(w + G n P (+ w), d)``, with the sizes ``(B, H, T, d, P, m, n)``: block ``j`` of
+        """The query blocks ``(G n, P, d)``, the keys (scaled by ``1 / sqrt(d)``) and values as
+        flat padded rows ``(w + G n P (+ w), d)``, with the sizes ``(B, H, T, d, P, m, n)``.
+        The queries are a view of ``q`` where ``T`` is a multiple of ``P`` and ``q`` is
+        contiguous (the scale rides on the keys' copy, needed anyway). Block ``j`` of
         sequence ``g`` (flat block ``i = g n + j``) attends the window of ``S = m P`` rows
         from flat row ``i P`` on, the ``w`` keys before it (and ``w`` after it,
         bidirectional), ``P`` dividing ``w``. Consecutive windows are one stride apart across
@@ -133,8 +135,8 @@ class _WindowAttention(torch.autograd.Function):
         m = 1 + (1 if causal else 2) * (window // P)
         n = -(-T // P)
         after = 0 if causal else window
-        qb = _padded(q, n * P, scale=1.0 / math.sqrt(d)).view(B * H * n, P, d)
-        kp = _padded(k, n * P, window, after)
+        qb = (q if n * P == T and q.is_contiguous() else _padded(q, n * P)).view(B * H * n, P, d)
+        kp = _padded(k, n * P, window, after, scale=1.0 / math.sqrt(d))
         vp = _padded(v, n * P, window, after)
         return qb, kp, vp, (B, H, T, d, P, m, n)
 
@@ -174,8 +176,9 @@ class _WindowAttention(torch.autograd.Function):
         qb, kp, vp, (B, H, T, d, P, m, n) = _WindowAttention._layout(q, k, v, w, ctx.causal,
                                                                       ctx.block)
         S, N, scale = m * P, B * H * n, 1.0 / math.sqrt(d)
-        go = _padded(grad_out, n * P).view(N, P, d)
-        dq = torch.empty_like(qb)
+        go = (grad_out if n * P == T and grad_out.is_contiguous() else
+              _padded(grad_out, n * P)).view(N, P, d)
+        dq = q.new_empty(N, P, d)
         dk_blocks = qb.new_zeros(N + m - 1, P, d)  # the flat padded rows, in blocks of P
         dv_blocks = qb.new_zeros(N + m - 1, P, d)
         tile = n * max(1, SCORE_TILE // (n * P * S))
@@ -183,15 +186,15 @@ class _WindowAttention(torch.autograd.Function):
             b = min(N, a + tile)
             kw, vw, p = _windows(kp, a, b - a, P, S), _windows(vp, a, b - a, P, S), probs[a:b]
             dp = torch.matmul(go[a:b], vw.transpose(-1, -2))  # (t, P, S)
-            ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-            torch.matmul(ds, kw, out=dq[a:b])
-            dkw = torch.matmul(ds.transpose(-1, -2), qb[a:b])  # (t, S, d), q scaled
+            ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)  # in place: dp is fresh
+            torch.matmul(ds, kw, out=dq[a:b])  # the keys are scaled: so is dq
+            dkw = torch.matmul(ds.transpose(-1, -2), qb[a:b])  # (t, S, d), scaled below
             dvw = torch.matmul(p.transpose(-1, -2), go[a:b])
             for r in range(m):  # window i's part r is flat block i + r
                 dk_blocks[a + r:b + r] += dkw[:, r * P:(r + 1) * P]
                 dv_blocks[a + r:b + r] += dvw[:, r * P:(r + 1) * P]
-        dq = (dq * scale).view(B, H, n * P, d)[:, :, :T]
-        dk = dk_blocks.view(-1, d)[w:w + N * P].view(B, H, n * P, d)[:, :, :T]
+        dq = dq.view(B, H, n * P, d)[:, :, :T]
+        dk = dk_blocks.view(-1, d)[w:w + N * P].view(B, H, n * P, d)[:, :, :T] * scale
         dv = dv_blocks.view(-1, d)[w:w + N * P].view(B, H, n * P, d)[:, :, :T]
         return dq, dk, dv, None, None, None
 
