@@ -175,13 +175,13 @@ class RoutedAttention(nn.Module):
         weights = weights.expand(*lead, T, K).reshape(-1, T, K)
         B, shared = x.shape[0], self.cfg.shared_qkv
         H, d = self.cfg.n_heads, self.cfg.head_dim
-        y = x.new_zeros(B, T, H, d) if shared else x.new_zeros(B, T, D)
+        shape = (B, T, H, d) if shared else (B, T, D)
+        y = None  # the weighted sum, started by the first expert's term (no zeros to add to)
         done = []
         if shared:
             q, k, v = self._heads(self.qkv(x))
             if sparse:
-                o, done = self._shared_softmax(q, k, v, weights)
-                y = y if o is None else y + o
+                y, done = self._shared_softmax(q, k, v, weights)
         for i, expert in enumerate(self.experts):
             if i in done:
                 continue
@@ -195,17 +195,19 @@ class RoutedAttention(nn.Module):
                 o = expert(q, k, v).transpose(1, 2)  # (B, T, H, d)
                 if not shared:
                     o = self.out[i](o.reshape(B, T, D))
-                # one pass: y + w o (o in y's dtype under autocast)
-                y = torch.addcmul(y, w.view(B, T, *[1] * (o.dim() - 2)), o.to(y.dtype))
+                term = w.view(B, T, *[1] * (o.dim() - 2)) * o.to(x.dtype)  # (autocast)
+                y = term if y is None else y + term
                 continue
             positions, valid = selected_positions(selected)  # (B, R)
             o = expert(q, k, v, positions).transpose(1, 2)  # (B, R, H, d)
             if not shared:
                 o = self.out[i](o.reshape(B, -1, D))
             w_rows = w.gather(1, positions) * valid
-            contribution = w_rows.view(*w_rows.shape, *[1] * (o.dim() - 2)) * o.to(y.dtype)
+            contribution = w_rows.view(*w_rows.shape, *[1] * (o.dim() - 2)) * o.to(x.dtype)
             index = positions.view(*positions.shape, *[1] * (o.dim() - 2)).expand_as(o)
-            y = y.scatter_add(1, index, contribution)
+            y = (x.new_zeros(shape) if y is None else y).scatter_add(1, index, contribution)
+        if y is None:  # no expert has weight on any token
+            y = x.new_zeros(shape)
         if shared:
             y = self.out(y.reshape(B, T, D))
         return y.reshape(*lead, T, D)

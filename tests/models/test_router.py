@@ -111,3 +111,26 @@ def test_routing_modes():
         routing_weights(decision, "random")
     with pytest.raises(ValueError, match="gate_threshold"):
         routing_weights(decision, "gated", gate_threshold=1.5)
+
+
+@pytest.mark.parametrize("shared_qkv", [True, False])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_tokens_with_no_weight_mix_nothing(shared_qkv, sparse):
+    """A layer whose weights are zero everywhere (or on some tokens) mixes nothing there: the
+    output is the shared out projection of zero (its bias), or zero with one projection per
+    expert (each term is weighted), sparse or dense, with gradients."""
+    cfg = TinyLMConfig(**{**CFG.to_dict(), "shared_qkv": shared_qkv})
+    layer = RoutedAttention(cfg).double()
+    x = torch.randn(2, 9, cfg.d_model, dtype=torch.float64, requires_grad=True)
+    weights = torch.zeros(2, 9, cfg.n_experts, dtype=torch.float64)
+    out = layer(x, weights, sparse=sparse)
+    bias = layer.out.bias if shared_qkv else torch.zeros(cfg.d_model, dtype=torch.float64)
+    torch.testing.assert_close(out, bias.detach().expand_as(out))
+    weights[1, 4, 0] = 1.0  # one token of one sequence on one expert
+    out = layer(x, weights, sparse=sparse)
+    torch.testing.assert_close(out[0], bias.detach().expand_as(out[0]))
+    reference = layer(x, weights, sparse=not sparse)
+    torch.testing.assert_close(out, reference)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    (r,) = torch.autograd.grad(reference.sum(), x)
+    torch.testing.assert_close(g, r)
