@@ -79,7 +79,7 @@ class _ChunkedLinear(torch.autograd.Function):
             den = out[..., d:] + eps
             o = out[..., :d] / den  # (G, n, C, d), contiguous
             if any(ctx.needs_input_grad[:3]):
-                ctx.save_for_backward(q, k, v, scores, prior, den, o)
+                ctx.save_for_backward(q, k, v, prior, den, o)
             ctx.chunk = chunk
             return o.view(B, H, n * chunk, d)[:, :, :T]
 
@@ -96,13 +96,13 @@ class _ChunkedLinear(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        q, k, v, scores, prior, den, o = ctx.saved_tensors
+        q, k, v, prior, den, o = ctx.saved_tensors
         with torch.autocast(q.device.type, enabled=False):
-            return _ChunkedLinear._backward(ctx.chunk, grad, q, k, v, scores, prior, den, o) \
+            return _ChunkedLinear._backward(ctx.chunk, grad, q, k, v, prior, den, o) \
                 + (None, None)
 
     @staticmethod
-    def _backward(chunk, grad, q, k, v, scores, prior, den, o):
+    def _backward(chunk, grad, q, k, v, prior, den, o):
         B, H, T, d = q.shape
         n = -(-T // chunk)
         pq, pk, vc = _ChunkedLinear._operands(q, k, v, chunk, n)
@@ -122,7 +122,8 @@ class _ChunkedLinear(torch.autograd.Function):
         g_pk.view(-1, chunk, d).baddbmm_(g_scores.transpose(-1, -2).reshape(-1, chunk, chunk),
                                          pq.view(-1, chunk, d))
         g_vc = torch.matmul(pk, g_state)
-        g_vc.view(-1, chunk, d + 1).baddbmm_(scores.transpose(-1, -2).reshape(-1, chunk, chunk),
+        scores = torch.matmul(pk, pq.transpose(-1, -2)).triu_()  # the forward's, transposed
+        g_vc.view(-1, chunk, d + 1).baddbmm_(scores.view(-1, chunk, chunk),
                                              g_out.view(-1, chunk, d + 1))
         # phi = elu + 1 has derivative min(phi, 1)
         g_q = g_pq.mul_(pq.clamp_(max=1)).view(B, H, n * chunk, d)[:, :, :T]
