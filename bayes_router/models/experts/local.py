@@ -164,14 +164,14 @@ class _WindowAttention(torch.autograd.Function):
             p = torch.softmax(scores, -1, out=probs[a:b]) if save else scores.softmax(-1)
             torch.matmul(p, _windows(vp, a, b - a, P, S), out=out[a:b])
         if save:  # the inputs, not their padded copies: the layer's other experts keep them
-            ctx.save_for_backward(q, k, v, probs, out)  # out: the layer keeps it anyway
+            ctx.save_for_backward(q, k, v, probs)
         ctx.window, ctx.causal, ctx.block = window, causal, block
         return out.view(B, H, n * P, d)[:, :, :T]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, probs, out = ctx.saved_tensors
+        q, k, v, probs = ctx.saved_tensors
         w = ctx.window
         qb, kp, vp, (B, H, T, d, P, m, n) = _WindowAttention._layout(q, k, v, w, ctx.causal,
                                                                       ctx.block)
@@ -186,8 +186,7 @@ class _WindowAttention(torch.autograd.Function):
             b = min(N, a + tile)
             kw, vw, p = _windows(kp, a, b - a, P, S), _windows(vp, a, b - a, P, S), probs[a:b]
             dp = torch.matmul(go[a:b], vw.transpose(-1, -2))  # (t, P, S)
-            # sum_s dp_s p_s = go . sum_s p_s v_s = go . out: over d columns, not S
-            ds = dp.sub_((go[a:b] * out[a:b]).sum(-1, keepdim=True)).mul_(p)  # dp is fresh
+            ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)  # in place: dp is fresh
             torch.matmul(ds, kw, out=dq[a:b])  # the keys are scaled: so is dq
             dkw = torch.matmul(ds.transpose(-1, -2), qb[a:b])  # (t, S, d), scaled below
             dvw = torch.matmul(p.transpose(-1, -2), go[a:b])
