@@ -172,7 +172,8 @@ class RoutedAttention(nn.Module):
         lead = torch.broadcast_shapes(x.shape[:-2], weights.shape[:-2])
         T, D = x.shape[-2:]
         x = x.expand(*lead, T, D).reshape(-1, T, D)  # (B, T, D), particles folded into B
-        weights = weights.expand(*lead, T, K).reshape(-1, T, K)
+        # every term in the layer's dtype, whatever the weights' (their gradient flows back)
+        weights = weights.expand(*lead, T, K).reshape(-1, T, K).to(x.dtype)
         B, shared = x.shape[0], self.cfg.shared_qkv
         H, d = self.cfg.n_heads, self.cfg.head_dim
         shape = (B, T, H, d) if shared else (B, T, D)

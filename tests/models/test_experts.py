@@ -349,3 +349,47 @@ def test_linear_prefix_sums_gradient_only_for_what_needs_it(wrt):
     with torch.no_grad():
         torch.testing.assert_close(expert(q, k, v), expert.naive(q, k, v), rtol=1e-10,
                                    atol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_local_kernel_keeps_sequences_apart_when_products_overflow(causal):
+    """Finite float16 inputs whose products with a neighbouring sequence's rows overflow
+    (65504): the masked entries must not turn into NaN (inf - inf) in that sequence, forward
+    (huge keys next door) or backward (huge values next door, a loss-scaled gradient)."""
+    expert = build_expert("local", TinyLMConfig(window=4, max_seq_len=16, causal=causal))
+    q, k, v = (torch.randn(1, 3, 8, 16) for _ in range(3))
+    q[:, 0], q[:, 2] = 0.0, 0.0
+    k[:, 0], k[:, 2] = 60000.0, 60000.0  # heads 0 and 2: finite keys, q.k overflows float16
+    q, k, v = (t.half() for t in (q, k, v))
+    alone = expert(q[:, 1:2], k[:, 1:2], v[:, 1:2])
+    together = expert(q, k, v)[:, 1:2]
+    assert bool(torch.isfinite(together).all())
+    torch.testing.assert_close(together, alone, rtol=0, atol=0)
+    q, k, v = (torch.randn(1, 3, 8, 16) for _ in range(3))
+    v[:, 0], v[:, 2] = 3000.0, 3000.0  # go . v overflows float16 for head 1's gradient
+    q, k, v = (t.half().requires_grad_() for t in (q, k, v))
+    upstream = torch.zeros(1, 3, 8, 16, dtype=torch.half)
+    upstream[:, 1] = 1000.0
+    grads = torch.autograd.grad(expert(q, k, v), (q, k, v), upstream)
+    own = [t[:, 1:2].detach().requires_grad_() for t in (q, k, v)]
+    reference = torch.autograd.grad(expert(*own), own, upstream[:, 1:2])
+    for g, r in zip(grads, reference, strict=True):
+        assert bool(torch.isfinite(g).all())
+        torch.testing.assert_close(g[:, 1:2], r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, T", [("local", 37), ("linear", 37), ("linear", 12)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernels_run_their_backward_under_autocast(name, T, dtype):
+    """Forward and backward both inside ``torch.autocast`` (a training loop may call backward
+    there) on float32 heads: the kernels keep the dtype they computed in, and give the
+    gradients of the same computation outside autocast."""
+    expert = build_expert(name, TinyLMConfig(window=4, chunk_size=4, max_seq_len=64))
+    q, k, v = (torch.randn(2, 2, T, 8, requires_grad=True) for _ in range(3))
+    upstream = torch.randn(2, 2, T, 8)
+    with torch.autocast("cpu", dtype=dtype):
+        inside = torch.autograd.grad(expert(q, k, v), (q, k, v), upstream)
+    outside = torch.autograd.grad(expert(q, k, v), (q, k, v), upstream)
+    for g, r in zip(inside, outside, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r)

@@ -134,3 +134,25 @@ def test_tokens_with_no_weight_mix_nothing(shared_qkv, sparse):
     (g,) = torch.autograd.grad(out.sum(), x)
     (r,) = torch.autograd.grad(reference.sum(), x)
     torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("layer_dtype, weights_dtype",
+                         [(torch.float64, torch.float32), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("shared_qkv", [True, False])
+@pytest.mark.parametrize("mix", ["softmax-experts", "all"])
+def test_weights_of_another_dtype_mix_in_the_layers(layer_dtype, weights_dtype, shared_qkv,
+                                                     mix):
+    """Weights in another floating dtype than the layer's: every path (the shared softmax of a
+    short hard-routed sequence, sparse rows, dense) mixes in the layer's dtype and equals the
+    layer fed the same weights converted."""
+    cfg = TinyLMConfig(**{**CFG.to_dict(), "shared_qkv": shared_qkv})
+    layer = RoutedAttention(cfg).to(layer_dtype)
+    x = torch.randn(2, 13, cfg.d_model, dtype=layer_dtype)
+    index = torch.randint(0, cfg.n_experts, (2, 13))
+    if mix == "softmax-experts":  # only full and local: the shared softmax path covers all
+        index = torch.where(index == cfg.experts.index("linear"), 0, index)
+    weights = F.one_hot(index, cfg.n_experts).to(weights_dtype)
+    for sparse in (True, False):
+        out = layer(x, weights, sparse=sparse)
+        assert out.dtype == layer_dtype
+        torch.testing.assert_close(out, layer(x, weights.to(layer_dtype), sparse=sparse))

@@ -45,16 +45,6 @@ def _local_block_mask(n_blocks: int, block: int, n_keys: int, seq_len: int, wind
     return additive_mask(_window_valid(key_pos, query_pos, seq_len, window, causal), dtype)
 
 
-def _masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """``q (..., M, d)`` against ``k, v (..., S, d)`` with an additive ``mask (..., M, S)``.
-
-    Explicit matmuls: on CPU, at the block shapes of the local expert, ~1.3x faster than
-    ``F.scaled_dot_product_attention`` with a boolean ``attn_mask``.
-    """
-    scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-2, -1)) + mask
-    return torch.matmul(scores.softmax(-1), v)
-
-
 #: Score entries (query rows x window keys) per tile of the dense kernel: ~1 MB of float32,
 #: so that scores, probabilities and their gradients stay in cache while a tile is processed.
 SCORE_TILE = 1 << 18
@@ -91,6 +81,24 @@ def _padded(x: Tensor, rows: int, front: int = 0, back: int = 0, scale: float | 
     return out
 
 
+def _blank_neighbours(x: Tensor, n: int, P: int, window: int, causal: bool, value: float
+                      ) -> Tensor:
+    """Overwrite, in place, the entries of ``x (..., n, rows, S)`` (blocks ``j`` of one
+    sequence against their windows of the flat layout) that pair a block with another
+    sequence's rows: the ``w - j P`` keys before the sequence (causal and bidirectional) and
+    those past its ``n P`` rows (bidirectional). The mask excludes them anyway, but a product
+    with them can overflow (float16 at 65504, with finite inputs) and ``inf - inf`` would
+    reach this sequence as NaN; overwritten, they are exactly ``value``. Only the ``w / P``
+    blocks at each end are touched, whatever ``T``."""
+    edge = window // P
+    for j in range(min(n, edge)):
+        x[..., j, :, :window - j * P] = value
+    if not causal:
+        for j in range(max(0, n - edge), n):
+            x[..., j, :, (n - j) * P + window:] = value
+    return x
+
+
 def _windows(flat: Tensor, first: int, count: int, block: int, n_keys: int) -> Tensor:
     """Windows ``first .. first + count`` of ``n_keys`` rows of ``flat (rows, d)``, window ``i``
     the rows ``[i P, i P + S)``: ``(count, S, d)``, a view (overlapping)."""
@@ -112,11 +120,15 @@ class _WindowAttention(torch.autograd.Function):
     window gradients back onto the keys with ``m`` shifted adds (no scatter): autograd through
     the strided views would instead materialise and scatter every window.
 
-    The window of a sequence's first block (and last, bidirectional) reaches ``w`` rows of the
-    neighbouring sequence, masked out: finite inputs never mix (tested), but a NaN or an
-    infinity there would reach that block's outputs, as through any ``0 * x``. The value
-    checks (:mod:`bayes_router.core.validation`, on by default) refuse such inputs at the
-    expert's boundary.
+    The windows of a sequence's first ``w / P`` blocks (and last, bidirectional) reach up to
+    ``w`` rows of the neighbouring sequences (of several, when a sequence is shorter than
+    ``w``). Those entries are overwritten before the mask is added
+    (:func:`_blank_neighbours`), so finite inputs never mix, even where a product with them
+    overflows in float16 (tested). A NaN or an infinity in a neighbour's rows would still
+    reach those blocks, through ``0 * x`` in the products with the values. The value checks
+    (:mod:`bayes_router.core.validation`, on by default) refuse non-finite q, k, v at the
+    expert's boundary; inside :class:`~bayes_router.models.router.RoutedAttention` they check
+    the layer's input ``x`` once instead.
     """
 
     @staticmethod
@@ -160,7 +172,9 @@ class _WindowAttention(torch.autograd.Function):
         for a in range(0, N, tile):
             b = min(N, a + tile)
             scores = torch.matmul(qb[a:b], _windows(kp, a, b - a, P, S).transpose(-1, -2))
-            scores = scores.view(-1, n, P, S).add_(mask).view(b - a, P, S)
+            scores = scores.view(-1, n, P, S)
+            _blank_neighbours(scores, n, P, window, causal, -math.inf).add_(mask)
+            scores = scores.view(b - a, P, S)
             p = torch.softmax(scores, -1, out=probs[a:b]) if save else scores.softmax(-1)
             torch.matmul(p, _windows(vp, a, b - a, P, S), out=out[a:b])
         if save:  # the inputs, not their padded copies: the layer's other experts keep them
@@ -171,7 +185,14 @@ class _WindowAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        # autocast off here too: a backward run under autocast must keep the saved dtype
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _WindowAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         q, k, v, probs = ctx.saved_tensors
+        grad_out = grad_out.to(q.dtype)
         w = ctx.window
         qb, kp, vp, (B, H, T, d, P, m, n) = _WindowAttention._layout(q, k, v, w, ctx.causal,
                                                                       ctx.block)
@@ -186,6 +207,7 @@ class _WindowAttention(torch.autograd.Function):
             b = min(N, a + tile)
             kw, vw, p = _windows(kp, a, b - a, P, S), _windows(vp, a, b - a, P, S), probs[a:b]
             dp = torch.matmul(go[a:b], vw.transpose(-1, -2))  # (t, P, S)
+            _blank_neighbours(dp.view(-1, n, P, S), n, P, w, ctx.causal, 0.0)  # p = 0 there
             ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)  # in place: dp is fresh
             torch.matmul(ds, kw, out=dq[a:b])  # the keys are scaled: so is dq
             dkw = torch.matmul(ds.transpose(-1, -2), qb[a:b])  # (t, S, d), scaled below
@@ -202,9 +224,9 @@ class _WindowAttention(torch.autograd.Function):
 class LocalAttention(AttentionExpert):
     """Softmax attention over the window ``[t - w, t]`` (causal) or ``[t - w, t + w]``.
 
-    Blocked: queries in blocks of ``w`` rows (``w / 2`` from ``w = 64``) attend the keys of their
-    own and neighbouring blocks,
-    so memory and time grow linearly in ``T``; no dense ``T x T`` band is ever built.
+    Blocked: queries in blocks of ``w`` rows (``w / 2`` for an even ``w >= 64``) attend the keys
+    of their own and neighbouring blocks, so memory and time grow linearly in ``T``; no dense
+    ``T x T`` band is ever built.
 
     :param window: look-back ``w``.
     """
@@ -228,9 +250,10 @@ class LocalAttention(AttentionExpert):
     def block_size(self) -> int:
         """Queries per block of the dense kernel, ``P``: ``w / 2`` for an even ``w >= 64``,
         else ``w``. A block scores ``P + w`` keys per query (``P + 2w`` bidirectional), so
-        halving it cuts the wasted scores by a third where the blocks stay large enough for
-        efficient products (``docs/experts.md``: 0.85x forward at ``w = 64``, ``d = 64``;
-        slower forward+backward at ``w = 16, 32``)."""
+        halving it halves the wasted keys per query and scores a quarter fewer keys (a sixth,
+        bidirectional), where the blocks stay large enough for efficient products
+        (``docs/experts.md``: 0.85x forward time at ``w = 64``, ``d = 64``; slower
+        forward+backward at ``w = 16, 32``)."""
         w = self.window
         return w // 2 if w >= HALF_BLOCKS_FROM and w % 2 == 0 else w
 
@@ -257,7 +280,9 @@ class LocalAttention(AttentionExpert):
         key_pos = _block_key_positions(n_blocks, P, S, w, q.device)  # (n, 1, S)
         valid = _window_valid(key_pos, source.view(B, n_blocks, M, 1), T, w, self.causal)
         mask = additive_mask(valid, q.dtype)[:, None]  # (B, 1, n, M, S)
-        out = _masked_softmax_attention(qb, keys, values, mask)  # (B, H, n, M, d)
+        scores = torch.matmul(qb * (1.0 / math.sqrt(d)), keys.transpose(-2, -1))
+        _blank_neighbours(scores, n_blocks, P, w, self.causal, -math.inf)
+        out = torch.matmul(scores.add_(mask).softmax(-1), values)  # (B, H, n, M, d)
         return gather_rows(out.reshape(B, H, -1, d), slot)
 
     def flops_per_token(self, seq_len, d_model, n_heads):
