@@ -393,3 +393,18 @@ def test_kernels_run_their_backward_under_autocast(name, T, dtype):
     for g, r in zip(inside, outside, strict=True):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("name", ["full", "linear", "local"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_an_empty_sequence_gives_an_empty_output(name, causal):
+    """T = 0, and rows asked of none of a sequence's positions: empty outputs, no error."""
+    expert = build_expert(name, TinyLMConfig(window=4, chunk_size=4, causal=causal))
+    q, k, v = _qkv(2, 0, requires_grad=True)
+    out = expert(q, k, v)
+    assert out.shape == (2, 2, 0, 4)
+    assert expert(q, k, v, torch.zeros(2, 0, dtype=torch.long)).shape == (2, 2, 0, 4)
+    grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+    assert all(g is None or g.shape == (2, 2, 0, 4) for g in grads)
+    q, k, v = _qkv(2, 20)  # a sequence (linear: the prefix sums), no rows asked for
+    assert expert(q, k, v, torch.zeros(2, 0, dtype=torch.long)).shape == (2, 2, 0, 4)

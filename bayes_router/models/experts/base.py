@@ -173,7 +173,7 @@ def block_layout(positions: Tensor, block: int, n_blocks: int, seq_len: int
     distinct = is_new.long().cumsum(1) - 1  # index among the row's distinct positions
     first_of_block = torch.searchsorted(block_of, block_of)  # (B, R) first entry of its block
     rank = distinct - distinct.gather(1, first_of_block)
-    M = int(rank.max()) + 1
+    M = int(rank.max()) + 1 if R else 1  # no rows: one (unread) slot per block
     slot = block_of * M + rank  # (B, R)
     source = torch.arange(n_blocks * M, device=positions.device) // M * block
     source = source.clamp(max=seq_len - 1).expand(B, -1).clone().scatter_(1, slot, positions)

@@ -26,6 +26,8 @@ class FullAttention(AttentionExpert):
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         if not self.causal:
             return F.scaled_dot_product_attention(gather_rows(q, positions), k, v)
+        if positions.shape[1] == 0:  # no rows: an empty output (still a function of q)
+            return gather_rows(q, positions)
         outputs = []
         for rows in row_tiles(positions):
             n_keys = int(rows.max()) + 1  # later keys are masked for every row of the tile

@@ -242,6 +242,8 @@ class LocalAttention(AttentionExpert):
         return cls(window=cfg.window, causal=cfg.causal)
 
     def forward(self, q, k, v, positions=None):
+        if q.shape[2] == 0:  # an empty sequence (and no rows): nothing to attend
+            return (q + k + v)[:, :, :0]
         if positions is None:
             return _WindowAttention.apply(q, k, v, self.window, self.causal,
                                           self.block_size())
