@@ -193,3 +193,34 @@ def test_the_short_length_hard_layer_rows_and_target(tmp_path):
     target = next(t for t in results["targets"] if t["name"] == "hard_layer_short_worst")
     assert target["value"] == max(r["fwd_ratio"] for r in rows)
     assert "Hard-routed layer at short lengths" in format_table(results)
+
+
+def test_the_local_scaling_target_reads_one_round_robin(tmp_path, monkeypatch):
+    """Where the run has both lengths of the scaling target, they are timed together and the
+    target reads that ratio, not the ratio of two separately timed expert rows."""
+    import bayes_router.bench.harness as harness
+    import bayes_router.bench.targets as targets
+
+    monkeypatch.setattr(harness, "SCALING_SEQ_LENS", (16, 32))
+    monkeypatch.setattr(targets, "SCALING_SEQ_LENS", (16, 32))
+    results = run_benchmark(tmp_path, **{**TOY, "svi_configs": ()})
+    scaling = results["local_scaling"]
+    assert scaling["seq_lens"] == [16, 32]
+    assert scaling["ratio"] == pytest.approx(scaling["fwd_ms"][1] / scaling["fwd_ms"][0])
+    target = next(t for t in results["targets"] if t["name"] == "local_fwd_scaling_T16_to_T32")
+    assert target["value"] == scaling["ratio"] and "one round-robin" in target["description"]
+    assert "in one round-robin" in format_table(results)
+    assert json.loads((tmp_path / "bench.json").read_text())["local_scaling"] == scaling
+
+
+def test_the_local_scaling_target_falls_back_to_the_expert_rows():
+    from bayes_router.bench.targets import check_targets
+
+    rows = [{"expert": "local", "seq_len": 2048, "fwd_ms": 10.0, "fwd_fraction_of_matmul": 0.2},
+            {"expert": "local", "seq_len": 4096, "fwd_ms": 30.0}]
+    results = {"experts": rows, "hard_layer": {"mixes": []}}
+    target = next(t for t in check_targets(results) if t["name"].startswith("local_fwd_scaling"))
+    assert target["value"] == 3.0 and target["passed"] is False
+    results["local_scaling"] = {"seq_lens": [2048, 4096], "fwd_ms": [10.0, 20.0], "ratio": 2.0}
+    target = next(t for t in check_targets(results) if t["name"].startswith("local_fwd_scaling"))
+    assert target["value"] == 2.0 and target["passed"] is True

@@ -12,6 +12,9 @@ CONVENTIONS = {
     "fraction_of_matmul": "achieved GFLOP/s divided by this run's fp32 matmul GFLOP/s",
     "fwd_bwd": "forward, then torch.autograd.grad of the output against a random cotangent with "
                "respect to q, k, v (experts) or the input and all parameters (layer)",
+    "local_scaling": "the local expert's forward at T=2048 and T=4096 timed in one "
+                     "round-robin (the expert rows time each length in its own); the scaling "
+                     "target reads its ratio",
     "hard_layer": "RoutedAttention with one-hot weights, sparse=True: tokens are assigned to "
                   "experts at random in the mix's proportions (exact counts per sequence)",
     "measured_ratio": "layer time of the mix / layer time of the full-only layer (every token "

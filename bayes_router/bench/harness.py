@@ -38,6 +38,7 @@ from bayes_router.bench.baselines import banded_sdpa, compiled_flex, peak_memory
 from bayes_router.bench.conventions import CONVENTIONS
 from bayes_router.bench.report import bench_figure, bench_report
 from bayes_router.bench.targets import (
+    SCALING_SEQ_LENS,
     SHORT_SEQ_LENS,
     THROUGHPUT_TARGET_SEQ_LEN,
     check_targets,
@@ -226,6 +227,7 @@ def run_benchmark(out_dir: str | os.PathLike,
     layer_runs = 2 * n_routed + 1 + len(EXPERTS)  # fwd and fwd+bwd, soft, dense cores
     total = (1 + 2 * len(EXPERTS) * len(seq_lens) + len(EXPERTS) * len(naive_lens) + layer_runs
              + 1 + int(flex)  # the local baselines
+             + (len(SCALING_SEQ_LENS) if set(SCALING_SEQ_LENS) <= set(seq_lens) else 0)
              + sum(1 + len(mixes) for t in SHORT_SEQ_LENS if t in seq_lens))
     bar = tqdm(total=total, disable=not progress, desc="bench", unit="measurement")
 
@@ -274,6 +276,8 @@ def run_benchmark(out_dir: str | os.PathLike,
                         else max(seq_lens))
         results["experts"], results["naive"], results["local_baselines"] = _bench_experts(
             cfg, seq_lens, batch, naive_lens, peak, generator, measure, baselines_at, flex)
+        if set(SCALING_SEQ_LENS) <= set(seq_lens):
+            results["local_scaling"] = _bench_local_scaling(cfg, batch, generator, measure)
         results["hard_layer"] = _bench_layer(cfg, hard_seq_len, batch, mixes, generator, measure)
         short = [t for t in SHORT_SEQ_LENS if t <= cfg.max_seq_len and t in seq_lens]
         results["hard_layer_short"] = _bench_layer_short(cfg, short, batch, mixes, generator,
@@ -376,6 +380,21 @@ def _bench_experts(cfg: TinyLMConfig, seq_lens, batch, naive_lens, peak, generat
                 local_baselines[f"{key}_over_local"] = None if ms is None else ms / local_ms
             local_baselines["local_fwd_ms"] = local_ms
     return rows, naive_rows, local_baselines
+
+
+def _bench_local_scaling(cfg: TinyLMConfig, batch: int, generator, measure) -> dict:
+    """The local expert's forward at the two lengths of the scaling target in *one*
+    round-robin (the expert rows time each length in its own, so their ratio also holds the
+    machine's drift between two measurements)."""
+    local = build_expert("local", cfg)
+    labels = {T: f"local scaling T={T} fwd" for T in SCALING_SEQ_LENS}
+    ms = measure({labels[T]: _forward(local, *(torch.randn(batch, cfg.n_heads, T, cfg.head_dim,
+                                                           generator=generator)
+                                               for _ in range(3)))
+                  for T in SCALING_SEQ_LENS})
+    short, long = (ms[labels[T]] for T in SCALING_SEQ_LENS)
+    return {"seq_lens": list(SCALING_SEQ_LENS), "fwd_ms": [short, long], "ratio": long / short,
+            **{f"T{T}": measure.spread(labels[T], "fwd") for T in SCALING_SEQ_LENS}}
 
 
 def _bench_layer_short(cfg: TinyLMConfig, lengths, batch: int, mixes, generator,

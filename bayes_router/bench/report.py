@@ -63,6 +63,11 @@ def format_table(results: dict) -> str:
                   "per length): " + "; ".join(
                       f"T={r['seq_len']} {'/'.join(f'{v:g}' for v in r['mix'])}: "
                       f"{r['fwd_ratio']:.2f}" for r in results["hard_layer_short"])]
+    scaling = results.get("local_scaling")
+    if scaling:
+        (t0, t1), (ms0, ms1) = scaling["seq_lens"], scaling["fwd_ms"]
+        lines += ["", f"Local fwd at T={t0} and T={t1} in one round-robin: {ms0:.2f} and "
+                  f"{ms1:.2f} ms, ratio {scaling['ratio']:.2f}"]
     baselines = results.get("local_baselines") or {}
     if baselines:
         def ms(value):
