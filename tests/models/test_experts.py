@@ -408,3 +408,26 @@ def test_an_empty_sequence_gives_an_empty_output(name, causal):
     assert all(g is None or g.shape == (2, 2, 0, 4) for g in grads)
     q, k, v = _qkv(2, 20)  # a sequence (linear: the prefix sums), no rows asked for
     assert expert(q, k, v, torch.zeros(2, 0, dtype=torch.long)).shape == (2, 2, 0, 4)
+
+
+@pytest.mark.parametrize("rows, front, back, scale", [(7, 0, 0, None), (9, 3, 2, 0.5),
+                                                       (7, 0, 0, 2.0), (8, 4, 0, None)])
+def test_pad_rows_lays_sequences_back_to_back(rows, front, back, scale):
+    """``pad_rows`` against ``F.pad`` and a concatenation, for permuted inputs too; a view of the
+    input where nothing is to pad or scale; gradients through the scaled copy."""
+    import torch.nn.functional as F
+
+    from bayes_router.models.experts.base import pad_rows
+
+    x = torch.randn(2, 3, 7, 4, dtype=torch.float64)
+    for inp in (x, x.transpose(1, 2).contiguous().transpose(1, 2)):
+        body = F.pad(inp * (1.0 if scale is None else scale), (0, 0, 0, rows - 7))
+        expected = torch.cat([torch.zeros(front, 4, dtype=x.dtype), body.reshape(-1, 4),
+                              torch.zeros(back, 4, dtype=x.dtype)])
+        torch.testing.assert_close(pad_rows(inp, rows, front, back, scale), expected,
+                                   rtol=0, atol=0)
+    if (rows, front, back, scale) == (7, 0, 0, None):
+        assert pad_rows(x, 7).data_ptr() == x.data_ptr()
+    leaf = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(pad_rows(leaf, rows, front, back, scale).sum(), leaf)
+    torch.testing.assert_close(g, torch.full_like(x, 1.0 if scale is None else scale))

@@ -180,6 +180,32 @@ def block_layout(positions: Tensor, block: int, n_blocks: int, seq_len: int
     return slot, source, M
 
 
+def pad_rows(x: Tensor, rows: int, front: int = 0, back: int = 0,
+             scale: float | None = None) -> Tensor:
+    """``x (B, H, T, d)`` as one flat block of rows ``(front + B H rows + back, d)``: each
+    ``(batch, head)`` sequence (times ``scale``) in ``rows`` rows, zeros after its ``T``, the
+    sequences back to back between ``front`` and ``back`` zero rows. A view of ``x`` where it
+    is already that layout (contiguous, nothing to pad or scale), else one pass over ``x``
+    whatever its memory format, zeros only in the padding (``F.pad`` zeroes the whole output
+    first)."""
+    B, H, T, d = x.shape
+    if rows == T and not front and not back and scale is None and x.is_contiguous():
+        return x.view(-1, d)
+    body_rows = B * H * rows
+    out = x.new_empty(front + body_rows + back, d)
+    out[:front].zero_()
+    out[front + body_rows:].zero_()
+    body = out[front:front + body_rows].view(B, H, rows, d)
+    body[:, :, T:].zero_()
+    if scale is None:
+        body[:, :, :T].copy_(x)
+    elif torch.is_grad_enabled() and x.requires_grad:  # out= does not differentiate
+        body[:, :, :T] = x * scale
+    else:
+        torch.mul(x, scale, out=body[:, :, :T])
+    return out
+
+
 def additive_mask(valid: Tensor, dtype: torch.dtype) -> Tensor:
     """Boolean ``valid`` -> ``0`` where true, ``-inf`` where false."""
     mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device)

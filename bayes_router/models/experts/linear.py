@@ -11,6 +11,7 @@ from bayes_router.models.experts.base import (
     block_layout,
     check_positive_int,
     gather_rows,
+    pad_rows,
 )
 from bayes_router.models.experts.naive import elu_feature_map, naive_linear
 
@@ -24,18 +25,6 @@ def _readout(phi_q: Tensor, scores: Tensor, v_chunks: Tensor, prior: Tensor, eps
     out = scores @ v_chunks + phi_q @ prior
     d = out.shape[-1] - 1
     return out[..., :d] / (out[..., d:] + eps)
-
-
-def _padded_rows(x: Tensor, rows: int) -> Tensor:
-    """``x (B, H, T, d)`` in zero rows ``(B, H, rows, d)``, contiguous: ``x`` itself where that
-    is already so, else one copy with zeros only in the padding."""
-    B, H, T, d = x.shape
-    if rows == T and x.is_contiguous():
-        return x
-    out = x.new_empty(B, H, rows, d)
-    out[:, :, :T] = x
-    out[:, :, T:] = 0
-    return out
 
 
 def _with_ones(v: Tensor, rows: int) -> Tensor:
@@ -90,8 +79,8 @@ class _ChunkedLinear(torch.autograd.Function):
         """``phi(q)``, ``phi(k)`` and ``[v, 1]`` in chunks ``(G, n, C, .)``, zero past ``T``."""
         B, H, T, d = q.shape
         G, rows = B * H, n * chunk
-        pq = _padded_rows(elu_feature_map(q), rows).view(G, n, chunk, d)
-        pk = _padded_rows(elu_feature_map(k), rows).view(G, n, chunk, d)
+        pq = pad_rows(elu_feature_map(q), rows).view(G, n, chunk, d)
+        pk = pad_rows(elu_feature_map(k), rows).view(G, n, chunk, d)
         vc = _with_ones(v, rows).view(G, n, chunk, d + 1)
         return pq, pk, vc
 
@@ -109,7 +98,7 @@ class _ChunkedLinear(torch.autograd.Function):
         n = -(-T // chunk)
         pq, pk, vc = _ChunkedLinear._operands(q, k, v, chunk, n)
         # [num, den] -> o = num / den: d num = g / den, d den = -sum_d g o / den
-        g = _padded_rows(grad.to(o.dtype), n * chunk).view(B * H, n, chunk, d)
+        g = pad_rows(grad.to(o.dtype), n * chunk).view(B * H, n, chunk, d)
         g_out = g.new_empty(B * H, n, chunk, d + 1)
         torch.div(g, den, out=g_out[..., :d])
         torch.sum(g_out[..., :d] * o, -1, keepdim=True, out=g_out[..., d:]).neg_()
@@ -176,10 +165,8 @@ class LinearAttention(AttentionExpert):
         if self.quadratic(T):
             return self._quadratic(q, phi_k, v, positions)
         n_chunks = -(-T // C)
-        pad = n_chunks * C - T
-        phi_k = F.pad(phi_k, (0, 0, 0, pad)).view(B, H, n_chunks, C, d)  # zero features past T
-        ones = torch.ones(*v.shape[:-1], 1, dtype=v.dtype, device=v.device)
-        v_chunks = F.pad(torch.cat([v, ones], -1), (0, 0, 0, pad)).view(B, H, n_chunks, C, d + 1)
+        phi_k = pad_rows(phi_k, n_chunks * C).view(B, H, n_chunks, C, d)  # zero past T
+        v_chunks = _with_ones(v, n_chunks * C).view(B, H, n_chunks, C, d + 1)
         # per chunk sum_s phi(k_s) [v_s, 1]^T: the state and the normaliser in one product
         chunk_state = phi_k.transpose(-2, -1) @ v_chunks  # (B, H, n, d, d + 1)
         # exclusive prefix sums: the state of all chunks before chunk j

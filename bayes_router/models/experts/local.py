@@ -14,6 +14,7 @@ from bayes_router.models.experts.base import (
     block_layout,
     check_positive_int,
     gather_rows,
+    pad_rows,
 )
 from bayes_router.models.experts.naive import naive_local
 
@@ -60,25 +61,19 @@ DENSE_ROWS_FROM = 0.5
 HALF_BLOCKS_FROM = 64
 
 
-def _padded(x: Tensor, rows: int, front: int = 0, back: int = 0, scale: float | None = None
-            ) -> Tensor:
-    """``x (B, H, T, d)`` as one flat block of rows ``(front + B H rows + back, d)``: each
-    ``(batch, head)`` sequence copied (times ``scale``) into ``rows`` rows (zeros after its
-    ``T``), the sequences back to back, between ``front`` and ``back`` zero rows. One pass over
-    ``x`` whatever its memory format, zeros only in the padding (``F.pad`` zeroes the whole
-    output first)."""
-    B, H, T, d = x.shape
-    body_rows = B * H * rows
-    out = x.new_empty(front + body_rows + back, d)
-    out[:front].zero_()
-    out[front + body_rows:].zero_()
-    body = out[front:front + body_rows].view(B, H, rows, d)
-    body[:, :, T:].zero_()
-    if scale is None:
-        body[:, :, :T].copy_(x)
-    else:
-        torch.mul(x, scale, out=body[:, :, :T])
-    return out
+def _flat_keys(k: Tensor, v: Tensor, window: int, causal: bool, block: int
+               ) -> tuple[Tensor, Tensor, int, int]:
+    """The keys (scaled by ``1 / sqrt(d)``) and values as flat padded rows ``(w + G n P
+    (+ w), d)`` (:func:`~bayes_router.models.experts.base.pad_rows`), the blocks per sequence
+    ``n`` and the window length ``S = P + w`` (``P + 2w`` bidirectional): block ``j`` of
+    sequence ``g`` (flat block ``i = g n + j``) attends the ``S`` rows from flat row ``i P``
+    on (:func:`_windows`)."""
+    T, d = k.shape[2:]
+    n = -(-T // block)
+    after = 0 if causal else window
+    kp = pad_rows(k, n * block, window, after, scale=1.0 / math.sqrt(d))
+    vp = pad_rows(v, n * block, window, after)
+    return kp, vp, n, block + window + after
 
 
 def _blank_neighbours(x: Tensor, n: int, P: int, window: int, causal: bool, value: float
@@ -144,12 +139,9 @@ class _WindowAttention(torch.autograd.Function):
         neighbouring sequence a window reaches are masked out."""
         B, H, T, d = q.shape
         P = block
-        m = 1 + (1 if causal else 2) * (window // P)
-        n = -(-T // P)
-        after = 0 if causal else window
-        qb = (q if n * P == T and q.is_contiguous() else _padded(q, n * P)).view(B * H * n, P, d)
-        kp = _padded(k, n * P, window, after, scale=1.0 / math.sqrt(d))
-        vp = _padded(v, n * P, window, after)
+        kp, vp, n, S = _flat_keys(k, v, window, causal, block)
+        qb = pad_rows(q, n * P).view(B * H * n, P, d)
+        m = S // P
         return qb, kp, vp, (B, H, T, d, P, m, n)
 
     @staticmethod
@@ -197,8 +189,7 @@ class _WindowAttention(torch.autograd.Function):
         qb, kp, vp, (B, H, T, d, P, m, n) = _WindowAttention._layout(q, k, v, w, ctx.causal,
                                                                       ctx.block)
         S, N, scale = m * P, B * H * n, 1.0 / math.sqrt(d)
-        go = (grad_out if n * P == T and grad_out.is_contiguous() else
-              _padded(grad_out, n * P)).view(N, P, d)
+        go = pad_rows(grad_out, n * P).view(N, P, d)
         dq = q.new_empty(N, P, d)
         dk_blocks = qb.new_zeros(N + m - 1, P, d)  # the flat padded rows, in blocks of P
         dv_blocks = qb.new_zeros(N + m - 1, P, d)
@@ -271,10 +262,7 @@ class LocalAttention(AttentionExpert):
         slot, source, M = block_layout(positions, P, n_blocks, T)  # a padded (n, M) layout
         if M > DENSE_ROWS_FROM * P:  # the dense kernel and a gather are faster
             return gather_rows(_WindowAttention.apply(q, k, v, w, self.causal, P), positions)
-        S = P + (1 if self.causal else 2) * w  # keys per window
-        after = 0 if self.causal else w
-        kp = _padded(k, n_blocks * P, w, after)
-        vp = _padded(v, n_blocks * P, w, after)
+        kp, vp, _, S = _flat_keys(k, v, w, self.causal, P)
         N = B * H * n_blocks
         keys = _windows(kp, 0, N, P, S).view(B, H, n_blocks, S, d)
         values = _windows(vp, 0, N, P, S).view(B, H, n_blocks, S, d)
@@ -282,7 +270,7 @@ class LocalAttention(AttentionExpert):
         key_pos = _block_key_positions(n_blocks, P, S, w, q.device)  # (n, 1, S)
         valid = _window_valid(key_pos, source.view(B, n_blocks, M, 1), T, w, self.causal)
         mask = additive_mask(valid, q.dtype)[:, None]  # (B, 1, n, M, S)
-        scores = torch.matmul(qb * (1.0 / math.sqrt(d)), keys.transpose(-2, -1))
+        scores = torch.matmul(qb, keys.transpose(-2, -1))  # the keys are scaled
         _blank_neighbours(scores, n_blocks, P, w, self.causal, -math.inf)
         out = torch.matmul(scores.add_(mask).softmax(-1), values)  # (B, H, n, M, d)
         return gather_rows(out.reshape(B, H, -1, d), slot)
