@@ -354,7 +354,7 @@ def _bench_experts(cfg: TinyLMConfig, seq_lens, batch, naive_lens, peak, generat
         for name, expert in experts.items():
             fwd_ms, fwd_bwd_ms = fwd[f"{name} T={T} fwd"], fwd_bwd[f"{name} T={T} fwd+bwd"]
             fwd_flops = expert.flops_per_token(T, D, H) * batch * T
-            executed = expert.executed_flops_per_token(T, D, H) * batch * T
+            executed = expert.executed_flops_per_token(T, D, H, batch=batch) * batch * T
             fwd_gflops = fwd_flops / fwd_ms / 1e6
             fwd_bwd_gflops = FWD_BWD_FLOP_FACTOR * fwd_flops / fwd_bwd_ms / 1e6
             rows.append({

@@ -333,6 +333,56 @@ def test_linear_prefix_sums_backward_passes_gradcheck(T):
                                     (q, k, v), eps=1e-6, atol=1e-7)
 
 
+def test_linear_quadratic_form_only_while_its_scores_stay_small(monkeypatch):
+    """Two chunks or fewer run the masked ``T x T`` form only while the batch's scores hold at
+    most ``QUADRATIC_SCORES`` entries (a large batch of short sequences runs the prefix sums,
+    the faster there), dense and gathered rows alike, and the executed FLOPs follow."""
+    from bayes_router.models.experts import linear as linear_module
+
+    expert = build_expert("linear", TinyLMConfig(chunk_size=64))
+    limit = linear_module.QUADRATIC_SCORES
+    assert expert.quadratic(128, limit // 128) and not expert.quadratic(128, limit // 128 + 1)
+    assert not expert.quadratic(129)  # three chunks
+    assert expert.executed_flops_per_token(128, 64, 4, batch=2) == pytest.approx(4 * 64 * 128)
+    assert expert.executed_flops_per_token(128, 64, 4, batch=16) == pytest.approx(
+        4 * 64 * 16 + 4 * 64 * 64)
+    calls = {"n": 0}
+    real = linear_module._ChunkedLinear.apply
+
+    def counted(*args):
+        calls["n"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(linear_module._ChunkedLinear, "apply", counted)
+    small = build_expert("linear", TinyLMConfig(chunk_size=8))
+    q, k, v = _qkv(2, 16, requires_grad=True)  # two chunks, 2 * 2 * 16 * 16 = 1024 scores
+    rows = torch.tensor([[0, 5, 9, 15], [3, 4, 8, 12]])
+    for limit, chunked in ((1024, 0), (1023, 1)):
+        monkeypatch.setattr(linear_module, "QUADRATIC_SCORES", limit)
+        calls["n"] = 0
+        out = small(q, k, v)
+        assert calls["n"] == chunked
+        torch.testing.assert_close(out, small.naive(q, k, v), rtol=1e-10, atol=1e-10)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        ref = torch.autograd.grad(small.naive(q, k, v).square().sum(), (q, k, v))
+        for g, r in zip(grads, ref, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    quadratic_calls = {"n": 0}
+    real_quadratic = small._quadratic
+
+    def counted_quadratic(*args):
+        quadratic_calls["n"] += 1
+        return real_quadratic(*args)
+
+    monkeypatch.setattr(small, "_quadratic", counted_quadratic)
+    expected = small.naive(q, k, v).gather(2, rows[:, None, :, None].expand(2, 2, 4, 4))
+    for limit, quadratic in ((2 * 2 * 4 * 16, 1), (2 * 2 * 4 * 16 - 1, 0)):  # rows x T scores
+        monkeypatch.setattr(linear_module, "QUADRATIC_SCORES", limit)
+        quadratic_calls["n"] = 0
+        torch.testing.assert_close(small(q, k, v, rows), expected, rtol=1e-10, atol=1e-10)
+        assert quadratic_calls["n"] == quadratic
+
+
 @pytest.mark.parametrize("wrt", [(0,), (1,), (2,), (0, 2)])
 def test_linear_prefix_sums_gradient_only_for_what_needs_it(wrt):
     expert = build_expert("linear", TinyLMConfig(chunk_size=4))

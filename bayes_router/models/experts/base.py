@@ -55,8 +55,10 @@ class AttentionExpert(nn.Module):
         expert alike (multiply-add = 2 FLOPs; projections excluded)."""
         raise NotImplementedError
 
-    def executed_flops_per_token(self, seq_len: int, d_model: int, n_heads: int) -> float:
-        """FLOPs per query token the kernel actually runs (masked-out work included), reported
+    def executed_flops_per_token(self, seq_len: int, d_model: int, n_heads: int,
+                                 batch: int = 1) -> float:
+        """FLOPs per query token the kernel actually runs (masked-out work included) on a
+        batch of ``batch`` sequences (a kernel's choice of path may depend on it), reported
         beside the useful ones; by default the same."""
         return self.flops_per_token(seq_len, d_model, n_heads)
 

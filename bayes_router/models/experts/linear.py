@@ -128,6 +128,14 @@ class _ChunkedLinear(torch.autograd.Function):
 #: their forward+backward; at four chunks the prefix sums win (``docs/experts.md``).
 QUADRATIC_CHUNKS = 2
 
+#: ... and only while its ``B H x T x T`` scores (rows x T where rows are selected) hold at most
+#: this many entries (1 MB of float32): past it the passes over them cost more than the
+#: prefix sums' extra products save. Measured, forward+backward over the prefix sums, at two
+#: chunks: (B, H, T, d) = (2, 4, 128, 64) 0.76x, (4, 4, 128, 64) 0.80x, (16, 4, 64, 16) 0.74x
+#: (all 2^18 entries or fewer); (8, 4, 128, 16) 1.18x, (16, 4, 128, 16) 1.41x,
+#: (16, 4, 256, 32) 1.70x (2^19 and more).
+QUADRATIC_SCORES = 1 << 18
+
 
 class LinearAttention(AttentionExpert):
     """Kernel attention with ``elu + 1`` features; causal form by chunked prefix sums.
@@ -152,7 +160,9 @@ class LinearAttention(AttentionExpert):
     def forward(self, q, k, v, positions=None):
         B, H, T, d = q.shape
         C = self.chunk_size
-        if self.causal and positions is None and not self.quadratic(T):
+        rows = T if positions is None else positions.shape[1]
+        quadratic = self.quadratic(T, B * H * rows)
+        if self.causal and positions is None and not quadratic:
             return _ChunkedLinear.apply(q, k, v, C, self.eps)
         # the feature map of the queries only where they are read (a gather commutes with it)
         phi_k = elu_feature_map(k)
@@ -162,7 +172,7 @@ class LinearAttention(AttentionExpert):
             phi_q = elu_feature_map(q if positions is None else gather_rows(q, positions))
             return (phi_q @ state) / ((phi_q * normaliser[:, :, None]).sum(-1, keepdim=True)
                                       + self.eps)
-        if self.quadratic(T):
+        if quadratic:
             return self._quadratic(q, phi_k, v, positions)
         n_chunks = -(-T // C)
         phi_k = pad_rows(phi_k, n_chunks * C).view(B, H, n_chunks, C, d)  # zero past T
@@ -179,10 +189,13 @@ class LinearAttention(AttentionExpert):
         out = _readout(phi_q, scores, v_chunks, prior, self.eps)
         return gather_rows(out.reshape(B, H, n_chunks * M, d), slot)
 
-    def quadratic(self, seq_len: int) -> bool:
+    def quadratic(self, seq_len: int, query_rows: int = 1) -> bool:
         """Whether a causal sequence of ``seq_len`` runs as one masked ``T x T`` product
-        (:data:`QUADRATIC_CHUNKS` chunks or fewer) rather than the chunked prefix sums."""
-        return seq_len <= QUADRATIC_CHUNKS * self.chunk_size
+        (:data:`QUADRATIC_CHUNKS` chunks or fewer, and the scores of all ``query_rows`` query
+        rows, ``B H T`` for a whole batch, at most :data:`QUADRATIC_SCORES` entries) rather
+        than the chunked prefix sums."""
+        return (seq_len <= QUADRATIC_CHUNKS * self.chunk_size
+                and query_rows * seq_len <= QUADRATIC_SCORES)
 
     def _quadratic(self, q: Tensor, phi_k: Tensor, v: Tensor, positions: Tensor | None
                    ) -> Tensor:
@@ -203,13 +216,13 @@ class LinearAttention(AttentionExpert):
         # useful: the state update phi(k) v^T and the readout phi(q)^T S, 2 x 2 D d (d = D / H)
         return 4.0 * d_model * (d_model // n_heads)
 
-    def executed_flops_per_token(self, seq_len, d_model, n_heads):
+    def executed_flops_per_token(self, seq_len, d_model, n_heads, batch=1):
         # the chunked kernel also scores every chunk whole, then masks it: C keys for the scores
         # and C for the values, 4 D C (causal only); the quadratic form scores all T keys
         useful = self.flops_per_token(seq_len, d_model, n_heads)
         if not self.causal:
             return useful
-        if self.quadratic(seq_len):  # every key scored, then masked
+        if self.quadratic(seq_len, batch * n_heads * seq_len):  # every key scored, then masked
             return 4.0 * d_model * seq_len
         return useful + 4.0 * d_model * min(self.chunk_size, seq_len)
 

@@ -283,7 +283,7 @@ class LocalAttention(AttentionExpert):
         keys = before if self.causal else 2 * before - 1
         return 4.0 * d_model * keys
 
-    def executed_flops_per_token(self, seq_len, d_model, n_heads):
+    def executed_flops_per_token(self, seq_len, d_model, n_heads, batch=1):
         # the blocked kernel scores P + w (causal) or P + 2w keys per query row, P the block
         keys = self.block_size() + (1 if self.causal else 2) * self.window
         return 4.0 * d_model * keys
