@@ -48,8 +48,11 @@ def test_writes_valid_json_matching_the_results(toy_run):
     assert "3 x fwd_flops" in loaded["conventions"]["fwd_bwd_flops"]
     step = loaded["svi_step"][0]
     assert step["ratio"] == pytest.approx(step["bayesian_s"] / step["prior_free_s"])
+    assert step["full_only_over_plain"] == pytest.approx(
+        step["prior_free_full_only_s"] / step["plain_s"])
     assert any(t["name"] == "svi_step_ratio_0" for t in loaded["targets"])
     assert "SVI step" in format_table(results)
+    assert "the full expert alone" in format_table(results)
 
 
 def test_writes_a_report_and_a_figure(toy_run):
@@ -224,3 +227,26 @@ def test_the_local_scaling_target_falls_back_to_the_expert_rows():
     results["local_scaling"] = {"seq_lens": [2048, 4096], "fwd_ms": [10.0, 20.0], "ratio": 2.0}
     target = next(t for t in check_targets(results) if t["name"].startswith("local_fwd_scaling"))
     assert target["value"] == 2.0 and target["passed"] is True
+
+
+def test_the_step_floor_runs_the_routed_lm_with_the_full_expert_alone(monkeypatch):
+    """``prior_free_step(..., ("full",))`` trains a prior-free LM whose layers hold only the
+    full expert (the routed step's floor: router, mixing, Pyro), and its loss goes down."""
+    from bayes_router.bench import baselines
+
+    built, real = [], baselines.PriorFreeRoutedLM
+
+    def recording(cfg):
+        built.append(real(cfg))
+        return built[-1]
+
+    monkeypatch.setattr(baselines, "PriorFreeRoutedLM", recording)
+    cfg = TinyLMConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1, max_seq_len=6,
+                       window=2, chunk_size=2)
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 11, (3, 6)), torch.randint(0, 11, (3, 6))
+    step = baselines.prior_free_step(cfg, x, y, ("full",), lr=1e-2)
+    (model,) = built
+    assert [e.name for e in model.lm.blocks[0].attn.experts] == ["full"]
+    losses = [step() for _ in range(5)]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]

@@ -7,6 +7,8 @@
 - local attention by other means: ``F.scaled_dot_product_attention`` with a banded boolean
   mask (always available) and compiled ``flex_attention`` with a sliding-window block mask
   (where torch provides it).
+- :func:`prior_free_step` with the full expert alone: the routed step's floor (its router,
+  mixing and Pyro), timed beside the others so that the cheaper experts' share is measured.
 - :func:`peak_memory`: the peak resident memory of a few training steps of each kind, each in
   a fresh process (the only honest per-configuration peak on the CPU, where the allocator never
   gives memory back to a process that is measured).
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import resource
 import sys
@@ -91,6 +94,23 @@ def plain_step(cfg: TinyLMConfig, x: Tensor, y: Tensor, lr: float = 1e-4
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
         return float(loss.detach())
+
+    return step
+
+
+def prior_free_step(cfg: TinyLMConfig, x: Tensor, y: Tensor, experts: tuple[str, ...],
+                    lr: float = 1e-4) -> Callable[[], float]:
+    """One SVI step of the prior-free routed LM of ``cfg`` with only ``experts``: with
+    ``("full",)`` it is the step's floor, the router, the mixing and Pyro without the cheaper
+    experts, which tells what those cost and how much of a target they leave."""
+    with pyro.settings.context(module_local_params=True):
+        model = PriorFreeRoutedLM(dataclasses.replace(cfg, experts=tuple(experts)))
+    elbo = get_estimator("reparam-mc").make_elbo(max_plate_nesting=1)
+    optimiser = adamw(model.parameters(), lr=lr)
+
+    def step() -> float:
+        with pyro.settings.context(module_local_params=True):
+            return svi_step(elbo, model, x, y, optimiser, dataset_size=1000).loss
 
     return step
 

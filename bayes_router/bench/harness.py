@@ -34,7 +34,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bayes_router.analysis.study_plots import save_figure
-from bayes_router.bench.baselines import banded_sdpa, compiled_flex, peak_memory, plain_step
+from bayes_router.bench.baselines import (
+    banded_sdpa,
+    compiled_flex,
+    peak_memory,
+    plain_step,
+    prior_free_step,
+)
 from bayes_router.bench.conventions import CONVENTIONS
 from bayes_router.bench.report import bench_figure, bench_report
 from bayes_router.bench.targets import (
@@ -303,18 +309,24 @@ def run_benchmark(out_dir: str | os.PathLike,
 def _bench_svi_step(spec: dict, repeats: int, warmup: int, seed: int,
                     memory: bool = True) -> dict:
     """One Bayesian SVI step (one-pass and naive two-pass) and one prior-free step against one
-    step of the plain causal LM of the same size, timed round-robin; then each kind's peak
-    memory in a fresh process."""
+    step of the plain causal LM of the same size and the prior-free step with the full expert
+    alone (the floor), timed round-robin; then each kind's peak memory in a fresh process."""
     spec = dict(spec)
     batch_size = spec.pop("batch_size", 16)
     cfg = TinyLMConfig(**spec)
+    def extra_steps(c, x, y):
+        return {"plain": plain_step(c, x, y),
+                "prior_free_full_only": prior_free_step(c, x, y, ("full",))}
+
     timing = svi_step_times(cfg, batch_size=batch_size, repeats=repeats, warmup=warmup,
-                            seed=seed, extra_steps=lambda c, x, y: {"plain": plain_step(c, x, y)})
+                            seed=seed, extra_steps=extra_steps)
     keys = [k for k in timing if k.endswith("_s")]
     row = {key: timing[key] for key in (*keys, "ratio", "two_pass_ratio", "batch_size",
                                         "seq_len", "estimator")}
     row["prior_free_over_plain"] = timing["prior_free_s"] / timing["plain_s"]
     row["bayesian_over_plain"] = timing["bayesian_s"] / timing["plain_s"]
+    # the floor: the same router, mixing and Pyro with the full expert alone
+    row["full_only_over_plain"] = timing["prior_free_full_only_s"] / timing["plain_s"]
     row["tokens_per_second"] = {kind: batch_size * timing["seq_len"] / timing[f"{kind}_s"]
                                 for kind in ("bayesian", "prior_free", "plain")}
     if memory:

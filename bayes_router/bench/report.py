@@ -97,6 +97,14 @@ def format_table(results: dict) -> str:
                          f"{cell('plain'):>22}{r['ratio']:>6.2f}"
                          f"{r['prior_free_over_plain']:>9.2f}"
                          + (f"{memory:>13.2f}" if memory is not None else f"{'-':>13}"))
+        floors = [r for r in results["svi_step"] if r.get("full_only_over_plain") is not None]
+        if floors:
+            lines.append("where the prior-free step's cost goes, over plain: the full expert "
+                         "alone (router, mixing, Pyro) + the other experts = all: "
+                         + "; ".join(f"D {r['config']['d_model']} "
+                                     f"{r['full_only_over_plain']:.2f} + "
+                                     f"{r['prior_free_over_plain'] - r['full_only_over_plain']:.2f}"
+                                     f" = {r['prior_free_over_plain']:.2f}" for r in floors))
         if any("memory_mb" in r for r in results["svi_step"]):
             lines.append("peak training memory above the imports (MiB, fresh process each): "
                          + "; ".join(", ".join(f"{k} {_mb(v['training_mb'])}"
