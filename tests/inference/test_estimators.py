@@ -280,3 +280,26 @@ def test_dreg_refuses_partially_reparameterised_sites():
 
     with pytest.raises(ValueError, match="fully reparameterised"):
         elbo.loss_and_grads(toy_model, guide, COUNTS, PRIOR)
+
+
+def test_neural_baseline_nets_are_the_same_in_every_process():
+    """The learned baselines' nets start from the site's name, not the run's random stream:
+    built under two different global seeds they are equal (so every rank of a data-parallel
+    run starts from one net), and building them leaves the global stream where it was."""
+    from bayes_router.inference.estimators.score_nn_baseline import NeuralBaselineTraceGraph_ELBO
+
+    concentration = torch.ones(4, 3)
+    nets, draws = [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        expected = torch.rand(3)
+        torch.manual_seed(seed)
+        elbo = NeuralBaselineTraceGraph_ELBO(hidden=8)
+        pyro.clear_param_store()
+        nets.append(elbo._baseline_net("alpha_0", concentration))
+        draws.append(torch.equal(torch.rand(3), expected))
+    assert all(draws)
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    other = NeuralBaselineTraceGraph_ELBO(hidden=8)._baseline_net("alpha_1", concentration)
+    assert not torch.equal(other.net[0].weight, nets[0].net[0].weight)  # one net per site

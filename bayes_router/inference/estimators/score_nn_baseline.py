@@ -7,6 +7,7 @@ Unbiased (the baseline never sees the current sample).
 from __future__ import annotations
 
 import functools
+import zlib
 
 import pyro
 import torch
@@ -55,7 +56,8 @@ class NeuralBaselineTraceGraph_ELBO(TraceGraph_ELBO):
     wrapped) Dirichlet and whose ``infer`` dict names no baseline of its own, the site gets
     a decaying-average baseline plus a :class:`DirichletBaselineNet` of the site's detached,
     plate-expanded concentration. The nets are built on first sight of a site (the number of
-    categories is read from it) and registered with :func:`pyro.module` under
+    categories is read from it), initialised from the site's name (the same in every process,
+    and the run's random stream is not drawn from), and registered with :func:`pyro.module` under
     ``nn_baseline.<site>`` while the loss is computed, so :class:`~pyro.infer.SVI`, which
     records every parameter touched during ``loss_and_grads``, trains them with the rest.
     Their squared-error loss reaches only their own parameters.
@@ -73,7 +75,12 @@ class NeuralBaselineTraceGraph_ELBO(TraceGraph_ELBO):
     def _baseline_net(self, site_name: str, concentration: Tensor) -> nn.Module:
         key = site_name.replace(".", "_")
         if key not in self.baselines:
-            net = DirichletBaselineNet(concentration.shape[-1], self.hidden)
+            # initialised from the site's name, not the run's random stream: every process
+            # (every rank of a data-parallel run) builds the same net, and building it draws
+            # nothing from the stream that the samples come from
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(zlib.crc32(key.encode()))
+                net = DirichletBaselineNet(concentration.shape[-1], self.hidden)
             self.baselines[key] = net.to(concentration)
         return pyro.module(f"nn_baseline.{key}", self.baselines[key])
 
