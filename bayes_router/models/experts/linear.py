@@ -110,10 +110,11 @@ class _ChunkedLinear(torch.autograd.Function):
         g_state = torch.zeros_like(g_prior)
         g_state[:, :-1] = g_prior[:, 1:].flip(1).cumsum(1).flip(1)
         g_pk = torch.matmul(vc, g_state.transpose(-1, -2))  # state = phi(k)^T [v, 1]
-        g_pk.view(-1, chunk, d).baddbmm_(g_scores.transpose(-1, -2).reshape(-1, chunk, chunk),
-                                         pq.view(-1, chunk, d))
+        g_pk.view(-1, chunk, d).baddbmm_(g_scores.view(-1, chunk, chunk).transpose(-1, -2),
+                                         pq.view(-1, chunk, d))  # a transposed view, no copy
         g_vc = torch.matmul(pk, g_state)
-        scores = torch.matmul(pk, pq.transpose(-1, -2)).triu_()  # the forward's, transposed
+        # the forward's scores, transposed, rebuilt in the score gradient's buffer (done with)
+        scores = torch.matmul(pk, pq.transpose(-1, -2), out=g_scores).triu_()
         g_vc.view(-1, chunk, d + 1).baddbmm_(scores.view(-1, chunk, chunk),
                                              g_out.view(-1, chunk, d + 1))
         # phi = elu + 1 has derivative min(phi, 1)
