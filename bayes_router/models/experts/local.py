@@ -207,7 +207,7 @@ class _WindowAttention(torch.autograd.Function):
                 dk_blocks[a + r:b + r] += dkw[:, r * P:(r + 1) * P]
                 dv_blocks[a + r:b + r] += dvw[:, r * P:(r + 1) * P]
         dq = dq.view(B, H, n * P, d)[:, :, :T]
-        dk = dk_blocks.view(-1, d)[w:w + N * P].view(B, H, n * P, d)[:, :, :T] * scale
+        dk = dk_blocks.mul_(scale).view(-1, d)[w:w + N * P].view(B, H, n * P, d)[:, :, :T]
         dv = dv_blocks.view(-1, d)[w:w + N * P].view(B, H, n * P, d)[:, :, :T]
         return dq, dk, dv, None, None, None
 
