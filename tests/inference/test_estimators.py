@@ -282,12 +282,18 @@ def test_dreg_refuses_partially_reparameterised_sites():
         elbo.loss_and_grads(toy_model, guide, COUNTS, PRIOR)
 
 
-def test_neural_baseline_nets_are_the_same_in_every_process():
+def test_neural_baseline_nets_are_the_same_in_every_process(monkeypatch):
     """The learned baselines' nets start from the site's name, not the run's random stream:
     built under two different global seeds they are equal (so every rank of a data-parallel
-    run starts from one net), and building them leaves the global stream where it was."""
+    run starts from one net), and building them leaves the global stream where it was, the
+    accelerators' streams too (never reseeded: the fork restores only the CPU's)."""
     from bayes_router.inference.estimators.score_nn_baseline import NeuralBaselineTraceGraph_ELBO
 
+    reseeded = []
+    for module in (torch.cuda, torch.mps, getattr(torch, "xpu", None)):
+        for name in ("manual_seed", "manual_seed_all"):
+            if module is not None and hasattr(module, name):
+                monkeypatch.setattr(module, name, lambda *a, _n=name: reseeded.append(_n))
     concentration = torch.ones(4, 3)
     nets, draws = [], []
     for seed in (0, 1):
@@ -299,7 +305,9 @@ def test_neural_baseline_nets_are_the_same_in_every_process():
         nets.append(elbo._baseline_net("alpha_0", concentration))
         draws.append(torch.equal(torch.rand(3), expected))
     assert all(draws)
+    reseeded.clear()  # the test's own torch.manual_seed calls reseed every device
+    other = NeuralBaselineTraceGraph_ELBO(hidden=8)._baseline_net("alpha_1", concentration)
+    assert reseeded == []
     for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    other = NeuralBaselineTraceGraph_ELBO(hidden=8)._baseline_net("alpha_1", concentration)
     assert not torch.equal(other.net[0].weight, nets[0].net[0].weight)  # one net per site

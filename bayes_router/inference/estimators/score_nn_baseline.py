@@ -77,9 +77,11 @@ class NeuralBaselineTraceGraph_ELBO(TraceGraph_ELBO):
         if key not in self.baselines:
             # initialised from the site's name, not the run's random stream: every process
             # (every rank of a data-parallel run) builds the same net, and building it draws
-            # nothing from the stream that the samples come from
+            # nothing from the stream that the samples come from. Built on the CPU, so only
+            # the CPU generator is seeded (torch.manual_seed would reseed every device's
+            # stream too, which the fork does not restore) and then restored by the fork.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(zlib.crc32(key.encode()))
+                torch.random.default_generator.manual_seed(zlib.crc32(key.encode()))
                 net = DirichletBaselineNet(concentration.shape[-1], self.hidden)
             self.baselines[key] = net.to(concentration)
         return pyro.module(f"nn_baseline.{key}", self.baselines[key])
