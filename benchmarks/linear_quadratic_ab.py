@@ -3,9 +3,9 @@
 
     .venv/bin/python benchmarks/linear_quadratic_ab.py 2,4,128,64 16,4,128,16 16,4,256,32
 
-Each shape is ``B,H,T,d`` with the chunk ``C = T / 2`` (two chunks); the two forms are timed in
-interleaved rounds (median of 20 after 3 warm-up rounds). Where the quadratic form is slower the
-scores ``B H T^2`` are past what ``linear.QUADRATIC_SCORES`` lets it take.
+Each shape is ``B,H,T,d`` with the chunk ``C = ceil(T / 2)`` (two chunks); the two forms are
+timed in interleaved rounds (median of 20 after 3 warm-up rounds). Where the quadratic form is
+slower the scores ``B H T^2`` are past what ``linear.QUADRATIC_SCORES`` lets it take.
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ from bayes_router.models.experts import linear as linear_module
 
 def time_shape(B: int, H: int, T: int, d: int, rounds: int) -> dict[str, float]:
     """Median ms of both forms, forward and forward+backward, interleaved."""
+    if T < 2:
+        raise SystemExit(f"T must be >= 2 (two chunks), got {T}")
+    # two chunks of ceil(T / 2) (an odd T too); the window is the local expert's, unused here
     expert = build_expert("linear", TinyLMConfig(d_model=H * d, n_heads=H, max_seq_len=T,
-                                                 chunk_size=max(1, T // 2)))
+                                                 window=1, chunk_size=-(-T // 2)))
     q, k, v = (torch.randn(B, H, T, d, requires_grad=True) for _ in range(3))
     cotangent = torch.randn(B, H, T, d)
 

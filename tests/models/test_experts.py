@@ -356,7 +356,7 @@ def test_linear_quadratic_form_only_while_its_scores_stay_small(monkeypatch):
     monkeypatch.setattr(linear_module._ChunkedLinear, "apply", counted)
     small = build_expert("linear", TinyLMConfig(chunk_size=8))
     q, k, v = _qkv(2, 16, requires_grad=True)  # two chunks, 2 * 2 * 16 * 16 = 1024 scores
-    rows = torch.tensor([[0, 5, 9, 15], [3, 4, 8, 12]])
+    rows = torch.tensor([[0, 5, 9, 15], [3, 4, 12, 12]])  # a repeat, as padding repeats
     for limit, chunked in ((1024, 0), (1023, 1)):
         monkeypatch.setattr(linear_module, "QUADRATIC_SCORES", limit)
         calls["n"] = 0
@@ -376,11 +376,16 @@ def test_linear_quadratic_form_only_while_its_scores_stay_small(monkeypatch):
 
     monkeypatch.setattr(small, "_quadratic", counted_quadratic)
     expected = small.naive(q, k, v).gather(2, rows[:, None, :, None].expand(2, 2, 4, 4))
+    upstream = torch.randn_like(expected)
+    ref = torch.autograd.grad(expected, (q, k, v), upstream)
     for limit, quadratic in ((2 * 2 * 4 * 16, 1), (2 * 2 * 4 * 16 - 1, 0)):  # rows x T scores
         monkeypatch.setattr(linear_module, "QUADRATIC_SCORES", limit)
         quadratic_calls["n"] = 0
-        torch.testing.assert_close(small(q, k, v, rows), expected, rtol=1e-10, atol=1e-10)
+        gathered = small(q, k, v, rows)
+        torch.testing.assert_close(gathered, expected, rtol=1e-10, atol=1e-10)
         assert quadratic_calls["n"] == quadratic
+        for g, r in zip(torch.autograd.grad(gathered, (q, k, v), upstream), ref, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("wrt", [(0,), (1,), (2,), (0, 2)])

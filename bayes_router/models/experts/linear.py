@@ -131,10 +131,12 @@ QUADRATIC_CHUNKS = 2
 
 #: ... and only while its ``B H x T x T`` scores (rows x T where rows are selected) hold at most
 #: this many entries (1 MB of float32): past it the passes over them cost more than the
-#: prefix sums' extra products save. Measured, forward+backward over the prefix sums, at two
+#: prefix sums' extra products save. Measured (a first run; ``docs/experts.md`` has a second,
+#: ``benchmarks/linear_quadratic_ab.py``), forward+backward over the prefix sums, at two
 #: chunks: (B, H, T, d) = (2, 4, 128, 64) 0.76x, (4, 4, 128, 64) 0.80x, (16, 4, 64, 16) 0.74x
 #: (all 2^18 entries or fewer); (8, 4, 128, 16) 1.18x, (16, 4, 128, 16) 1.41x,
-#: (16, 4, 256, 32) 1.70x (2^19 and more).
+#: (16, 4, 256, 32) 1.70x (2^19 and more). Gathered rows take the same limit on rows x T,
+#: not timed separately.
 QUADRATIC_SCORES = 1 << 18
 
 
