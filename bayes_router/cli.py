@@ -327,7 +327,7 @@ EVAL_BATCHES_PHASE1 = 32
 
 def _bench_arguments(p):
     _add_out(p)
-    p.add_argument("--seq-lens", type=_comma_list(int), default=[128, 512, 1024, 2048, 4096],
+    p.add_argument("--seq-lens", type=_comma_list(int), default=[128, 256, 512, 1024, 2048, 4096],
                    help="sequence lengths of the expert timings")
     p.add_argument("--hard-seq-len", type=int, default=None,
                    help="length of the hard-routed layer timing (default: the longest of "

@@ -20,7 +20,8 @@ from bayes_router.bench import format_table, run_benchmark
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/bench", help="output folder for bench.json")
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096],
+    parser.add_argument("--seq-lens", type=int, nargs="+",
+                        default=[128, 256, 512, 1024, 2048, 4096],
                         help="sequence lengths at which every expert is timed")
     parser.add_argument("--hard-seq-len", type=int, default=4096,
                         help="sequence length of the hard-routed layer benchmark")

@@ -176,7 +176,7 @@ def _environment() -> dict:
 
 
 def run_benchmark(out_dir: str | os.PathLike,
-                  seq_lens: Sequence[int] = (128, 512, 1024, 2048, 4096),
+                  seq_lens: Sequence[int] = (128, 256, 512, 1024, 2048, 4096),
                   batch: int = 2, d_model: int = 256, n_heads: int = 4, window: int = 64,
                   repeats: int = 5,
                   mixes: Sequence[Sequence[float]] = ((1, 0, 0), (0.25, 0.5, 0.25), (0, 1, 0),
