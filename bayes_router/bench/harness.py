@@ -314,6 +314,7 @@ def _bench_svi_step(spec: dict, repeats: int, warmup: int, seed: int,
     spec = dict(spec)
     batch_size = spec.pop("batch_size", 16)
     cfg = TinyLMConfig(**spec)
+
     def extra_steps(c, x, y):
         return {"plain": plain_step(c, x, y),
                 "prior_free_full_only": prior_free_step(c, x, y, ("full",))}
