@@ -98,19 +98,24 @@ def plain_step(cfg: TinyLMConfig, x: Tensor, y: Tensor, lr: float = 1e-4
     return step
 
 
-def prior_free_step(cfg: TinyLMConfig, x: Tensor, y: Tensor, experts: tuple[str, ...],
-                    lr: float = 1e-4) -> Callable[[], float]:
-    """One SVI step of the prior-free routed LM of ``cfg`` with only ``experts``: with
-    ``("full",)`` it is the step's floor, the router, the mixing and Pyro without the cheaper
-    experts, which tells what those cost and how much of a target they leave."""
+def prior_free_step(cfg: TinyLMConfig, x: Tensor, y: Tensor,
+                    experts: tuple[str, ...] | None = None, lr: float = 1e-4,
+                    grad_clip: float | None = None) -> Callable[[], float]:
+    """One SVI step of the prior-free routed LM of ``cfg``, or of the same LM with only
+    ``experts``: with ``("full",)`` it is the step's floor, the router, the mixing and Pyro
+    without the cheaper experts, which tells what those cost and how much of a target they
+    leave."""
+    if experts is not None:
+        cfg = dataclasses.replace(cfg, experts=tuple(experts))
     with pyro.settings.context(module_local_params=True):
-        model = PriorFreeRoutedLM(dataclasses.replace(cfg, experts=tuple(experts)))
+        model = PriorFreeRoutedLM(cfg)
     elbo = get_estimator("reparam-mc").make_elbo(max_plate_nesting=1)
     optimiser = adamw(model.parameters(), lr=lr)
 
     def step() -> float:
         with pyro.settings.context(module_local_params=True):
-            return svi_step(elbo, model, x, y, optimiser, dataset_size=1000).loss
+            return svi_step(elbo, model, x, y, optimiser, dataset_size=1000,
+                            grad_clip=grad_clip).loss
 
     return step
 
@@ -177,12 +182,12 @@ def _memory_child(kind: str, spec: dict, batch_size: int, steps: int, queue) -> 
     y = torch.randint(0, cfg.vocab_size, (batch_size, cfg.max_seq_len))
     if kind == "plain":
         step = plain_step(cfg, x, y)
+    elif kind == "prior-free":
+        step = prior_free_step(cfg, x, y, grad_clip=1.0)
     else:
         with pyro.settings.context(module_local_params=True):
-            model = (BayesianRoutedLM(cfg, estimator=get_estimator("reparam-analytic"))
-                     if kind == "bayesian" else PriorFreeRoutedLM(cfg))
-        elbo = get_estimator("reparam-analytic" if kind == "bayesian"
-                             else "reparam-mc").make_elbo(max_plate_nesting=1)
+            model = BayesianRoutedLM(cfg, estimator=get_estimator("reparam-analytic"))
+        elbo = get_estimator("reparam-analytic").make_elbo(max_plate_nesting=1)
         optimiser = adamw(model.parameters(), lr=1e-4)
 
         def step():
