@@ -77,6 +77,71 @@ def dirichlet_kl(q: Tensor, p: Tensor) -> Tensor:
     return log_beta(p) - log_beta(q) + ((q - p) * expected_log_alpha(q)).sum(-1)
 
 
+def _sum_experts(x: Tensor) -> Tensor:
+    """``x.sum(-1)`` as a product with a column of ones: on routing shapes (``K = 3``) torch's
+    reduction over a last dimension of three takes about 4x longer (63 against 15 us at
+    ``(16, 128, 3)``, float64)."""
+    return (x @ x.new_ones(x.shape[-1], 1)).squeeze(-1)
+
+
+def _distinct(x: Tensor) -> Tensor:
+    """The distinct entries of a broadcast view: size 1 along every stride-0 dimension (a prior
+    expanded over tokens and batch holds ``K`` numbers), still broadcasting to ``x``'s shape."""
+    size = [1 if stride == 0 else n for n, stride in zip(x.shape, x.stride())]
+    return x.as_strided(size, x.stride())
+
+
+class _DirichletKL(torch.autograd.Function):
+    """``KL(Dir(a) || Dir(b))`` with its closed-form gradient, ``a0 = sum a``, ``b0 = sum b``:
+
+    - ``dKL / da_k = (a_k - b_k) psi'(a_k) - (a0 - b0) psi'(a0)``,
+    - ``dKL / db_k = psi(b_k) - psi(b0) - psi(a_k) + psi(a0)``.
+
+    The backward reuses the forward's ``psi(a)`` and ``psi(a0)``, where autograd through
+    :func:`dirichlet_kl` recomputes them and builds a graph of about twenty small operations;
+    the terms of ``b`` run on its distinct entries only (:func:`_distinct`).
+    """
+
+    @staticmethod
+    def forward(ctx, a, b):
+        b = _distinct(b)
+        a0, b0 = _sum_experts(a), _sum_experts(b)
+        psi_a, psi_a0 = torch.digamma(a), torch.digamma(a0)
+        kl = (torch.lgamma(a0) - torch.lgamma(b0)
+              - _sum_experts(torch.lgamma(a)) + _sum_experts(torch.lgamma(b))
+              + _sum_experts((a - b) * (psi_a - psi_a0[..., None])))
+        ctx.save_for_backward(a, b, a0, b0, psi_a, psi_a0)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph: this backward's own graph would be partial
+            raise RuntimeError("fused_dirichlet_kl is differentiable once; use dirichlet_kl "
+                               "for higher derivatives")
+        a, b, a0, b0, psi_a, psi_a0 = ctx.saved_tensors
+        grad = grad[..., None]
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            total = (a0 - b0) * torch.polygamma(1, a0)
+            grad_a = (grad * ((a - b) * torch.polygamma(1, a) - total[..., None])).to(a.dtype)
+        if ctx.needs_input_grad[1]:
+            psi_b = torch.digamma(b) - torch.digamma(b0)[..., None]
+            # per entry of the broadcast b: autograd sums it back over the expanded dims
+            grad_b = (grad * (psi_b - psi_a + psi_a0[..., None])).to(b.dtype)
+        return grad_a, grad_b
+
+
+def fused_dirichlet_kl(q: Tensor, p: Tensor) -> Tensor:
+    """``KL(Dir(q) || Dir(p))`` over the last dim, as :func:`dirichlet_kl` (its reference twin,
+    tested against it, torch's ``kl_divergence`` and finite differences), in one autograd node
+    with the closed-form gradient: about 1.3x faster forward and backward on a layer of routing
+    sites. Differentiable once: a backward with ``create_graph=True`` raises rather than return
+    a gradient whose own derivative would be wrong."""
+    q, p = torch.as_tensor(q), torch.as_tensor(p)
+    shape = torch.broadcast_shapes(q.shape, p.shape)
+    return _DirichletKL.apply(q.expand(shape), p.expand(shape))
+
+
 def dirichlet_kl_to_prior(concentration: Tensor, beta0: float, pi: Tensor) -> Tensor:
     """``KL(Dir(a_t) || Dir(beta0 pi))`` for every row ``a_t`` of ``concentration (N, K)``."""
     prior = float(beta0) * torch.as_tensor(pi, dtype=concentration.dtype)

@@ -85,7 +85,7 @@ def gated_draws(name, num_draws=20000, replicas=2000, seed=0):
         with pyro.plate("batch", replicas, dim=-1):
             alpha = pyro.sample("alpha_0",
                                 pyro.distributions.Dirichlet(prior.expand(1, -1)).to_event(1))
-            weights, _, _ = routing_weights(_sample_decision(alpha, torch.float64), "gated",
+            weights, _, _ = routing_weights(_sample_decision(alpha, torch.float64, True), "gated",
                                             THRESHOLD)
             observe_counts("obs", weights @ experts, counts, replicas)
 
