@@ -322,6 +322,38 @@ def test_local_rows_by_either_path_match_naive(causal, dense_from, window, block
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", ["full", "linear"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dense_from", [0.0, 1.0], ids=["dense-and-gather", "row-tiles"])
+def test_full_and_linear_rows_by_either_path_match_naive(name, causal, dense_from, monkeypatch):
+    """Most of a sequence's rows come from the dense kernel and a gather (causal ``full`` on
+    long sequences, causal ``linear`` on the prefix sums), fewer from the row tiles or chunk
+    layout: both against the naive twin, outputs and gradients, with repeated (padding)
+    positions; the path asked for is the path taken."""
+    import bayes_router.models.experts.full as full
+    import bayes_router.models.experts.linear as linear
+
+    module = full if name == "full" else linear
+    monkeypatch.setattr(module, "DENSE_ROWS_FROM", dense_from)
+    monkeypatch.setattr(full, "DENSE_ROWS_MIN_LEN", 0)
+    if causal and dense_from == 0.0:  # the sparse layout must not run
+        def refuse(*args, **kwargs):
+            raise AssertionError("the sparse rows path ran")
+        monkeypatch.setattr(module, "row_tiles" if name == "full" else "block_layout", refuse)
+    expert = build_expert(name, TinyLMConfig(window=4, chunk_size=8, causal=causal))
+    B, T = 2, 45
+    q, k, v = _qkv(B, T, requires_grad=True)
+    positions = torch.stack([torch.randperm(T)[:30].sort().values,
+                             torch.cat([torch.arange(3, 32, 2), torch.full((15,), 31)])])
+    out = expert(q, k, v, positions)
+    ref = expert.naive(q, k, v).gather(2, positions[:, None, :, None].expand(B, 2, 30, 4))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    upstream = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), upstream),
+                    torch.autograd.grad(ref, (q, k, v), upstream), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("T", [7, 9, 12])
 def test_linear_prefix_sums_backward_passes_gradcheck(T):
     """The chunked prefix sums' own backward (chunks of 3: T > 2 chunks) against finite

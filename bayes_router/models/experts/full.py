@@ -13,11 +13,21 @@ from bayes_router.models.experts.base import (
 )
 from bayes_router.models.experts.naive import naive_full
 
+#: Gathered causal rows come from the dense causal SDPA and a gather when they are more than
+#: this share of a sequence of at least :data:`DENSE_ROWS_MIN_LEN` positions: the masked row
+#: tiles run slower per FLOP than causal SDPA, which skips the masked blocks. Measured, rows
+#: over dense and gather (B 2, H 4, d 64, random rows, ``docs/experts.md``): at T = 2048 share
+#: 0.5 0.87, 0.6 1.08, 0.7 1.17, 0.9 1.45; at T = 4096 0.96, 1.06, 1.28, 1.44; at T = 512 the
+#: tiles win at every share up to 0.9 (0.59-0.88).
+DENSE_ROWS_FROM = 0.6
+DENSE_ROWS_MIN_LEN = 2048
+
 
 class FullAttention(AttentionExpert):
     """Softmax attention over all (causal: all earlier) positions, by
     ``F.scaled_dot_product_attention``; gathered rows go in tiles with the keys cut at the
-    tile's last position."""
+    tile's last position, or come from the dense attention where they are most of a long
+    sequence (:data:`DENSE_ROWS_FROM`)."""
 
     name = "full"
 
@@ -28,6 +38,10 @@ class FullAttention(AttentionExpert):
             return F.scaled_dot_product_attention(gather_rows(q, positions), k, v)
         if positions.shape[1] == 0:  # no rows: an empty output (still a function of q)
             return gather_rows(q, positions)
+        T = q.shape[2]
+        if T >= DENSE_ROWS_MIN_LEN and positions.shape[1] > DENSE_ROWS_FROM * T:
+            return gather_rows(F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                               positions)
         outputs = []
         for rows in row_tiles(positions):
             n_keys = int(rows.max()) + 1  # later keys are masked for every row of the tile
