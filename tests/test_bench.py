@@ -98,7 +98,7 @@ def test_hard_layer_reports_both_projected_costs(toy_run):
     _, results = toy_run
     hard = results["hard_layer"]
     assert [m["mix"] for m in hard["mixes"]] == [[1, 0, 0], [0.25, 0.5, 0.25], [0, 1, 0],
-                                                 [0.5, 0, 0.5]]
+                                                 [0.5, 0, 0.5], [0.9, 0.05, 0.05]]
     reference = hard["mixes"][0]
     assert reference["fwd_ratio"] == 1.0
     assert reference["projected_cost_attention_core"] == pytest.approx(1.0)
@@ -190,7 +190,7 @@ def test_the_short_length_hard_layer_rows_and_target(tmp_path):
     results = run_benchmark(tmp_path, **{**TOY, "seq_lens": (16, 128), "hard_seq_len": None,
                                          "svi_configs": ()})
     rows = results["hard_layer_short"]
-    assert {r["seq_len"] for r in rows} == {128} and len(rows) == 4  # the four default mixes
+    assert {r["seq_len"] for r in rows} == {128} and len(rows) == 5  # the five default mixes
     for r in rows:
         assert r["fwd_ratio"] == pytest.approx(r["fwd_ms"] / r["full_only_fwd_ms"])
     target = next(t for t in results["targets"] if t["name"] == "hard_layer_short_worst")

@@ -180,7 +180,7 @@ def run_benchmark(out_dir: str | os.PathLike,
                   batch: int = 2, d_model: int = 256, n_heads: int = 4, window: int = 64,
                   repeats: int = 5,
                   mixes: Sequence[Sequence[float]] = ((1, 0, 0), (0.25, 0.5, 0.25), (0, 1, 0),
-                                                      (0.5, 0, 0.5)),
+                                                      (0.5, 0, 0.5), (0.9, 0.05, 0.05)),
                   hard_seq_len: int | None = None, progress: bool = True, warmup: int = 2,
                   naive_max_seq_len: int = 512, chunk_size: int = 64,
                   matmul_size: int = MATMUL_SIZE, seed: int = 0,
@@ -195,7 +195,9 @@ def run_benchmark(out_dir: str | os.PathLike,
     :param n_heads: number of heads ``H``.
     :param window: look-back of the ``local`` expert.
     :param repeats: timed runs per measurement (the median is reported).
-    :param mixes: expert shares ``(full, linear, local)`` of the hard-routed layer.
+    :param mixes: expert shares ``(full, linear, local)`` of the hard-routed layer (the
+        defaults: full-only, the 25/50/25 mix of the projection target, all-linear, half full
+        and half local, and a router that keeps nine tokens in ten on ``full``).
     :param hard_seq_len: sequence length of the layer benchmark (also its ``max_seq_len``);
         ``None``: the longest of ``seq_lens``.
     :param progress: show a progress bar over the measurements.

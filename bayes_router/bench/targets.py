@@ -64,7 +64,7 @@ def check_targets(results: dict) -> list[dict]:
         targets.append(_target(
             "hard_layer_short_worst",
             f"hard layer fwd / full-only, worst over T in {sorted({r['seq_len'] for r in short})}"
-            f" and every mix (worst: T={worst['seq_len']}, mix "
+            f" and every mix measured (worst: T={worst['seq_len']}, mix "
             f"{'/'.join(f'{v:g}' for v in worst['mix'])})", worst["fwd_ratio"], SHORT_TARGET,
             "<="))
     baselines = results.get("local_baselines") or {}
