@@ -36,6 +36,23 @@ def test_values_and_gradients_match_the_reference_and_torch(prior_shape):
             torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("prior", ["scalar", "one value expanded", "full row expanded"])
+def test_a_prior_whose_expert_axis_is_broadcast(prior):
+    """A symmetric prior given as one value broadcast over the experts (stride 0 on the last
+    axis too) keeps all K terms of its sums."""
+    a = _guide((4, 5, 3))
+    value = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    b = {"scalar": value, "one value expanded": value.expand(3),
+         "full row expanded": value.expand(3).expand(4, 5, 3)}[prior]
+    ours = fused_dirichlet_kl(a, b)
+    ref = dirichlet_kl(a, value.expand(4, 5, 3).contiguous())
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    assert bool((ours >= 0).all())
+    for g, r in zip(torch.autograd.grad(ours.sum(), (a, value)),
+                    torch.autograd.grad(ref.sum(), (a, value)), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
 def test_the_gradients_match_finite_differences():
     a = _guide((3, 4, 3), low=0.02, high=20.0).detach().requires_grad_()
     prior = _guide((3,), low=0.1, high=3.0, seed=3).detach().requires_grad_()
