@@ -25,6 +25,20 @@ def _qkv(B, T, H=2, d=4, requires_grad=False):
             for _ in range(3)]
 
 
+def _assert_rows_match_naive(expert, q, k, v, positions):
+    """``expert(q, k, v, positions)`` equals the naive twin's rows at ``positions``, outputs
+    and gradients (for an uneven upstream gradient)."""
+    B, H, _, d = q.shape
+    out = expert(q, k, v, positions)
+    ref = expert.naive(q, k, v).gather(2, positions[:, None, :, None].expand(
+        B, H, positions.shape[1], d))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    upstream = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), upstream),
+                    torch.autograd.grad(ref, (q, k, v), upstream), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("name", ["full", "linear", "local"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("B,T", SHAPES)
@@ -52,14 +66,7 @@ def test_gathered_rows_match_dense_rows(name, causal, chunk_size, monkeypatch):
     B, T = 2, 45
     q, k, v = _qkv(B, T, requires_grad=True)
     positions = torch.stack([torch.randperm(T)[:17].sort().values for _ in range(B)])
-    out = expert(q, k, v, positions)
-    ref = expert.naive(q, k, v)
-    ref = ref.gather(2, positions[:, None, :, None].expand(B, 2, 17, 4))
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    upstream = torch.randn_like(out)
-    for g, r in zip(torch.autograd.grad(out, (q, k, v), upstream),
-                    torch.autograd.grad(ref, (q, k, v), upstream)):
-        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    _assert_rows_match_naive(expert, q, k, v, positions)
 
 
 @pytest.mark.parametrize("name", ["full", "linear", "local"])
@@ -313,13 +320,7 @@ def test_local_rows_by_either_path_match_naive(causal, dense_from, window, block
     q, k, v = _qkv(B, T, requires_grad=True)
     positions = torch.stack([torch.randperm(T)[:11].sort().values,
                              torch.tensor([7] * 11)])  # row 1: one token, then padding
-    out = expert(q, k, v, positions)
-    ref = expert.naive(q, k, v).gather(2, positions[:, None, :, None].expand(B, 2, 11, 4))
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    upstream = torch.randn_like(out)
-    for g, r in zip(torch.autograd.grad(out, (q, k, v), upstream),
-                    torch.autograd.grad(ref, (q, k, v), upstream), strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    _assert_rows_match_naive(expert, q, k, v, positions)
 
 
 @pytest.mark.parametrize("name", ["full", "linear"])
@@ -345,13 +346,7 @@ def test_full_and_linear_rows_by_either_path_match_naive(name, causal, dense_fro
     q, k, v = _qkv(B, T, requires_grad=True)
     positions = torch.stack([torch.randperm(T)[:30].sort().values,
                              torch.cat([torch.arange(3, 32, 2), torch.full((15,), 31)])])
-    out = expert(q, k, v, positions)
-    ref = expert.naive(q, k, v).gather(2, positions[:, None, :, None].expand(B, 2, 30, 4))
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    upstream = torch.randn_like(out)
-    for g, r in zip(torch.autograd.grad(out, (q, k, v), upstream),
-                    torch.autograd.grad(ref, (q, k, v), upstream), strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    _assert_rows_match_naive(expert, q, k, v, positions)
 
 
 @pytest.mark.parametrize("T", [7, 9, 12])

@@ -139,7 +139,6 @@ QUADRATIC_CHUNKS = 2
 #: not timed separately.
 QUADRATIC_SCORES = 1 << 18
 
-
 #: Gathered causal rows come from the dense prefix sums and a gather when they are more than
 #: this share of the sequence: the rows' chunk states are those of every position anyway.
 #: Measured, rows over dense and gather (B 2, H 4, d 64, C 64, random rows,
