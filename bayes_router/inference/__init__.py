@@ -1,7 +1,8 @@
-"""Inference: the SVI training loop, evaluation, ELBO estimators, the conjugate toy, empirical
-Bayes for beta0, and step timing."""
+"""Inference: the SVI training loop, evaluation, generation with per-expert caches, ELBO
+estimators, the conjugate toy, empirical Bayes for beta0, and step timing."""
 
 from bayes_router.core.dirichlet import expected_log_alpha
+from bayes_router.inference.decoding import DecodeConfig, Generation, generate
 from bayes_router.inference.estimators import Estimator, estimator_names, get_estimator
 from bayes_router.inference.evaluate import collect, evaluate, routing_metrics, timed_forward
 from bayes_router.inference.minka import (
@@ -24,7 +25,9 @@ from bayes_router.inference.train import (
 
 __all__ = [
     "CheckpointError",
+    "DecodeConfig",
     "Estimator",
+    "Generation",
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
@@ -36,6 +39,7 @@ __all__ = [
     "fit_dirichlet",
     "fit_precision",
     "fit_precision_from_samples",
+    "generate",
     "get_estimator",
     "load_checkpoint",
     "load_trained",

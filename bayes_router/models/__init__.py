@@ -29,6 +29,7 @@ from bayes_router.models.experts import (
 )
 from bayes_router.models.router import (
     ROUTING_MODES,
+    LayerCache,
     LayerRouting,
     RoutedAttention,
     Router,
@@ -37,7 +38,7 @@ from bayes_router.models.router import (
     routing_weights,
 )
 from bayes_router.models.static import StaticRoutedLM, parse_static_router
-from bayes_router.models.tinylm import FixedRouting, LMOutput, TinyLM
+from bayes_router.models.tinylm import DecodeCache, FixedRouting, LMOutput, TinyLM
 
 __all__ = [
     "BATCH_PLATE",
@@ -47,9 +48,11 @@ __all__ = [
     "AttentionExpert",
     "BayesianRoutedLM",
     "Controller",
+    "DecodeCache",
     "FixedRouting",
     "FullAttention",
     "LMOutput",
+    "LayerCache",
     "LayerRouting",
     "LinearAttention",
     "LocalAttention",

@@ -62,7 +62,7 @@ from bayes_router.core.dirichlet import (
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.experts import cost_vector
 from bayes_router.models.router import RoutingDecision
-from bayes_router.models.tinylm import LMOutput, TinyLM
+from bayes_router.models.tinylm import DecodeCache, LMOutput, TinyLM
 
 logger = logging.getLogger(__name__)
 
@@ -245,10 +245,13 @@ class RoutedLM(PyroModule):
         raise NotImplementedError
 
     def predict(self, x: Tensor, mode: str = "soft", gate_threshold: float | None = None,
-                gate_measure: str = "total") -> LMOutput:
-        """Evaluation forward pass with the posterior-mean (or softmax) routing in ``mode``."""
+                gate_measure: str = "total", cache: DecodeCache | None = None,
+                lengths: Tensor | None = None) -> LMOutput:
+        """Evaluation forward pass with the posterior-mean (or softmax) routing in ``mode``;
+        with a ``cache``, a prefill or a decoding step (see
+        :meth:`~bayes_router.models.tinylm.TinyLM.forward`)."""
         return self.lm(x, lambda layer, f: self.decision(layer, f, gate_measure), mode=mode,
-                       gate_threshold=gate_threshold)
+                       gate_threshold=gate_threshold, cache=cache, lengths=lengths)
 
 
 def _sample_decision(alpha: Tensor, dtype: torch.dtype, gated: bool) -> RoutingDecision:

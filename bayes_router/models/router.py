@@ -5,6 +5,11 @@ With ``sparse=True`` an expert computes outputs only for the query rows whose we
 non-zero (gather the rows, keep keys and values whole, scatter back): one-hot weights give hard
 routing whose saving is real, and a mixture of one-hot and dense rows gives uncertainty-gated
 routing, all through one code path.
+
+Given a :class:`LayerCache`, the layer also decodes: the first call (a prompt, the *prefill*)
+runs the same mixing and writes every expert's state from its keys and values in that pass;
+later calls (one token, or a chunk) append to every expert's state and read, for each
+sequence, only the experts it is routed to.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from bayes_router.core.validation import all_finite, is_validation_enabled, vali
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.dense_mix import row_masks, shared_softmax, softmax_experts
 from bayes_router.models.experts import build_expert
+from bayes_router.models.experts.base import ExpertState
 
 ROUTING_MODES = ("soft", "hard", "gated")
 #: Sequence lengths whose row masks a layer keeps (each ``K x T x T``, at most 0.8 MB at T=256).
@@ -61,18 +67,42 @@ class LayerRouting:
     hard_mask: Tensor | None  # (..., T) which tokens went hard (gated and hard modes)
 
 
-def controller_features(h: Tensor, max_seq_len: int) -> Tensor:
+@dataclass
+class LayerCache:
+    """The decoding state of one routed layer: one state per expert (``None`` until the
+    prefill writes it), each with room for ``capacity`` positions where it keeps them all."""
+
+    states: list[ExpertState | None]
+    capacity: int
+
+    @property
+    def empty(self) -> bool:
+        return self.states[0] is None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.states if s is not None)
+
+
+def controller_features(h: Tensor, max_seq_len: int, positions: Tensor | None = None
+                        ) -> Tensor:
     """Features ``[h_t, ||h_t|| / sqrt(D) (detached), t / (max_seq_len - 1)]`` -> ``(..., T, D+2)``.
 
     The position feature depends only on ``t`` and ``max_seq_len``, so a token's features do not
-    change when later tokens arrive.
+    change when later tokens arrive. ``positions (B, T)``: each token's ``t`` (decoding, where
+    a sequence continues from its own length); default ``0 .. T - 1``.
     """
     T, D = h.shape[-2:]
-    if T > max_seq_len:
-        raise ValueError(f"sequence length {T} exceeds max_seq_len={max_seq_len}")
+    last = T - 1 if positions is None else int(positions.max()) if positions.numel() else -1
+    if last >= max_seq_len:
+        raise ValueError(f"position {last} is past the model's max_seq_len={max_seq_len} "
+                         f"(positions 0 .. {max_seq_len - 1})")
     norm = (h.detach().norm(dim=-1, keepdim=True) / D**0.5)
-    position = torch.arange(T, device=h.device, dtype=h.dtype) / (max_seq_len - 1)
-    position = position[:, None].expand(*h.shape[:-1], 1)
+    if positions is None:
+        position = torch.arange(T, device=h.device, dtype=h.dtype)[:, None]
+    else:
+        position = positions.to(h.dtype)[..., None]
+    position = (position / (max_seq_len - 1)).expand(*h.shape[:-1], 1)
     return torch.cat([h, norm, position], dim=-1)
 
 
@@ -118,8 +148,18 @@ class RoutedAttention(nn.Module):
         q, k, v = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4).contiguous()  # 3 x (B, H, T, d)
         return q, k, v
 
-    def forward(self, x: Tensor, weights: Tensor, sparse: bool = False) -> Tensor:
-        """Mix the experts with ``weights``; ``sparse`` skips the rows an expert has weight 0 on."""
+    def new_cache(self, capacity: int) -> LayerCache:
+        """An empty :class:`LayerCache` for decoding up to ``capacity`` positions."""
+        return LayerCache([None] * len(self.experts), capacity)
+
+    def forward(self, x: Tensor, weights: Tensor, sparse: bool = False,
+                cache: LayerCache | None = None, lengths: Tensor | None = None) -> Tensor:
+        """Mix the experts with ``weights``; ``sparse`` skips the rows an expert has weight 0 on.
+
+        :param cache: decode: an empty cache is filled from this pass (a prefill of ``x``,
+            whose sequences hold ``lengths (B,)`` real tokens each, right-padded; all by
+            default); a filled one is continued by ``x``. No leading particle dimensions.
+        """
         K, D = len(self.experts), self.cfg.d_model
         dtype = (self.out if self.cfg.shared_qkv else self.out[0]).weight.dtype
         for name, t, width in (("x", x, D), ("weights", weights, K)):
@@ -139,8 +179,16 @@ class RoutedAttention(nn.Module):
             raise ValueError("weights must be finite and non-negative")
         if is_validation_enabled() and not all_finite(x):
             raise ValueError("x holds NaN or Inf")
+        if cache is not None and (x.dim() != 3 or weights.dim() != 3):
+            raise ValueError(f"decoding takes x (B, T, D) and weights (B, T, K) without "
+                             f"leading dimensions, got {tuple(x.shape)} and "
+                             f"{tuple(weights.shape)}")
+        if cache is not None and len(cache.states) != K:
+            raise ValueError(f"cache holds {len(cache.states)} expert states, the layer has {K}")
         with validation_enabled(False):  # q, k, v come from the checked x: no second pass
-            return self._mix(x, weights, sparse)
+            if cache is not None and not cache.empty:
+                return self._decode(x, weights, sparse, cache)
+            return self._mix(x, weights, sparse, cache, lengths)
 
     def _shared_softmax(self, q: Tensor, k: Tensor, v: Tensor, weights: Tensor
                         ) -> tuple[Tensor | None, list[int]]:
@@ -167,7 +215,42 @@ class RoutedAttention(nn.Module):
         w = weights.gather(-1, index[..., None])  # (B, T, 1), in the layer's dtype
         return o.transpose(1, 2).to(w.dtype) * w[..., None], shared
 
-    def _mix(self, x: Tensor, weights: Tensor, sparse: bool) -> Tensor:
+    def _decode(self, x: Tensor, weights: Tensor, sparse: bool, cache: LayerCache) -> Tensor:
+        """Continue the sequences of ``cache`` by ``x (B, T, D)``: every expert's state takes
+        every sequence's new keys and values; an expert reads (computes queries) only for the
+        sequences with weight on it (all of them unless ``sparse``)."""
+        B, T, D = x.shape
+        weights = weights.to(x.dtype)
+        H, d, shared = self.cfg.n_heads, self.cfg.head_dim, self.cfg.shared_qkv
+        y = None
+        if shared:
+            q, k, v = self._heads(self.qkv(x))  # (B, H, T, d) each
+        for i, expert in enumerate(self.experts):
+            if not shared:
+                q, k, v = self._heads(self.qkv[i](x))
+            w = weights[..., i]  # (B, T)
+            rows = None
+            if sparse:
+                read = (w != 0).any(1)  # (B,)
+                rows = None if bool(read.all()) else read.nonzero().squeeze(1)
+            o = expert.decode(cache.states[i], q if rows is None else q[rows], k, v, rows)
+            o = o.transpose(1, 2)  # (R, T, H, d)
+            if not shared:
+                o = self.out[i](o.reshape(o.shape[0], T, D))
+            w_rows = w if rows is None else w[rows]
+            term = w_rows.view(*w_rows.shape, *[1] * (o.dim() - 2)) * o.to(x.dtype)
+            if rows is None:
+                y = term if y is None else y + term
+            else:
+                y = (x.new_zeros(B, T, H, d) if shared else x.new_zeros(B, T, D)) \
+                    if y is None else y
+                y = y.index_add(0, rows, term)
+        if shared:
+            y = self.out(y.reshape(B, T, D))
+        return y
+
+    def _mix(self, x: Tensor, weights: Tensor, sparse: bool, cache: LayerCache | None = None,
+             lengths: Tensor | None = None) -> Tensor:
         K = len(self.experts)
         lead = torch.broadcast_shapes(x.shape[:-2], weights.shape[:-2])
         T, D = x.shape[-2:]
@@ -184,13 +267,17 @@ class RoutedAttention(nn.Module):
             if sparse:
                 y, done = self._shared_softmax(q, k, v, weights)
         for i, expert in enumerate(self.experts):
+            if cache is not None:  # the prefill: every expert's state takes every token
+                if not shared:
+                    q, k, v = self._heads(self.qkv[i](x))
+                cache.states[i] = expert.write_state(None, k, v, lengths, cache.capacity)
             if i in done:
                 continue
             w = weights[..., i]  # (B, T)
             selected = w != 0
             if sparse and not bool(selected.any()):
                 continue
-            if not shared:
+            if not shared and cache is None:
                 q, k, v = self._heads(self.qkv[i](x))
             if not sparse or bool(selected.all()):
                 o = expert(q, k, v).transpose(1, 2)  # (B, T, H, d)

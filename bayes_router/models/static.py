@@ -96,9 +96,10 @@ class StaticRoutedLM(DeterministicRoutedLM):
         if gate_measure != "total":
             raise ValueError("a static router has a single uncertainty measure: gate_measure "
                              "must be 'total'")
-        T = features.shape[-2]
-        w = self.weights[layer, :T].to(features.dtype).expand(*features.shape[:-1],
-                                                             self.cfg.n_experts)
+        # each token's position, from its position feature t / (max_seq_len - 1) (exact in
+        # float32 below 2^23): decoding asks for one token at a time, anywhere in a sequence
+        position = (features[..., -1] * (self.cfg.max_seq_len - 1)).round().long()
+        w = self.weights[layer][position].to(features.dtype)  # (..., T, K)
         uncertainty = (normalised_entropy(w) if self.cfg.n_experts > 1
                        else torch.zeros(w.shape[:-1], dtype=w.dtype))
         return RoutingDecision(weights=w, mean=w, uncertainty=uncertainty)

@@ -3,11 +3,15 @@
 The LM holds no inference logic: every forward pass takes a *router*, a callable
 ``router(layer, features) -> RoutingDecision`` supplied by the caller (the Pyro guide, a fixed set
 of sampled weights, or the prior-free softmax controller).
+
+Decoding passes a :class:`DecodeCache` (:meth:`TinyLM.new_cache`) to the same forward pass:
+the first call is the prompt's prefill, each later call continues every sequence from its own
+length (one token per step, or a chunk), the router deciding each new token's experts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +19,7 @@ from torch import Tensor, nn
 from bayes_router.core.precision import autocast, full_precision, resolve_dtype
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.router import (
+    LayerCache,
     LayerRouting,
     RoutedAttention,
     Router,
@@ -32,6 +37,27 @@ class LMOutput:
     routing: list[LayerRouting]
 
 
+@dataclass
+class DecodeCache:
+    """The decoding state of a :class:`TinyLM`: one :class:`~bayes_router.models.router.
+    LayerCache` per layer, and ``lengths (B,)``, the tokens each sequence holds so far. Made
+    by :meth:`TinyLM.new_cache`, filled and advanced by the forward passes it is given."""
+
+    layers: list[LayerCache]
+    lengths: Tensor
+    capacity: int
+    filled: bool = field(default=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by every expert state of every layer, all sequences together."""
+        return sum(layer.nbytes for layer in self.layers)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: routed attention, then a GELU MLP."""
 
@@ -46,8 +72,9 @@ class Block(nn.Module):
             nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model),
         )
 
-    def forward(self, h: Tensor, weights: Tensor, sparse: bool) -> Tensor:
-        h = h + self.attn(self.ln_attn(h), weights, sparse=sparse)
+    def forward(self, h: Tensor, weights: Tensor, sparse: bool, cache: LayerCache | None = None,
+                lengths: Tensor | None = None) -> Tensor:
+        h = h + self.attn(self.ln_attn(h), weights, sparse=sparse, cache=cache, lengths=lengths)
         return h + self.mlp(self.ln_mlp(h))
 
 
@@ -101,26 +128,88 @@ class TinyLM(nn.Module):
             raise ValueError(f"{name} holds token ids outside [0, {self.cfg.vocab_size}): "
                              f"min {int(x.min())}, max {int(x.max())}")
 
+    def new_cache(self, batch_size: int, capacity: int | None = None) -> DecodeCache:
+        """An empty :class:`DecodeCache` for ``batch_size`` sequences of up to ``capacity``
+        tokens each (default and at most ``max_seq_len``)."""
+        capacity = self.cfg.max_seq_len if capacity is None else capacity
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or not \
+                1 <= capacity <= self.cfg.max_seq_len:
+            raise ValueError(f"capacity must be an integer in [1, max_seq_len="
+                             f"{self.cfg.max_seq_len}], got {capacity!r}")
+        device = self.token_embedding.weight.device
+        return DecodeCache([block.attn.new_cache(capacity) for block in self.blocks],
+                           torch.zeros(batch_size, dtype=torch.long, device=device), capacity)
+
+    def _positions(self, x: Tensor, cache: DecodeCache, lengths: Tensor | None
+                   ) -> tuple[Tensor, Tensor]:
+        """The positions ``(B, T)`` of the tokens ``x`` continuing ``cache``, and how many of
+        them are real per sequence; clear errors for a batch, a length or a position the
+        cache or the model cannot take."""
+        B, T = x.shape
+        if B != cache.batch_size:
+            raise ValueError(f"x has {B} sequences, the cache {cache.batch_size}")
+        if T == 0:
+            raise ValueError("x must hold at least one token per sequence to decode")
+        if lengths is not None and cache.filled:
+            raise ValueError("lengths (right-padded prompts) applies to the prefill only; "
+                             "later calls continue every sequence by all of x's tokens")
+        counts = torch.full((B,), T, dtype=torch.long, device=x.device)
+        if lengths is not None:
+            counts = torch.as_tensor(lengths, device=x.device).long()
+            if counts.shape != (B,) or bool((counts < 1).any()) or bool((counts > T).any()):
+                raise ValueError(f"lengths must hold one prompt length in [1, {T}] per "
+                                 f"sequence, got {counts.tolist()}")
+        end = int((cache.lengths + T).max())
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"decoding to {end} tokens is past what the model supports "
+                             f"(max_seq_len={self.cfg.max_seq_len}: its learned positions end "
+                             f"there)")
+        if end > cache.capacity:
+            raise ValueError(f"decoding to {end} tokens is past the cache's capacity "
+                             f"{cache.capacity}")
+        return cache.lengths[:, None] + torch.arange(T, device=x.device), counts
+
     def forward(self, x: Tensor, router: Router, mode: str = "soft",
-                gate_threshold: float | None = None) -> LMOutput:
+                gate_threshold: float | None = None, cache: DecodeCache | None = None,
+                lengths: Tensor | None = None) -> LMOutput:
         """Run the LM on token ids ``x (B, T)``, asking ``router`` for every layer's weights.
 
         Routing weights may carry extra leading dimensions (e.g. vectorised particles); the
         hidden state then broadcasts to them.
+
+        :param cache: decode (no particle dimensions): an empty cache is filled by this pass
+            over the prompts ``x``; a filled one is continued by ``x``, every sequence from its
+            own length, and advanced. The logits are those of the whole-sequence pass at the
+            same positions under the same routing.
+        :param lengths: ``(B,)`` the real length of each right-padded prompt (the prefill
+            only); the logits past a prompt's length are not meaningful.
         """
         self.check_tokens(x)
         T = x.shape[1]
-        h = self.token_embedding(x) + self.position_embedding.weight[:T]  # (B, T, D)
+        positions = counts = None
+        if cache is None:
+            if lengths is not None:
+                raise ValueError("lengths (right-padded prompts) needs a cache")
+            h = self.token_embedding(x) + self.position_embedding.weight[:T]  # (B, T, D)
+        else:
+            positions, counts = self._positions(x, cache, lengths)
+            h = self.token_embedding(x) + self.position_embedding(positions)  # (B, T, D)
+        prefill = lengths if cache is not None and not cache.filled else None
         routing = []
         with autocast(h.device, self.compute_dtype):
             for layer, block in enumerate(self.blocks):
                 with full_precision(h.device, self.compute_dtype):  # the router's maths
-                    features = controller_features(h, self.cfg.max_seq_len)  # (..., T, D+2)
+                    features = controller_features(h, self.cfg.max_seq_len, positions)
                     decision = router(layer, features)
                     weights, index, hard = routing_weights(decision, mode, gate_threshold)
-                h = block(h, weights, sparse=mode != "soft")
+                h = block(h, weights, sparse=mode != "soft",
+                          cache=None if cache is None else cache.layers[layer], lengths=prefill)
                 routing.append(LayerRouting(features, decision, weights, index, hard))
             logits = self.head(self.ln_final(h))
+        if cache is not None:
+            cache.lengths, cache.filled = cache.lengths + counts, True
         return LMOutput(logits.to(h.dtype), routing)  # the likelihood in full precision
 
 

@@ -4,11 +4,12 @@ Laid out as flash-linear-attention lays out its kernels: ``base`` (the contract 
 fulfils and the row helpers of the sparse path), ``full``, ``linear``, ``local`` (one expert
 each), ``naive`` (the obviously correct twins the tests compare against, reached through each
 expert's ``naive`` method), ``registry`` (names to classes) and ``cost`` (the FLOP model and the
-cost vector). A new expert is a new module with an :class:`AttentionExpert` subclass, registered
-with :func:`register_expert`.
+cost vector). Each expert also keeps a decoding state (``KVCache`` for ``full``,
+``WindowCache`` for ``local``, ``LinearState`` for ``linear``). A new expert is a new module
+with an :class:`AttentionExpert` subclass, registered with :func:`register_expert`.
 """
 
-from bayes_router.models.experts.base import AttentionExpert
+from bayes_router.models.experts.base import AttentionExpert, ExpertState, KVCache
 from bayes_router.models.experts.cost import (
     SEED_COSTS,
     cost_vector,
@@ -16,8 +17,8 @@ from bayes_router.models.experts.cost import (
     projection_flops_per_token,
 )
 from bayes_router.models.experts.full import FullAttention
-from bayes_router.models.experts.linear import LinearAttention
-from bayes_router.models.experts.local import LocalAttention
+from bayes_router.models.experts.linear import LinearAttention, LinearState
+from bayes_router.models.experts.local import LocalAttention, WindowCache
 from bayes_router.models.experts.naive import (
     elu_feature_map,
     naive_full,
@@ -37,9 +38,13 @@ __all__ = [
     "SEED_COSTS",
     "AttentionExpert",
     "ExpertSpec",
+    "ExpertState",
     "FullAttention",
+    "KVCache",
     "LinearAttention",
+    "LinearState",
     "LocalAttention",
+    "WindowCache",
     "build_expert",
     "cost_vector",
     "elu_feature_map",

@@ -4,11 +4,20 @@ An expert *mixes* projected heads: ``expert(q, k, v) -> o`` with ``q, k, v`` of 
 ``(B, H, T, d)``. Given ``positions`` of shape ``(B, R)`` it computes outputs only for those query
 rows (keys and values stay whole) and returns ``(B, H, R, d)``: this is how hard routing saves real
 compute. The q/k/v/out projections live in :class:`~bayes_router.models.router.RoutedAttention`.
+
+**Decoding.** An expert also keeps an incremental *state* of the keys and values it has seen
+(:class:`ExpertState`; a :class:`KVCache` by default), so that a sequence can be continued
+token by token: :meth:`AttentionExpert.write_state` appends the keys and values of a prefill
+(the layer's one pass over the prompt), :meth:`AttentionExpert.decode` appends new tokens and
+returns the outputs of their queries, reading only what the expert needs. Every expert's state
+takes every token (a later query may route anywhere); only the queries routed to an expert
+read it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +25,88 @@ from torch import Tensor, nn
 from bayes_router.core.validation import all_finite, is_validation_enabled
 
 ROW_TILE = 128  # query rows per tile when computing gathered rows (bounds memory and waste)
+
+
+@dataclass
+class ExpertState:
+    """What one expert of one layer keeps of the sequences it has read, for decoding.
+
+    :param lengths: ``(B,)`` int64, the tokens written per sequence so far (sequences of one
+        batch may differ: prompts of different lengths).
+    """
+
+    lengths: Tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors, all sequences together."""
+        return sum(getattr(self, f.name).nbytes for f in fields(self)
+                   if isinstance(getattr(self, f.name), Tensor))
+
+    def positions(self, count: int) -> Tensor:
+        """``(B, count)`` positions of the next ``count`` tokens of every sequence."""
+        return self.lengths[:, None] + torch.arange(count, device=self.lengths.device)
+
+    def common_length(self, rows: Tensor | None = None) -> int | None:
+        """The one length of the sequences ``rows`` (all: ``None``), or ``None`` if they
+        differ."""
+        lengths = self.lengths if rows is None else self.lengths[rows]
+        if not lengths.numel():
+            return None
+        first = int(lengths[0])
+        return first if bool((lengths == first).all()) else None
+
+
+def valid_counts(lengths: Tensor | None, batch: int, count: int, device) -> Tensor:
+    """``(B,)`` int64: how many of ``count`` new tokens of each sequence are real (the rest
+    right padding of a shorter prompt); all of them by default."""
+    if lengths is None:
+        return torch.full((batch,), count, dtype=torch.long, device=device)
+    lengths = torch.as_tensor(lengths, device=device).long()
+    if lengths.shape != (batch,) or bool((lengths < 0).any()) or bool((lengths > count).any()):
+        raise ValueError(f"lengths must hold one count in [0, {count}] per sequence "
+                         f"(B={batch}), got {lengths.tolist()}")
+    return lengths
+
+
+@dataclass
+class KVCache(ExpertState):
+    """The keys and values of every token written: ``(B, H, capacity, d)`` each, the first
+    ``lengths[b]`` positions of sequence ``b`` filled. The state of ``full`` and the default of
+    any expert without a smaller one."""
+
+    keys: Tensor
+    values: Tensor
+
+    @classmethod
+    def empty(cls, k: Tensor, capacity: int) -> KVCache:
+        B, H, _, d = k.shape
+        return cls(torch.zeros(B, dtype=torch.long, device=k.device),
+                   k.new_empty(B, H, capacity, d), k.new_empty(B, H, capacity, d))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def write(self, k: Tensor, v: Tensor, counts: Tensor) -> None:
+        """Append ``k, v (B, H, T, d)``, of which the first ``counts[b]`` of sequence ``b`` are
+        real: all ``T`` are stored (the padding past a count is overwritten by the next
+        write, and no read reaches it)."""
+        B, _, T, _ = k.shape
+        end = int((self.lengths + T).max())
+        if end > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; writing {T} more "
+                             f"after {int(self.lengths.max())} needs {end}")
+        start = self.common_length()
+        if start is not None:  # one length: a slice
+            self.keys[:, :, start:start + T] = k
+            self.values[:, :, start:start + T] = v
+        else:  # (B, T) positions, written through the (B, capacity, H, d) view
+            batch = torch.arange(B, device=k.device)[:, None]
+            where = self.positions(T)
+            self.keys.transpose(1, 2)[batch, where] = k.transpose(1, 2)
+            self.values.transpose(1, 2)[batch, where] = v.transpose(1, 2)
+        self.lengths = self.lengths + counts
 
 
 def causal_valid(seq_len: int, causal: bool, device=None) -> Tensor:
@@ -62,9 +153,59 @@ class AttentionExpert(nn.Module):
         beside the useful ones; by default the same."""
         return self.flops_per_token(seq_len, d_model, n_heads)
 
+    def decode_flops(self, context: int, d_model: int, n_heads: int) -> dict[str, float]:
+        """Useful FLOPs of one decoding step of one token at ``context`` cached tokens:
+        ``read``, what its query costs where it is routed here (it sees the ``context + 1``
+        keys up to itself, by default), and ``write``, what its key and value cost to append
+        (paid by every token, routed here or not). Multiply-add = 2 FLOPs."""
+        return {"read": 4.0 * d_model * (context + 1), "write": 0.0}
+
     def naive(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """The same mixing by a dense, obviously correct computation (all rows)."""
         raise NotImplementedError
+
+    # -- decoding -------------------------------------------------------------------------------
+
+    def write_state(self, state: ExpertState | None, k: Tensor, v: Tensor,
+                    lengths: Tensor | None = None, capacity: int | None = None) -> ExpertState:
+        """Append the keys and values ``k, v (B, H, T, d)`` of every sequence to ``state``
+        (``None``: a new state, room for ``capacity`` positions where it stores them) and
+        return it. ``lengths (B,)``: how many of the ``T`` are real per sequence (prompts of
+        different lengths, right-padded); all by default. Causal experts only."""
+        counts = valid_counts(lengths, k.shape[0], k.shape[2], k.device)
+        self._check_decoding()
+        if state is None:
+            state = KVCache.empty(k, k.shape[2] if capacity is None else capacity)
+        state.write(k, v, counts)
+        return state
+
+    def decode(self, state: ExpertState, q: Tensor, k: Tensor, v: Tensor,
+               rows: Tensor | None = None) -> Tensor:
+        """Append the next ``T`` tokens ``k, v (B, H, T, d)`` of every sequence to ``state``
+        (in place) and return the outputs ``(R, H, T, d)`` of the queries ``q (R, H, T, d)``
+        of the sequences ``rows (R,)`` (``None``: all ``B``). The same as the expert's
+        forward pass over each whole sequence, at its last ``T`` positions. ``T > 1`` (a
+        prompt continued in chunks) needs sequences of one length.
+
+        By default the state is a :class:`KVCache` and every read runs :meth:`forward` over
+        the whole prefix (right for any causal expert, at the cost of recomputing it)."""
+        T = k.shape[2]
+        self.write_state(state, k, v)
+        if rows is None:
+            rows = torch.arange(k.shape[0], device=k.device)
+        outputs = []
+        for i, row in enumerate(rows.tolist()):  # a loop over sequences, never positions
+            n = int(state.lengths[row])
+            keys, values = state.keys[row:row + 1, :, :n], state.values[row:row + 1, :, :n]
+            queries = torch.cat([q.new_zeros(1, q.shape[1], n - T, q.shape[3]), q[i:i + 1]], 2)
+            last = torch.arange(n - T, n, device=q.device)[None]
+            outputs.append(self(queries, keys, values, last))
+        return torch.cat(outputs) if outputs else q[:0]
+
+    def _check_decoding(self) -> None:
+        if not self.causal:
+            raise ValueError(f"{self.name} expert: decoding needs causal attention "
+                             f"(causal=True); a bidirectional expert reads future tokens")
 
     def softmax_keys(self, seq_len: int, device=None) -> Tensor | None:
         """``(T, T)`` boolean, the keys each query sees, if this expert is softmax attention

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from bayes_router.models.experts.base import (
     AttentionExpert,
+    KVCache,
     causal_valid,
     gather_rows,
     row_tiles,
@@ -52,6 +53,24 @@ class FullAttention(AttentionExpert):
             ))
         return torch.cat(outputs, dim=2)
 
+    def decode(self, state: KVCache, q, k, v, rows=None):
+        """Append ``k, v`` to the KV cache, then attend the queries to every cached key of
+        their sequence: one attention where the sequences read have one length, else one per
+        sequence on views of the cache (gathering sequences would copy their caches, as much
+        memory traffic as the attention itself)."""
+        self.write_state(state, k, v)
+        n = state.common_length(rows)
+        if rows is None and n is not None:
+            return _attend_last(q, state.keys[:, :, :n], state.values[:, :, :n])
+        if rows is None:
+            rows = torch.arange(k.shape[0], device=k.device)
+        outputs = []
+        for i, row in enumerate(rows.tolist()):  # a loop over sequences, never positions
+            n = int(state.lengths[row])
+            outputs.append(_attend_last(q[i:i + 1], state.keys[row:row + 1, :, :n],
+                                        state.values[row:row + 1, :, :n]))
+        return torch.cat(outputs) if outputs else q[:0]
+
     def flops_per_token(self, seq_len, d_model, n_heads):
         keys = (seq_len + 1) / 2 if self.causal else seq_len
         return 4.0 * d_model * keys
@@ -61,3 +80,13 @@ class FullAttention(AttentionExpert):
 
     def softmax_keys(self, seq_len, device=None):
         return causal_valid(seq_len, self.causal, device)
+
+
+def _attend_last(q, keys, values):
+    """Causal attention of the last ``T`` positions ``q (B, H, T, d)`` of sequences of ``n``
+    keys: query ``i`` sees the keys up to ``n - T + i``."""
+    T, n = q.shape[2], keys.shape[2]
+    if T == 1:
+        return F.scaled_dot_product_attention(q, keys, values)
+    valid = torch.arange(n, device=q.device) <= torch.arange(n - T, n, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=valid)

@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from bayes_router.models.experts.base import (
     AttentionExpert,
+    ExpertState,
     block_layout,
     check_positive_int,
     gather_rows,
     pad_rows,
+    valid_counts,
 )
 from bayes_router.models.experts.naive import elu_feature_map, naive_linear
+
+
+@dataclass
+class LinearState(ExpertState):
+    """The running sums of every sequence, ``state = sum_s phi(k_s) [v_s, 1]^T`` ``(B, H, d,
+    d + 1)``: the numerator's ``d x d`` state and, in its last column, the normaliser ``z =
+    sum_s phi(k_s)``. Constant memory."""
+
+    state: Tensor
+
+    def write(self, k: Tensor, v: Tensor, counts: Tensor) -> None:
+        """Add ``phi(k_s) [v_s, 1]^T`` of the first ``counts[b]`` of the ``T`` new tokens."""
+        B, H, T, d = k.shape
+        phi_k = elu_feature_map(k)
+        if bool((counts < T).any()):  # right padding: its rows add nothing
+            real = torch.arange(T, device=k.device) < counts[:, None]  # (B, T)
+            phi_k = phi_k * real[:, None, :, None].to(phi_k.dtype)
+        self.state = self.state + phi_k.transpose(-1, -2) @ _with_ones(v, T)
+        self.lengths = self.lengths + counts
 
 
 def _readout(phi_q: Tensor, scores: Tensor, v_chunks: Tensor, prior: Tensor, eps: float
@@ -201,6 +224,42 @@ class LinearAttention(AttentionExpert):
         out = _readout(phi_q, scores, v_chunks, prior, self.eps)
         return gather_rows(out.reshape(B, H, n_chunks * M, d), slot)
 
+    def write_state(self, state, k, v, lengths=None, capacity=None):
+        """Add ``k, v`` to a :class:`LinearState` (a new one for ``state=None``)."""
+        counts = valid_counts(lengths, k.shape[0], k.shape[2], k.device)
+        self._check_decoding()
+        if state is None:
+            B, H, _, d = k.shape
+            state = LinearState(torch.zeros(B, dtype=torch.long, device=k.device),
+                                k.new_zeros(B, H, d, d + 1))
+        state.write(k, v, counts)
+        return state
+
+    def decode(self, state: LinearState, q, k, v, rows=None):
+        """One token: add it to the running sums, then read them, ``o = phi(q) S / (phi(q) z
+        + eps)``. ``T > 1``: the sums before the new tokens plus their masked ``T x T``
+        scores (the chunked kernel's readout), then add them."""
+        T = k.shape[2]
+        counts = valid_counts(None, k.shape[0], T, k.device)
+        phi_q = elu_feature_map(q)
+        if T == 1:
+            state.write(k, v, counts)
+            prior, scores, values = state.state, None, None
+        else:
+            prior = state.state
+            phi_k, values = elu_feature_map(k), _with_ones(v, T)
+            if rows is not None:
+                phi_k, values = phi_k[rows], values[rows]
+            scores = (phi_q @ phi_k.transpose(-1, -2)).tril_()  # (R, H, T, T)
+            state.write(k, v, counts)
+        if rows is not None:
+            prior = prior[rows]
+        out = phi_q @ prior if scores is None else torch.baddbmm(
+            (phi_q @ prior).flatten(0, 1), scores.flatten(0, 1), values.flatten(0, 1)
+        ).view(*q.shape[:3], q.shape[3] + 1)
+        d = q.shape[-1]
+        return out[..., :d] / (out[..., d:] + self.eps)
+
     def quadratic(self, seq_len: int, query_rows: int = 1) -> bool:
         """Whether a causal sequence of ``seq_len`` runs as one masked ``T x T`` product
         (:data:`QUADRATIC_CHUNKS` chunks or fewer, and the scores of all ``query_rows`` query
@@ -227,6 +286,11 @@ class LinearAttention(AttentionExpert):
     def flops_per_token(self, seq_len, d_model, n_heads):
         # useful: the state update phi(k) v^T and the readout phi(q)^T S, 2 x 2 D d (d = D / H)
         return 4.0 * d_model * (d_model // n_heads)
+
+    def decode_flops(self, context, d_model, n_heads):
+        # read: phi(q)^T [S, z]; write: S += phi(k) [v, 1]^T; each 2 D (d + 1), whatever t
+        d = d_model // n_heads
+        return {"read": 2.0 * d_model * (d + 1), "write": 2.0 * d_model * (d + 1)}
 
     def executed_flops_per_token(self, seq_len, d_model, n_heads, batch=1):
         # the chunked kernel also scores every chunk whole, then masks it: C keys for the scores

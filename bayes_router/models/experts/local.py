@@ -4,19 +4,65 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from bayes_router.models.experts.base import (
     AttentionExpert,
+    ExpertState,
     additive_mask,
     block_layout,
     check_positive_int,
     gather_rows,
     pad_rows,
+    valid_counts,
 )
 from bayes_router.models.experts.naive import naive_local
+
+
+@dataclass
+class WindowCache(ExpertState):
+    """The keys and values of the last ``w + 1`` tokens of every sequence, ``(B, H, w + 1,
+    d)`` each, a ring: position ``p`` sits in slot ``p mod (w + 1)``. Constant memory: a
+    causal query at ``t`` reads ``[t - w, t]``, and softmax attention does not depend on the
+    order of its keys."""
+
+    keys: Tensor
+    values: Tensor
+
+    @property
+    def slots(self) -> int:
+        return self.keys.shape[2]
+
+    def write(self, k: Tensor, v: Tensor, counts: Tensor) -> None:
+        """Append ``k, v (B, H, T, d)``, the first ``counts[b]`` of sequence ``b`` real: the
+        last ``w + 1`` real ones of each sequence go to their slots."""
+        B, H, T, d = k.shape
+        S = self.slots
+        if T == 1 and bool((counts == 1).all()):  # a decoding step: one slot per sequence
+            slot = self.lengths % S
+            self.keys.transpose(1, 2)[torch.arange(B, device=k.device), slot] = k[:, :, 0]
+            self.values.transpose(1, 2)[torch.arange(B, device=k.device), slot] = v[:, :, 0]
+        elif T:
+            last = counts[:, None] - S + torch.arange(S, device=k.device)  # (B, S) new index
+            keep = (last >= 0)[:, None, :, None]
+            slot = ((self.lengths[:, None] + last) % S)[:, None, :, None].expand(B, H, S, d)
+            index = last.clamp(min=0)[:, None, :, None].expand(B, H, S, d)
+            for ring, new in ((self.keys, k), (self.values, v)):  # S consecutive positions:
+                # S distinct slots, so the scatter has no collisions
+                ring.scatter_(2, slot, torch.where(keep, new.gather(2, index),
+                                                   ring.gather(2, slot)))
+        self.lengths = self.lengths + counts
+
+    def in_order(self, count: int) -> tuple[Tensor, Tensor]:
+        """The keys and values of the last ``count`` tokens (``<= w + 1``, sequences of one
+        length), in position order: ``(B, H, count, d)`` each."""
+        n = int(self.lengths[0])
+        slot = torch.arange(n - count, n, device=self.keys.device) % self.slots
+        return self.keys[:, :, slot], self.values[:, :, slot]
 
 
 def _window_valid(key_pos: Tensor, query_pos: Tensor, seq_len: int, window: int,
@@ -275,6 +321,49 @@ class LocalAttention(AttentionExpert):
         out = torch.matmul(scores.add_(mask).softmax(-1), values)  # (B, H, n, M, d)
         return gather_rows(out.reshape(B, H, -1, d), slot)
 
+    def write_state(self, state, k, v, lengths=None, capacity=None):
+        """Append ``k, v`` to a :class:`WindowCache` (a new one for ``state=None``; its size
+        is ``w + 1`` whatever ``capacity``)."""
+        counts = valid_counts(lengths, k.shape[0], k.shape[2], k.device)
+        self._check_decoding()
+        if state is None:
+            B, H, _, d = k.shape
+            state = WindowCache(torch.zeros(B, dtype=torch.long, device=k.device),
+                                k.new_zeros(B, H, self.window + 1, d),
+                                k.new_zeros(B, H, self.window + 1, d))
+        state.write(k, v, counts)
+        return state
+
+    def decode(self, state: WindowCache, q, k, v, rows=None):
+        """One token: append it, then attend each query to the ``min(t, w) + 1`` keys of its
+        ring. ``T > 1``: the ring's last ``w`` keys before the new ones, then the new tokens
+        through the blocked kernel, then append."""
+        T = k.shape[2]
+        if T == 1:
+            state.write(k, v, valid_counts(None, k.shape[0], 1, k.device))
+            keys, values, lengths = state.keys, state.values, state.lengths
+            if rows is not None:
+                keys, values, lengths = keys[rows], values[rows], lengths[rows]
+            valid = torch.arange(state.slots, device=q.device) < lengths[:, None]  # (R, S)
+            return F.scaled_dot_product_attention(q, keys, values,
+                                                  attn_mask=valid[:, None, None, :])
+        if state.common_length() is None:
+            raise ValueError("local expert: continuing sequences by more than one token at a "
+                             "time needs sequences of one length (decode one token at a time)")
+        if not q.shape[0]:  # no sequence reads: only the write
+            state.write(k, v, valid_counts(None, k.shape[0], T, k.device))
+            return q
+        before = min(int(state.lengths[0]), self.window)
+        keys, values = state.in_order(before)
+        keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+        if rows is not None:
+            keys, values = keys[rows], values[rows]
+        queries = torch.cat([q.new_zeros(*q.shape[:2], before, q.shape[3]), q], 2)
+        last = torch.arange(before, before + T, device=q.device).expand(q.shape[0], T)
+        out = self(queries, keys, values, last)
+        state.write(k, v, valid_counts(None, k.shape[0], T, k.device))
+        return out
+
     def flops_per_token(self, seq_len, d_model, n_heads):
         # useful: the keys in [t - w, t] (causal) or [t - w, t + w] inside the sequence,
         # averaged over t (closed forms of sum_t min(t + 1, w + 1) and its two-sided twin)
@@ -282,6 +371,10 @@ class LocalAttention(AttentionExpert):
         before = (w * (w + 1) / 2 + (T - w) * (w + 1)) / T  # mean of min(t, w) + 1
         keys = before if self.causal else 2 * before - 1
         return 4.0 * d_model * keys
+
+    def decode_flops(self, context, d_model, n_heads):
+        # a query reads its ring: the min(t, w) + 1 keys of [t - w, t]
+        return {"read": 4.0 * d_model * (min(context, self.window) + 1), "write": 0.0}
 
     def executed_flops_per_token(self, seq_len, d_model, n_heads, batch=1):
         # the blocked kernel scores P + w (causal) or P + 2w keys per query row, P the block
