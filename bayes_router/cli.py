@@ -273,6 +273,88 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _generate_arguments(p):
+    from bayes_router.inference.decoding import GATE_MEASURES, DecodeConfig
+    from bayes_router.models.router import ROUTING_MODES
+
+    d = _field_defaults(DecodeConfig)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=None, metavar="TEXT",
+                        help="text to continue (a run trained on a text corpus), repeated "
+                             "--batch times; None: the start of validation windows")
+    prompt.add_argument("--prompt-file", default=None, metavar="PATH",
+                        help="read the prompt from a UTF-8 file, as it is (a final newline "
+                             "included)")
+    p.add_argument("--prompt-len", type=int, default=16,
+                   help="without a prompt: the first N tokens of each validation window")
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"],
+                   help="tokens to generate per sequence (the prompt and the new tokens, "
+                        "less one, must fit the run's --max-seq-len)")
+    p.add_argument("--routing", default=d["routing"], choices=ROUTING_MODES,
+                   help="soft: every expert read and mixed; hard: each token's argmax expert "
+                        "only; gated: hard where the routing uncertainty is below "
+                        "--gate-threshold, soft above")
+    p.add_argument("--gate-threshold", type=float, default=d["gate_threshold"],
+                   help="normalised uncertainty in [0, 1] of --routing gated")
+    p.add_argument("--gate-measure", default=d["gate_measure"], choices=GATE_MEASURES,
+                   help="the uncertainty the gate reads (aleatoric, epistemic: the Bayesian "
+                        "router only); random: a uniform draw, the control at the same soft "
+                        "fraction")
+    p.add_argument("--temperature", type=float, default=d["temperature"],
+                   help="divides the logits before sampling; 0: greedy")
+    p.add_argument("--top-k", type=int, default=d["top_k"],
+                   help="sample among the K most likely tokens only; None: all")
+    p.add_argument("--seed", type=int, default=d["seed"],
+                   help="seed of the sampling: the same seed, the same text")
+    p.add_argument("--batch", type=int, default=1, help="sequences generated together")
+    _add_device(p)
+    _add_out(p, required=False, help="output folder (default RUN_DIR/generate)")
+
+
+@command("generate", "generate text from a trained run with per-expert caches, under soft, "
+         "hard or gated routing", _generate_arguments)
+def cmd_generate(args) -> int:
+    from bayes_router.experiments.generate import generate_run
+    from bayes_router.inference.decoding import DecodeConfig
+
+    if args.routing == "gated" and args.gate_threshold is None:
+        raise ValueError("--routing gated needs --gate-threshold (normalised uncertainty in "
+                         "[0, 1])")
+    config = DecodeConfig(max_new_tokens=args.max_new_tokens, routing=args.routing,
+                          gate_threshold=args.gate_threshold, gate_measure=args.gate_measure,
+                          temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    prompt = args.prompt
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise ValueError(f"--prompt-file {path} is not a file")
+        try:
+            prompt = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"--prompt-file {path} is not UTF-8 text ({error.reason} at byte "
+                             f"{error.start})") from None
+    out = _out_dir(args, "generate", Path(args.run_dir) / "generate")
+    result = generate_run(Path(args.run_dir), out, config, prompt=prompt, batch=args.batch,
+                          prompt_len=args.prompt_len, device=args.device)
+    for b, sequence in enumerate(result["sequences"]):
+        if result["batch"] > 1:
+            print(f"--- sequence {b} ---")
+        if sequence["generated_text"] is not None:
+            print(sequence["generated_text"])
+        else:
+            print(" ".join(str(i) for i in sequence["generated_ids"]))
+    if not result["step_seconds"]:  # one new token: it comes from the prefill's logits
+        print(f"\nno decoding step timed (max_new_tokens=1); prefill "
+              f"{result['prefill_seconds']:.4f} s")
+    else:
+        print(f"\n{result['tokens_per_second']:.1f} tokens/s ({result['batch']} sequence(s), "
+              f"mean step {result['mean_step_ms']:.3f} ms, prefill "
+              f"{result['prefill_seconds']:.4f} s, soft fraction {result['soft_fraction']:.3f})")
+    print(f"wrote {out}/generate.json, {out}/routing.png and {out}/report.md")
+    return 0
+
+
 def _phase1_arguments(p):
     from bayes_router.experiments.phase1 import PHASE1_ROUTERS
 
@@ -339,19 +421,39 @@ def _bench_arguments(p):
                    help="skip the compiled flex_attention baseline (it compiles for ~20-50 s)")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the peak-memory measurement (a fresh process per configuration)")
+    g = p.add_argument_group("decoding (decode.json, decode.png, decode.md)")
+    g.add_argument("--decode-contexts", type=_comma_list(int), default=[1024, 4096, 8192, 16384],
+                   help="contexts (cached tokens) at which a decoding step is timed")
+    g.add_argument("--decode-batches", type=_comma_list(int), default=[1, 8],
+                   help="sequences decoded together")
+    g.add_argument("--decode-steps", type=int, default=16,
+                   help="decoding steps per timed run (the time of one step is their mean)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--no-decode", action="store_true", help="skip the decoding benchmark")
+    mode.add_argument("--decode-only", action="store_true",
+                      help="run only the decoding benchmark")
 
 
-@command("bench", "speed benchmark of the experts and the hard-routed layer", _bench_arguments)
+@command("bench", "speed benchmark of the experts, the hard-routed layer and decoding",
+         _bench_arguments)
 def cmd_bench(args) -> int:
     from bayes_router.bench import format_table, run_benchmark
+    from bayes_router.bench.decode import decode_table, run_decode_benchmark
 
     _out_dir(args, "bench")
-    results = run_benchmark(Path(args.out), seq_lens=tuple(args.seq_lens),
-                            hard_seq_len=args.hard_seq_len, repeats=args.repeats,
-                            svi_configs=() if args.no_svi_step else None,
-                            flex=not args.no_flex, memory=not args.no_memory)
-    print(format_table(results))
-    print(f"\nwrote {args.out}/bench.json, {args.out}/bench.png and {args.out}/report.md")
+    if not args.decode_only:
+        results = run_benchmark(Path(args.out), seq_lens=tuple(args.seq_lens),
+                                hard_seq_len=args.hard_seq_len, repeats=args.repeats,
+                                svi_configs=() if args.no_svi_step else None,
+                                flex=not args.no_flex, memory=not args.no_memory)
+        print(format_table(results))
+        print(f"\nwrote {args.out}/bench.json, {args.out}/bench.png and {args.out}/report.md")
+    if not args.no_decode:
+        decode = run_decode_benchmark(Path(args.out), contexts=tuple(args.decode_contexts),
+                                      batches=tuple(args.decode_batches), repeats=args.repeats,
+                                      steps=args.decode_steps)
+        print(decode_table(decode))
+        print(f"\nwrote {args.out}/decode.json, {args.out}/decode.png and {args.out}/decode.md")
     return 0
 
 

@@ -15,10 +15,12 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.colors import to_rgba
+from matplotlib.patches import Patch
 
 from bayes_router.analysis.diagnostics import mean_by_uncertainty_bin
 from bayes_router.analysis.metrics import ReliabilityCurve, reliability_curve
-from bayes_router.core.arrays import check_same_length, check_simplex, float_array
+from bayes_router.core.arrays import check_same_length, check_simplex, float_array, to_numpy
 from bayes_router.core.routing import expert_share
 
 DEFAULT_EXPERT_NAMES = ("full", "linear", "local")
@@ -165,6 +167,92 @@ def plot_uncertainty_strip(text: str, uncertainty, ax: Axes | None = None,
     ax.tick_params(axis="x", length=0)
     if colorbar:
         ax.figure.colorbar(image, ax=ax, label="uncertainty (nats)")
+    return ax
+
+
+#: Colour of a token that went soft (every expert mixed) in :func:`plot_routing_along_text`.
+SOFT_COLOUR = (0.62, 0.62, 0.62, 1.0)
+
+
+def _routing_codes(experts, n_experts: int) -> np.ndarray:
+    """``(L, T)`` or ``(T,)`` expert indices -> an ``(L, T)`` int array, checked: each an expert
+    in ``[0, n_experts)``, ``-1`` (soft) or ``-2`` (not read)."""
+    if np.size(experts) == 0:
+        raise _nothing_to_draw("experts", "no tokens")
+    codes = float_array(experts, "experts", ndims=(1, 2))
+    if np.any(codes != np.round(codes)):
+        raise ValueError("experts must hold integer expert indices")
+    codes = codes.astype(np.int64)
+    bad = (codes < -2) | (codes >= n_experts)
+    if np.any(bad):
+        raise ValueError(f"experts must hold expert indices in [0, {n_experts}), -1 (soft) or "
+                         f"-2 (not read), got {int(codes[bad][0])}")
+    return codes if codes.ndim == 2 else codes[None]  # (L, T)
+
+
+def plot_routing_along_text(experts, uncertainty=None,
+                            expert_names: Sequence[str] = DEFAULT_EXPERT_NAMES,
+                            text: str | None = None, ax: Axes | None = None,
+                            layer_names: Sequence[str] | None = None,
+                            max_characters: int = 160) -> Axes:
+    """Where each token of a sequence was routed, layer by layer: one image row per layer, one
+    column per token, coloured by the expert it read (``C0``, ``C1``, ... in the order of
+    ``expert_names``), grey where it went soft (every expert mixed), blank where no pass read
+    it; a legend names the colours.
+
+    :param experts: ``(L, T)`` or ``(T,)`` expert indices, ``-1`` soft, ``-2`` not read (as
+        :attr:`~bayes_router.inference.decoding.Generation.experts` of one sequence).
+    :param uncertainty: ``(L, T)`` or ``(T,)`` normalised routing uncertainty in ``[0, 1]``
+        (``nan`` where none), drawn as a black line across each layer's row: near its bottom
+        edge for 0 (``layer + 0.4``), near its top for 1 (``layer - 0.4``).
+    :param expert_names: ``K`` legend entries.
+    :param text: the ``T`` characters, written (``\\n`` and ``\\t`` escaped) along the x axis
+        when there are at most ``max_characters`` of them; else the axis counts tokens.
+    :param layer_names: ``L`` row labels (default ``layer 0``, ``layer 1``, ...).
+    """
+    codes = _routing_codes(experts, len(expert_names))
+    n_layers, n_tokens = codes.shape
+    if layer_names is None:
+        layer_names = [f"layer {layer}" for layer in range(n_layers)]
+    elif len(layer_names) != n_layers:
+        raise ValueError(f"layer_names must have {n_layers} entries, got {len(layer_names)}")
+    if text is not None and len(text) != n_tokens:
+        raise ValueError(f"experts has {n_tokens} columns but text has {len(text)} characters")
+    line = None
+    if uncertainty is not None:
+        line = to_numpy(uncertainty, "uncertainty").astype(np.float64)
+        if line.ndim == 1:
+            line = line[None]  # (1, T)
+        if line.shape != codes.shape:
+            raise ValueError(f"uncertainty must have the shape of experts {codes.shape}, got "
+                             f"{line.shape}")
+        given = line[~np.isnan(line)]
+        if np.any((given < 0) | (given > 1)):
+            raise ValueError("uncertainty must lie in [0, 1] (normalised) or be NaN")
+    colours = [to_rgba(f"C{k}") for k in range(len(expert_names))]
+    image = np.zeros((n_layers, n_tokens, 4))  # RGBA; alpha 0 where the token was not read
+    for k, colour in enumerate(colours):
+        image[codes == k] = colour
+    image[codes == -1] = SOFT_COLOUR
+    ax = _axes(ax)
+    ax.imshow(image, aspect="auto", interpolation="nearest")
+    if line is not None:
+        columns = np.arange(n_tokens)
+        for layer in range(n_layers):
+            ax.plot(columns, layer + 0.4 - 0.8 * line[layer], color="black", linewidth=0.8)
+    if text is not None and n_tokens <= max_characters:
+        ax.set_xticks(np.arange(n_tokens), [_escape(c) for c in text], fontfamily="monospace",
+                      fontsize=7)
+        ax.tick_params(axis="x", length=0)
+    else:
+        ax.set_xlabel("token")
+    ax.set_yticks(np.arange(n_layers), list(layer_names))
+    ax.set_ylim(n_layers - 0.5, -0.5)
+    handles = [Patch(color=colour, label=name) for colour, name in zip(colours, expert_names,
+                                                                       strict=True)]
+    handles.append(Patch(color=SOFT_COLOUR, label="soft (all experts)"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+              fontsize=8)
     return ax
 
 

@@ -40,6 +40,7 @@ OUTPUT_MARKERS = {
     "calibrate": "calibration.json",
     "report": "analysis.json",
     "evidence": "evidence.json",
+    "generate": "generate.json",
 }
 #: Commands that share a folder by design (``report`` writes the calibration too, both into
 #: ``RUN_DIR/analysis`` by default).

@@ -78,6 +78,9 @@ class DecodeConfig:
         if self.gate_measure not in GATE_MEASURES:
             raise ValueError(f"gate_measure must be one of {list(GATE_MEASURES)}, got "
                              f"{self.gate_measure!r}")
+        if self.routing != "gated" and self.gate_measure not in ("total", "random"):
+            raise ValueError(f"gate_measure {self.gate_measure!r} applies to gated routing "
+                             f"only (the gate reads it), got routing={self.routing!r}")
         if not isinstance(self.temperature, int | float) or isinstance(self.temperature, bool) \
                 or not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got "
@@ -85,8 +88,9 @@ class DecodeConfig:
         k = self.top_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"top_k must be an integer >= 1 or None, got {k!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or \
+                not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
 
 
 @dataclass
@@ -102,8 +106,9 @@ class Generation:
     :param uncertainty: ``(L, B, P + N)`` the normalised routing uncertainty the gate reads
         (``nan`` where none, or where no pass read the token).
     :param prefill_seconds: the prompts' pass.
-    :param step_seconds: ``(N - 1,)`` each decoding step (one token per sequence); the first
-        new token comes from the prefill's logits.
+    :param step_seconds: ``(N - 1,)`` each decoding step (one token per sequence, its forward
+        pass; the sampling between steps is not counted); the first new token comes from the
+        prefill's logits.
     :param cache_bytes: bytes of every expert state after the last step, all sequences.
     """
 
@@ -159,11 +164,13 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None,
     convention)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = logits.double().softmax(-1)
+    # the largest logit subtracted first: a tiny temperature gives -inf, never inf - inf
+    logits = logits.double()
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:  # exactly k, ties broken by topk
+        keep = logits.topk(top_k, -1).indices
+        logits = torch.full_like(logits, -math.inf).scatter_(-1, keep, logits.gather(-1, keep))
+    probs = logits.softmax(-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
 
 
@@ -236,8 +243,11 @@ def generate(model: RoutedLM, prompts: Sequence[Sequence[int]] | Tensor, config:
     batch, lengths_dev = batch.to(device), lengths.to(device)
 
     def run(x: Tensor, cache, prompt_lengths=None):
-        return model.lm(x, router, mode=config.routing, gate_threshold=config.gate_threshold,
-                        cache=cache, lengths=prompt_lengths)
+        out = model.lm(x, router, mode=config.routing, gate_threshold=config.gate_threshold,
+                       cache=cache, lengths=prompt_lengths)
+        if device.type == "cuda":  # the clock stops when the step is done, not launched
+            torch.cuda.synchronize(device)
+        return out
 
     def record(out, columns: Tensor) -> None:  # columns (B, T) of the tokens just read
         for layer, routing in enumerate(out.routing):

@@ -55,9 +55,11 @@ from torch.distributions import constraints, register_kl
 from bayes_router.core.commitment import floor_kl
 from bayes_router.core.dirichlet import (
     SAMPLING_DTYPE,
+    aleatoric_uncertainty,
+    epistemic_uncertainty,
     fused_dirichlet_kl,
     normalised_entropy,
-    routing_uncertainty,
+    total_uncertainty,
 )
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.experts import cost_vector
@@ -114,6 +116,9 @@ def _kl_dirichlet_routing_prior(q: torch.distributions.Dirichlet, p: RoutingPrio
 
 
 PRIORS = ("power", "seed")
+#: The Bayesian router's routing-uncertainty measures (nats), by name.
+GATE_MEASURES = {"total": total_uncertainty, "aleatoric": aleatoric_uncertainty,
+                 "epistemic": epistemic_uncertainty}
 PRIOR_MEANS = ("fixed", "learn")
 #: The ``seed`` prior's offset: ``beta_k = SEED_EPSILON + beta0 (1 - c_k)``.
 SEED_EPSILON = 0.01
@@ -495,15 +500,13 @@ class BayesianRoutedLM(RoutedLM):
     def decision(self, layer: int, features: Tensor, gate_measure: str = "total"
                  ) -> RoutingDecision:
         """Posterior-mean routing with the guide's uncertainty (for hard and gated modes)."""
+        if gate_measure not in GATE_MEASURES:
+            raise ValueError(f"gate_measure must be one of {sorted(GATE_MEASURES)}, got "
+                             f"{gate_measure!r}")
         concentration, logits = self.concentration(layer, features)
         mean = concentration / concentration.sum(-1, keepdim=True)
-        parts = routing_uncertainty(concentration)
-        measures = {"total": parts.total, "aleatoric": parts.aleatoric,
-                    "epistemic": parts.epistemic}
-        if gate_measure not in measures:
-            raise ValueError(f"gate_measure must be one of {sorted(measures)}, got "
-                             f"{gate_measure!r}")
-        uncertainty = measures[gate_measure] / math.log(self.cfg.n_experts)
+        # only the measure asked for (a decoding step pays for every one it computes)
+        uncertainty = GATE_MEASURES[gate_measure](concentration) / math.log(self.cfg.n_experts)
         return RoutingDecision(weights=mean, mean=mean, uncertainty=uncertainty,
                                concentration=concentration, logits=logits)
 

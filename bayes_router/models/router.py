@@ -225,14 +225,16 @@ class RoutedAttention(nn.Module):
         y = None
         if shared:
             q, k, v = self._heads(self.qkv(x))  # (B, H, T, d) each
+        # which sequences read each expert: one synchronisation for the layer
+        reads = (weights != 0).any(1).T.tolist() if sparse else [[True] * B] * len(self.experts)
         for i, expert in enumerate(self.experts):
             if not shared:
                 q, k, v = self._heads(self.qkv[i](x))
             w = weights[..., i]  # (B, T)
             rows = None
-            if sparse:
-                read = (w != 0).any(1)  # (B,)
-                rows = None if bool(read.all()) else read.nonzero().squeeze(1)
+            if not all(reads[i]):
+                rows = torch.tensor([b for b, read in enumerate(reads[i]) if read],
+                                    dtype=torch.long, device=x.device)
             o = expert.decode(cache.states[i], q if rows is None else q[rows], k, v, rows)
             o = o.transpose(1, 2)  # (R, T, H, d)
             if not shared:

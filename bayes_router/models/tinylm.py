@@ -48,6 +48,20 @@ class DecodeCache:
     capacity: int
     filled: bool = field(default=False)
 
+    def __post_init__(self):
+        self.set_lengths(self.lengths)
+
+    def set_lengths(self, lengths: Tensor) -> None:
+        """Set every sequence's length, here and in every expert state that exists (a
+        benchmark rewinds a cache this way)."""
+        self.lengths = lengths
+        first = int(lengths[0]) if lengths.numel() else 0
+        self.common_length = first if bool((lengths == first).all()) else None
+        for layer in self.layers:
+            for state in layer.states:
+                if state is not None:
+                    state.set_lengths(lengths)
+
     @property
     def batch_size(self) -> int:
         return self.lengths.shape[0]
@@ -155,13 +169,14 @@ class TinyLM(nn.Module):
         if lengths is not None and cache.filled:
             raise ValueError("lengths (right-padded prompts) applies to the prefill only; "
                              "later calls continue every sequence by all of x's tokens")
-        counts = torch.full((B,), T, dtype=torch.long, device=x.device)
+        counts = None  # every sequence advances by T
         if lengths is not None:
             counts = torch.as_tensor(lengths, device=x.device).long()
             if counts.shape != (B,) or bool((counts < 1).any()) or bool((counts > T).any()):
                 raise ValueError(f"lengths must hold one prompt length in [1, {T}] per "
                                  f"sequence, got {counts.tolist()}")
-        end = int((cache.lengths + T).max())
+        common = cache.common_length
+        end = common + T if common is not None else int((cache.lengths + T).max())
         if end > self.cfg.max_seq_len:
             raise ValueError(f"decoding to {end} tokens is past what the model supports "
                              f"(max_seq_len={self.cfg.max_seq_len}: its learned positions end "
@@ -169,6 +184,8 @@ class TinyLM(nn.Module):
         if end > cache.capacity:
             raise ValueError(f"decoding to {end} tokens is past the cache's capacity "
                              f"{cache.capacity}")
+        if common is not None:  # no device synchronisation in a step
+            return torch.arange(common, end, device=x.device).expand(B, T), counts
         return cache.lengths[:, None] + torch.arange(T, device=x.device), counts
 
     def forward(self, x: Tensor, router: Router, mode: str = "soft",
@@ -209,7 +226,13 @@ class TinyLM(nn.Module):
                 routing.append(LayerRouting(features, decision, weights, index, hard))
             logits = self.head(self.ln_final(h))
         if cache is not None:
-            cache.lengths, cache.filled = cache.lengths + counts, True
+            if counts is None:
+                cache.lengths = cache.lengths + T
+                if cache.common_length is not None:
+                    cache.common_length += T
+            else:
+                cache.set_lengths(cache.lengths + counts)
+            cache.filled = True
         return LMOutput(logits.to(h.dtype), routing)  # the likelihood in full precision
 
 

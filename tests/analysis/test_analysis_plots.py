@@ -9,6 +9,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PolyCollection
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from bayes_router.analysis import (
@@ -17,6 +18,7 @@ from bayes_router.analysis import (
     plot_estimator_bars,
     plot_expert_share,
     plot_reliability_diagram,
+    plot_routing_along_text,
     plot_routing_simplex,
     plot_uncertainty_strip,
     plot_uncertainty_vs_damage,
@@ -156,6 +158,58 @@ def test_uncertainty_strip_checks_its_input():
         plot_uncertainty_strip("abc", np.zeros((2, 4)))
     with pytest.raises(ValueError, match="layer_names"):
         plot_uncertainty_strip("abc", np.zeros((2, 3)), layer_names=["only one"])
+
+
+def test_routing_along_text_colours_each_token_by_its_expert():
+    experts = np.array([[0, 1, -1, -2], [2, 2, 0, -2]])  # (L, T): -1 soft, -2 not read
+    uncertainty = np.array([[0.1, 0.9, 0.5, np.nan], [0.0, 1.0, 0.25, np.nan]])
+    ax = plot_routing_along_text(torch.from_numpy(experts), uncertainty, text="ab\nc")
+    assert len(ax.images) == 1
+    image = np.asarray(ax.images[0].get_array())  # (L, T, 4) RGBA
+    assert image.shape == (2, 4, 4)
+    for (layer, token), code in np.ndenumerate(experts):
+        expected = {-1: (0.62, 0.62, 0.62, 1.0), -2: (0.0, 0.0, 0.0, 0.0)}.get(
+            code, to_rgba(f"C{code}") if code >= 0 else None)
+        np.testing.assert_allclose(image[layer, token], expected)
+    # one line per layer inside its row (layer - 0.5 .. layer + 0.5, the y axis downwards):
+    # 0 near the bottom, 1 near the top
+    assert len(ax.lines) == 2
+    for layer, line in enumerate(ax.lines):
+        np.testing.assert_allclose(line.get_ydata(), layer + 0.4 - 0.8 * uncertainty[layer])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "\\n", "c"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["layer 0", "layer 1"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "full", "linear", "local", "soft (all experts)"]
+
+
+def test_routing_along_text_without_text_or_uncertainty():
+    ax = plot_routing_along_text([0, 0, 1], expert_names=["a", "b"])  # (T,): one layer
+    assert np.asarray(ax.images[0].get_array()).shape == (1, 3, 4) and not ax.lines
+    assert ax.get_xlabel() == "token"
+    ax = plot_routing_along_text([[0] * 30], text="x" * 30, max_characters=20)
+    assert ax.get_xlabel() == "token"  # too long to write out
+    assert all(t.get_text() != "x" for t in ax.get_xticklabels())
+
+
+def test_routing_along_text_checks_its_input():
+    with pytest.raises(ValueError, match="nothing to draw"):
+        plot_routing_along_text(np.zeros((2, 0)))
+    with pytest.raises(ValueError, match="1-D or 2-D"):
+        plot_routing_along_text(np.zeros((1, 2, 3)))
+    with pytest.raises(ValueError, match="got 3"):
+        plot_routing_along_text([[0, 3]])  # three experts: 0, 1, 2
+    with pytest.raises(ValueError, match="got -3"):
+        plot_routing_along_text([[0, -3]])
+    with pytest.raises(ValueError, match="integer"):
+        plot_routing_along_text([[0, 0.5]])
+    with pytest.raises(ValueError, match="2 characters"):
+        plot_routing_along_text([[0, 1, 2]], text="ab")
+    with pytest.raises(ValueError, match=r"shape of experts \(1, 3\)"):
+        plot_routing_along_text([[0, 1, 2]], uncertainty=[[0.1, 0.2]])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        plot_routing_along_text([[0, 1]], uncertainty=[[0.1, 1.5]])
+    with pytest.raises(ValueError, match="layer_names"):
+        plot_routing_along_text([[0, 1]], layer_names=["a", "b"])
 
 
 def test_expert_share_stacks_one_bar_per_layer_and_expert():

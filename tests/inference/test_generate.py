@@ -69,6 +69,9 @@ def test_sample_next_greedy_and_top_k():
     assert sample_next(logits, 0.0, None, g).eq(1).all()
     draws = sample_next(logits, 1.0, 2, g)
     assert set(draws.tolist()) == {1, 3}  # only the two largest
+    tied = torch.tensor([[1.0, 1.0, 1.0, 0.0]]).expand(4000, 4)
+    assert len(set(sample_next(tied, 1.0, 2, g).tolist())) == 2  # exactly k, ties too
+    assert sample_next(logits, 1e-310, None, g).eq(1).all()  # a tiny temperature: greedy
     # the frequencies of a plain draw follow the softmax (4000 draws: 4 sigma)
     draws = sample_next(logits, 2.0, None, g)
     probs = (logits[0] / 2).softmax(-1)
@@ -108,6 +111,9 @@ def test_cache_bytes_follow_the_experts():
     (dict(gate_measure="mutual"), "gate_measure must be one of"),
     (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
     (dict(top_k=0), "top_k must be an integer >= 1"),
+    (dict(seed=-1), r"seed must be an integer in \[0, 2\^63\)"),
+    (dict(seed=2**70), r"seed must be an integer in \[0, 2\^63\)"),
+    (dict(routing="hard", gate_measure="epistemic"), "applies to gated routing only"),
 ])
 def test_bad_configs(config, match):
     with pytest.raises(ValueError, match=match):

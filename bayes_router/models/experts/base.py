@@ -32,16 +32,36 @@ class ExpertState:
     """What one expert of one layer keeps of the sequences it has read, for decoding.
 
     :param lengths: ``(B,)`` int64, the tokens written per sequence so far (sequences of one
-        batch may differ: prompts of different lengths).
+        batch may differ: prompts of different lengths). Move it with :meth:`advance` or
+        :meth:`set_lengths`, which also keep the common length that spares a decoding step
+        its device synchronisations.
     """
 
     lengths: Tensor
+
+    def __post_init__(self):
+        self.set_lengths(self.lengths)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the state's tensors, all sequences together."""
         return sum(getattr(self, f.name).nbytes for f in fields(self)
                    if isinstance(getattr(self, f.name), Tensor))
+
+    def set_lengths(self, lengths: Tensor) -> None:
+        """Set every sequence's length (a benchmark rewinds a state this way)."""
+        self.lengths = lengths
+        first = int(lengths[0]) if lengths.numel() else 0
+        self._common = first if bool((lengths == first).all()) else None
+
+    def advance(self, count: int, counts: Tensor | None = None) -> None:
+        """``count`` more tokens in every sequence, or ``counts (B,)`` each."""
+        if counts is None:
+            self.lengths = self.lengths + count
+            if self._common is not None:
+                self._common += count
+        else:
+            self.set_lengths(self.lengths + counts)
 
     def positions(self, count: int) -> Tensor:
         """``(B, count)`` positions of the next ``count`` tokens of every sequence."""
@@ -50,18 +70,20 @@ class ExpertState:
     def common_length(self, rows: Tensor | None = None) -> int | None:
         """The one length of the sequences ``rows`` (all: ``None``), or ``None`` if they
         differ."""
-        lengths = self.lengths if rows is None else self.lengths[rows]
+        if rows is None:
+            return self._common
+        lengths = self.lengths[rows]
         if not lengths.numel():
             return None
         first = int(lengths[0])
         return first if bool((lengths == first).all()) else None
 
 
-def valid_counts(lengths: Tensor | None, batch: int, count: int, device) -> Tensor:
+def valid_counts(lengths: Tensor | None, batch: int, count: int, device) -> Tensor | None:
     """``(B,)`` int64: how many of ``count`` new tokens of each sequence are real (the rest
-    right padding of a shorter prompt); all of them by default."""
+    right padding of a shorter prompt); ``None`` (all of them) by default."""
     if lengths is None:
-        return torch.full((batch,), count, dtype=torch.long, device=device)
+        return None
     lengths = torch.as_tensor(lengths, device=device).long()
     if lengths.shape != (batch,) or bool((lengths < 0).any()) or bool((lengths > count).any()):
         raise ValueError(f"lengths must hold one count in [0, {count}] per sequence "
@@ -88,16 +110,16 @@ class KVCache(ExpertState):
     def capacity(self) -> int:
         return self.keys.shape[2]
 
-    def write(self, k: Tensor, v: Tensor, counts: Tensor) -> None:
+    def write(self, k: Tensor, v: Tensor, counts: Tensor | None = None) -> None:
         """Append ``k, v (B, H, T, d)``, of which the first ``counts[b]`` of sequence ``b`` are
-        real: all ``T`` are stored (the padding past a count is overwritten by the next
-        write, and no read reaches it)."""
+        real (all by default): all ``T`` are stored (the padding past a count is overwritten
+        by the next write, and no read reaches it)."""
         B, _, T, _ = k.shape
-        end = int((self.lengths + T).max())
+        start = self.common_length()
+        end = start + T if start is not None else int((self.lengths + T).max())
         if end > self.capacity:
             raise ValueError(f"the cache holds {self.capacity} positions; writing {T} more "
-                             f"after {int(self.lengths.max())} needs {end}")
-        start = self.common_length()
+                             f"after {end - T} needs {end}")
         if start is not None:  # one length: a slice
             self.keys[:, :, start:start + T] = k
             self.values[:, :, start:start + T] = v
@@ -106,7 +128,7 @@ class KVCache(ExpertState):
             where = self.positions(T)
             self.keys.transpose(1, 2)[batch, where] = k.transpose(1, 2)
             self.values.transpose(1, 2)[batch, where] = v.transpose(1, 2)
-        self.lengths = self.lengths + counts
+        self.advance(T, counts)
 
 
 def causal_valid(seq_len: int, causal: bool, device=None) -> Tensor:

@@ -28,15 +28,17 @@ class LinearState(ExpertState):
 
     state: Tensor
 
-    def write(self, k: Tensor, v: Tensor, counts: Tensor) -> None:
-        """Add ``phi(k_s) [v_s, 1]^T`` of the first ``counts[b]`` of the ``T`` new tokens."""
+    def write(self, k: Tensor, v: Tensor, counts: Tensor | None = None) -> None:
+        """Add ``phi(k_s) [v_s, 1]^T`` of the first ``counts[b]`` of the ``T`` new tokens (all
+        by default)."""
         B, H, T, d = k.shape
         phi_k = elu_feature_map(k)
-        if bool((counts < T).any()):  # right padding: its rows add nothing
+        if counts is not None:  # right padding: its rows add nothing
             real = torch.arange(T, device=k.device) < counts[:, None]  # (B, T)
             phi_k = phi_k * real[:, None, :, None].to(phi_k.dtype)
-        self.state = self.state + phi_k.transpose(-1, -2) @ _with_ones(v, T)
-        self.lengths = self.lengths + counts
+        self.state.view(B * H, d, d + 1).baddbmm_(phi_k.reshape(B * H, T, d).transpose(1, 2),
+                                                  _with_ones(v, T).view(B * H, T, d + 1))
+        self.advance(T, counts)
 
 
 def _readout(phi_q: Tensor, scores: Tensor, v_chunks: Tensor, prior: Tensor, eps: float
@@ -240,10 +242,9 @@ class LinearAttention(AttentionExpert):
         + eps)``. ``T > 1``: the sums before the new tokens plus their masked ``T x T``
         scores (the chunked kernel's readout), then add them."""
         T = k.shape[2]
-        counts = valid_counts(None, k.shape[0], T, k.device)
         phi_q = elu_feature_map(q)
         if T == 1:
-            state.write(k, v, counts)
+            state.write(k, v)
             prior, scores, values = state.state, None, None
         else:
             prior = state.state
@@ -251,7 +252,8 @@ class LinearAttention(AttentionExpert):
             if rows is not None:
                 phi_k, values = phi_k[rows], values[rows]
             scores = (phi_q @ phi_k.transpose(-1, -2)).tril_()  # (R, H, T, T)
-            state.write(k, v, counts)
+            prior = prior.clone()  # the write below adds to the state in place
+            state.write(k, v)
         if rows is not None:
             prior = prior[rows]
         out = phi_q @ prior if scores is None else torch.baddbmm(

@@ -37,16 +37,22 @@ class WindowCache(ExpertState):
     def slots(self) -> int:
         return self.keys.shape[2]
 
-    def write(self, k: Tensor, v: Tensor, counts: Tensor) -> None:
-        """Append ``k, v (B, H, T, d)``, the first ``counts[b]`` of sequence ``b`` real: the
-        last ``w + 1`` real ones of each sequence go to their slots."""
+    def write(self, k: Tensor, v: Tensor, counts: Tensor | None = None) -> None:
+        """Append ``k, v (B, H, T, d)``, the first ``counts[b]`` of sequence ``b`` real (all
+        by default): the last ``w + 1`` real ones of each sequence go to their slots."""
         B, H, T, d = k.shape
         S = self.slots
-        if T == 1 and bool((counts == 1).all()):  # a decoding step: one slot per sequence
+        common = self.common_length()
+        if T == 1 and counts is None and common is not None:  # a step: one slot for all
+            self.keys[:, :, common % S] = k[:, :, 0]
+            self.values[:, :, common % S] = v[:, :, 0]
+        elif T == 1 and counts is None:  # a step: one slot per sequence
             slot = self.lengths % S
             self.keys.transpose(1, 2)[torch.arange(B, device=k.device), slot] = k[:, :, 0]
             self.values.transpose(1, 2)[torch.arange(B, device=k.device), slot] = v[:, :, 0]
         elif T:
+            if counts is None:
+                counts = torch.full((B,), T, dtype=torch.long, device=k.device)
             last = counts[:, None] - S + torch.arange(S, device=k.device)  # (B, S) new index
             keep = (last >= 0)[:, None, :, None]
             slot = ((self.lengths[:, None] + last) % S)[:, None, :, None].expand(B, H, S, d)
@@ -55,7 +61,7 @@ class WindowCache(ExpertState):
                 # S distinct slots, so the scatter has no collisions
                 ring.scatter_(2, slot, torch.where(keep, new.gather(2, index),
                                                    ring.gather(2, slot)))
-        self.lengths = self.lengths + counts
+        self.advance(T, counts)
 
     def in_order(self, count: int) -> tuple[Tensor, Tensor]:
         """The keys and values of the last ``count`` tokens (``<= w + 1``, sequences of one
@@ -340,10 +346,13 @@ class LocalAttention(AttentionExpert):
         through the blocked kernel, then append."""
         T = k.shape[2]
         if T == 1:
-            state.write(k, v, valid_counts(None, k.shape[0], 1, k.device))
+            state.write(k, v)
             keys, values, lengths = state.keys, state.values, state.lengths
             if rows is not None:
                 keys, values, lengths = keys[rows], values[rows], lengths[rows]
+            common = state.common_length()
+            if common is not None and common >= state.slots:  # every slot holds a key
+                return F.scaled_dot_product_attention(q, keys, values)
             valid = torch.arange(state.slots, device=q.device) < lengths[:, None]  # (R, S)
             return F.scaled_dot_product_attention(q, keys, values,
                                                   attn_mask=valid[:, None, None, :])
@@ -351,7 +360,7 @@ class LocalAttention(AttentionExpert):
             raise ValueError("local expert: continuing sequences by more than one token at a "
                              "time needs sequences of one length (decode one token at a time)")
         if not q.shape[0]:  # no sequence reads: only the write
-            state.write(k, v, valid_counts(None, k.shape[0], T, k.device))
+            state.write(k, v)
             return q
         before = min(int(state.lengths[0]), self.window)
         keys, values = state.in_order(before)
@@ -361,7 +370,7 @@ class LocalAttention(AttentionExpert):
         queries = torch.cat([q.new_zeros(*q.shape[:2], before, q.shape[3]), q], 2)
         last = torch.arange(before, before + T, device=q.device).expand(q.shape[0], T)
         out = self(queries, keys, values, last)
-        state.write(k, v, valid_counts(None, k.shape[0], T, k.device))
+        state.write(k, v)
         return out
 
     def flops_per_token(self, seq_len, d_model, n_heads):
