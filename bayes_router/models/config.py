@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from bayes_router.models.experts import expert_names
 
 COST_PRESETS = ("flops", "seed")
+#: Position schemes: absolute learned embeddings, or rotary embeddings of q and k.
+POSITIONS = ("learned", "rotary")
 
 #: The Phase-1 size: small enough to train six runs in minutes on 2 CPU cores. The command line's
 #: model defaults (``TinyLMConfig.phase1(vocab_size)`` builds it in Python).
@@ -36,6 +38,12 @@ class TinyLMConfig:
     :param cost_preset: ``"flops"`` (costs from the FLOP model at ``max_seq_len``) or ``"seed"``
         (the paper prototype's fixed ``[1.0, 0.15, 0.30]``).
     :param cost_includes_projections: count the q/k/v/out projections in the cost vector.
+    :param positions: ``"learned"``: absolute position embeddings, a table of ``max_seq_len``
+        rows that caps every context at ``max_seq_len``, and the controller's position feature
+        ``t / (max_seq_len - 1)``; ``"rotary"``: rotary embeddings of every head's q and k
+        (:mod:`~bayes_router.models.rotary`), no cap, and the feature ``log(1 + t) / log(
+        max_seq_len)``, 1 at the training length and slowly growing past it (a linear one
+        would leave the range the controller was trained on at once).
     :param dense_hard_max_len: hard-routed sequences up to this length run every token through
         one dense attention matrix, each row by its own expert
         (:mod:`~bayes_router.models.dense_mix`), instead of the sparse per-expert paths, whose
@@ -60,6 +68,7 @@ class TinyLMConfig:
     cost_preset: str = "flops"
     cost_includes_projections: bool = False
     dense_hard_max_len: int = 256
+    positions: str = "learned"
 
     @classmethod
     def phase1(cls, vocab_size: int = 128, **overrides) -> TinyLMConfig:
@@ -104,6 +113,12 @@ class TinyLMConfig:
         unknown = [e for e in self.experts if e not in expert_names()]
         if unknown:
             raise ValueError(f"experts: unknown {unknown}; registered experts are {expert_names()}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {list(POSITIONS)}, got "
+                             f"{self.positions!r}")
+        if self.positions == "rotary" and self.head_dim % 2:
+            raise ValueError(f"positions='rotary' needs an even head dimension d_model / "
+                             f"n_heads, got {self.d_model} / {self.n_heads} = {self.head_dim}")
         if self.cost_preset not in COST_PRESETS:
             raise ValueError(
                 f"cost_preset must be one of {sorted(COST_PRESETS)}, got {self.cost_preset!r}"
@@ -116,6 +131,12 @@ class TinyLMConfig:
     @property
     def n_experts(self) -> int:
         return len(self.experts)
+
+    @property
+    def max_context(self) -> int | None:
+        """The longest sequence the model can read: ``max_seq_len`` with learned positions,
+        ``None`` (no cap) with rotary ones."""
+        return self.max_seq_len if self.positions == "learned" else None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

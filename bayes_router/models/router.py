@@ -14,6 +14,7 @@ sequence, only the experts it is routed to.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +26,7 @@ from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.dense_mix import row_masks, shared_softmax, softmax_experts
 from bayes_router.models.experts import build_expert
 from bayes_router.models.experts.base import ExpertState
+from bayes_router.models.rotary import apply_rotary, rotary_angles
 
 ROUTING_MODES = ("soft", "hard", "gated")
 #: Sequence lengths whose row masks a layer keeps (each ``K x T x T``, at most 0.8 MB at T=256).
@@ -84,26 +86,43 @@ class LayerCache:
         return sum(s.nbytes for s in self.states if s is not None)
 
 
-def controller_features(h: Tensor, max_seq_len: int, positions: Tensor | None = None
-                        ) -> Tensor:
-    """Features ``[h_t, ||h_t|| / sqrt(D) (detached), t / (max_seq_len - 1)]`` -> ``(..., T, D+2)``.
+def controller_features(h: Tensor, max_seq_len: int, positions: Tensor | None = None,
+                        scheme: str = "learned") -> Tensor:
+    """Features ``[h_t, ||h_t|| / sqrt(D) (detached), position feature]`` -> ``(..., T, D+2)``.
 
-    The position feature depends only on ``t`` and ``max_seq_len``, so a token's features do not
-    change when later tokens arrive. ``positions (B, T)``: each token's ``t`` (decoding, where
-    a sequence continues from its own length); default ``0 .. T - 1``.
+    The position feature is ``t / (max_seq_len - 1)`` (``scheme="learned"``: positions stop at
+    ``max_seq_len``) or ``log(1 + t) / log(max_seq_len)`` (``"rotary"``: 1 at the last
+    training position, growing slowly past it). It depends only on ``t``, so a token's features
+    do not change when later tokens arrive. ``positions (B, T)``: each token's ``t`` (decoding,
+    where a sequence continues from its own length); default ``0 .. T - 1``.
     """
     T, D = h.shape[-2:]
-    last = T - 1 if positions is None else int(positions.max()) if positions.numel() else -1
-    if last >= max_seq_len:
-        raise ValueError(f"position {last} is past the model's max_seq_len={max_seq_len} "
-                         f"(positions 0 .. {max_seq_len - 1})")
+    if scheme == "learned":
+        last = T - 1 if positions is None else int(positions.max()) if positions.numel() else -1
+        if last >= max_seq_len:
+            raise ValueError(f"position {last} is past the model's max_seq_len={max_seq_len} "
+                             f"(positions 0 .. {max_seq_len - 1})")
     norm = (h.detach().norm(dim=-1, keepdim=True) / D**0.5)
     if positions is None:
         position = torch.arange(T, device=h.device, dtype=h.dtype)[:, None]
     else:
         position = positions.to(h.dtype)[..., None]
-    position = (position / (max_seq_len - 1)).expand(*h.shape[:-1], 1)
-    return torch.cat([h, norm, position], dim=-1)
+    if scheme == "learned":
+        position = position / (max_seq_len - 1)
+    else:
+        position = torch.log1p(position) / math.log(max_seq_len)
+    return torch.cat([h, norm, position.expand(*h.shape[:-1], 1)], dim=-1)
+
+
+def feature_position(feature: Tensor, max_seq_len: int, scheme: str = "learned") -> Tensor:
+    """The integer position of a token from its position feature (the inverse of
+    :func:`controller_features`' last column; exact after rounding in float32 to beyond
+    ``2^20`` positions)."""
+    if scheme == "learned":
+        position = feature.double() * (max_seq_len - 1)
+    else:
+        position = torch.expm1(feature.double() * math.log(max_seq_len))
+    return position.round().long()
 
 
 def selected_positions(selected: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,24 +160,38 @@ class RoutedAttention(nn.Module):
             self.qkv = nn.ModuleList(nn.Linear(D, 3 * D) for _ in cfg.experts)
             self.out = nn.ModuleList(nn.Linear(D, D) for _ in cfg.experts)
 
-    def _heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _heads(self, qkv: Tensor, rotation: tuple[Tensor, Tensor] | None = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = qkv.shape
         H, d = self.cfg.n_heads, self.cfg.head_dim
         # one contiguous copy here saves every expert (and every row tile) its own copy
         q, k, v = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4).contiguous()  # 3 x (B, H, T, d)
+        if rotation is not None:  # rotary positions: q and k rotated, v as it is
+            q, k = apply_rotary(q, *rotation), apply_rotary(k, *rotation)
         return q, k, v
+
+    def _rotation(self, x: Tensor, positions: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """``cos, sin`` of the tokens' rotary angles (``None`` with learned positions)."""
+        if self.cfg.positions != "rotary":
+            return None
+        if positions is None:
+            positions = torch.arange(x.shape[-2], device=x.device)
+        return rotary_angles(positions, self.cfg.head_dim, x.dtype)
 
     def new_cache(self, capacity: int) -> LayerCache:
         """An empty :class:`LayerCache` for decoding up to ``capacity`` positions."""
         return LayerCache([None] * len(self.experts), capacity)
 
     def forward(self, x: Tensor, weights: Tensor, sparse: bool = False,
-                cache: LayerCache | None = None, lengths: Tensor | None = None) -> Tensor:
+                cache: LayerCache | None = None, lengths: Tensor | None = None,
+                positions: Tensor | None = None) -> Tensor:
         """Mix the experts with ``weights``; ``sparse`` skips the rows an expert has weight 0 on.
 
         :param cache: decode: an empty cache is filled from this pass (a prefill of ``x``,
             whose sequences hold ``lengths (B,)`` real tokens each, right-padded; all by
             default); a filled one is continued by ``x``. No leading particle dimensions.
+        :param positions: ``(B, T)`` the tokens' positions, which rotary embeddings read
+            (default ``0 .. T - 1``).
         """
         K, D = len(self.experts), self.cfg.d_model
         dtype = (self.out if self.cfg.shared_qkv else self.out[0]).weight.dtype
@@ -186,9 +219,10 @@ class RoutedAttention(nn.Module):
         if cache is not None and len(cache.states) != K:
             raise ValueError(f"cache holds {len(cache.states)} expert states, the layer has {K}")
         with validation_enabled(False):  # q, k, v come from the checked x: no second pass
+            rotation = self._rotation(x, positions)
             if cache is not None and not cache.empty:
-                return self._decode(x, weights, sparse, cache)
-            return self._mix(x, weights, sparse, cache, lengths)
+                return self._decode(x, weights, sparse, cache, rotation)
+            return self._mix(x, weights, sparse, cache, lengths, rotation)
 
     def _shared_softmax(self, q: Tensor, k: Tensor, v: Tensor, weights: Tensor
                         ) -> tuple[Tensor | None, list[int]]:
@@ -215,7 +249,8 @@ class RoutedAttention(nn.Module):
         w = weights.gather(-1, index[..., None])  # (B, T, 1), in the layer's dtype
         return o.transpose(1, 2).to(w.dtype) * w[..., None], shared
 
-    def _decode(self, x: Tensor, weights: Tensor, sparse: bool, cache: LayerCache) -> Tensor:
+    def _decode(self, x: Tensor, weights: Tensor, sparse: bool, cache: LayerCache,
+                rotation: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Continue the sequences of ``cache`` by ``x (B, T, D)``: every expert's state takes
         every sequence's new keys and values; an expert reads (computes queries) only for the
         sequences with weight on it (all of them unless ``sparse``)."""
@@ -224,12 +259,12 @@ class RoutedAttention(nn.Module):
         H, d, shared = self.cfg.n_heads, self.cfg.head_dim, self.cfg.shared_qkv
         y = None
         if shared:
-            q, k, v = self._heads(self.qkv(x))  # (B, H, T, d) each
+            q, k, v = self._heads(self.qkv(x), rotation)  # (B, H, T, d) each
         # which sequences read each expert: one synchronisation for the layer
         reads = (weights != 0).any(1).T.tolist() if sparse else [[True] * B] * len(self.experts)
         for i, expert in enumerate(self.experts):
             if not shared:
-                q, k, v = self._heads(self.qkv[i](x))
+                q, k, v = self._heads(self.qkv[i](x), rotation)
             w = weights[..., i]  # (B, T)
             rows = None
             if not all(reads[i]):
@@ -252,7 +287,8 @@ class RoutedAttention(nn.Module):
         return y
 
     def _mix(self, x: Tensor, weights: Tensor, sparse: bool, cache: LayerCache | None = None,
-             lengths: Tensor | None = None) -> Tensor:
+             lengths: Tensor | None = None, rotation: tuple[Tensor, Tensor] | None = None
+             ) -> Tensor:
         K = len(self.experts)
         lead = torch.broadcast_shapes(x.shape[:-2], weights.shape[:-2])
         T, D = x.shape[-2:]
@@ -265,13 +301,13 @@ class RoutedAttention(nn.Module):
         y = None  # the weighted sum, started by the first expert's term (no zeros to add to)
         done = []
         if shared:
-            q, k, v = self._heads(self.qkv(x))
+            q, k, v = self._heads(self.qkv(x), rotation)
             if sparse:
                 y, done = self._shared_softmax(q, k, v, weights)
         for i, expert in enumerate(self.experts):
             if cache is not None:  # the prefill: every expert's state takes every token
                 if not shared:
-                    q, k, v = self._heads(self.qkv[i](x))
+                    q, k, v = self._heads(self.qkv[i](x), rotation)
                 cache.states[i] = expert.write_state(None, k, v, lengths, cache.capacity)
             if i in done:
                 continue
@@ -280,7 +316,7 @@ class RoutedAttention(nn.Module):
             if sparse and not bool(selected.any()):
                 continue
             if not shared and cache is None:
-                q, k, v = self._heads(self.qkv[i](x))
+                q, k, v = self._heads(self.qkv[i](x), rotation)
             if not sparse or bool(selected.all()):
                 o = expert(q, k, v).transpose(1, 2)  # (B, T, H, d)
                 if not shared:

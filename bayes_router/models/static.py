@@ -26,7 +26,7 @@ from torch import Tensor
 from bayes_router.core.dirichlet import normalised_entropy
 from bayes_router.models.bayesian import DeterministicRoutedLM
 from bayes_router.models.config import TinyLMConfig
-from bayes_router.models.router import RoutingDecision
+from bayes_router.models.router import RoutingDecision, feature_position
 
 STATIC_KINDS = ("fixed", "soft")
 
@@ -96,10 +96,18 @@ class StaticRoutedLM(DeterministicRoutedLM):
         if gate_measure != "total":
             raise ValueError("a static router has a single uncertainty measure: gate_measure "
                              "must be 'total'")
-        # each token's position, from its position feature t / (max_seq_len - 1) (exact in
-        # float32 below 2^23): decoding asks for one token at a time, anywhere in a sequence
-        position = (features[..., -1] * (self.cfg.max_seq_len - 1)).round().long()
-        w = self.weights[layer][position].to(features.dtype)  # (..., T, K)
+        # each token's position, from its position feature: decoding asks for one token at a
+        # time, anywhere in a sequence
+        position = feature_position(features[..., -1], self.cfg.max_seq_len,
+                                    self.cfg.positions)
+        table = self.weights[layer]  # (max_seq_len, K)
+        if position.numel() and int(position.max()) >= table.shape[0]:
+            if not bool((table == table[0]).all()):
+                raise ValueError(f"the static router {self.spec!r} assigns its hard shares to "
+                                 f"the positions 0 .. {table.shape[0] - 1} (max_seq_len); "
+                                 f"position {int(position.max())} has none")
+            position = position.clamp(max=table.shape[0] - 1)  # the same row everywhere
+        w = table[position].to(features.dtype)  # (..., T, K)
         uncertainty = (normalised_entropy(w) if self.cfg.n_experts > 1
                        else torch.zeros(w.shape[:-1], dtype=w.dtype))
         return RoutingDecision(weights=w, mean=w, uncertainty=uncertainty)

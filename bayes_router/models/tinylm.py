@@ -87,19 +87,22 @@ class Block(nn.Module):
         )
 
     def forward(self, h: Tensor, weights: Tensor, sparse: bool, cache: LayerCache | None = None,
-                lengths: Tensor | None = None) -> Tensor:
-        h = h + self.attn(self.ln_attn(h), weights, sparse=sparse, cache=cache, lengths=lengths)
+                lengths: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        h = h + self.attn(self.ln_attn(h), weights, sparse=sparse, cache=cache, lengths=lengths,
+                          positions=positions)
         return h + self.mlp(self.ln_mlp(h))
 
 
 class TinyLM(nn.Module):
-    """Token and position embeddings, ``n_layers`` routed blocks, final norm, LM head."""
+    """Token embeddings (and learned position embeddings, or rotary ones in every layer),
+    ``n_layers`` routed blocks, final norm, LM head."""
 
     def __init__(self, cfg: TinyLMConfig):
         super().__init__()
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.position_embedding = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.position_embedding = (nn.Embedding(cfg.max_seq_len, cfg.d_model)
+                                   if cfg.positions == "learned" else None)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_final = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -136,22 +139,26 @@ class TinyLM(nn.Module):
                             f"{getattr(x, 'dtype', type(x))}")
         if x.dim() != 2:
             raise ValueError(f"{name} must have shape (B, T), got {tuple(x.shape)}")
-        if x.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"{name} has T={x.shape[1]} > max_seq_len={self.cfg.max_seq_len}")
+        limit = self.cfg.max_context
+        if limit is not None and x.shape[1] > limit:
+            raise ValueError(f"{name} has T={x.shape[1]} > max_seq_len={limit}")
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.cfg.vocab_size):
             raise ValueError(f"{name} holds token ids outside [0, {self.cfg.vocab_size}): "
                              f"min {int(x.min())}, max {int(x.max())}")
 
     def new_cache(self, batch_size: int, capacity: int | None = None) -> DecodeCache:
         """An empty :class:`DecodeCache` for ``batch_size`` sequences of up to ``capacity``
-        tokens each (default and at most ``max_seq_len``)."""
+        tokens each (default ``max_seq_len``; at most ``max_seq_len`` with learned positions,
+        any length with rotary ones: the full expert's cache holds that many)."""
         capacity = self.cfg.max_seq_len if capacity is None else capacity
+        limit = self.cfg.max_context
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or not \
-                1 <= capacity <= self.cfg.max_seq_len:
-            raise ValueError(f"capacity must be an integer in [1, max_seq_len="
-                             f"{self.cfg.max_seq_len}], got {capacity!r}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1 or (
+                limit is not None and capacity > limit):
+            allowed = "an integer >= 1" if limit is None else f"an integer in [1, max_seq_len=" \
+                                                             f"{limit}]"
+            raise ValueError(f"capacity must be {allowed}, got {capacity!r}")
         device = self.token_embedding.weight.device
         return DecodeCache([block.attn.new_cache(capacity) for block in self.blocks],
                            torch.zeros(batch_size, dtype=torch.long, device=device), capacity)
@@ -177,7 +184,7 @@ class TinyLM(nn.Module):
                                  f"sequence, got {counts.tolist()}")
         common = cache.common_length
         end = common + T if common is not None else int((cache.lengths + T).max())
-        if end > self.cfg.max_seq_len:
+        if self.cfg.max_context is not None and end > self.cfg.max_context:
             raise ValueError(f"decoding to {end} tokens is past what the model supports "
                              f"(max_seq_len={self.cfg.max_seq_len}: its learned positions end "
                              f"there)")
@@ -209,20 +216,26 @@ class TinyLM(nn.Module):
         if cache is None:
             if lengths is not None:
                 raise ValueError("lengths (right-padded prompts) needs a cache")
-            h = self.token_embedding(x) + self.position_embedding.weight[:T]  # (B, T, D)
+            h = self.token_embedding(x)  # (B, T, D)
+            if self.position_embedding is not None:
+                h = h + self.position_embedding.weight[:T]
         else:
             positions, counts = self._positions(x, cache, lengths)
-            h = self.token_embedding(x) + self.position_embedding(positions)  # (B, T, D)
+            h = self.token_embedding(x)
+            if self.position_embedding is not None:
+                h = h + self.position_embedding(positions)
         prefill = lengths if cache is not None and not cache.filled else None
         routing = []
         with autocast(h.device, self.compute_dtype):
             for layer, block in enumerate(self.blocks):
                 with full_precision(h.device, self.compute_dtype):  # the router's maths
-                    features = controller_features(h, self.cfg.max_seq_len, positions)
+                    features = controller_features(h, self.cfg.max_seq_len, positions,
+                                                   self.cfg.positions)
                     decision = router(layer, features)
                     weights, index, hard = routing_weights(decision, mode, gate_threshold)
                 h = block(h, weights, sparse=mode != "soft",
-                          cache=None if cache is None else cache.layers[layer], lengths=prefill)
+                          cache=None if cache is None else cache.layers[layer], lengths=prefill,
+                          positions=positions)
                 routing.append(LayerRouting(features, decision, weights, index, hard))
             logits = self.head(self.ln_final(h))
         if cache is not None:
