@@ -54,7 +54,7 @@ def _field_defaults(cls) -> dict:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from bayes_router.models.config import COST_PRESETS, PHASE1_SIZE, TinyLMConfig
+    from bayes_router.models.config import COST_PRESETS, PHASE1_SIZE, POSITIONS, TinyLMConfig
 
     d = {**_field_defaults(TinyLMConfig), **PHASE1_SIZE}
     g = p.add_argument_group("model (defaults: the Phase-1 size, TinyLMConfig.phase1)")
@@ -62,7 +62,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-heads", type=int, default=d["n_heads"], help="attention heads H")
     g.add_argument("--n-layers", type=int, default=d["n_layers"], help="transformer blocks L")
     g.add_argument("--max-seq-len", type=int, default=d["max_seq_len"],
-                   help="longest sequence (fixes the position feature)")
+                   help="longest training sequence (fixes the position feature); with learned "
+                        "positions also the longest context the model can decode")
+    g.add_argument("--positions", default=d["positions"], choices=POSITIONS,
+                   help="learned: absolute position embeddings up to --max-seq-len; rotary: "
+                        "rotary embeddings of q and k (decodes past --max-seq-len)")
     g.add_argument("--window", type=int, default=d["window"], help="local expert's look-back w")
     g.add_argument("--chunk-size", type=int, default=d["chunk_size"],
                    help="linear expert's chunk length")
@@ -160,7 +164,7 @@ def _configs(args, vocab_size: int):
         n_layers=args.n_layers, max_seq_len=args.max_seq_len, window=args.window,
         chunk_size=args.chunk_size, experts=tuple(args.experts.split(",")),
         shared_qkv=not args.separate_qkv, cost_preset=args.cost_preset,
-        tie_weights=not args.untie_head)
+        tie_weights=not args.untie_head, positions=args.positions)
     train_cfg = TrainConfig(
         router=args.router, estimator=args.estimator, num_particles=args.num_particles,
         beta0=args.beta0, beta0_init=args.beta0_init, eta=args.eta, tau=args.tau,

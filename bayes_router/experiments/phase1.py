@@ -4,8 +4,9 @@ path, data, steps and seeds.
 For every seed each router (by default the Bayesian and prior-free routers and the three
 one-expert LMs ``fixed:full``, ``fixed:linear``, ``fixed:local``) is trained with identical
 settings on the same corpus; the table reports per seed and as mean ± 95 % CI (Student t over
-seeds) the routing metrics, held-out NLL under soft and hard routing and the timed hard-routing
-forward pass, beside the seed paper's published numbers.
+seeds) the routing metrics, held-out NLL under soft and hard routing, and the timed hard-routing
+forward pass (the prefill) and decoding step at a stated context, each relative to full-only,
+beside the seed paper's published numbers.
 
 **Power check first.** The one-expert baselines say how much the routing choice can matter at
 this budget: the gap between the worst and the best fixed expert's val NLL (paired over seeds).
@@ -131,6 +132,10 @@ def _metric_table(runs: dict[str, list[dict]]) -> dict:
         "val_kl": lambda m: m.get("elbo", {}).get("kl", math.nan),
         "hard_time_ratio": lambda m: (math.nan if m["timing"]["time_ratio"] is None
                                       else m["timing"]["time_ratio"]),
+        # runs finished before decoding was timed have no decode keys
+        "hard_decode_time_ratio": lambda m: (
+            math.nan if m["timing"].get("decode_time_ratio") is None
+            else m["timing"]["decode_time_ratio"]),
         **_oracle_keys(runs),
     }
     table = {}
@@ -274,7 +279,8 @@ def _phase1(out_dir, specs, routers, seeds, seed_list, model_cfg, base_train, da
     result = {"seeds": seeds, "seed_list": seed_list, "steps": base_train.steps,
               "routers": list(routers), "model": model_cfg.to_dict(),
               "train": base_train.to_dict(), "objective": objective_label(base_train),
-              "table": table, "published": PUBLISHED, "power": power, "claims": verdicts,
+              "table": table, "decode": decode_conditions(runs), "published": PUBLISHED,
+              "power": power, "claims": verdicts,
               "versions": versions(),
               "runs": {r: [run_name(r, s) for s in seed_list] for r in routers}}
     result["figure"] = save_figure(quality_figure(result), out_dir / "quality_vs_compute.png")
@@ -288,15 +294,40 @@ def _phase1(out_dir, specs, routers, seeds, seed_list, model_cfg, base_train, da
     return result
 
 
+def decode_conditions(runs: dict[str, list[dict]]) -> dict:
+    """The contexts, steps, batch sizes and reference experts with which the runs' decoding
+    steps were timed (one of each when every run shares the model, as in a Phase-1 comparison;
+    empty lists for runs finished before decoding was timed)."""
+    timings = [m["timing"] for ms in runs.values() for m in ms
+               if m["timing"].get("decode_time_ratio") is not None]
+    return {key: sorted({t[f"decode_{key}"] for t in timings})
+            for key in ("context", "steps", "batch", "reference")}
+
+
+def decode_axis_label(result: dict) -> str:
+    """``hard decoding step / full-only, context 120``: the realised decode compute."""
+    contexts = result.get("decode", {}).get("context", [])
+    where = ", context " + "/".join(str(c) for c in contexts) if contexts else ""
+    return f"hard decoding step time / full-only{where}"
+
+
 def quality_figure(result: dict) -> Figure:
     """Quality against compute: every router and baseline a point (mean over seeds, 95 % CI
-    bars): val NLL under hard routing against the projected FLOP cost and against the timed
-    forward pass relative to full-only."""
+    bars): val NLL under hard routing against the projected FLOP cost, against the timed
+    forward pass (the prefill) relative to full-only and, where the runs timed it, against the
+    timed decoding step relative to full-only at the stated context."""
     table = result["table"]
-    fig = Figure(figsize=(10, 3.8))
-    axes = fig.subplots(1, 2)
-    for ax, key, label in ((axes[0], "projected_flop_cost", "projected FLOP cost (%)"),
-                           (axes[1], "hard_time_ratio", "hard forward time / full-only")):
+    panels = [("projected_flop_cost", "projected FLOP cost (%)",
+               "quality vs projected compute"),
+              ("hard_time_ratio", "hard forward (prefill) time / full-only",
+               "quality vs realised compute: prefill")]
+    decode = table.get("hard_decode_time_ratio", {})
+    if any(math.isfinite(e["mean"]) for e in decode.values()):
+        panels.append(("hard_decode_time_ratio", decode_axis_label(result),
+                       "quality vs realised compute: decoding"))
+    fig = Figure(figsize=(5 * len(panels), 3.8))
+    axes = fig.subplots(1, len(panels))
+    for ax, (key, label, title) in zip(axes, panels, strict=True):
         for i, router in enumerate(result["routers"]):
             x, y = table[key][router], table["val_nll_hard"][router]
             if not math.isfinite(x["mean"]):
@@ -307,10 +338,8 @@ def quality_figure(result: dict) -> Figure:
 
             ax.errorbar(x["mean"], y["mean"], xerr=half(x), yerr=half(y), fmt="o",
                         color=f"C{i}", capsize=3, label=router)
-        ax.set(xlabel=label, ylabel="val NLL, hard routing (nats)")
+        ax.set(xlabel=label, ylabel="val NLL, hard routing (nats)", title=title)
     axes[0].legend(fontsize=7)
-    axes[0].set_title("quality vs projected compute")
-    axes[1].set_title("quality vs realised compute")
     return fig
 
 
@@ -329,7 +358,8 @@ TABLE_ROWS = (("projected FLOP cost (%)", "projected_flop_cost", 1),
               ("val NLL hard (nats)", "val_nll_hard", 3), ("val bpc hard", "val_bpc_hard", 3),
               ("val negative ELBO (nats/token)", "val_neg_elbo", 3),
               ("val KL (nats/token, all layers)", "val_kl", 4),
-              ("hard fwd time / full-only", "hard_time_ratio", 2))
+              ("hard fwd time / full-only", "hard_time_ratio", 2),
+              ("hard decode step / full-only", "hard_decode_time_ratio", 2))
 
 
 def phase1_table(result: dict) -> str:
@@ -352,6 +382,20 @@ def phase1_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def decode_note(result: dict) -> str:
+    """What the two time ratios of the table measure, with the decoding step's context."""
+    decode = {key: "/".join(str(v) for v in values)
+              for key, values in result.get("decode", {}).items()}
+    text = ("Time ratios: the hard-routed forward pass over a validation batch (the prefill) "
+            "over the same pass with every token on full")
+    if not decode.get("context"):
+        return text + "; no decoding step was timed by these runs."
+    return (text + f"; a hard-routed decoding step from a cache of {decode['context']} "
+            f"validation tokens ({decode['batch']} sequences, {decode['steps']} teacher-forced "
+            f"steps per timed call) over the same step with every token on "
+            f"{decode['reference']}, interleaved.")
+
+
 def phase1_report(result: dict) -> str:
     train = result["train"]
     power = result["power"]
@@ -365,7 +409,7 @@ def phase1_report(result: dict) -> str:
              + (" **With fewer than 3 seeds the intervals are uninformative** (Student t with 1 "
                 "degree of freedom has t = 12.7)." if result["seeds"] < 3 else ""), "",
              f"**Power check: {power['reason']}.**", "", phase1_table(result), "",
-             "![quality vs compute](quality_vs_compute.png)", ""]
+             decode_note(result), "", "![quality vs compute](quality_vs_compute.png)", ""]
     if result["claims"]:
         lines += ["## Claims", "", "| claim | Bayesian − prior-free | published | verdict |",
                   "|---|---|---|---|"]

@@ -1,8 +1,9 @@
 """Run directories: train a routed LM into a folder, evaluate it, and write its report.
 
 A run directory holds ``config.json`` (configurations, seed, versions), ``checkpoint.pt``,
-``history.json`` (the loss trace), ``metrics.json`` (held-out metrics under soft and hard routing
-and the timed hard-routing forward pass), ``training.png`` and ``report.md``.
+``history.json`` (the loss trace), ``metrics.json`` (held-out metrics under soft and hard routing,
+the timed hard-routing forward pass and decoding step, each against full-only), ``training.png``
+and ``report.md``.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ from bayes_router.inference.evaluate import (
     bits_label,
     evaluate,
     heldout_objective,
+    timed_decode,
     timed_forward,
 )
+from bayes_router.inference.timing import DECODE_STEPS
 from bayes_router.inference.train import (
     CHECKPOINT_NAME,
     TrainConfig,
@@ -167,9 +170,30 @@ def check_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
+def decode_timing(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: str,
+                  gate_threshold: float | None = None, repeats: int = 5) -> dict:
+    """:func:`~bayes_router.inference.evaluate.timed_decode` on the first 8 windows of
+    ``split``, as long as the model reads (``max_seq_len`` tokens; windows of ``seq_len`` where
+    the split is too short for one), at the longest context they leave for
+    :data:`~bayes_router.inference.timing.DECODE_STEPS` steps after it (fewer steps in windows
+    shorter than that); ``{}`` for windows of a single token."""
+    try:
+        x, _ = next(data.eval_batches(split, 8, model.cfg.max_seq_len))
+    except ValueError:  # the split holds no window that long
+        x, _ = next(data.eval_batches(split, 8, seq_len))
+    length = min(x.shape[1], model.cfg.max_seq_len)
+    if length < 2:
+        logger.warning("no decoding timing: the %s windows hold %d token(s)", split, length)
+        return {}
+    steps = min(DECODE_STEPS, length - 1)
+    return timed_decode(model, x, mode=mode, gate_threshold=gate_threshold,
+                        context=length - steps, steps=steps, repeats=repeats)
+
+
 def final_metrics(model, data: TokenData, train_cfg: TrainConfig, eval_batches: int | None,
                   gate_threshold: float | None = None, timing_repeats: int = 5) -> dict:
-    """Held-out metrics in soft and hard mode (and gated, if a threshold is given), and timing."""
+    """Held-out metrics in soft and hard mode (and gated, if a threshold is given), and the
+    timed hard-routing forward pass and decoding step."""
     metrics = {}
     modes = ["soft", "hard"] + (["gated"] if gate_threshold else [])
     for mode in modes:
@@ -180,6 +204,8 @@ def final_metrics(model, data: TokenData, train_cfg: TrainConfig, eval_batches: 
                                         max_batches=eval_batches)
     x, _ = next(data.eval_batches("val", 8, train_cfg.seq_len))
     metrics["timing"] = timed_forward(model, x, mode="hard", repeats=timing_repeats)
+    metrics["timing"].update(decode_timing(model, data, "val", train_cfg.seq_len, "hard",
+                                           repeats=timing_repeats))
     return metrics
 
 
@@ -396,6 +422,8 @@ def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None
                                                 max_batches=max_batches)
         x, _ = next(data.eval_batches(split, 8, train_cfg.seq_len))
         metrics["timing"] = timed_forward(model, x, mode=mode, gate_threshold=gate_threshold)
+        metrics["timing"].update(decode_timing(model, data, split, train_cfg.seq_len, mode,
+                                               gate_threshold))
     metrics["dtype"] = dtype
     tag = evaluation_tag(split, mode, gate_threshold) + ("" if dtype == "float32" else f"_{dtype}")
     write_json(run_dir / f"metrics_{tag}.json", metrics)
@@ -425,8 +453,11 @@ def _evaluation_report(run_dir: Path, metrics: dict, mode: str, split: str, expe
              f"| routing entropy (%) | {metrics['routing_entropy']:.1f} |"]
     if "hard_fraction" in metrics:
         lines.append(f"| tokens routed hard | {100 * metrics['hard_fraction']:.1f} % |")
-    lines += [f"| forward time / full-only | {_fmt(t['time_ratio'], 2)} |", "",
-              f"{metrics['tokens']} tokens. ![expert share](expert_share_{tag}.png)", ""]
+    lines.append(f"| forward time / full-only | {_fmt(t['time_ratio'], 2)} |")
+    if t.get("decode_time_ratio") is not None:
+        lines.append(f"| decoding step / {t['decode_reference']}-only, context "
+                     f"{t['decode_context']} | {_fmt(t['decode_time_ratio'], 2)} |")
+    lines += ["", f"{metrics['tokens']} tokens. ![expert share](expert_share_{tag}.png)", ""]
     if "oracle" in metrics:
         lines += oracle_table(metrics["oracle"]) + [""]
     (run_dir / f"evaluation_{tag}.md").write_text("\n".join(lines))
@@ -498,6 +529,17 @@ def oracle_table(oracle: dict) -> list[str]:
     return lines
 
 
+def decode_sentence(timing: dict) -> str:
+    """The timed decoding step of a run's ``timing`` metrics, one sentence ('' if untimed)."""
+    if timing.get("decode_time_ratio") is None:
+        return ""
+    return (f" A decoding step at context {timing['decode_context']} (batch "
+            f"{timing['decode_batch']}, {timing['decode_steps']} teacher-forced steps per timed "
+            f"call): {timing['decode_step_ms']:.2f} ms vs "
+            f"{timing['decode_full_only_step_ms']:.2f} ms {timing['decode_reference']}-only "
+            f"(ratio {timing['decode_time_ratio']:.2f}).")
+
+
 def run_report(config: dict, metrics: dict, evaluations: list[dict] | None = None) -> str:
     """A short markdown report of one run (``evaluations``: its periodic validations, whose
     size the report relates to the final table's)."""
@@ -554,5 +596,6 @@ def run_report(config: dict, metrics: dict, evaluations: list[dict] | None = Non
         lines.append(f"Timed hard-routed forward pass: {t['routed_seconds'] * 1e3:.1f} ms vs "
                      f"{t['full_only_seconds'] * 1e3:.1f} ms full-only (ratio "
                      f"{t['time_ratio']:.2f}).")
+    lines[-1] += decode_sentence(t)
     lines += ["", "![training](training.png)", ""]
     return "\n".join(lines)

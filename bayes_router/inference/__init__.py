@@ -4,7 +4,13 @@ estimators, the conjugate toy, empirical Bayes for beta0, and step timing."""
 from bayes_router.core.dirichlet import expected_log_alpha
 from bayes_router.inference.decoding import DecodeConfig, Generation, generate
 from bayes_router.inference.estimators import Estimator, estimator_names, get_estimator
-from bayes_router.inference.evaluate import collect, evaluate, routing_metrics, timed_forward
+from bayes_router.inference.evaluate import (
+    collect,
+    evaluate,
+    routing_metrics,
+    timed_decode,
+    timed_forward,
+)
 from bayes_router.inference.minka import (
     fit_dirichlet,
     fit_precision,
@@ -46,6 +52,7 @@ __all__ = [
     "loss_and_surrogate",
     "routing_metrics",
     "save_checkpoint",
+    "timed_decode",
     "timed_forward",
     "train",
 ]

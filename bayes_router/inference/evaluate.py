@@ -9,6 +9,7 @@ layer, ``val_nll`` (nats/token), ``val_bpc``.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,8 +28,14 @@ from bayes_router.core.routing import (
 from bayes_router.data.synthetic import ORACLE_LABEL_IDS, ORACLE_LABELS
 from bayes_router.data.tokens import TokenData
 from bayes_router.inference.objective import objective_terms
+from bayes_router.inference.timing import (
+    DECODE_STEPS,
+    FULL_ONLY,
+    decode_step_times,
+    full_only_router,
+    reference_expert,
+)
 from bayes_router.models.bayesian import BayesianRoutedLM, RoutedLM
-from bayes_router.models.router import RoutingDecision
 
 
 @torch.no_grad()
@@ -213,13 +220,7 @@ def timed_forward(model: RoutedLM, x: torch.Tensor, mode: str = "hard", repeats:
         routed_s = median_times({"routed": routed}, repeats, warmup=1)["routed"]
         return {"routed_seconds": routed_s, "full_only_seconds": None, "time_ratio": None,
                 "repeats": repeats, "mode": mode}
-    full_index = model.cfg.experts.index("full")
-
-    def full_only(layer, features):
-        weights = torch.zeros(*features.shape[:-1], model.cfg.n_experts, dtype=features.dtype,
-                              device=features.device)
-        weights[..., full_index] = 1.0
-        return RoutingDecision(weights=weights, mean=weights)
+    full_only = full_only_router(model)
 
     def reference():
         model.lm(x, full_only, mode="hard")
@@ -229,6 +230,41 @@ def timed_forward(model: RoutedLM, x: torch.Tensor, mode: str = "hard", repeats:
     routed_s, full_s = times["routed"], times["full_only"]
     return {"routed_seconds": routed_s, "full_only_seconds": full_s,
             "time_ratio": routed_s / full_s, "repeats": repeats, "mode": mode}
+
+
+def timed_decode(model: RoutedLM, x: torch.Tensor, mode: str = "hard",
+                 gate_threshold: float | None = None, context: int | None = None,
+                 steps: int = DECODE_STEPS, repeats: int = 5, gate_measure: str = "total"
+                 ) -> dict:
+    """Median milliseconds of one decoding step in ``mode`` beside the full-only decoding step,
+    each from a cache of ``context`` tokens of ``x`` (see
+    :func:`~bayes_router.inference.timing.decode_step_times`).
+
+    Where :func:`timed_forward` times the whole sequence (a prefill), this times what generation
+    repeats per token: at a long context a query routed away from ``full`` reads a state whose
+    size does not grow with the context.
+
+    :param x: ``(B, T)`` token ids, ``T >= context + steps``.
+    :param context: default the longest that ``x`` and the model allow:
+        ``min(T, max_seq_len) - steps``.
+    :returns: ``decode_step_ms``, ``decode_full_only_step_ms``, ``decode_time_ratio`` (their
+        ratio), ``decode_context``, ``decode_steps``, ``decode_batch`` and ``decode_reference``
+        (the reference's expert: ``full``, else the most expensive, see
+        :func:`~bayes_router.inference.timing.reference_expert`).
+    """
+    if context is None:
+        context = min(x.shape[-1], model.cfg.max_seq_len) - steps
+        if context < 1:
+            raise ValueError(f"x holds {x.shape[-1]} tokens per sequence: too few for a context "
+                             f"of at least 1 token and {steps} decoding steps")
+    times = decode_step_times(model, x, {"routed": (mode, gate_threshold)}, context, steps,
+                              repeats, warmup=1, gate_measure=gate_measure)
+    routed_ms = 1e3 * statistics.median(times["routed"])
+    full_ms = 1e3 * statistics.median(times[FULL_ONLY])
+    return {"decode_step_ms": routed_ms, "decode_full_only_step_ms": full_ms,
+            "decode_time_ratio": routed_ms / full_ms, "decode_context": context,
+            "decode_steps": steps, "decode_batch": int(x.shape[0]),
+            "decode_reference": model.cfg.experts[reference_expert(model)]}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,11 +9,13 @@ from scipy import stats
 
 from bayes_router.experiments.phase1 import (
     claims,
+    decode_axis_label,
     mean_ci,
     power_check,
     run_name,
     run_phase1,
 )
+from bayes_router.inference.timing import DECODE_STEPS
 from bayes_router.inference.train import TrainConfig
 from bayes_router.models.config import TinyLMConfig
 
@@ -131,7 +133,18 @@ def test_toy_phase1_end_to_end(tmp_path):
     run_metrics = [json.loads((tmp_path / "p1" / f"bayesian-seed{s}" / "metrics.json")
                               .read_text())["soft"]["projected_flop_cost"] for s in range(2)]
     assert per_seed == pytest.approx(run_metrics)
-    assert "| projected FLOP cost (%)" in (tmp_path / "p1" / "phase1.md").read_text()
+    report = (tmp_path / "p1" / "phase1.md").read_text()
+    assert "| projected FLOP cost (%)" in report
+    # the decoding step beside the prefill, at the longest context max_seq_len = 32 leaves
+    for router in saved["routers"]:
+        assert result["table"]["hard_time_ratio"][router]["mean"] > 0
+        decode = result["table"]["hard_decode_time_ratio"][router]
+        assert len(decode["per_seed"]) == 2 and min(decode["per_seed"]) > 0
+    assert saved["decode"]["context"] == [32 - DECODE_STEPS]
+    assert saved["decode"]["reference"] == ["full"]
+    assert "| hard decode step / full-only |" in report
+    assert f"from a cache of {32 - DECODE_STEPS} validation tokens" in report
+    assert decode_axis_label(saved).endswith(f"context {32 - DECODE_STEPS}")
     # a second call reuses the finished runs
     mtime = (tmp_path / "p1" / "bayesian-seed0" / "metrics.json").stat().st_mtime
     run_phase1(tmp_path / "p1", seeds=2, model_cfg=model_cfg, train_cfg=train_cfg,

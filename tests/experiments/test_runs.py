@@ -3,9 +3,13 @@
 import json
 
 import pytest
+import torch
 
-from bayes_router.experiments.runs import corpus_report, evaluate_run, train_run
+from bayes_router.data.tokens import TokenData
+from bayes_router.experiments.runs import corpus_report, decode_timing, evaluate_run, train_run
+from bayes_router.inference.timing import DECODE_STEPS
 from bayes_router.inference.train import TrainConfig
+from bayes_router.models.bayesian import PriorFreeRoutedLM
 from bayes_router.models.config import TinyLMConfig
 
 
@@ -27,6 +31,14 @@ def test_train_run_writes_every_output(run_dir):
         assert (run_dir / name).exists(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics) >= {"soft", "hard", "timing", "costs", "steps"}
+    timing = metrics["timing"]
+    assert timing["time_ratio"] > 0  # the prefill, beside the decoding step
+    for key in ("decode_step_ms", "decode_full_only_step_ms", "decode_time_ratio"):
+        assert timing[key] > 0, key
+    # the longest context max_seq_len = 32 leaves for the steps
+    assert timing["decode_context"] == 32 - DECODE_STEPS
+    assert (timing["decode_steps"], timing["decode_reference"]) == (DECODE_STEPS, "full")
+    assert f"decoding step at context {32 - DECODE_STEPS}" in (run_dir / "report.md").read_text()
     assert metrics["steps"] == 4 and metrics["hard"]["projected_flop_cost"] > 0
     config = json.loads((run_dir / "config.json").read_text())
     assert config["train"]["steps"] == 4 and config["versions"]["torch"]
@@ -49,6 +61,13 @@ def test_evaluate_run(run_dir, mode, threshold):
         assert (run_dir / name).exists()
     if mode == "gated":
         assert 0.0 <= metrics["hard_fraction"] <= 1.0
+    timing = metrics["timing"]
+    assert timing["mode"] == mode and timing["decode_context"] == 32 - DECODE_STEPS
+    assert timing["decode_time_ratio"] > 0 and timing["decode_step_ms"] > 0
+    saved = json.loads((run_dir / f"metrics_{tag}.json").read_text())["timing"]
+    assert saved["decode_full_only_step_ms"] > 0
+    assert (f"| decoding step / full-only, context {32 - DECODE_STEPS} |"
+            in (run_dir / f"evaluation_{tag}.md").read_text())
 
 
 def test_evaluations_of_other_splits_and_thresholds_do_not_overwrite(run_dir):
@@ -62,6 +81,21 @@ def test_evaluations_of_other_splits_and_thresholds_do_not_overwrite(run_dir):
     assert (run_dir / "metrics_val_gated_0.5.json").exists()
     assert (run_dir / "evaluation_val_gated_0.7.md").exists()
     assert val["val_nll"] > 0
+
+
+@pytest.mark.usefixtures("local_params")
+def test_a_run_times_decoding_in_the_longest_windows_its_split_holds():
+    model = PriorFreeRoutedLM(TinyLMConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2,
+                                           max_seq_len=16, window=4, chunk_size=4,
+                                           controller_hidden=8))
+    stream = torch.arange(40) % 11
+    data = TokenData("toy", {"train": stream, "val": stream, "test": stream[:12]}, 11)
+    long = decode_timing(model, data, "val", seq_len=8, mode="hard", repeats=1)
+    assert (long["decode_context"], long["decode_steps"]) == (16 - DECODE_STEPS, DECODE_STEPS)
+    # 12 tokens hold no window of max_seq_len + 1 = 17: windows of seq_len = 8, so 7 steps
+    short = decode_timing(model, data, "test", seq_len=8, mode="hard", repeats=1)
+    assert (short["decode_context"], short["decode_steps"]) == (1, 7)
+    assert short["decode_time_ratio"] > 0
 
 
 def test_evaluate_run_needs_a_run_directory(tmp_path):

@@ -95,6 +95,10 @@ def test_static_and_one_expert_lms_train_evaluate_time_and_report(tiny_data, tin
         expected = float(-(shares * shares.log()).sum() / math.log(3)) * 100
         assert metrics["soft"]["routing_entropy"] == pytest.approx(expected, rel=1e-5)
     assert (metrics["timing"]["time_ratio"] is None) == ("full" not in experts)
+    # the decoding step against the most expensive expert where there is no full
+    assert metrics["timing"]["decode_time_ratio"] > 0
+    assert metrics["timing"]["decode_reference"] == ("full" if "full" in experts
+                                                     else experts[0])
     report = (tmp_path / "run" / "report.md").read_text()
     assert "Objective: **ELBO" in report
     assert json.loads((tmp_path / "run" / "config.json").read_text())["objective"]
