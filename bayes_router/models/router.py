@@ -265,6 +265,9 @@ class RoutedAttention(nn.Module):
         for i, expert in enumerate(self.experts):
             if not shared:
                 q, k, v = self._heads(self.qkv[i](x), rotation)
+            if not any(reads[i]):  # no sequence reads it: it only takes the new tokens
+                expert.write_state(cache.states[i], k, v)
+                continue
             w = weights[..., i]  # (B, T)
             rows = None
             if not all(reads[i]):
@@ -282,6 +285,8 @@ class RoutedAttention(nn.Module):
                 y = (x.new_zeros(B, T, H, d) if shared else x.new_zeros(B, T, D)) \
                     if y is None else y
                 y = y.index_add(0, rows, term)
+        if y is None:  # no expert has weight on any token
+            y = x.new_zeros(B, T, H, d) if shared else x.new_zeros(B, T, D)
         if shared:
             y = self.out(y.reshape(B, T, D))
         return y
