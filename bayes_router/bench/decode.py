@@ -376,8 +376,12 @@ def _bench_prefill(lm: TinyLM, T: int, repeats: int, warmup: int,
     the same pass without one, hard routing at the 25/50/25 mix, one sequence."""
     x = torch.randint(0, lm.cfg.vocab_size, (1, T), generator=generator)
     router = MixRouter(GATED_MIX, 1)
-    fns = {"forward": lambda: lm(x, router, mode="hard"),
-           "prefill": lambda: lm(x, router, mode="hard", cache=lm.new_cache(1, T))}
+
+    def forward(cache=None):
+        router.reset()  # both passes route every token alike
+        return lm(x, router, mode="hard", cache=cache)
+
+    fns = {"forward": forward, "prefill": lambda: forward(lm.new_cache(1, T))}
     times = interleaved_times(fns, repeats, warmup)
     out = {"seq_len": T, "mix": list(GATED_MIX)}
     for name, seconds in times.items():

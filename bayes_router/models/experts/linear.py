@@ -32,6 +32,13 @@ class LinearState(ExpertState):
         """Add ``phi(k_s) [v_s, 1]^T`` of the first ``counts[b]`` of the ``T`` new tokens (all
         by default)."""
         B, H, T, d = k.shape
+        if counts is None and T > 1:  # a prompt: phi(k)^T v = elu(k)^T v + 1 (sum_s v_s)^T,
+            # and the same for z, saving the passes of the + 1 and of [v, 1] over T rows
+            elu_k = F.elu(k)
+            self.state[..., :d].add_(elu_k.transpose(-1, -2) @ v).add_(v.sum(2)[:, :, None])
+            self.state[..., d].add_(elu_k.sum(2)).add_(T)
+            self.advance(T, counts)
+            return
         phi_k = elu_feature_map(k)
         if counts is not None:  # right padding: its rows add nothing
             real = torch.arange(T, device=k.device) < counts[:, None]  # (B, T)
