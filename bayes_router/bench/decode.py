@@ -21,7 +21,6 @@ targets, ``decode.png`` and ``decode.md``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import statistics
@@ -35,9 +34,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bayes_router.analysis.study_plots import save_figure
 from bayes_router.bench.baselines import PlainCausalLM
-from bayes_router.bench.harness import _environment, _load_average
+from bayes_router.bench.harness import _environment, finish_results
 from bayes_router.core.clock import interleaved_times
 from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.config import TinyLMConfig
@@ -283,17 +281,8 @@ def run_decode_benchmark(out_dir: str | os.PathLike,
                 bar.update(2)
     finally:
         bar.close()
-    results["environment"]["load_average_1min_after"] = _load_average()
-    results["targets"] = decode_targets(results)
-    decided = [t["passed"] for t in results["targets"] if t["passed"] is not None]
-    results["all_targets_passed"] = bool(decided) and all(decided)
-    results["figure"] = save_figure(decode_figure(results), out_dir / "decode.png")
-    path = out_dir / "decode.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
-    (out_dir / "decode.md").write_text(decode_report(results))
-    return results
+    return finish_results(results, out_dir, "decode", decode_targets, decode_figure,
+                          decode_report, "decode.md")
 
 
 def _bench_batch(routed: BayesianRoutedLM, plain: PlainCausalLM, cfg: TinyLMConfig,

@@ -294,16 +294,25 @@ def run_benchmark(out_dir: str | os.PathLike,
                                for c in (SVI_CONFIGS if svi_configs is None else svi_configs)]
     finally:
         bar.close()
+    return finish_results(results, out_dir, "bench", check_targets, bench_figure, bench_report,
+                          "report.md")
+
+
+def finish_results(results: dict, out_dir: Path, stem: str, targets, figure, report,
+                   report_name: str) -> dict:
+    """Close a benchmark run: the load after it, its ``targets(results)`` with
+    ``all_targets_passed``, ``<stem>.png`` from ``figure(results)``, ``<stem>.json`` written
+    atomically, and ``report(results)`` into ``report_name``."""
     results["environment"]["load_average_1min_after"] = _load_average()
-    results["targets"] = check_targets(results)
+    results["targets"] = targets(results)
     decided = [t["passed"] for t in results["targets"] if t["passed"] is not None]
     results["all_targets_passed"] = bool(decided) and all(decided)
-    results["figure"] = save_figure(bench_figure(results), out_dir / "bench.png")
-    path = out_dir / "bench.json"
+    results["figure"] = save_figure(figure(results), out_dir / f"{stem}.png")
+    path = out_dir / f"{stem}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, path)
-    (out_dir / "report.md").write_text(bench_report(results))
+    (out_dir / report_name).write_text(report(results))
     logger.info("wrote %s", path)
     return results
 

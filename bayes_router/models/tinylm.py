@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from bayes_router.core.precision import autocast, full_precision, resolve_dtype
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.experts.base import common_value
 from bayes_router.models.router import (
     LayerCache,
     LayerRouting,
@@ -54,13 +55,23 @@ class DecodeCache:
     def set_lengths(self, lengths: Tensor) -> None:
         """Set every sequence's length, here and in every expert state that exists (a
         benchmark rewinds a cache this way)."""
-        self.lengths = lengths
-        first = int(lengths[0]) if lengths.numel() else 0
-        self.common_length = first if bool((lengths == first).all()) else None
+        self.lengths, self.common_length = lengths, common_value(lengths)
         for layer in self.layers:
             for state in layer.states:
                 if state is not None:
                     state.set_lengths(lengths)
+
+    def advance(self, count: int, counts: Tensor | None = None) -> None:
+        """After a pass: ``count`` more tokens in every sequence, or ``counts (B,)`` each (the
+        expert states advance themselves as they are written)."""
+        if counts is None:
+            self.lengths = self.lengths + count
+            if self.common_length is not None:
+                self.common_length += count
+        else:
+            self.lengths = self.lengths + counts
+            self.common_length = common_value(self.lengths)
+        self.filled = True
 
     @property
     def batch_size(self) -> int:
@@ -239,13 +250,7 @@ class TinyLM(nn.Module):
                 routing.append(LayerRouting(features, decision, weights, index, hard))
             logits = self.head(self.ln_final(h))
         if cache is not None:
-            if counts is None:
-                cache.lengths = cache.lengths + T
-                if cache.common_length is not None:
-                    cache.common_length += T
-            else:
-                cache.set_lengths(cache.lengths + counts)
-            cache.filled = True
+            cache.advance(T, counts)
         return LMOutput(logits.to(h.dtype), routing)  # the likelihood in full precision
 
 

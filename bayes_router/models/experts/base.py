@@ -27,6 +27,13 @@ from bayes_router.core.validation import all_finite, is_validation_enabled
 ROW_TILE = 128  # query rows per tile when computing gathered rows (bounds memory and waste)
 
 
+def common_value(lengths: Tensor) -> int | None:
+    """The one value of ``lengths (B,)``, or ``None`` where they differ (one synchronisation:
+    a decoding step then needs none)."""
+    first = int(lengths[0]) if lengths.numel() else 0
+    return first if bool((lengths == first).all()) else None
+
+
 @dataclass
 class ExpertState:
     """What one expert of one layer keeps of the sequences it has read, for decoding.
@@ -50,9 +57,7 @@ class ExpertState:
 
     def set_lengths(self, lengths: Tensor) -> None:
         """Set every sequence's length (a benchmark rewinds a state this way)."""
-        self.lengths = lengths
-        first = int(lengths[0]) if lengths.numel() else 0
-        self._common = first if bool((lengths == first).all()) else None
+        self.lengths, self._common = lengths, common_value(lengths)
 
     def advance(self, count: int, counts: Tensor | None = None) -> None:
         """``count`` more tokens in every sequence, or ``counts (B,)`` each."""
