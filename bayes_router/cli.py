@@ -290,8 +290,9 @@ def _generate_arguments(p):
     prompt.add_argument("--prompt-file", default=None, metavar="PATH",
                         help="read the prompt from a UTF-8 file, as it is (a final newline "
                              "included)")
-    p.add_argument("--prompt-len", type=int, default=16,
-                   help="without a prompt: the first N tokens of each validation window")
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="without a prompt: the first N tokens of each validation window "
+                        "(default 16)")
     p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"],
                    help="tokens to generate per sequence (the prompt and the new tokens, "
                         "less one, must fit the run's --max-seq-len)")
@@ -329,6 +330,9 @@ def cmd_generate(args) -> int:
                           gate_threshold=args.gate_threshold, gate_measure=args.gate_measure,
                           temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     prompt = args.prompt
+    if args.prompt_len is not None and (prompt is not None or args.prompt_file is not None):
+        raise ValueError("--prompt-len takes the prompts from validation windows; a given "
+                         "prompt is used whole (leave out --prompt-len)")
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
         if not path.is_file():
@@ -340,7 +344,8 @@ def cmd_generate(args) -> int:
                              f"{error.start})") from None
     out = _out_dir(args, "generate", Path(args.run_dir) / "generate")
     result = generate_run(Path(args.run_dir), out, config, prompt=prompt, batch=args.batch,
-                          prompt_len=args.prompt_len, device=args.device)
+                          prompt_len=16 if args.prompt_len is None else args.prompt_len,
+                          device=args.device)
     for b, sequence in enumerate(result["sequences"]):
         if result["batch"] > 1:
             print(f"--- sequence {b} ---")
@@ -356,6 +361,33 @@ def cmd_generate(args) -> int:
               f"mean step {result['mean_step_ms']:.3f} ms, prefill "
               f"{result['prefill_seconds']:.4f} s, soft fraction {result['soft_fraction']:.3f})")
     print(f"wrote {out}/generate.json, {out}/routing.png and {out}/report.md")
+    return 0
+
+
+def _gate_sweep_arguments(p):
+    from bayes_router.experiments.gate_sweep import DEFAULT_THRESHOLDS
+
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished bayesian or prior-free run")
+    _add_out(p, required=False, help="output folder (default RUN_DIR/gate-sweep)")
+    p.add_argument("--thresholds", type=_comma_list(float), default=list(DEFAULT_THRESHOLDS),
+                   help="gate thresholds on the normalised uncertainty, in [0, 1]")
+    p.add_argument("--eval-batches", type=int, default=8,
+                   help="validation batches of 16 windows behind each NLL")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls of each decoding step")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random gate's draws")
+
+
+@command("gate-sweep", "validation NLL against the measured decoding step as the gate "
+         "threshold moves: the router's uncertainty gate beside the random gate at the same "
+         "soft fraction", _gate_sweep_arguments)
+def cmd_gate_sweep(args) -> int:
+    from bayes_router.experiments.gate_sweep import gate_sweep, gate_sweep_report
+
+    out = _out_dir(args, "gate-sweep", Path(args.run_dir) / "gate-sweep")
+    result = gate_sweep(Path(args.run_dir), out, thresholds=tuple(args.thresholds),
+                        eval_batches=args.eval_batches, repeats=args.repeats, seed=args.seed)
+    print(gate_sweep_report(result))
+    print(f"wrote {out}/gate_sweep.json, {out}/gate_sweep.png and {out}/report.md")
     return 0
 
 

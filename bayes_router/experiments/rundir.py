@@ -41,6 +41,7 @@ OUTPUT_MARKERS = {
     "report": "analysis.json",
     "evidence": "evidence.json",
     "generate": "generate.json",
+    "gate-sweep": "gate_sweep.json",
 }
 #: Commands that share a folder by design (``report`` writes the calibration too, both into
 #: ``RUN_DIR/analysis`` by default).

@@ -171,7 +171,8 @@ def check_run_dir(run_dir: Path) -> Path:
 
 
 def decode_timing(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: str,
-                  gate_threshold: float | None = None, repeats: int = 5) -> dict:
+                  gate_threshold: float | None = None, repeats: int = 5,
+                  gate_measure: str = "total") -> dict:
     """:func:`~bayes_router.inference.evaluate.timed_decode` on the first 8 windows of
     ``split``, as long as the model reads (``max_seq_len`` tokens; windows of ``seq_len`` where
     the split is too short for one), at the longest context they leave for
@@ -187,7 +188,8 @@ def decode_timing(model: RoutedLM, data: TokenData, split: str, seq_len: int, mo
         return {}
     steps = min(DECODE_STEPS, length - 1)
     return timed_decode(model, x, mode=mode, gate_threshold=gate_threshold,
-                        context=length - steps, steps=steps, repeats=repeats)
+                        context=length - steps, steps=steps, repeats=repeats,
+                        gate_measure=gate_measure)
 
 
 def final_metrics(model, data: TokenData, train_cfg: TrainConfig, eval_batches: int | None,

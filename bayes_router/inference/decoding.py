@@ -25,13 +25,14 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from bayes_router.models.bayesian import RoutedLM
-from bayes_router.models.router import ROUTING_MODES, LayerRouting, RoutingDecision
+from bayes_router.models.router import ROUTING_MODES, LayerRouting, RoutingDecision, random_gate
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,11 @@ def prompt_batch(prompts: Sequence[Sequence[int]] | Tensor) -> tuple[Tensor, Ten
     prompts = [list(p) for p in prompts]
     if not prompts:
         raise ValueError("prompts must hold at least one prompt")
+    for i, p in enumerate(prompts):
+        bad = next((t for t in p if isinstance(t, bool) or not isinstance(t, int | Integral)),
+                   None)
+        if bad is not None:
+            raise ValueError(f"prompts must hold integer token ids; prompt {i} holds {bad!r}")
     empty = [i for i, p in enumerate(prompts) if not p]
     if empty:
         raise ValueError(f"prompts must not be empty (prompt {empty[0]} holds no token)")
@@ -174,19 +180,6 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None,
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
 
 
-def random_gate(router, generator: torch.Generator):
-    """``router`` with each decision's uncertainty replaced by a uniform draw: gated routing
-    then sends a fraction ``1 - gate_threshold`` of the tokens soft at random (the control of
-    an uncertainty gate at the same soft fraction)."""
-    def gated(layer: int, features: Tensor) -> RoutingDecision:
-        decision = router(layer, features)
-        shape = decision.mean.shape[:-1]
-        draw = torch.rand(shape, generator=generator, dtype=torch.float64)
-        decision.uncertainty = draw.to(decision.mean.dtype).to(decision.mean.device)
-        return decision
-    return gated
-
-
 def decode_router(model: RoutedLM, config: DecodeConfig, generator: torch.Generator):
     """The router of ``model`` for decoding under ``config`` (the random gate wrapped on)."""
     measure = "total" if config.gate_measure == "random" else config.gate_measure
@@ -202,8 +195,8 @@ def decode_router(model: RoutedLM, config: DecodeConfig, generator: torch.Genera
 def check_context(model: RoutedLM, prompt_lengths: Tensor, config: DecodeConfig) -> int:
     """The tokens the longest sequence reaches; a clear error past the model's limit."""
     end = int(prompt_lengths.max()) + config.max_new_tokens - 1  # the last token is not fed
-    limit = model.cfg.max_seq_len
-    if end > limit:
+    limit = model.cfg.max_context  # None: rotary positions, no cap
+    if limit is not None and end > limit:
         raise ValueError(f"a prompt of {int(prompt_lengths.max())} tokens and "
                          f"max_new_tokens={config.max_new_tokens} make the model read {end} "
                          f"positions (the last new token is only sampled); it supports {limit} "

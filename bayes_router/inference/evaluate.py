@@ -117,14 +117,17 @@ def routing_metrics(abar: torch.Tensor, costs: torch.Tensor,
 
 def evaluate(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: str = "soft",
              gate_threshold: float | None = None, max_batches: int | None = None,
-             batch_size: int = 16, progress: bool = False) -> dict:
-    """``{split}_nll``, ``{split}_bpc`` and the routing metrics under routing ``mode``.
+             batch_size: int = 16, progress: bool = False, gate_measure: str = "total"
+             ) -> dict:
+    """``{split}_nll``, ``{split}_bpc`` and the routing metrics under routing ``mode`` (gated
+    routing reads ``gate_measure``, see :meth:`~bayes_router.models.bayesian.RoutedLM.
+    predict`).
 
     ``{split}_bpc`` is the NLL in bits per token; ``bits_unit`` says what a token is
     (``"character"`` for a text corpus, so bits per character; ``"token"`` for a synthetic
     task, whose reports say bits per token)."""
     arrays = collect(model, data, split, seq_len, mode, gate_threshold, max_batches, batch_size,
-                     progress=progress)
+                     gate_measure=gate_measure, progress=progress)
     mean_nll = float(arrays["nll"].mean())
     metrics = {f"{split}_nll": mean_nll, f"{split}_bpc": mean_nll / math.log(2),
                "bits_unit": bits_unit(data), "mode": mode,

@@ -121,8 +121,10 @@ def decode_step_times(model: RoutedLM, x: Tensor, modes: Mapping[str, tuple[str,
 
     .. warning:: The rewind moves the lengths back and keeps the states' contents (as the
         decoding benchmark does): the next steps overwrite the key/value caches, but the linear
-        expert's running sums keep the rewound tokens. The time of a step is that of a true one;
-        its outputs after the first call are not.
+        expert's running sums keep the rewound tokens. The outputs after the first call are
+        not a true decode's, and neither are the hidden states a learned router reads in the
+        layers above the first, so its decisions in later calls may differ from a true
+        decode's; each timed step costs what a step with those decisions costs.
 
     :param x: ``(B, >= context + steps)`` token ids, e.g. validation windows.
     :param modes: ``{label: (mode, gate_threshold)}`` the routings to time (``soft``, ``hard``

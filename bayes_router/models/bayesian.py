@@ -63,7 +63,7 @@ from bayes_router.core.dirichlet import (
 )
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.experts import cost_vector
-from bayes_router.models.router import RoutingDecision
+from bayes_router.models.router import RoutingDecision, random_gate
 from bayes_router.models.tinylm import DecodeCache, LMOutput, TinyLM
 
 logger = logging.getLogger(__name__)
@@ -251,10 +251,21 @@ class RoutedLM(PyroModule):
 
     def predict(self, x: Tensor, mode: str = "soft", gate_threshold: float | None = None,
                 gate_measure: str = "total", cache: DecodeCache | None = None,
-                lengths: Tensor | None = None) -> LMOutput:
+                lengths: Tensor | None = None, generator: torch.Generator | None = None
+                ) -> LMOutput:
         """Evaluation forward pass with the posterior-mean (or softmax) routing in ``mode``;
         with a ``cache``, a prefill or a decoding step (see
-        :meth:`~bayes_router.models.tinylm.TinyLM.forward`)."""
+        :meth:`~bayes_router.models.tinylm.TinyLM.forward`).
+
+        :param gate_measure: the uncertainty gated routing reads (see :meth:`decision`), or
+            ``"random"``: a uniform draw from ``generator`` in its place (:func:`~bayes_router.
+            models.router.random_gate`), the control at a soft fraction of ``1 -
+            gate_threshold``.
+        """
+        if gate_measure == "random":
+            return self.lm(x, random_gate(lambda layer, f: self.decision(layer, f), generator),
+                           mode=mode, gate_threshold=gate_threshold, cache=cache,
+                           lengths=lengths)
         return self.lm(x, lambda layer, f: self.decision(layer, f, gate_measure), mode=mode,
                        gate_threshold=gate_threshold, cache=cache, lengths=lengths)
 

@@ -38,6 +38,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x (B, H, T, d)`` by angles whose ``cos, sin`` are ``(B, T, d / 2)`` or
     ``(T, d / 2)``: ``[x1 cos - x2 sin, x2 cos + x1 sin]`` with ``x1, x2`` the two halves."""
     half = x.shape[-1] // 2
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # x's dtype, whatever autocast made it
     if cos.dim() == 3:  # (B, T, d / 2) -> (B, 1, T, d / 2), broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x[..., :half], x[..., half:]

@@ -76,6 +76,7 @@ class LayerCache:
 
     states: list[ExpertState | None]
     capacity: int
+    heads: tuple[int, int] = (0, 0)  # (H, d) of the layer that made it
 
     @property
     def empty(self) -> bool:
@@ -180,7 +181,8 @@ class RoutedAttention(nn.Module):
 
     def new_cache(self, capacity: int) -> LayerCache:
         """An empty :class:`LayerCache` for decoding up to ``capacity`` positions."""
-        return LayerCache([None] * len(self.experts), capacity)
+        return LayerCache([None] * len(self.experts), capacity,
+                          (self.cfg.n_heads, self.cfg.head_dim))
 
     def forward(self, x: Tensor, weights: Tensor, sparse: bool = False,
                 cache: LayerCache | None = None, lengths: Tensor | None = None,
@@ -216,8 +218,11 @@ class RoutedAttention(nn.Module):
             raise ValueError(f"decoding takes x (B, T, D) and weights (B, T, K) without "
                              f"leading dimensions, got {tuple(x.shape)} and "
                              f"{tuple(weights.shape)}")
-        if cache is not None and len(cache.states) != K:
-            raise ValueError(f"cache holds {len(cache.states)} expert states, the layer has {K}")
+        if cache is not None and (len(cache.states) != K or
+                                  cache.heads != (self.cfg.n_heads, self.cfg.head_dim)):
+            raise ValueError(f"cache holds {len(cache.states)} expert states of heads "
+                             f"{cache.heads}; the layer has {K} experts and heads "
+                             f"{(self.cfg.n_heads, self.cfg.head_dim)}")
         with validation_enabled(False):  # q, k, v come from the checked x: no second pass
             rotation = self._rotation(x, positions)
             if cache is not None and not cache.empty:
@@ -342,6 +347,20 @@ class RoutedAttention(nn.Module):
         if shared:
             y = self.out(y.reshape(B, T, D))
         return y.reshape(*lead, T, D)
+
+
+def random_gate(router: Router, generator: torch.Generator | None = None) -> Router:
+    """``router`` with each decision's uncertainty replaced by a uniform draw in ``[0, 1)``
+    (from ``generator``, else torch's global stream): gated routing then sends a fraction
+    ``1 - gate_threshold`` of the tokens soft whatever the router thinks, the control of an
+    uncertainty gate at the same soft fraction."""
+    def gated(layer: int, features: Tensor) -> RoutingDecision:
+        decision = router(layer, features)
+        shape = decision.mean.shape[:-1]
+        draw = torch.rand(shape, generator=generator, dtype=torch.float64)  # on the CPU
+        decision.uncertainty = draw.to(decision.mean.dtype).to(decision.mean.device)
+        return decision
+    return gated
 
 
 def routing_weights(decision: RoutingDecision, mode: str, gate_threshold: float | None = None

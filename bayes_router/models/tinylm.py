@@ -48,6 +48,9 @@ class DecodeCache:
     lengths: Tensor
     capacity: int
     filled: bool = field(default=False)
+    #: set when a pass failed half-way: some states took its tokens and others did not, so
+    #: the cache refuses further use (start a new one)
+    failed: bool = field(default=False)
 
     def __post_init__(self):
         self.set_lengths(self.lengths)
@@ -180,6 +183,18 @@ class TinyLM(nn.Module):
         them are real per sequence; clear errors for a batch, a length or a position the
         cache or the model cannot take."""
         B, T = x.shape
+        if not isinstance(cache, DecodeCache):
+            raise ValueError(f"cache must be a DecodeCache (TinyLM.new_cache), got "
+                             f"{type(cache).__name__}")
+        if cache.failed:
+            raise ValueError("this cache was left half-written by a pass that failed; start a "
+                             "new one with new_cache")
+        if len(cache.layers) != len(self.blocks) or any(
+                layer.heads != (self.cfg.n_heads, self.cfg.head_dim) for layer in cache.layers):
+            raise ValueError(f"the cache was made for another model ({len(cache.layers)} "
+                             f"layers, heads {cache.layers[0].heads if cache.layers else None}); "
+                             f"this one has {len(self.blocks)} layers of "
+                             f"{(self.cfg.n_heads, self.cfg.head_dim)} heads")
         if B != cache.batch_size:
             raise ValueError(f"x has {B} sequences, the cache {cache.batch_size}")
         if T == 0:
@@ -187,13 +202,19 @@ class TinyLM(nn.Module):
         if lengths is not None and cache.filled:
             raise ValueError("lengths (right-padded prompts) applies to the prefill only; "
                              "later calls continue every sequence by all of x's tokens")
+        common = cache.common_length
+        if cache.filled and T > 1 and common is None:
+            raise ValueError("sequences of different lengths continue one token at a time "
+                             f"(x of {T} tokens per sequence)")
         counts = None  # every sequence advances by T
         if lengths is not None:
-            counts = torch.as_tensor(lengths, device=x.device).long()
-            if counts.shape != (B,) or bool((counts < 1).any()) or bool((counts > T).any()):
-                raise ValueError(f"lengths must hold one prompt length in [1, {T}] per "
-                                 f"sequence, got {counts.tolist()}")
-        common = cache.common_length
+            counts = torch.as_tensor(lengths, device=x.device)
+            if counts.is_floating_point() or counts.dtype == torch.bool or \
+                    counts.shape != (B,) or bool((counts < 1).any()) or \
+                    bool((counts > T).any()):
+                raise ValueError(f"lengths must hold one integer prompt length in [1, {T}] "
+                                 f"per sequence, got {counts.tolist()}")
+            counts = counts.long()
         end = common + T if common is not None else int((cache.lengths + T).max())
         if self.cfg.max_context is not None and end > self.cfg.max_context:
             raise ValueError(f"decoding to {end} tokens is past what the model supports "
@@ -236,6 +257,20 @@ class TinyLM(nn.Module):
             if self.position_embedding is not None:
                 h = h + self.position_embedding(positions)
         prefill = lengths if cache is not None and not cache.filled else None
+        try:
+            out = self._layers(h, router, mode, gate_threshold, cache, prefill, positions)
+        except BaseException:
+            if cache is not None:  # some states took the tokens, others did not
+                cache.failed = True
+            raise
+        if cache is not None:
+            cache.advance(T, counts)
+        return out
+
+    def _layers(self, h: Tensor, router: Router, mode: str, gate_threshold: float | None,
+                cache: DecodeCache | None, prefill: Tensor | None, positions: Tensor | None
+                ) -> LMOutput:
+        """The blocks, the final norm and the head on the embedded tokens ``h``."""
         routing = []
         with autocast(h.device, self.compute_dtype):
             for layer, block in enumerate(self.blocks):
@@ -249,8 +284,6 @@ class TinyLM(nn.Module):
                           positions=positions)
                 routing.append(LayerRouting(features, decision, weights, index, hard))
             logits = self.head(self.ln_final(h))
-        if cache is not None:
-            cache.advance(T, counts)
         return LMOutput(logits.to(h.dtype), routing)  # the likelihood in full precision
 
 

@@ -30,12 +30,17 @@ PROMPTS = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10]]
 
 
 @pytest.mark.parametrize("routing,threshold,measure", [
-    ("soft", None, "total"), ("hard", None, "total"), ("gated", 0.9, "total"),
-    ("gated", 0.5, "epistemic")])
+    ("soft", None, "total"), ("hard", None, "total"), ("gated", "median", "total"),
+    ("gated", "median", "epistemic")])
 @pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.0, 3)])
 def test_cached_generation_equals_the_naive_twin(routing, threshold, measure, temperature,
                                                  top_k):
     model = _model()
+    if threshold == "median":  # half the prompts' decisions each way
+        with torch.no_grad():
+            out = model.predict(torch.tensor([PROMPTS[2]]), "gated", 1.0, measure)
+        threshold = float(torch.cat([r.decision.uncertainty.flatten()
+                                     for r in out.routing]).median())
     config = DecodeConfig(max_new_tokens=9, routing=routing, gate_threshold=threshold,
                           gate_measure=measure, temperature=temperature, top_k=top_k, seed=4)
     fast = generate(model, PROMPTS, config)
@@ -43,6 +48,8 @@ def test_cached_generation_equals_the_naive_twin(routing, threshold, measure, te
     assert torch.equal(fast.tokens, slow.tokens)
     assert torch.equal(fast.experts, slow.experts)
     torch.testing.assert_close(fast.uncertainty, slow.uncertainty, equal_nan=True)
+    if routing == "gated":  # the gate sends some decisions each way
+        assert bool((fast.experts == -1).any()) and bool((fast.experts >= 0).any())
     assert fast.new_tokens.shape == (3, 9)
     assert fast.step_seconds.shape == (8,)
     for b, p in enumerate(PROMPTS):  # the prompt first, then the new tokens, then padding
@@ -132,6 +139,10 @@ def test_bad_prompts_and_contexts():
     with pytest.raises(ValueError, match="read 17 positions .* it supports 16"):
         generate(model, [list(range(12)) + [1, 2]], DecodeConfig(max_new_tokens=4))
     generate(model, [list(range(13))], DecodeConfig(max_new_tokens=4))  # reads 16: fits
+    with pytest.raises(ValueError, match="integer token ids; prompt 0 holds 'a'"):
+        generate(model, [["a"]], config)
+    with pytest.raises(ValueError, match="integer token ids; prompt 0 holds 1.7"):
+        generate(model, [[1.7, 2]], config)
     with pytest.raises(ValueError, match="needs the Bayesian router"):
         generate(_model("prior-free"), [[1]], DecodeConfig(
             max_new_tokens=4, routing="gated", gate_threshold=0.5, gate_measure="epistemic"))
@@ -142,3 +153,12 @@ def test_prompt_batch_right_pads():
     assert batch.tolist() == [[3, 4], [5, 0]] and lengths.tolist() == [2, 1]
     batch, lengths = prompt_batch(torch.tensor([[1, 2, 3]]))
     assert lengths.tolist() == [3]
+
+
+def test_a_rotary_model_generates_past_its_training_length():
+    cfg = TinyLMConfig(vocab_size=V, d_model=16, n_heads=2, n_layers=2, max_seq_len=24,
+                       window=3, chunk_size=4, positions="rotary")
+    model = BayesianRoutedLM(cfg).double()
+    config = DecodeConfig(max_new_tokens=40, routing="hard", temperature=0.0)
+    fast = generate(model, [[1, 2, 3]], config)
+    assert torch.equal(fast.tokens, generate(model, [[1, 2, 3]], config, naive=True).tokens)

@@ -22,8 +22,8 @@ MODES = [("soft", None), ("hard", None), ("gated", "median")]
 
 
 def _model(kind, dtype=torch.float64, **overrides):
-    cfg = TinyLMConfig(vocab_size=V, d_model=16, n_heads=2, n_layers=2, max_seq_len=MAX_LEN,
-                       window=WINDOW, chunk_size=4, **overrides)
+    cfg = TinyLMConfig(**{**dict(vocab_size=V, d_model=16, n_heads=2, n_layers=2,
+                                 max_seq_len=MAX_LEN, window=WINDOW, chunk_size=4), **overrides})
     if kind == "bayesian":
         model = BayesianRoutedLM(cfg)
     elif kind == "prior-free":
@@ -182,7 +182,7 @@ def test_cache_misuse_gets_clear_errors():
     cache = model.lm.new_cache(2)
     with pytest.raises(ValueError, match="x has 3 sequences, the cache 2"):
         model.predict(torch.zeros(3, 4, dtype=torch.long), cache=cache)
-    with pytest.raises(ValueError, match="lengths must hold one prompt length"):
+    with pytest.raises(ValueError, match="lengths must hold one integer prompt length"):
         model.predict(torch.zeros(2, 4, dtype=torch.long), cache=cache,
                       lengths=torch.tensor([0, 4]))
     model.predict(torch.zeros(2, 4, dtype=torch.long), cache=cache)
@@ -191,3 +191,44 @@ def test_cache_misuse_gets_clear_errors():
                       lengths=torch.tensor([1, 1]))
     with pytest.raises(ValueError, match="needs a cache"):
         model.predict(torch.zeros(2, 4, dtype=torch.long), lengths=torch.tensor([1, 1]))
+
+
+def test_a_failed_pass_leaves_the_cache_refusing_further_use():
+    """A router that fails at layer 1: layer 0's states took the tokens, so the cache says it
+    is half-written instead of silently continuing from the wrong place."""
+    model = _model("prior-free")
+    cache = model.lm.new_cache(2)
+
+    def failing(layer, features):
+        if layer == 1:
+            raise RuntimeError("router failed")
+        return model.decision(layer, features)
+
+    with pytest.raises(RuntimeError, match="router failed"):
+        model.lm(torch.zeros(2, 4, dtype=torch.long), failing, cache=cache)
+    with pytest.raises(ValueError, match="half-written"):
+        model.predict(torch.zeros(2, 4, dtype=torch.long), cache=cache)
+
+
+def test_chunks_of_sequences_of_different_lengths_are_refused_before_any_write():
+    model = _model("prior-free")
+    cache = model.lm.new_cache(2)
+    model.predict(torch.zeros(2, 6, dtype=torch.long), cache=cache, lengths=torch.tensor([3, 6]))
+    with pytest.raises(ValueError, match="one token at a time"):
+        model.predict(torch.zeros(2, 2, dtype=torch.long), cache=cache)
+    assert not cache.failed
+    assert all(s.lengths.tolist() == [3, 6] for layer in cache.layers for s in layer.states)
+    model.predict(torch.zeros(2, 1, dtype=torch.long), cache=cache)  # one token: fine
+    assert cache.lengths.tolist() == [4, 7]
+
+
+def test_a_cache_of_another_model_or_kind_is_refused():
+    model = _model("prior-free")
+    other = _model("prior-free", n_heads=4)
+    with pytest.raises(ValueError, match="made for another model"):
+        model.predict(torch.zeros(1, 3, dtype=torch.long), cache=other.lm.new_cache(1))
+    with pytest.raises(ValueError, match="cache must be a DecodeCache"):
+        model.predict(torch.zeros(1, 3, dtype=torch.long), cache=object())
+    with pytest.raises(ValueError, match="one integer prompt length"):
+        model.predict(torch.zeros(2, 4, dtype=torch.long), cache=model.lm.new_cache(2),
+                      lengths=torch.tensor([2.9, 4.0]))

@@ -109,3 +109,21 @@ def test_learned_positions_still_cap_the_context():
         model.lm.new_cache(1, capacity=25)
     with pytest.raises(ValueError, match="T=25 > max_seq_len=24"):
         model.predict(torch.zeros(1, 25, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_rotary_under_autocast_trains_and_decodes(dtype):
+    """The LN output stays float32 under autocast while q and k come out of the projection in
+    the compute dtype: the rotation must keep theirs."""
+    cfg = TinyLMConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_seq_len=24,
+                       window=3, chunk_size=4, positions="rotary")
+    model = BayesianRoutedLM(cfg).eval()
+    model.set_precision(dtype)
+    x = torch.randint(0, 11, (2, 30))
+    with torch.no_grad():
+        ref = model.predict(x, "hard").logits
+        cache = model.lm.new_cache(2, capacity=30)
+        out = [model.predict(x[:, :10], "hard", cache=cache).logits]
+        out += [model.predict(x[:, t:t + 1], "hard", cache=cache).logits for t in range(10, 30)]
+    assert bool(torch.isfinite(ref).all())
+    torch.testing.assert_close(torch.cat(out, 1), ref, rtol=0.05, atol=0.05)

@@ -211,8 +211,8 @@ class AttentionExpert(nn.Module):
         """Append the next ``T`` tokens ``k, v (B, H, T, d)`` of every sequence to ``state``
         (in place) and return the outputs ``(R, H, T, d)`` of the queries ``q (R, H, T, d)``
         of the sequences ``rows (R,)`` (``None``: all ``B``). The same as the expert's
-        forward pass over each whole sequence, at its last ``T`` positions. ``T > 1`` (a
-        prompt continued in chunks) needs sequences of one length.
+        forward pass over each whole sequence, at its last ``T`` positions. ``T > 1`` is a
+        prompt continued in chunks (the local expert needs sequences of one length for it).
 
         By default the state is a :class:`KVCache` and every read runs :meth:`forward` over
         the whole prefix (right for any causal expert, at the cost of recomputing it)."""

@@ -55,12 +55,12 @@ class FullAttention(AttentionExpert):
 
     def decode(self, state: KVCache, q, k, v, rows=None):
         """Append ``k, v`` to the KV cache, then attend the queries to every cached key of
-        their sequence: one attention where the sequences read have one length, else one per
-        sequence on views of the cache (gathering sequences would copy their caches, as much
-        memory traffic as the attention itself)."""
+        their sequence: one attention where every sequence reads and all have one length,
+        else one per sequence read, on views of the cache (gathering sequences would copy
+        their caches, as much memory traffic as the attention itself)."""
         self.write_state(state, k, v)
-        n = state.common_length(rows)
-        if rows is None and n is not None:
+        n = None if rows is not None else state.common_length()
+        if n is not None:
             return _attend_last(q, state.keys[:, :, :n], state.values[:, :, :n])
         if rows is None:
             rows = torch.arange(k.shape[0], device=k.device)

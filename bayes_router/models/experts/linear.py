@@ -253,16 +253,16 @@ class LinearAttention(AttentionExpert):
         if T == 1:
             state.write(k, v)
             prior, scores, values = state.state, None, None
+            if rows is not None:
+                prior = prior[rows]
         else:
-            prior = state.state
             phi_k, values = elu_feature_map(k), _with_ones(v, T)
             if rows is not None:
                 phi_k, values = phi_k[rows], values[rows]
             scores = (phi_q @ phi_k.transpose(-1, -2)).tril_()  # (R, H, T, T)
-            prior = prior.clone()  # the write below adds to the state in place
+            # the sums before the new tokens (a copy: the write below adds in place)
+            prior = state.state.clone() if rows is None else state.state[rows]
             state.write(k, v)
-        if rows is not None:
-            prior = prior[rows]
         out = phi_q @ prior if scores is None else torch.baddbmm(
             (phi_q @ prior).flatten(0, 1), scores.flatten(0, 1), values.flatten(0, 1)
         ).view(*q.shape[:3], q.shape[3] + 1)

@@ -1,0 +1,173 @@
+"""The gate sweep of one trained run: held-out NLL against the measured decoding step as the
+gate threshold moves, for the router's uncertainty gate and the random gate at the same soft
+fraction (``bayes-router gate-sweep``).
+
+At each threshold of each uncertainty measure (``total`` and ``epistemic`` for a Bayesian run,
+``total``, the softmax's entropy, for a prior-free one) the run is evaluated under gated
+routing on the first validation windows; its soft fraction ``s`` (the share of layer-token
+decisions left soft) sets the threshold ``1 - s`` of the random gate, which sends the same
+share soft at random. Both are timed as decoding steps against the same model with every token
+on ``full`` (:func:`~bayes_router.experiments.runs.decode_timing`). If the router's
+uncertainty knows which tokens need the soft mixture, its curve lies below the random gate's at
+equal soft fraction; the decoding step says what each point costs. Writes ``gate_sweep.json``,
+``gate_sweep.png`` and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyro
+import torch
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from bayes_router.analysis.study_plots import save_figure
+from bayes_router.experiments.runs import (
+    check_run_dir,
+    decode_timing,
+    load_run,
+    versions,
+    write_json,
+)
+from bayes_router.inference.evaluate import evaluate
+from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
+
+
+def _check(thresholds: Sequence[float], eval_batches: int, repeats: int) -> tuple[float, ...]:
+    thresholds = tuple(float(t) for t in thresholds)
+    if not thresholds or not all(0.0 <= t <= 1.0 for t in thresholds):
+        raise ValueError(f"thresholds must be numbers in [0, 1] (normalised uncertainty), got "
+                         f"{list(thresholds)}")
+    for name, value in (("eval_batches", eval_batches), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return thresholds
+
+
+def gate_sweep(run_dir: Path, out_dir: Path | None = None,
+               thresholds: Sequence[float] = DEFAULT_THRESHOLDS, eval_batches: int = 8,
+               repeats: int = 5, seed: int = 0, progress: bool = True) -> dict:
+    """Sweep the gate threshold of a Bayesian or prior-free run (see the module docstring);
+    writes into ``out_dir`` (default ``RUN_DIR/gate-sweep``).
+
+    :param thresholds: gate thresholds on the normalised uncertainty, in ``[0, 1]``.
+    :param eval_batches: validation batches of 16 windows behind each NLL.
+    :param repeats: timed calls of each decoding step.
+    :param seed: seed of the random gate's draws (the same draws at every point).
+    """
+    thresholds = _check(thresholds, eval_batches, repeats)
+    run_dir = check_run_dir(run_dir)
+    out_dir = run_dir / "gate-sweep" if out_dir is None else Path(out_dir)
+    with pyro.settings.context(module_local_params=True):
+        model, model_cfg, train_cfg, _, data = load_run(run_dir)
+        if not isinstance(model, BayesianRoutedLM | PriorFreeRoutedLM):
+            raise ValueError(f"the gate sweep needs a learned router (bayesian or prior-free); "
+                             f"{run_dir} holds a {train_cfg.router!r} run, whose uncertainty "
+                             f"is the same for every token")
+        measures = ("total", "epistemic") if isinstance(model, BayesianRoutedLM) else ("total",)
+        points = []
+        bar = tqdm(total=2 * len(measures) * len(thresholds), desc="gate sweep",
+                   disable=not progress)
+
+        def point(gate: str, threshold: float, measure: str, matched: str | None) -> dict:
+            torch.manual_seed(seed)  # the random gate draws from torch's stream
+            metrics = evaluate(model, data, "val", train_cfg.seq_len, mode="gated",
+                               gate_threshold=threshold, max_batches=eval_batches,
+                               gate_measure=measure)
+            timing = decode_timing(model, data, "val", train_cfg.seq_len, "gated", threshold,
+                                   repeats, gate_measure=measure)
+            bar.update()
+            return {"gate": gate, "measure": measure, "matched_to": matched,
+                    "threshold": threshold, "soft_fraction": 1.0 - metrics["hard_fraction"],
+                    "val_nll": metrics["val_nll"], "val_bpc": metrics["val_bpc"],
+                    "expected_flop_cost": metrics["expected_flop_cost"],
+                    "decode_time_ratio": timing.get("decode_time_ratio"),
+                    "decode_step_ms": timing.get("decode_step_ms"),
+                    "decode_context": timing.get("decode_context")}
+
+        for measure in measures:
+            for threshold in thresholds:
+                gated = point(measure, threshold, measure, None)
+                points.append(gated)
+                points.append(point("random", 1.0 - gated["soft_fraction"], "random", measure))
+        bar.close()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"run_dir": str(run_dir), "router": train_cfg.router, "corpus": train_cfg.dataset,
+              "experts": list(model_cfg.experts), "thresholds": list(thresholds),
+              "measures": list(measures), "eval_batches": eval_batches,
+              "seq_len": train_cfg.seq_len, "repeats": repeats, "seed": seed,
+              "points": points, "versions": versions()}
+    save_figure(gate_sweep_figure(result), out_dir / "gate_sweep.png")
+    write_json(out_dir / "gate_sweep.json", result)
+    (out_dir / "report.md").write_text(gate_sweep_report(result))
+    return result
+
+
+def _curves(result: dict):
+    """``(label, points sorted by soft fraction)`` per gate: each measure's, then the random
+    gate matched to it."""
+    for measure in result["measures"]:
+        mine = [p for p in result["points"] if p["gate"] == measure]
+        matched = [p for p in result["points"] if p["matched_to"] == measure]
+        yield f"{measure} uncertainty", sorted(mine, key=lambda p: p["soft_fraction"])
+        yield f"random (matched to {measure})", sorted(matched, key=lambda p: p["soft_fraction"])
+
+
+def gate_sweep_figure(result: dict) -> Figure:
+    """Validation NLL against the soft fraction and against the decoding step (over
+    full-only), one line per gate."""
+    fig = Figure(figsize=(10, 3.8))
+    ax_soft, ax_time = fig.subplots(1, 2)
+    for i, (label, pts) in enumerate(_curves(result)):
+        style = dict(marker="o", ms=3, label=label, color=f"C{i // 2}",
+                     ls="--" if label.startswith("random") else "-")
+        ax_soft.plot([p["soft_fraction"] for p in pts], [p["val_nll"] for p in pts], **style)
+        timed = [p for p in pts if p["decode_time_ratio"] is not None]
+        ax_time.plot([p["decode_time_ratio"] for p in timed], [p["val_nll"] for p in timed],
+                     **style)
+    context = next((p["decode_context"] for p in result["points"] if p["decode_context"]), None)
+    ax_soft.set(xlabel="soft fraction (layer-token decisions)", ylabel="val NLL (nats/token)",
+                title=f"{result['router']}: quality against the gate")
+    ax_time.set(xlabel=f"decoding step / full-only, context {context}",
+                ylabel="val NLL (nats/token)", title="quality against decoding time")
+    ax_soft.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.{digits}f}"
+
+
+def gate_sweep_report(result: dict) -> str:
+    """The sweep as markdown: one table per uncertainty measure beside its random control."""
+    lines = [f"# Gate sweep: {result['router']} run", "",
+             f"Run `{result['run_dir']}` (corpus {result['corpus']}); validation NLL on "
+             f"{result['eval_batches']} batches of 16 windows of {result['seq_len']} tokens; "
+             f"decoding steps timed against every token on `full` ({result['repeats']} calls, "
+             f"median). The random gate sends the same share of decisions soft as the "
+             f"uncertainty gate beside it, at random (seed {result['seed']}).", ""]
+    for measure in result["measures"]:
+        lines += [f"## {measure} uncertainty", "",
+                  "| threshold | soft fraction | val NLL | decode / full-only | random: soft "
+                  "fraction | random: val NLL | random: decode / full-only |",
+                  "|---|---|---|---|---|---|---|"]
+        mine = [p for p in result["points"] if p["gate"] == measure]
+        matched = [p for p in result["points"] if p["matched_to"] == measure]
+        for p, r in zip(mine, matched, strict=True):
+            lines.append(f"| {p['threshold']:.2f} | {_fmt(p['soft_fraction'])} | "
+                         f"{_fmt(p['val_nll'], 4)} | {_fmt(p['decode_time_ratio'])} | "
+                         f"{_fmt(r['soft_fraction'])} | {_fmt(r['val_nll'], 4)} | "
+                         f"{_fmt(r['decode_time_ratio'])} |")
+        lines.append("")
+    lines += ["![gate sweep](gate_sweep.png)", ""]
+    return "\n".join(lines)
