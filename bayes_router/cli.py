@@ -365,12 +365,16 @@ def cmd_generate(args) -> int:
 
 
 def _gate_sweep_arguments(p):
-    from bayes_router.experiments.gate_sweep import DEFAULT_THRESHOLDS
+    from bayes_router.experiments.gate_sweep import DEFAULT_SOFT_FRACTIONS
 
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished bayesian or prior-free run")
     _add_out(p, required=False, help="output folder (default RUN_DIR/gate-sweep)")
-    p.add_argument("--thresholds", type=_comma_list(float), default=list(DEFAULT_THRESHOLDS),
-                   help="gate thresholds on the normalised uncertainty, in [0, 1]")
+    p.add_argument("--thresholds", type=_comma_list(float), default=None,
+                   help="gate thresholds on the normalised uncertainty, in [0, 1], for every "
+                        "measure (default: each measure's quantiles at --soft-fractions)")
+    p.add_argument("--soft-fractions", type=_comma_list(float),
+                   default=list(DEFAULT_SOFT_FRACTIONS),
+                   help="shares of the decisions to leave soft, in [0, 1]")
     p.add_argument("--eval-batches", type=int, default=8,
                    help="validation batches of 16 windows behind each NLL")
     p.add_argument("--repeats", type=int, default=5, help="timed calls of each decoding step")
@@ -384,7 +388,9 @@ def cmd_gate_sweep(args) -> int:
     from bayes_router.experiments.gate_sweep import gate_sweep, gate_sweep_report
 
     out = _out_dir(args, "gate-sweep", Path(args.run_dir) / "gate-sweep")
-    result = gate_sweep(Path(args.run_dir), out, thresholds=tuple(args.thresholds),
+    result = gate_sweep(Path(args.run_dir), out,
+                        thresholds=None if args.thresholds is None else tuple(args.thresholds),
+                        soft_fractions=tuple(args.soft_fractions),
                         eval_batches=args.eval_batches, repeats=args.repeats, seed=args.seed)
     print(gate_sweep_report(result))
     print(f"wrote {out}/gate_sweep.json, {out}/gate_sweep.png and {out}/report.md")

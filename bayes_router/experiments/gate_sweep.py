@@ -4,7 +4,10 @@ fraction (``bayes-router gate-sweep``).
 
 At each threshold of each uncertainty measure (``total`` and ``epistemic`` for a Bayesian run,
 ``total``, the softmax's entropy, for a prior-free one) the run is evaluated under gated
-routing on the first validation windows; its soft fraction ``s`` (the share of layer-token
+routing on the first validation windows. By default the thresholds are the quantiles of the
+measure's own values on those windows at the asked soft fractions (a router near its prior
+gives every token nearly the same uncertainty, and fixed thresholds then jump from all soft
+to all hard); its soft fraction ``s`` (the share of layer-token
 decisions left soft) sets the threshold ``1 - s`` of the random gate, which sends the same
 share soft at random. Both are timed as decoding steps against the same model with every token
 on ``full`` (:func:`~bayes_router.experiments.runs.decode_timing`). If the router's
@@ -38,14 +41,16 @@ from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
+DEFAULT_SOFT_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 
-def _check(thresholds: Sequence[float], eval_batches: int, repeats: int) -> tuple[float, ...]:
-    thresholds = tuple(float(t) for t in thresholds)
-    if not thresholds or not all(0.0 <= t <= 1.0 for t in thresholds):
-        raise ValueError(f"thresholds must be numbers in [0, 1] (normalised uncertainty), got "
-                         f"{list(thresholds)}")
+def _check(thresholds: Sequence[float] | None, soft_fractions: Sequence[float],
+           eval_batches: int, repeats: int) -> tuple[float, ...] | None:
+    for name, values in (("thresholds", thresholds), ("soft_fractions", soft_fractions)):
+        if values is not None and (not len(values) or not all(0.0 <= float(t) <= 1.0
+                                                              for t in values)):
+            raise ValueError(f"{name} must be numbers in [0, 1], got {list(values)}")
+    thresholds = None if thresholds is None else tuple(float(t) for t in thresholds)
     for name, value in (("eval_batches", eval_batches), ("repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -53,17 +58,20 @@ def _check(thresholds: Sequence[float], eval_batches: int, repeats: int) -> tupl
 
 
 def gate_sweep(run_dir: Path, out_dir: Path | None = None,
-               thresholds: Sequence[float] = DEFAULT_THRESHOLDS, eval_batches: int = 8,
+               thresholds: Sequence[float] | None = None,
+               soft_fractions: Sequence[float] = DEFAULT_SOFT_FRACTIONS, eval_batches: int = 8,
                repeats: int = 5, seed: int = 0, progress: bool = True) -> dict:
     """Sweep the gate threshold of a Bayesian or prior-free run (see the module docstring);
     writes into ``out_dir`` (default ``RUN_DIR/gate-sweep``).
 
-    :param thresholds: gate thresholds on the normalised uncertainty, in ``[0, 1]``.
+    :param thresholds: gate thresholds on the normalised uncertainty, in ``[0, 1]``, the same
+        for every measure; ``None``: each measure's quantiles at ``soft_fractions``.
+    :param soft_fractions: the shares of decisions to leave soft (``thresholds=None``).
     :param eval_batches: validation batches of 16 windows behind each NLL.
     :param repeats: timed calls of each decoding step.
     :param seed: seed of the random gate's draws (the same draws at every point).
     """
-    thresholds = _check(thresholds, eval_batches, repeats)
+    thresholds = _check(thresholds, soft_fractions, eval_batches, repeats)
     run_dir = check_run_dir(run_dir)
     out_dir = run_dir / "gate-sweep" if out_dir is None else Path(out_dir)
     with pyro.settings.context(module_local_params=True):
@@ -73,8 +81,10 @@ def gate_sweep(run_dir: Path, out_dir: Path | None = None,
                              f"{run_dir} holds a {train_cfg.router!r} run, whose uncertainty "
                              f"is the same for every token")
         measures = ("total", "epistemic") if isinstance(model, BayesianRoutedLM) else ("total",)
+        per_measure = {m: thresholds if thresholds is not None else _quantile_thresholds(
+            model, data, train_cfg.seq_len, eval_batches, m, soft_fractions) for m in measures}
         points = []
-        bar = tqdm(total=2 * len(measures) * len(thresholds), desc="gate sweep",
+        bar = tqdm(total=2 * sum(len(t) for t in per_measure.values()), desc="gate sweep",
                    disable=not progress)
 
         def point(gate: str, threshold: float, measure: str, matched: str | None) -> dict:
@@ -94,14 +104,16 @@ def gate_sweep(run_dir: Path, out_dir: Path | None = None,
                     "decode_context": timing.get("decode_context")}
 
         for measure in measures:
-            for threshold in thresholds:
+            for threshold in per_measure[measure]:
                 gated = point(measure, threshold, measure, None)
                 points.append(gated)
                 points.append(point("random", 1.0 - gated["soft_fraction"], "random", measure))
         bar.close()
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"run_dir": str(run_dir), "router": train_cfg.router, "corpus": train_cfg.dataset,
-              "experts": list(model_cfg.experts), "thresholds": list(thresholds),
+              "experts": list(model_cfg.experts),
+              "thresholds": {m: list(t) for m, t in per_measure.items()},
+              "soft_fractions": None if thresholds is not None else list(soft_fractions),
               "measures": list(measures), "eval_batches": eval_batches,
               "seq_len": train_cfg.seq_len, "repeats": repeats, "seed": seed,
               "points": points, "versions": versions()}
@@ -109,6 +121,23 @@ def gate_sweep(run_dir: Path, out_dir: Path | None = None,
     write_json(out_dir / "gate_sweep.json", result)
     (out_dir / "report.md").write_text(gate_sweep_report(result))
     return result
+
+
+@torch.no_grad()
+def _quantile_thresholds(model, data, seq_len: int, eval_batches: int, measure: str,
+                         soft_fractions: Sequence[float]) -> tuple[float, ...]:
+    """Thresholds that leave about ``soft_fractions`` of the layer-token decisions soft on the
+    sweep's validation windows: the ``1 - s`` quantiles of the measure's values (a decision is
+    soft where its uncertainty reaches the threshold; 1 leaves none soft, 0 all)."""
+    values = []
+    for i, (x, _) in enumerate(data.eval_batches("val", 16, seq_len)):
+        if i == eval_batches:
+            break
+        out = model.predict(x, "gated", 1.0, measure)
+        values += [r.decision.uncertainty.flatten().double() for r in out.routing]
+    values = torch.cat(values)
+    return tuple(0.0 if s >= 1.0 else 1.0 if s <= 0.0 else
+                 float(torch.quantile(values, 1.0 - s).clamp(0.0, 1.0)) for s in soft_fractions)
 
 
 def _curves(result: dict):

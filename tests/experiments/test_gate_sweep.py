@@ -75,3 +75,16 @@ def test_the_random_measure_sends_the_asked_fraction_soft():
     hard = torch.cat([r.hard_mask.flatten() for r in out.routing]).float()
     n = hard.numel()
     assert abs(float(hard.mean()) - 0.3) < 4 * (0.3 * 0.7 / n) ** 0.5
+
+
+def test_default_thresholds_are_quantiles_at_the_asked_soft_fractions(runs, tmp_path):
+    """Each measure's own quantiles: the soft fraction lands near the one asked for (exactly at
+    0 and 1), whatever the spread of the router's uncertainty."""
+    result = gate_sweep(runs / "prior-free", tmp_path / "q", soft_fractions=(0.0, 0.5, 1.0),
+                        eval_batches=1, repeats=1, progress=False)
+    gated = [p for p in result["points"] if p["gate"] == "total"]
+    assert [p["soft_fraction"] for p in gated][0] == 0.0
+    assert [p["soft_fraction"] for p in gated][-1] == 1.0
+    assert abs(gated[1]["soft_fraction"] - 0.5) < 0.1
+    assert result["soft_fractions"] == [0.0, 0.5, 1.0]
+    assert len(result["thresholds"]["total"]) == 3
