@@ -34,7 +34,7 @@ OUTPUT_MARKERS = {
     "data": "data.json",
     "phase1": "phase1.json",
     "sweep-beta0": "sweep.json",
-    "bench": "bench.json",
+    "bench": ("bench.json", "decode.json"),  # --decode-only writes only the second
     "variance": "variance.json",
     "fit-beta0": "beta0.json",
     "calibrate": "calibration.json",
@@ -126,7 +126,8 @@ def prepare_output_dir(path: str | Path, command: str, force: bool = False) -> P
     except OSError as error:
         raise ValueError(f"--out {folder} cannot be written: {error.strerror or error}"
                          ) from None
-    others = [(name, marker) for name, marker in OUTPUT_MARKERS.items()
+    others = [(name, marker) for name, markers in OUTPUT_MARKERS.items()
+              for marker in ((markers,) if isinstance(markers, str) else markers)
               if name != command and frozenset({name, command}) not in SHARED_OUTPUT
               and (folder / marker).exists()]
     if others and not force:

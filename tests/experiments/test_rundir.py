@@ -111,3 +111,12 @@ def test_prepare_output_dir_refuses_bad_and_foreign_folders(tmp_path):
     prepare_output_dir(tmp_path / "analysis", "report")  # report and calibrate share a folder
     with pytest.raises(ValueError, match="command must be one of"):
         prepare_output_dir(tmp_path / "x", "nope")
+
+
+def test_a_decode_only_bench_folder_is_the_bench_s(tmp_path):
+    """``bench --decode-only`` writes decode.json and no bench.json: the folder is still
+    bench's own, and another command is refused there."""
+    (tmp_path / "decode.json").write_text("{}")
+    assert prepare_output_dir(tmp_path, "bench") == tmp_path
+    with pytest.raises(ValueError, match=r"output of `bayes-router bench` \(decode.json\)"):
+        prepare_output_dir(tmp_path, "train")
