@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bayes_router.models.bayesian import RoutedLM
-from bayes_router.models.router import ROUTING_MODES, LayerRouting, RoutingDecision, random_gate
+from bayes_router.models.router import ROUTING_MODES, LayerRouting, RoutingDecision
 
 logger = logging.getLogger(__name__)
 
@@ -180,16 +180,12 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None,
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
 
 
-def decode_router(model: RoutedLM, config: DecodeConfig, generator: torch.Generator):
-    """The router of ``model`` for decoding under ``config`` (the random gate wrapped on)."""
-    measure = "total" if config.gate_measure == "random" else config.gate_measure
-    if config.routing == "gated" and measure != "total" and model.kind != "bayesian":
-        raise ValueError(f"gate_measure {measure!r} needs the Bayesian router; a {model.kind} "
-                         f"router has one measure, 'total' (or the control, 'random')")
-
-    def router(layer: int, features: Tensor) -> RoutingDecision:
-        return model.decision(layer, features, measure)
-    return random_gate(router, generator) if config.gate_measure == "random" else router
+def check_measure(model: RoutedLM, config: DecodeConfig) -> None:
+    """A clear error, before any pass, for a gate measure the router does not have."""
+    if config.gate_measure not in ("total", "random") and model.kind != "bayesian":
+        raise ValueError(f"gate_measure {config.gate_measure!r} needs the Bayesian router; a "
+                         f"{model.kind} router has one measure, 'total' (or the control, "
+                         f"'random')")
 
 
 def check_context(model: RoutedLM, prompt_lengths: Tensor, config: DecodeConfig) -> int:
@@ -227,7 +223,7 @@ def generate(model: RoutedLM, prompts: Sequence[Sequence[int]] | Tensor, config:
     model.eval()
     device = model.lm.token_embedding.weight.device
     generator = torch.Generator().manual_seed(config.seed)
-    router = decode_router(model, config, generator)
+    check_measure(model, config)
     B, P, N, L = batch.shape[0], batch.shape[1], config.max_new_tokens, model.cfg.n_layers
     tokens = torch.full((B, P + N), -1, dtype=torch.long)
     tokens[:, :P] = torch.where(torch.arange(P) < lengths[:, None], batch, -1)
@@ -236,8 +232,8 @@ def generate(model: RoutedLM, prompts: Sequence[Sequence[int]] | Tensor, config:
     batch, lengths_dev = batch.to(device), lengths.to(device)
 
     def run(x: Tensor, cache, prompt_lengths=None):
-        out = model.lm(x, router, mode=config.routing, gate_threshold=config.gate_threshold,
-                       cache=cache, lengths=prompt_lengths)
+        out = model.predict(x, config.routing, config.gate_threshold, config.gate_measure,
+                            cache=cache, lengths=prompt_lengths, generator=generator)
         if device.type == "cuda":  # the clock stops when the step is done, not launched
             torch.cuda.synchronize(device)
         return out
@@ -277,14 +273,12 @@ def generate(model: RoutedLM, prompts: Sequence[Sequence[int]] | Tensor, config:
             x = tokens[:, :length].clamp(min=0).to(device)
             out = run(x, None)
             last = out.logits[torch.arange(B), position.to(device)]
-            record_columns = position[:, None]
             out.routing = [_rows_at(r, position) for r in out.routing]
         else:
             out = run(token[:, None].to(device), cache)
             last = out.logits[:, 0]
-            record_columns = position[:, None]
         steps.append(time.perf_counter() - start)
-        record(out, record_columns)
+        record(out, position[:, None])
         position = position + 1
     bar.close()
     return Generation(tokens, lengths, experts, uncertainty, prefill_seconds,

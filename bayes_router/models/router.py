@@ -262,6 +262,7 @@ class RoutedAttention(nn.Module):
         B, T, D = x.shape
         weights = weights.to(x.dtype)
         H, d, shared = self.cfg.n_heads, self.cfg.head_dim, self.cfg.shared_qkv
+        shape = (B, T, H, d) if shared else (B, T, D)
         y = None
         if shared:
             q, k, v = self._heads(self.qkv(x), rotation)  # (B, H, T, d) each
@@ -287,11 +288,9 @@ class RoutedAttention(nn.Module):
             if rows is None:
                 y = term if y is None else y + term
             else:
-                y = (x.new_zeros(B, T, H, d) if shared else x.new_zeros(B, T, D)) \
-                    if y is None else y
-                y = y.index_add(0, rows, term)
+                y = (x.new_zeros(shape) if y is None else y).index_add(0, rows, term)
         if y is None:  # no expert has weight on any token
-            y = x.new_zeros(B, T, H, d) if shared else x.new_zeros(B, T, D)
+            y = x.new_zeros(shape)
         if shared:
             y = self.out(y.reshape(B, T, D))
         return y

@@ -55,6 +55,18 @@ def test_position_feature_inverts_to_the_position(scheme):
         assert 1 < features[0, 5, -1].item() < 2.1
 
 
+def _decoded(model, x, mode, prompt):
+    """Logits of ``x`` under ``mode``: the whole-sequence pass, and a prefill of ``prompt``
+    tokens followed by one decoding step per token."""
+    with torch.no_grad():
+        ref = model.predict(x, mode).logits
+        cache = model.lm.new_cache(x.shape[0], capacity=x.shape[1])
+        out = [model.predict(x[:, :prompt], mode, cache=cache).logits]
+        out += [model.predict(x[:, t:t + 1], mode, cache=cache).logits
+                for t in range(prompt, x.shape[1])]
+    return torch.cat(out, 1), ref
+
+
 def _model(kind, **overrides):
     cfg = TinyLMConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_seq_len=24,
                        window=3, chunk_size=4, positions="rotary", **overrides)
@@ -70,24 +82,14 @@ def test_rotary_decoding_equals_the_forward_pass_past_the_training_length(kind, 
     """A model trained at max_seq_len 24 reads 60 tokens: the whole-sequence pass and the
     decoder agree, token for token."""
     model = _model(kind)
-    x = torch.randint(0, 11, (2, 60))
-    with torch.no_grad():
-        ref = model.predict(x, mode).logits
-        cache = model.lm.new_cache(2, capacity=60)
-        out = [model.predict(x[:, :10], mode, cache=cache).logits]
-        out += [model.predict(x[:, t:t + 1], mode, cache=cache).logits for t in range(10, 60)]
-    torch.testing.assert_close(torch.cat(out, 1), ref, rtol=1e-10, atol=1e-10)
+    out, ref = _decoded(model, torch.randint(0, 11, (2, 60)), mode, 10)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
 def test_separate_projections_rotate_too():
     model = _model("bayesian", shared_qkv=False)
-    x = torch.randint(0, 11, (2, 30))
-    with torch.no_grad():
-        ref = model.predict(x, "hard").logits
-        cache = model.lm.new_cache(2, capacity=30)
-        out = [model.predict(x[:, :4], "hard", cache=cache).logits]
-        out += [model.predict(x[:, t:t + 1], "hard", cache=cache).logits for t in range(4, 30)]
-    torch.testing.assert_close(torch.cat(out, 1), ref, rtol=1e-10, atol=1e-10)
+    out, ref = _decoded(model, torch.randint(0, 11, (2, 30)), "hard", 4)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
 def test_a_rotary_model_has_no_position_table():
@@ -119,11 +121,6 @@ def test_rotary_under_autocast_trains_and_decodes(dtype):
                        window=3, chunk_size=4, positions="rotary")
     model = BayesianRoutedLM(cfg).eval()
     model.set_precision(dtype)
-    x = torch.randint(0, 11, (2, 30))
-    with torch.no_grad():
-        ref = model.predict(x, "hard").logits
-        cache = model.lm.new_cache(2, capacity=30)
-        out = [model.predict(x[:, :10], "hard", cache=cache).logits]
-        out += [model.predict(x[:, t:t + 1], "hard", cache=cache).logits for t in range(10, 30)]
+    out, ref = _decoded(model, torch.randint(0, 11, (2, 30)), "hard", 10)
     assert bool(torch.isfinite(ref).all())
-    torch.testing.assert_close(torch.cat(out, 1), ref, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)

@@ -72,16 +72,10 @@ class ExpertState:
         """``(B, count)`` positions of the next ``count`` tokens of every sequence."""
         return self.lengths[:, None] + torch.arange(count, device=self.lengths.device)
 
-    def common_length(self, rows: Tensor | None = None) -> int | None:
-        """The one length of the sequences ``rows`` (all: ``None``), or ``None`` if they
-        differ."""
-        if rows is None:
-            return self._common
-        lengths = self.lengths[rows]
-        if not lengths.numel():
-            return None
-        first = int(lengths[0])
-        return first if bool((lengths == first).all()) else None
+    def common_length(self) -> int | None:
+        """The one length of every sequence, or ``None`` if they differ (no synchronisation:
+        kept by :meth:`advance` and :meth:`set_lengths`)."""
+        return self._common
 
 
 def valid_counts(lengths: Tensor | None, batch: int, count: int, device) -> Tensor | None:
