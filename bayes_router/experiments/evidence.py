@@ -6,6 +6,7 @@ runs the diagnostic per layer and writes ``evidence.json``, ``evidence.png`` and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from matplotlib.figure import Figure
 from bayes_router.analysis.evidence import layer_evidence, summarise_layer
 from bayes_router.analysis.study_plots import save_figure
 from bayes_router.core.commitment import DEFAULT_LEVELS
+from bayes_router.core.elbo_surgery import split_kl
 from bayes_router.experiments.runs import check_run_dir, load_run, versions, write_json
 from bayes_router.models.bayesian import BayesianRoutedLM, compute_aware_prior
 
@@ -24,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 #: The prior and guide floor a run without a guide is measured against: the default power prior.
 REFERENCE_BETA0, REFERENCE_A_MIN = 1.0, 0.05
+#: Tokens whose guide posteriors' mixture stands for the aggregate posterior in the KL split.
+SURGERY_SUBSAMPLE = 1024
 
 
 def _check(tokens: int, windows: int) -> None:
@@ -69,7 +73,10 @@ def evidence_run(run_dir: Path, out_dir: Path | None = None, tokens: int = 256,
             concentration = out.routing[layer].decision.concentration if bayesian else None
             evidence = layer_evidence(model, x, y, positions, layer, weights, concentration,
                                       prior[layer], floor[layer], levels)
-            layers.append({"layer": layer, "prior": prior[layer].tolist(),
+            # the split of the mean KL over every token of the windows, not only the sampled
+            surgery = (None if concentration is None else dataclasses.asdict(
+                split_kl(concentration, prior[layer], subsample=SURGERY_SUBSAMPLE, seed=seed)))
+            layers.append({"layer": layer, "prior": prior[layer].tolist(), "kl_split": surgery,
                            "floor": floor[layer].tolist(), "floor_kl": evidence["floor_kl"],
                            "kl_current_mean": float(evidence["kl_current"].mean()),
                            "summary": summarise_layer(evidence, model_cfg.experts, levels),
@@ -116,6 +123,17 @@ def evidence_figure(result: dict) -> Figure:
     return fig
 
 
+def _surgery_text(layer: dict) -> str:
+    split = layer.get("kl_split")
+    if split is None:  # a router without a guide, or a result written before the split
+        return ""
+    return (f" Over all {split['n_tokens']} tokens of the windows the mean KL "
+            f"{split['kl']:.4f} splits into the per-token information I(x; alpha) "
+            f"{split['information']:.4f} ± {split['information_se']:.4f} and the static "
+            f"allocation's KL(qbar || p) {split['marginal_kl']:.4f} nats (ELBO surgery, "
+            f"mixture of {split['n_subsample']} tokens).")
+
+
 def evidence_report(result: dict) -> str:
     """The diagnostic as markdown: per layer and expert the gain and, per level, the cost and
     the shares of tokens whose gain exceeds it and whose ELBO change is positive."""
@@ -135,7 +153,7 @@ def evidence_report(result: dict) -> str:
                   f"Prior {[round(v, 3) for v in layer['prior']]}, guide floor "
                   f"{[round(v, 3) for v in layer['floor']]} (floor KL "
                   f"{layer['floor_kl']:.3f} nats), mean current KL "
-                  f"{layer['kl_current_mean']:.3f} nats per token.", "",
+                  f"{layer['kl_current_mean']:.3f} nats per token.{_surgery_text(layer)}", "",
                   header, "|---|---|---|" + "---|" * len(levels)]
         for name, s in layer["summary"].items():
             cells = [f"{s['levels'][lv]['cost']:.3f} / "

@@ -95,6 +95,25 @@ def _oracle_keys(runs: dict[str, list[dict]]) -> dict:
     return keys
 
 
+def _surgery_keys(runs: dict[str, list[dict]]) -> dict:
+    """Accessors of each layer's held-out KL and its ELBO-surgery parts (the per-token
+    information and the static allocation's KL), where every run logged them."""
+    elbos = [m.get("elbo", {}) for ms in runs.values() for m in ms]
+    if not elbos or any("information_per_layer" not in e for e in elbos):
+        return {}
+    keys = {}
+    for layer in range(min(len(e["kl_per_layer"]) for e in elbos)):
+        for name, field in (("kl", "kl_per_layer"), ("information", "information_per_layer"),
+                            ("marginal_kl", "marginal_kl_per_layer")):
+            keys[f"val_{name}_layer{layer}"] = (
+                lambda m, field=field, layer=layer: m["elbo"][field][layer])
+    return keys
+
+
+SURGERY_LABELS = {"kl": "val KL", "information": "  of which I(x; alpha)",
+                  "marginal_kl": "  of which KL(qbar || p)"}
+
+
 #: The range each metric can take: a confidence interval is clipped to it (a Student-t interval
 #: over 2-3 seeds easily reaches past 0 % or 100 %).
 METRIC_BOUNDS = {"projected_flop_cost": (0.0, 100.0), "expected_flop_cost": (0.0, 100.0),
@@ -136,6 +155,7 @@ def _metric_table(runs: dict[str, list[dict]]) -> dict:
         "hard_decode_time_ratio": lambda m: (
             math.nan if m["timing"].get("decode_time_ratio") is None
             else m["timing"]["decode_time_ratio"]),
+        **_surgery_keys(runs),
         **_oracle_keys(runs),
     }
     table = {}
@@ -369,6 +389,9 @@ def phase1_table(result: dict) -> str:
     synthetic = str(result.get("train", {}).get("dataset", "")).startswith("synthetic:")
     # a synthetic task has tokens, not characters: its bits are the NLL rows over log 2
     rows = [row for row in TABLE_ROWS if not (synthetic and "bpc" in row[1])] + [
+        (f"{SURGERY_LABELS[key[4:].rsplit('_layer', 1)[0]]} layer {key.rsplit('layer', 1)[1]} "
+         "(nats/token)", key, 4)
+        for key in t if key.startswith("val_") and "_layer" in key] + [
         (f"oracle '{key.split('_')[1]}' targets: "
          + ("accuracy (%)" if key.endswith("accuracy") else "NLL (nats)"),
          key, 1 if key.endswith("accuracy") else 3)

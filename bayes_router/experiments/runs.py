@@ -579,7 +579,14 @@ def run_report(config: dict, metrics: dict, evaluations: list[dict] | None = Non
         e = metrics["elbo"]
         lines += ["", f"Held-out objective per token: negative ELBO {e['neg_elbo']:.4f} = NLL "
                   f"{e['nll']:.4f} (one guide sample) + KL {e['kl']:.4f} (per layer "
-                  f"{', '.join(f'{v:.4f}' for v in e['kl_per_layer'])}).", ""]
+                  f"{', '.join(f'{v:.4f}' for v in e['kl_per_layer'])})."]
+        if "information_per_layer" in e:  # evaluations written before the ELBO surgery lack it
+            lines[-1] += (" Per layer the KL splits into the per-token information I(x; alpha) "
+                          f"{', '.join(f'{v:.4f}' for v in e['information_per_layer'])} and the "
+                          "static allocation's KL(qbar || p) "
+                          f"{', '.join(f'{v:.4f}' for v in e['marginal_kl_per_layer'])} "
+                          "(ELBO surgery).")
+        lines.append("")
     if config.get("gradient_bias"):
         lines += [f"**Warning: biased gradients.** {config['gradient_bias']}.", ""]
     if "oracle" in metrics["soft"]:

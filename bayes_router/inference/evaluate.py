@@ -157,8 +157,10 @@ def heldout_objective(model: RoutedLM, data: TokenData, split: str, seq_len: int
     """The negative ELBO per token on ``split`` and its parts, averaged over tokens:
     ``neg_elbo = nll + kl`` with ``nll`` under one guide sample path per batch (seeded with
     ``seed + j``, the RNG of the caller untouched) and ``kl`` the analytic KL summed over layers
-    (:func:`~bayes_router.inference.objective.objective_terms`). For a router without latents
-    it is the log-likelihood (``kl = 0``)."""
+    (:func:`~bayes_router.inference.objective.objective_terms`), and each layer's KL split
+    into ``information_per_layer`` and ``marginal_kl_per_layer`` (ELBO surgery within each
+    batch of ``batch_size`` windows, whose guide posteriors' mixture stands for the aggregate
+    posterior). For a router without latents it is the log-likelihood (``kl = 0``)."""
     model.eval()
     totals, tokens = None, 0
     with torch.random.fork_rng(devices=[]):
@@ -167,14 +169,17 @@ def heldout_objective(model: RoutedLM, data: TokenData, split: str, seq_len: int
             torch.manual_seed(seed + j)
             device = model_device(model)
             terms = objective_terms(model, x.to(device), y.to(device))
-            part = np.array([terms["nll"], *terms["kl_per_layer"]]) * x.numel()
+            part = np.array([[terms["nll"]] * len(terms["kl_per_layer"]),
+                             terms["kl_per_layer"], terms["information_per_layer"]]) * x.numel()
             totals = part if totals is None else totals + part
             tokens += x.numel()
     if totals is None:
         raise ValueError(f"split {split!r} is too short for one window of {seq_len} tokens")
-    mean = totals / tokens
-    return {"neg_elbo": float(mean.sum()), "nll": float(mean[0]), "kl": float(mean[1:].sum()),
-            "kl_per_layer": mean[1:].tolist(), "tokens": tokens, "seed": seed}
+    nll, kl, information = totals / tokens  # each (n_layers,); nll repeated per layer
+    return {"neg_elbo": float(nll[0] + kl.sum()), "nll": float(nll[0]), "kl": float(kl.sum()),
+            "kl_per_layer": kl.tolist(), "information_per_layer": information.tolist(),
+            "marginal_kl_per_layer": (kl - information).tolist(), "tokens": tokens,
+            "seed": seed}
 
 
 def oracle_metrics(arrays: dict, experts: tuple[str, ...]) -> dict:

@@ -24,7 +24,7 @@ from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO
 from torch import Tensor
 from torch.distributions import Independent, kl_divergence
 
-from bayes_router.core.dirichlet import dirichlet_kl
+from bayes_router.core.elbo_surgery import split_kl
 from bayes_router.inference.estimators.reparam_analytic import AnalyticKLELBO
 
 
@@ -295,8 +295,12 @@ def objective_terms(model, x: Tensor, y: Tensor) -> dict:
     ``kl_per_layer`` (analytic ``KL(q || p)`` per token, per layer), ``a0`` (mean total
     concentration per layer) and, from the posterior means ``abar``, ``spread`` (per layer, the
     standard deviation of ``abar_k`` across tokens averaged over experts: 0 when every token
-    is routed alike) and ``shares`` (argmax share of each expert per layer). Routers without
-    latents report their deterministic weights, KL 0 and ``a0`` ``None``.
+    is routed alike) and ``shares`` (argmax share of each expert per layer). The ELBO surgery
+    of each layer's KL over the batch (:func:`~bayes_router.core.elbo_surgery.split_kl`, its
+    own seeded generator) gives ``information_per_layer`` (``I(x; alpha)``, the nats spent on
+    routing tokens differently) and ``marginal_kl_per_layer`` (``KL(qbar || p)``, the nats
+    spent moving the static allocation); the two add up to ``kl_per_layer``. Routers without
+    latents report their deterministic weights, KL 0 (and both parts 0) and ``a0`` ``None``.
     """
     # fork the RNG of the device the batch is on too: logging never moves a CUDA run's stream
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
@@ -306,19 +310,24 @@ def objective_terms(model, x: Tensor, y: Tensor) -> dict:
             model.clear_cache()
             prior = model.prior_concentration().detach().to(torch.float64)
             concentration = [r.decision.concentration.to(torch.float64) for r in out.routing]
-            kl = [float(dirichlet_kl(a, prior[layer]).mean())
-                  for layer, a in enumerate(concentration)]
+            splits = [split_kl(a, prior[layer]) for layer, a in enumerate(concentration)]
+            kl = [s.kl for s in splits]
+            information = [s.information for s in splits]
             a0 = [float(a.sum(-1).mean()) for a in concentration]
             abar = [a / a.sum(-1, keepdim=True) for a in concentration]
         else:
             out = model.predict(x)
             abar = [r.decision.mean.to(torch.float64) for r in out.routing]
             kl, a0 = [0.0] * len(abar), None
+            information = kl
     nll = float(torch.nn.functional.cross_entropy(
         out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1)))
     K = abar[0].shape[-1]
     flat = [w.reshape(-1, K) for w in abar]
-    return {"nll": nll, "kl": float(sum(kl)), "kl_per_layer": kl, "a0": a0,
+    return {"nll": nll, "kl": float(sum(kl)), "kl_per_layer": kl,
+            "information_per_layer": information,
+            "marginal_kl_per_layer": [k - i for k, i in zip(kl, information, strict=True)],
+            "a0": a0,
             "spread": [float(w.std(0, unbiased=False).mean()) for w in flat],
             "shares": [torch.bincount(w.argmax(-1), minlength=K).div(w.shape[0]).tolist()
                        for w in flat]}

@@ -35,12 +35,18 @@ def test_evidence_of_a_bayesian_run(runs, tmp_path):
         assert costs == sorted(costs), name
     assert "Layer 1" in (tmp_path / "ev" / "report.md").read_text()
     assert result["prior"] == "power"
+    # the KL split covers every token of the windows and adds up to their mean KL
+    split = layer["kl_split"]
+    assert split["n_tokens"] == 2 * 32  # windows x seq_len
+    assert split["information"] + split["marginal_kl"] == pytest.approx(split["kl"], abs=1e-12)
+    assert "I(x; alpha)" in (tmp_path / "ev" / "report.md").read_text()
 
 
 def test_evidence_of_a_prior_free_run_uses_the_reference_prior(runs, tmp_path):
     result = evidence_run(runs / "prior-free", tmp_path / "ev", tokens=6, windows=1)
     assert result["prior"] == "reference power prior"
     assert result["layers"][0]["kl_current_mean"] == pytest.approx(0.0)
+    assert result["layers"][0]["kl_split"] is None  # no guide: nothing to split
 
 
 def test_evidence_cli_bad_input(runs, tmp_path, capsys):

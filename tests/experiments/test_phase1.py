@@ -135,6 +135,15 @@ def test_toy_phase1_end_to_end(tmp_path):
     assert per_seed == pytest.approx(run_metrics)
     report = (tmp_path / "p1" / "phase1.md").read_text()
     assert "| projected FLOP cost (%)" in report
+    # each layer's KL beside its ELBO-surgery parts; routers without a guide spend none
+    for layer in (0, 1):
+        assert f"| val KL layer {layer} (nats/token) |" in report
+        assert f"|   of which I(x; alpha) layer {layer} (nats/token) |" in report
+        kl = result["table"][f"val_kl_layer{layer}"]["bayesian"]["per_seed"]
+        parts = [result["table"][f"val_{name}_layer{layer}"]["bayesian"]["per_seed"]
+                 for name in ("information", "marginal_kl")]
+        assert np.add(*parts) == pytest.approx(kl, abs=1e-12) and min(kl) > 0
+        assert result["table"][f"val_information_layer{layer}"]["fixed:full"]["mean"] == 0
     # the decoding step beside the prefill, at the longest context max_seq_len = 32 leaves
     for router in saved["routers"]:
         assert result["table"]["hard_time_ratio"][router]["mean"] > 0

@@ -1,5 +1,8 @@
 """Free bits against the analytic KL by hand, and the logged objective terms against the ELBO."""
 
+import math
+
+import numpy as np
 import pyro.poutine as poutine
 import pytest
 import torch
@@ -129,6 +132,11 @@ def test_objective_terms_add_up_to_the_elbo_loss():
     assert terms["kl_per_layer"] == pytest.approx([float(k.mean()) for k in kls], rel=1e-6)
     assert len(terms["shares"]) == 2 and all(sum(s) == pytest.approx(1) for s in terms["shares"])
     assert all(s > 0 for s in terms["spread"]) and all(a > 0 for a in terms["a0"])
+    # ELBO surgery: the per-token information and the static allocation's KL make up each KL
+    for kl, information, marginal in zip(terms["kl_per_layer"], terms["information_per_layer"],
+                                         terms["marginal_kl_per_layer"], strict=True):
+        assert information + marginal == pytest.approx(kl, abs=1e-12)
+        assert 0 < information <= math.log(x.numel())
 
 
 def test_objective_terms_leave_the_random_stream_alone():
@@ -147,6 +155,7 @@ def test_objective_terms_of_a_router_without_latents():
     assert terms["nll"] == pytest.approx(float(torch.nn.functional.cross_entropy(
         logits.reshape(-1, 11), y.reshape(-1))), rel=1e-6)
     assert terms["kl_per_layer"] == [0.0, 0.0] and terms["a0"] is None
+    assert terms["information_per_layer"] == terms["marginal_kl_per_layer"] == [0.0, 0.0]
     assert terms["spread"] == pytest.approx([0.0, 0.0], abs=1e-7)  # zero-initialised controller
 
 
@@ -173,3 +182,7 @@ def test_heldout_objective(tiny_data):
     assert first == again  # seeded: reproducible
     assert first["kl"] > 0 and first["neg_elbo"] == pytest.approx(first["nll"] + first["kl"])
     assert first["kl"] == pytest.approx(sum(first["kl_per_layer"]))
+    assert np.add(first["information_per_layer"], first["marginal_kl_per_layer"]) == \
+        pytest.approx(first["kl_per_layer"], abs=1e-12)
+    assert all(i > 0 for i in first["information_per_layer"])
+    assert objective["information_per_layer"] == [0.0, 0.0]

@@ -65,6 +65,9 @@ def test_history_logs_the_objectives_parts(tiny_data, tiny_corpus):
     record = result.history[-1]
     assert len(record["kl_per_layer"]) == 2 and len(record["a0"]) == 2
     assert record["kl"] == pytest.approx(sum(record["kl_per_layer"]))
+    assert [i + m for i, m in zip(record["information_per_layer"],
+                                  record["marginal_kl_per_layer"], strict=True)] == \
+        pytest.approx(record["kl_per_layer"], abs=1e-12)
     # the whole validation split: every window of it
     windows = tiny_data.num_windows("val", train_cfg.seq_len)
     assert result.evaluations[-1]["tokens"] == windows * train_cfg.seq_len
