@@ -30,6 +30,7 @@ correct answer of the model (gains below costs).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,8 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bayes_router.analysis.diagnostics import auroc
+from bayes_router.analysis.metrics import (
+    curve_calibration_error,
+    reliability_curve_from_confidence,
+)
+from bayes_router.core.arrays import check_same_length, float_array, label_array
 from bayes_router.core.commitment import DEFAULT_LEVELS, commitment_cost, floor_kl
 from bayes_router.core.dirichlet import dirichlet_kl
+from bayes_router.core.elbo_surgery import log_dirichlet_draws
 from bayes_router.models.tinylm import FixedRouting
 
 
@@ -147,3 +155,83 @@ def summarise_layer(evidence: dict, experts: Sequence[str], levels=DEFAULT_LEVEL
             } for i, level in enumerate(levels)},
         }
     return summary
+
+
+# ------------------------------------------------------------------ calibration of the decisions
+
+
+def argmax_probability(concentration, draws: int = 4000, seed: int = 0) -> np.ndarray:
+    """``P(alpha_j = max_k alpha_k)`` under ``Dir(a)`` for ``j`` the argmax of the posterior
+    mean ``a / a0``: the posterior probability that the expert a hard router picks is the one
+    with the largest weight. Monte Carlo over ``draws`` draws per row (standard error at most
+    ``0.5 / sqrt(draws)``), taken in log space so concentrations far below 1 never tie at 0.
+
+    :param concentration: ``(n, K)`` Dirichlet concentrations.
+    """
+    a = float_array(concentration, "concentration", ndims=(2,)).astype(np.float64)
+    if a.shape[1] < 2 or not np.all(np.isfinite(a) & (a > 0)):
+        raise ValueError("concentration must have shape (n, K >= 2) with positive finite "
+                         "values")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
+    log_alpha = log_dirichlet_draws(a, draws, np.random.default_rng(seed))  # (n, S, K)
+    chosen = a.argmax(1)  # the argmax of the mean: the same order as a
+    return (log_alpha.argmax(-1) == chosen[:, None]).mean(1)
+
+
+def decision_calibration(best, weights, uncertainty: dict, argmax_prob=None,
+                         n_bins: int = 10, seed: int = 0) -> dict:
+    """Is the router right when it is confident in its argmax expert?
+
+    A token's decision is *right* when the argmax of its routing weights is ``best`` (the
+    counterfactual-best expert of :func:`layer_evidence`'s gains, or an oracle's label). Its
+    confidence is the argmax weight and, for a router with a posterior, the posterior
+    probability that the argmax is the largest weight (:func:`argmax_probability`). Each
+    confidence gets an equal-width reliability curve and ECE
+    (:func:`~bayes_router.analysis.metrics.reliability_curve_from_confidence`), and each
+    uncertainty measure the AUROC for picking out the wrong decisions, beside a random score.
+
+    :param best: ``(n,)`` the right expert per token, ``-1`` where none is defined (skipped).
+    :param weights: ``(n, K)`` routing weights (posterior means or softmax weights).
+    :param uncertainty: measure name -> ``(n,)`` scores, higher meaning more uncertain.
+    :param argmax_prob: ``(n,)`` or ``None`` (a router without a posterior).
+    :return: ``accuracy`` (share of right decisions), ``best_share`` and ``chosen_share`` per
+        expert, ``n_tokens``, ``confidence`` (per confidence: ``mean``, ``ece`` and its
+        ``curve``), ``auroc_wrong`` (per measure, NaN when every decision is right or every one
+        wrong) and ``auroc_wrong_random``.
+    """
+    target = label_array(best, "best")
+    w = float_array(weights, "weights", ndims=(2,))
+    scores = {name: float_array(v, f"uncertainty[{name!r}]", ndims=(1,))
+              for name, v in uncertainty.items()}
+    confidences = {"argmax_weight": w.max(1)}
+    if argmax_prob is not None:
+        confidences["argmax_probability"] = float_array(argmax_prob, "argmax_prob",
+                                                        ndims=(1,))
+    check_same_length(best=target, weights=w, **scores, **confidences)
+    if np.any(target < -1) or np.any(target >= w.shape[1]):
+        raise ValueError(f"best must hold expert indices in [0, {w.shape[1]}) or -1")
+    kept = target >= 0
+    if not kept.any():
+        raise ValueError("best has no defined expert (all -1): nothing to score")
+    right = w[kept].argmax(1) == target[kept]
+    K = w.shape[1]
+    result = {"accuracy": float(right.mean()), "n_tokens": int(kept.sum()),
+              "best_share": (np.bincount(target[kept], minlength=K) / kept.sum()).tolist(),
+              "chosen_share": (np.bincount(w[kept].argmax(1), minlength=K)
+                               / kept.sum()).tolist(),
+              "confidence": {}}
+    for name, confidence in confidences.items():
+        curve = reliability_curve_from_confidence(confidence[kept], right, n_bins)
+        result["confidence"][name] = {
+            "mean": float(confidence[kept].mean()), "ece": curve_calibration_error(curve),
+            "curve": {"confidence": curve.confidence.tolist(),
+                      "accuracy": curve.accuracy.tolist(), "count": curve.count.tolist(),
+                      "edges": curve.edges.tolist()}}
+    wrong = ~right
+    both = 0 < wrong.sum() < len(wrong)
+    result["auroc_wrong"] = {name: auroc(s[kept], wrong) if both else math.nan
+                             for name, s in scores.items()}
+    random_score = np.random.default_rng(seed).random(int(kept.sum()))
+    result["auroc_wrong_random"] = auroc(random_score, wrong) if both else math.nan
+    return result

@@ -70,7 +70,7 @@ class KLSplit:
     n_subsample: int
 
 
-def _log_dirichlet_draws(a: np.ndarray, draws: int, rng: np.random.Generator) -> np.ndarray:
+def log_dirichlet_draws(a: np.ndarray, draws: int, rng: np.random.Generator) -> np.ndarray:
     """``(M, draws, K)`` draws of ``log alpha`` from ``Dir(a_j)`` for each row of ``a (M, K)``."""
     shape = (a.shape[0], draws, a.shape[1])
     log_gamma = (np.log(rng.gamma(a[:, None, :] + 1.0, size=shape))
@@ -114,7 +114,7 @@ def split_kl(concentration, prior, *, subsample: int = DEFAULT_SUBSAMPLE,
     if rows.shape[0] > subsample:
         rows = rows[rng.choice(rows.shape[0], subsample, replace=False)]
     M = rows.shape[0]
-    log_alpha = _log_dirichlet_draws(rows, draws, rng)  # (M, S, K)
+    log_alpha = log_dirichlet_draws(rows, draws, rng)  # (M, S, K)
     log_q = _log_density(log_alpha.reshape(M * draws, -1), rows).reshape(M, draws, M)
     own = log_q[np.arange(M), :, np.arange(M)]  # (M, S): log q_j of token j's own draws
     terms = math.log(M) - logsumexp(log_q - own[..., None], axis=-1)  # (M, S)

@@ -15,10 +15,17 @@ import pyro
 import torch
 from matplotlib.figure import Figure
 
-from bayes_router.analysis.evidence import layer_evidence, summarise_layer
+from bayes_router.analysis.evidence import (
+    argmax_probability,
+    decision_calibration,
+    layer_evidence,
+    summarise_layer,
+)
 from bayes_router.analysis.study_plots import save_figure
 from bayes_router.core.commitment import DEFAULT_LEVELS
+from bayes_router.core.dirichlet import routing_uncertainty
 from bayes_router.core.elbo_surgery import split_kl
+from bayes_router.data.synthetic import ORACLE_LABELS
 from bayes_router.experiments.runs import check_run_dir, load_run, versions, write_json
 from bayes_router.models.bayesian import BayesianRoutedLM, compute_aware_prior
 
@@ -50,10 +57,10 @@ def evidence_run(run_dir: Path, out_dir: Path | None = None, tokens: int = 256,
     out_dir = run_dir / "evidence" if out_dir is None else Path(out_dir)
     with pyro.settings.context(module_local_params=True):
         model, model_cfg, train_cfg, _, data = load_run(run_dir)
-        batch = next(data.eval_batches("val", windows, train_cfg.seq_len), None)
+        batch = next(data.eval_batches_with_oracle("val", windows, train_cfg.seq_len), None)
         if batch is None:
             raise ValueError(f"the validation split of {run_dir} is too short for one window")
-        x, y = batch
+        x, y, oracle = batch
         out = model.predict(x)
         weights = [r.applied_weights for r in out.routing]
         bayesian = isinstance(model, BayesianRoutedLM)
@@ -76,7 +83,10 @@ def evidence_run(run_dir: Path, out_dir: Path | None = None, tokens: int = 256,
             # the split of the mean KL over every token of the windows, not only the sampled
             surgery = (None if concentration is None else dataclasses.asdict(
                 split_kl(concentration, prior[layer], subsample=SURGERY_SUBSAMPLE, seed=seed)))
+            decisions = _decisions(evidence["gain"], weights[layer], concentration, positions,
+                                   oracle, model_cfg.experts, seed)
             layers.append({"layer": layer, "prior": prior[layer].tolist(), "kl_split": surgery,
+                           "decisions": decisions,
                            "floor": floor[layer].tolist(), "floor_kl": evidence["floor_kl"],
                            "kl_current_mean": float(evidence["kl_current"].mean()),
                            "summary": summarise_layer(evidence, model_cfg.experts, levels),
@@ -91,9 +101,66 @@ def evidence_run(run_dir: Path, out_dir: Path | None = None, tokens: int = 256,
               "tokens": int(positions.shape[0]), "windows": int(B), "seed": seed,
               "positions": positions.tolist(), "layers": layers, "versions": versions()}
     save_figure(evidence_figure(result), out_dir / "evidence.png")
+    save_figure(decision_figure(result), out_dir / "decisions.png")
     write_json(out_dir / "evidence.json", result)
     (out_dir / "report.md").write_text(evidence_report(result))
     return result
+
+
+#: Top-two gains closer than this (nats) make the counterfactual-best expert a near tie.
+NEAR_TIE_NATS = 0.01
+
+
+def _decisions(gain: np.ndarray, weights: torch.Tensor, concentration: torch.Tensor | None,
+               positions: torch.Tensor, oracle: torch.Tensor | None, experts, seed: int) -> dict:
+    """Calibration of one layer's routing decisions at the sampled tokens against the
+    counterfactual-best expert (and against the oracle's expert on a synthetic task)."""
+    rows, cols = positions[:, 0], positions[:, 1]
+    w = weights[rows, cols].detach().double().numpy()
+    if concentration is None:
+        entropy = -(w * np.log(np.clip(w, 1e-300, None))).sum(1)  # softmax weights are > 0
+        uncertainty, probability = {"entropy": entropy}, None
+    else:
+        a = concentration[rows, cols].detach().double().numpy()
+        u = routing_uncertainty(a)
+        uncertainty = {"total": u.total, "aleatoric": u.aleatoric, "epistemic": u.epistemic,
+                       "low concentration": -u.concentration}
+        probability = argmax_probability(a, seed=seed)
+    ordered = np.sort(gain, axis=1)
+    result = {"counterfactual": decision_calibration(gain.argmax(1), w, uncertainty,
+                                                     probability, seed=seed),
+              "near_tie_share": float(np.mean(ordered[:, -1] - ordered[:, -2] < NEAR_TIE_NATS))}
+    if oracle is not None:
+        label = oracle[rows, cols].numpy()
+        index = np.array([experts.index(n) if n in experts else -1 for n in ORACLE_LABELS])
+        best = np.where(label >= 0, index[np.clip(label, 0, None)], -1)
+        if (best >= 0).any():
+            result["oracle"] = decision_calibration(best, w, uncertainty, probability,
+                                                    seed=seed)
+    return result
+
+
+def decision_figure(result: dict) -> Figure:
+    """Per layer the reliability of the routing decisions: the share of tokens whose argmax
+    expert is the counterfactual best against the router's confidence in it."""
+    layers = result["layers"]
+    fig = Figure(figsize=(4.2 * len(layers), 3.8))
+    axes = fig.subplots(1, len(layers), squeeze=False)[0]
+    for ax, layer in zip(axes, layers, strict=True):
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8)
+        decisions = layer["decisions"]["counterfactual"]
+        for i, (name, entry) in enumerate(decisions["confidence"].items()):
+            curve = entry["curve"]
+            filled = np.asarray(curve["count"]) > 0
+            ax.plot(np.asarray(curve["confidence"])[filled],
+                    np.asarray(curve["accuracy"])[filled], "o-", color=f"C{i}",
+                    label=f"{name.replace('_', ' ')} (ECE {entry['ece']:.3f})")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence in the argmax expert",
+               ylabel="share where it is the counterfactual best",
+               title=f"layer {layer['layer']}: routing decisions")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def evidence_figure(result: dict) -> Figure:
@@ -134,6 +201,33 @@ def _surgery_text(layer: dict) -> str:
             f"mixture of {split['n_subsample']} tokens).")
 
 
+def _decision_lines(layer: dict, experts) -> list[str]:
+    """Markdown of one layer's decision calibration (absent from results written before it)."""
+    decisions = layer.get("decisions")
+    if decisions is None:
+        return []
+    lines = []
+    for reference, entry in decisions.items():
+        if not isinstance(entry, dict):
+            continue
+        what = ("the counterfactual-best expert" if reference == "counterfactual"
+                else "the oracle's expert")
+        confidence = "; ".join(f"{name.replace('_', ' ')} {c['mean']:.3f} (ECE {c['ece']:.3f})"
+                               for name, c in entry["confidence"].items())
+        auroc = ", ".join(f"{name} {value:.3f}" for name, value in entry["auroc_wrong"].items())
+        lines += [f"Routing decisions against {what} ({entry['n_tokens']} tokens): the argmax "
+                  f"is it for {100 * entry['accuracy']:.1f} % (best per expert "
+                  + ", ".join(f"{e} {100 * v:.0f} %" for e, v in
+                              zip(experts, entry["best_share"], strict=True))
+                  + "; chosen " + ", ".join(f"{e} {100 * v:.0f} %" for e, v in
+                                            zip(experts, entry["chosen_share"], strict=True))
+                  + f"). Mean confidence: {confidence}. AUROC for picking out the wrong "
+                  f"decisions: {auroc}; random score {entry['auroc_wrong_random']:.3f}.", ""]
+    lines.append(f"{100 * decisions['near_tie_share']:.1f} % of the tokens' top two gains are "
+                 f"within {NEAR_TIE_NATS} nats (a near tie for the best expert).")
+    return lines
+
+
 def evidence_report(result: dict) -> str:
     """The diagnostic as markdown: per layer and expert the gain and, per level, the cost and
     the shares of tokens whose gain exceeds it and whose ELBO change is positive."""
@@ -163,6 +257,7 @@ def evidence_report(result: dict) -> str:
             lines.append(f"| {name} | {s['gain_mean']:.4f} [{s['gain_q10']:.4f}, "
                          f"{s['gain_q90']:.4f}] | {100 * s['gain_positive_share']:.1f} % | "
                          + " | ".join(cells) + " |")
+        lines += ["", *_decision_lines(layer, result["experts"])]
         lines.append("")
-    lines += ["![evidence](evidence.png)", ""]
+    lines += ["![evidence](evidence.png)", "", "![routing decisions](decisions.png)", ""]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from bayes_router.cli import main
@@ -40,6 +41,17 @@ def test_evidence_of_a_bayesian_run(runs, tmp_path):
     assert split["n_tokens"] == 2 * 32  # windows x seq_len
     assert split["information"] + split["marginal_kl"] == pytest.approx(split["kl"], abs=1e-12)
     assert "I(x; alpha)" in (tmp_path / "ev" / "report.md").read_text()
+    # the decisions' calibration: against the best gain of the very tokens sampled
+    decisions = layer["decisions"]["counterfactual"]
+    best = np.asarray(layer["tokens"]["gain"]).argmax(1)
+    assert decisions["n_tokens"] == 12
+    assert decisions["best_share"] == pytest.approx(np.bincount(best, minlength=3) / 12)
+    assert set(decisions["confidence"]) == {"argmax_weight", "argmax_probability"}
+    assert set(decisions["auroc_wrong"]) == {"total", "aleatoric", "epistemic",
+                                             "low concentration"}
+    assert (tmp_path / "ev" / "decisions.png").exists()
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "AUROC for picking out the wrong decisions" in report
 
 
 def test_evidence_of_a_prior_free_run_uses_the_reference_prior(runs, tmp_path):
@@ -47,6 +59,22 @@ def test_evidence_of_a_prior_free_run_uses_the_reference_prior(runs, tmp_path):
     assert result["prior"] == "reference power prior"
     assert result["layers"][0]["kl_current_mean"] == pytest.approx(0.0)
     assert result["layers"][0]["kl_split"] is None  # no guide: nothing to split
+    decisions = result["layers"][0]["decisions"]["counterfactual"]
+    assert set(decisions["confidence"]) == {"argmax_weight"}
+    assert set(decisions["auroc_wrong"]) == {"entropy"}
+
+
+def test_evidence_scores_the_decisions_against_an_oracle(tmp_path, tiny_data):
+    from bayes_router.data.tokens import token_data
+
+    data = token_data("synthetic:recall")
+    model_cfg, train_cfg = tiny_configs(data, "synthetic:recall", router="bayesian", steps=3)
+    train_run(model_cfg, train_cfg, tmp_path / "run", progress=False, eval_batches=1, data=data)
+    result = evidence_run(tmp_path / "run", tmp_path / "ev", tokens=24, windows=2)
+    oracle = result["layers"][0]["decisions"]["oracle"]
+    assert 0 < oracle["n_tokens"] <= 24
+    assert sum(oracle["best_share"]) == pytest.approx(1.0)
+    assert "against the oracle's expert" in (tmp_path / "ev" / "report.md").read_text()
 
 
 def test_evidence_cli_bad_input(runs, tmp_path, capsys):
