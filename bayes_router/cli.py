@@ -650,7 +650,8 @@ def _variance_arguments(p):
     p.add_argument("--checkpoint", default=None, metavar="RUN_DIR",
                    help="measure a trained Bayesian run (default: train a small model here)")
     p.add_argument("--toy", action="store_true",
-                   help="the conjugate toy instead: bias against the exact gradient")
+                   help="the conjugate toy instead: bias against the exact gradient, and the "
+                        "particle sweep's power-law slopes in K")
     p.add_argument("--estimators", type=_comma_names, default=None,
                    help="comma-separated estimator names (default: all registered)")
     p.add_argument("--draws", type=int, default=None,
@@ -658,7 +659,8 @@ def _variance_arguments(p):
     p.add_argument("--num-particles", type=int, default=None,
                    help="particles per estimate (default: each estimator's fewest, 1 or 2)")
     p.add_argument("--particles", type=_comma_list(int), default=[1, 2, 4, 8],
-                   help="particle counts of the particle sweep ('' to skip)")
+                   help="particle counts of the particle sweep, on the LM or the toy ('' to "
+                        "skip)")
     p.add_argument("--particle-estimators", type=_comma_names,
                    default=["reparam-mc", "reparam-analytic", "stl", "score-baseline", "iwae",
                             "dreg"], help="estimators of the particle sweep")
@@ -671,7 +673,10 @@ def _variance_arguments(p):
                    help="training steps at which to measure, training afresh in segments "
                         "(e.g. 0,50,100,200,300; default: skip)")
     p.add_argument("--sweep-draws", type=int, default=None,
-                   help="M of the sweeps (default min(draws, 30))")
+                   help="M of the sweeps (default min(draws, 30); toy: draws)")
+    p.add_argument("--bootstrap", type=int, default=400,
+                   help="bootstrap resamples of the draws behind the intervals of the toy "
+                        "sweep's slopes (0: none)")
     p.add_argument("--train-steps", type=int, default=100,
                    help="steps of the small model trained without --checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (and of the model)")
@@ -691,7 +696,8 @@ def cmd_variance(args) -> int:
         num_particles=args.num_particles, particles=args.particles,
         particle_estimators=args.particle_estimators, beta0_values=args.beta0_values,
         sweep_estimators=args.sweep_estimators, along_training=args.along_training,
-        sweep_draws=args.sweep_draws, train_steps=args.train_steps, seed=args.seed)
+        sweep_draws=args.sweep_draws, train_steps=args.train_steps,
+        num_bootstrap=args.bootstrap, seed=args.seed)
     print(variance_report(result))
     print(f"wrote {args.out}/variance.json and {args.out}/report.md")
     return 0

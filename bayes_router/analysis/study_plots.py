@@ -80,24 +80,33 @@ def plot_training_loss(history: Sequence[Mapping], ax: Axes | None = None) -> Ax
 
 def plot_training_terms(history: Sequence[Mapping], axes: Sequence[Axes]) -> Sequence[Axes]:
     """The logged parts of the objective on four axes: NLL per token; KL per token per layer
-    with the KL weight in force (right axis); the posterior-mean spread across tokens per
-    layer; the mean total concentration ``a0`` per layer (Bayesian runs)."""
+    (solid), split into the per-token information ``I(x; alpha)`` (dashed) and the static
+    allocation's ``KL(qbar || p)`` (dotted), with the KL weight in force (right axis); the
+    posterior-mean spread across tokens per layer; the mean total concentration ``a0`` per
+    layer (Bayesian runs)."""
     logged = [r for r in history if "nll" in r]
     nll_ax, kl_ax, spread_ax, a0_ax = axes
     steps = [r["step"] for r in logged]
     nll_ax.plot(steps, [r["nll"] for r in logged], lw=0.9)
     nll_ax.set(xlabel="step", ylabel="nats/token", title="NLL (one guide sample)")
     layers = len(logged[0]["kl_per_layer"]) if logged else 0
+    # histories written before the ELBO surgery was logged have the KL alone
+    surgery = bool(logged) and "information_per_layer" in logged[0]
     for layer in range(layers):
         kl_ax.plot(steps, [r["kl_per_layer"][layer] for r in logged], lw=0.9,
-                   label=f"layer {layer}")
+                   color=f"C{layer}", label=f"layer {layer}: KL")
+        if surgery:
+            kl_ax.plot(steps, [r["information_per_layer"][layer] for r in logged], "--",
+                       lw=0.9, color=f"C{layer}", label=f"layer {layer}: I(x; alpha)")
+            kl_ax.plot(steps, [r["marginal_kl_per_layer"][layer] for r in logged], ":",
+                       lw=1.1, color=f"C{layer}", label=f"layer {layer}: KL(qbar || p)")
         spread_ax.plot(steps, [r["spread"][layer] for r in logged], lw=0.9,
                        label=f"layer {layer}")
         if logged[0]["a0"] is not None:
             a0_ax.plot(steps, [r["a0"][layer] for r in logged], lw=0.9, label=f"layer {layer}")
     weight_ax = kl_ax.twinx()
     weight_ax.plot(steps, [r["kl_scale"] for r in logged], "k:", lw=0.9)
-    weight_ax.set_ylabel("KL weight (dotted)")
+    weight_ax.set_ylabel("KL weight (black dotted)")
     kl_ax.set(xlabel="step", ylabel="nats/token", title="KL(q || p) per layer")
     spread_ax.set(xlabel="step", ylabel="std of abar across tokens",
                   title="posterior-mean spread")
@@ -301,6 +310,43 @@ def plot_variance_along_training(sweep: dict, group: str, key: str = "total_vari
                                  ax: Axes | None = None) -> Axes:
     """Total variance (or another summary) at each measured training step."""
     return _plot_sweep(sweep, "steps", group, key, ax, "training step")
+
+
+def slope_label(name: str, fit: Mapping | None) -> str:
+    """``name`` with its fitted log-log slope and, where there is one, its interval
+    (``iwae: K^-0.49 [-0.52, -0.46]``); ``name`` alone without a fit."""
+    if not fit:
+        return name
+    label = f"{name}: K^{fit['slope']:+.2f}"
+    if fit.get("interval"):
+        low, high = fit["interval"]
+        label += f" [{low:+.2f}, {high:+.2f}]"
+    return label
+
+
+def plot_particle_scaling(sweep: dict, group: str, key: str = "total_variance",
+                          ax: Axes | None = None) -> Axes:
+    """:func:`plot_variance_vs_particles` with each estimator's fitted power law
+    ``exp(intercept) K^slope`` from ``sweep["slopes"][name][key]`` drawn dashed over the
+    measured range of ``K``, and its slope (and interval) in the axes' own legend."""
+    ax = plot_variance_vs_particles(sweep, group, key, ax)
+    ax.set_yscale("log")
+    fits = {name: (sweep.get("slopes", {}).get(name) or {}).get(key)
+            for name in sweep["estimators"]}
+    for line in ax.get_lines():
+        name = line.get_label()
+        if name in fits:
+            line.set_label(slope_label(name, fits[name]))
+    for name, fit in fits.items():
+        measured = [int(k) for k, entry in sweep["estimators"][name].items() if "groups" in entry]
+        if not fit or not measured:
+            continue
+        ks = np.array([min(measured), max(measured)], dtype=float)
+        ax.plot(ks, np.exp(fit["intercept"]) * ks ** fit["slope"], linestyle="--",
+                linewidth=1.0, color=estimator_color(name), label="_nolegend_")
+    ax.set_xlabel("particles K")
+    ax.legend(fontsize=6)
+    return ax
 
 
 # ---------------------------------------------------------------------------- empirical Bayes

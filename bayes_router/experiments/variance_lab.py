@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
+from matplotlib.figure import Figure
 
 from bayes_router.analysis.study_plots import (
     plot_panels,
+    plot_particle_scaling,
     plot_variance_along_training,
     plot_variance_bars,
     plot_variance_vs_beta0,
@@ -25,7 +27,13 @@ from bayes_router.analysis.study_plots import (
 from bayes_router.data.tokens import TokenData, token_data
 from bayes_router.experiments.runs import check_run_dir, load_run, versions, write_json
 from bayes_router.inference.gradient_stats import snr_noise_floor
-from bayes_router.inference.toy_variance import toy_gradient_variance
+from bayes_router.inference.toy_variance import (
+    BOOTSTRAPPED,
+    check_num_bootstrap,
+    check_particles,
+    toy_gradient_variance,
+    toy_variance_vs_particles,
+)
 from bayes_router.inference.train import (
     CHECKPOINT_NAME,
     TrainConfig,
@@ -116,10 +124,6 @@ def variance_along_training(model_cfg, train_cfg, data: TokenData, out_dir: Path
 
 
 # ------------------------------------------------------------------------------------------------
-# the conjugate toy
-
-
-# ------------------------------------------------------------------------------------------------
 # the whole study into a folder
 
 
@@ -145,29 +149,45 @@ def variance_lab(out_dir: Path, *, checkpoint: Path | None = None, toy: bool = F
                  beta0_values: Sequence[float] = (0.1, 1.0, 10.0),
                  sweep_estimators: Sequence[str] | None = DEFAULT_SWEEP_ESTIMATORS,
                  along_training: Sequence[int] = (), sweep_draws: int | None = None,
-                 train_steps: int = 100, seed: int = 0, progress: bool = True) -> dict:
+                 train_steps: int = 100, num_bootstrap: int = 400, seed: int = 0,
+                 progress: bool = True) -> dict:
     """Run the lab into ``out_dir``: ``variance.json``, figures and ``report.md``.
 
     :param checkpoint: a run directory whose trained model is measured. Without it (and
         without ``toy``) a small model is trained here for ``train_steps`` steps first, into
         ``out_dir/model``.
-    :param toy: measure on the conjugate toy instead (bias against the exact gradient).
+    :param toy: measure on the conjugate toy instead (bias against the exact gradient), and
+        sweep the particles there
+        (:func:`~bayes_router.inference.toy_variance.toy_variance_vs_particles`: power-law
+        slopes against ``K``, drawn in ``toy_particles.png``); the ``beta0`` and
+        along-training sweeps are the LM's only.
     :param num_draws: ``M`` per estimator (default 50 on the LM, 20000 on the toy).
     :param particles: particle counts of the sweep (empty: no sweep).
     :param beta0_values: prior concentrations of the ``beta0`` sweep (empty: no sweep).
     :param along_training: training steps at which to measure, training the run's (or the
         small default) configuration afresh in segments into ``out_dir/along-training``
         (empty: no such sweep).
-    :param sweep_draws: ``M`` of the sweeps (default ``min(num_draws, 30)``).
+    :param sweep_draws: ``M`` of the sweeps (default ``min(num_draws, 30)``; on the toy
+        ``num_draws``).
+    :param num_bootstrap: resamples of the draws behind the intervals of the toy's slopes.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = check_estimators(estimators)
     if toy:
         draws = check_num_draws(20000 if num_draws is None else num_draws)
+        if particles:  # fail before the main table
+            check_particles(particles)
+            check_estimators(particle_estimators)
+            check_num_bootstrap(num_bootstrap)
+            sweep_draws = check_num_draws(draws if sweep_draws is None else sweep_draws)
         result = {"mode": "toy", "versions": versions(),
                   "main": toy_gradient_variance(names, num_draws=draws,
                                                 num_particles=num_particles, seed=seed)}
+        if particles:
+            result["particles"] = toy_variance_vs_particles(
+                particle_estimators, particles,
+                num_draws=sweep_draws, num_bootstrap=num_bootstrap, seed=seed)
         _write_outputs(out_dir, result)
         write_json(out_dir / "variance.json", _finite(result))
         return result
@@ -277,6 +297,20 @@ def _write_outputs(out_dir: Path, result: dict) -> None:
                                 "conjugate toy: gradient w.r.t. the guide concentration a"),
                     out_dir / "toy_bars.png")
         figures.append(("toy_bars.png", "Variance, SNR and efficiency per estimator (toy)"))
+        if result.get("particles"):
+            keys = ("total_variance", "median_snr", "efficiency")
+            fig = Figure(figsize=(4.8 * len(keys), 4.0))
+            for ax, key in zip(fig.subplots(1, len(keys)), keys, strict=True):
+                try:
+                    plot_particle_scaling(result["particles"], "a", key, ax).set_title("")
+                except ValueError as error:  # nothing to draw, as in plot_panels
+                    ax.set_axis_off()
+                    ax.set_title(str(error), fontsize=7)
+            fig.suptitle("conjugate toy: guide gradient against the number of particles K "
+                         "(dashed: least-squares power law)", fontsize=10)
+            save_figure(fig, out_dir / "toy_particles.png")
+            figures.append(("toy_particles.png", "Variance, SNR and efficiency against the "
+                                                 "number of particles K (toy), log-log"))
     else:
         groups = _groups_of(main)
         save_figure(plot_panels(lambda g, k, ax: plot_variance_bars(main, g, k, ax), groups,
@@ -346,6 +380,73 @@ def sweep_table(sweep: dict, axis_key: str, group: str, key: str = "total_varian
     return lines
 
 
+def _slope_cell(fit: dict | None) -> str:
+    if not fit:
+        return "n/a"
+    cell = f"{fit['slope']:+.3f}"
+    if fit.get("interval"):
+        cell += " [{:+.3f}, {:+.3f}]".format(*fit["interval"])
+    if fit.get("standard_error") is not None and math.isfinite(fit["standard_error"]):
+        cell += f" ± {fit['standard_error']:.3f}"
+    return cell
+
+
+def particle_scaling_report(sweep: dict) -> list[str]:
+    """Markdown lines of the toy's particle sweep: the summaries at each ``K``, the fitted
+    slopes beside the papers' and the path-derivative check at the exact posterior."""
+    level = round(100 * sweep["level"])
+    lines = ["## Scaling with the number of particles K", "",
+             f"Guide gradient at a = {sweep['a']}, M = {sweep['num_draws']} draws per estimator "
+             "and K. Slopes: least squares of the log summary on log K; "
+             f"[low, high] is a {level} % percentile interval over {sweep['num_bootstrap']} "
+             "bootstrap resamples of the draws (sampling noise), ± the regression's standard "
+             "error (residuals: noise and departure from a power law). The toy's prior is "
+             "fixed, so its model has no parameter: only the guide gradient is measured.", ""]
+    for key, title in (("total_variance", "total variance"), ("median_snr", "median SNR"),
+                       ("seconds", "seconds per estimate"),
+                       ("efficiency", "efficiency 1 / (variance x seconds)")):
+        lines += [f"{title}:", ""] + sweep_table(sweep, "particles", "a", key) + [""]
+    lines += ["Slopes against K; *expected*: the asymptotic values (an ELBO estimator "
+              "averages K independent estimates; iwae: Rainforth et al. 2018; dreg: Tucker et "
+              "al. 2019).", "",
+              "| estimator | variance slope | expected | SNR slope | expected | ‖mean‖ slope "
+              "| expected | seconds slope | efficiency slope |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, fits in sweep["slopes"].items():
+        expected = sweep["expected_slopes"].get(name, {})
+        cells = []
+        for key in BOOTSTRAPPED:
+            cells += [_slope_cell(fits.get(key)), _fmt(expected.get(key), "+.1f")]
+        cells += [_slope_cell(fits.get("seconds")), _slope_cell(fits.get("efficiency"))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ks = sweep["particles"]
+    lines += ["", "Local slopes between neighbouring K (variance; SNR):", "",
+              "| estimator | " + " | ".join(f"{a} → {b}" for a, b in zip(ks, ks[1:])) + " |",
+              "|---|" + "---|" * (len(ks) - 1)]
+    for name, local in sweep["local_slopes"].items():
+        measured = [k for k in ks if "groups" in sweep["estimators"][name].get(str(k), {})]
+        pairs = dict(zip(zip(measured, measured[1:]),
+                         zip(local.get("total_variance", []), local.get("median_snr", [])),
+                         strict=False))
+        cells = [f"{_fmt(pairs[p][0], '+.2f')}; {_fmt(pairs[p][1], '+.2f')}" if p in pairs
+                 else "n/a" for p in zip(ks, ks[1:])]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    posterior = sweep.get("at_posterior")
+    if posterior:
+        ks = [str(k) for k in sweep["particles"]]
+        lines += [f"At the exact posterior a = {posterior['a']} ({posterior['num_draws']} "
+                  "draws per K), total variance (largest |gradient|):", "",
+                  "| estimator | " + " | ".join(f"K = {k}" for k in ks) + " |",
+                  "|---|" + "---|" * len(ks)]
+        for name, points in posterior["estimators"].items():
+            cells = [f"{_fmt(points[k]['total_variance'])} ({_fmt(points[k]['max_abs'])})"
+                     if k in points else "n/a" for k in ks]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def variance_report(result: dict, figures: Sequence[tuple[str, str]] = ()) -> str:
     """The markdown report of a lab result."""
     main = result["main"]
@@ -363,6 +464,8 @@ def variance_report(result: dict, figures: Sequence[tuple[str, str]] = ()) -> st
             lines.append(f"| {name} | {'yes' if e['unbiased'] else 'no'} | "
                          f"{[round(b, 4) for b in e['bias']]} | {_fmt(e['max_abs_z'], '.2f')} | "
                          f"{_fmt(e['hotelling'], '.2f')} | {_fmt(e['p_value'], '.3g')} |")
+        if result.get("particles"):
+            lines += [""] + particle_scaling_report(result["particles"])
     else:
         source = result["source"]
         where = (f"the checkpoint of `{source['run_dir']}` (step {source['step']})"
@@ -394,6 +497,7 @@ def variance_report(result: dict, figures: Sequence[tuple[str, str]] = ()) -> st
 
 
 __all__ = [
+    "particle_scaling_report",
     "summary_table",
     "sweep_table",
     "variance_lab",
