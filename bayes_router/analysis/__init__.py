@@ -17,21 +17,43 @@ from bayes_router.analysis.metrics import (
     ReliabilityCurve,
     bootstrap_ci,
     brier_score,
+    classwise_calibration_error,
     expected_calibration_error,
     maximum_calibration_error,
     negative_log_likelihood,
     reliability_curve,
     reliability_curve_from_confidence,
+    squared_calibration_error,
+    squared_calibration_error_from_confidence,
+    top_label_outcomes,
 )
 from bayes_router.analysis.plots import (
     plot_beta0_sensitivity,
     plot_estimator_bars,
     plot_expert_share,
     plot_reliability_diagram,
+    plot_risk_coverage,
     plot_routing_along_text,
     plot_routing_simplex,
+    plot_smooth_reliability_diagram,
     plot_uncertainty_strip,
     plot_uncertainty_vs_damage,
+)
+from bayes_router.analysis.selective import (
+    RiskCoverageCurve,
+    area_under_risk_coverage,
+    excess_area_under_risk_coverage,
+    oracle_area_under_risk_coverage,
+    risk_coverage_curve,
+    selective_prediction_summary,
+)
+from bayes_router.analysis.smooth_calibration import (
+    SmoothReliabilityCurve,
+    smooth_calibration_bandwidth,
+    smooth_calibration_error,
+    smooth_calibration_error_from_confidence,
+    smooth_calibration_summary,
+    smooth_reliability_curve,
 )
 from bayes_router.core.categorical import kl_divergence_categorical
 from bayes_router.core.dirichlet import (
@@ -52,8 +74,10 @@ from bayes_router.core.routing import (
 __all__ = [
     # metrics
     "ReliabilityCurve",
+    "SmoothReliabilityCurve",
     "bootstrap_ci",
     "brier_score",
+    "classwise_calibration_error",
     "expected_calibration_error",
     "expected_flop_cost",
     "expert_share",
@@ -63,6 +87,21 @@ __all__ = [
     "reliability_curve",
     "reliability_curve_from_confidence",
     "routing_entropy",
+    "smooth_calibration_bandwidth",
+    "smooth_calibration_error",
+    "smooth_calibration_error_from_confidence",
+    "smooth_calibration_summary",
+    "smooth_reliability_curve",
+    "squared_calibration_error",
+    "squared_calibration_error_from_confidence",
+    "top_label_outcomes",
+    # selective prediction
+    "RiskCoverageCurve",
+    "area_under_risk_coverage",
+    "excess_area_under_risk_coverage",
+    "oracle_area_under_risk_coverage",
+    "risk_coverage_curve",
+    "selective_prediction_summary",
     # uncertainty
     "RoutingUncertainty",
     "aleatoric_uncertainty",
@@ -83,8 +122,10 @@ __all__ = [
     "plot_estimator_bars",
     "plot_expert_share",
     "plot_reliability_diagram",
+    "plot_risk_coverage",
     "plot_routing_along_text",
     "plot_routing_simplex",
+    "plot_smooth_reliability_diagram",
     "plot_uncertainty_strip",
     "plot_uncertainty_vs_damage",
 ]

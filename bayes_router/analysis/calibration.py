@@ -4,10 +4,15 @@ The bootstrap resamples per-token summaries (top-label confidence, correctness, 
 instead of the ``(N, V)`` probabilities, so a resample never copies the vocabulary axis; the
 metrics of the summaries are the public metrics of :mod:`bayes_router.analysis.metrics`
 (the same reliability curves and calibration errors), which the tests check number for number.
+The class-wise ECE resamples per-window sums of its bins
+(:func:`~bayes_router.analysis.metrics.classwise_residual_sums`), the smooth ECE weighs tokens
+by their window's multiplicity (:mod:`~bayes_router.analysis.smooth_calibration`); every
+interval of one summary uses the same resampled windows.
 """
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import numpy as np
@@ -16,6 +21,8 @@ from bayes_router.analysis.metrics import (
     ReliabilityCurve,
     bootstrap_ci,
     brier_score,
+    classwise_calibration_error,
+    classwise_residual_sums,
     curve_calibration_error,
     curve_maximum_calibration_error,
     expected_calibration_error,
@@ -23,9 +30,16 @@ from bayes_router.analysis.metrics import (
     negative_log_likelihood,
     reliability_curve,
     reliability_curve_from_confidence,
+    squared_calibration_error_from_confidence,
 )
+from bayes_router.analysis.smooth_calibration import smooth_calibration_summary
+
+logger = logging.getLogger(__name__)
 
 CALIBRATION_BINS = 15
+#: Largest ``windows x classes x bins`` array of per-window class-wise sums the bootstrap of
+#: the class-wise ECE keeps (80 MB of float64); above it the interval is left out.
+CLASSWISE_BOOTSTRAP_CELLS = 10_000_000
 
 #: The calibration metrics of a predictive ``(probs (N, C), labels (N,))``.
 CALIBRATION_METRICS = {
@@ -80,7 +94,12 @@ def curve_from_dict(data: dict) -> ReliabilityCurve:
 def calibration_summary(probs: np.ndarray, labels: np.ndarray, window_len: int,
                         n_boot: int = 1000, seed: int = 0) -> dict:
     """Every metric of :data:`CALIBRATION_METRICS` with a bootstrap interval over windows, the
-    top-1 accuracy and the equal-width and equal-mass reliability curves.
+    top-1 accuracy and the equal-width and equal-mass reliability curves; and, each with its
+    interval, the smooth ECE (``smooth_ece``, with its bandwidth, and the smoothed
+    reliability diagram with a pointwise band, ``smooth_reliability``), the class-wise ECE
+    (``classwise_ece``; no interval when the per-window sums would be too large, see
+    :data:`CLASSWISE_BOOTSTRAP_CELLS`) and the debiased squared calibration error
+    (``debiased_squared_ce``, 15 equal-mass bins).
 
     :param probs: predictive probabilities ``(N, V)``, ``N`` a multiple of ``window_len``.
     :param labels: next tokens ``(N,)``.
@@ -94,7 +113,44 @@ def calibration_summary(probs: np.ndarray, labels: np.ndarray, window_len: int,
     result["reliability"] = {
         binning: curve_dict(reliability_curve(probs, labels, CALIBRATION_BINS, binning))
         for binning in ("equal-width", "equal-mass")}
+    confidence, correct = summary[0].astype(np.float64), summary[1].astype(np.float64)
+    smooth = smooth_calibration_summary(confidence.reshape(-1), correct.reshape(-1), window_len,
+                                        n_boot, seed=seed)
+    result["smooth_ece"] = {k: smooth[k] for k in ("value", "low", "high", "bandwidth")}
+    result["smooth_reliability"] = smooth["curve"]
+    result["classwise_ece"] = _classwise_interval(probs, labels, window_len, n_boot, seed)
+    _, low, high = bootstrap_ci(_debiased_squared_error, confidence, correct, n_boot=n_boot,
+                                seed=seed)
+    result["debiased_squared_ce"] = {
+        "value": _debiased_squared_error(confidence, correct), "low": low, "high": high,
+        "n_bins": CALIBRATION_BINS, "binning": "equal-mass"}
     return result
+
+
+def _debiased_squared_error(confidence, correct) -> float:
+    return squared_calibration_error_from_confidence(confidence.reshape(-1), correct.reshape(-1),
+                                                     CALIBRATION_BINS, debiased=True)
+
+
+def _classwise_interval(probs, labels, window_len: int, n_boot: int, seed: int) -> dict:
+    """Class-wise ECE with a bootstrap interval over windows, from per-window bin sums."""
+    value = classwise_calibration_error(probs, labels, CALIBRATION_BINS)
+    n_windows = len(labels) // window_len
+    if n_windows * probs.shape[1] * CALIBRATION_BINS > CLASSWISE_BOOTSTRAP_CELLS:
+        logger.warning("class-wise ECE: %d windows x %d classes is too many for the window "
+                       "bootstrap; reporting the value without an interval", n_windows,
+                       probs.shape[1])
+        return {"value": value, "low": None, "high": None}
+    sums = classwise_residual_sums(probs, labels, CALIBRATION_BINS,
+                                   np.arange(len(labels)) // window_len, n_windows)
+    sums = sums.reshape(n_windows, -1)  # (W, C * bins)
+    rng = np.random.default_rng(seed)
+    replicates = np.empty(n_boot)
+    for b in range(n_boot):
+        counts = np.bincount(rng.integers(0, n_windows, n_windows), minlength=n_windows)
+        replicates[b] = np.abs(counts @ sums).sum() / (probs.shape[1] * len(labels))
+    low, high = np.quantile(replicates, [0.025, 0.975])
+    return {"value": value, "low": float(low), "high": float(high)}
 
 
 def paired_difference(metric, probs_a: np.ndarray, probs_b: np.ndarray, labels: np.ndarray,

@@ -19,9 +19,16 @@ exactly as torchmetrics assigns them (it casts to float32); float64 ones are bin
 Equal-mass bins sort the confidences (stably) and cut them into ``n_bins`` runs whose sizes differ
 by at most one.
 
+The smooth ECE lives in :mod:`bayes_router.analysis.smooth_calibration`, the risk-coverage
+curve in :mod:`bayes_router.analysis.selective`.
+
 References:
   - *On Calibration of Modern Neural Networks*, Guo, Pleiss, Sun, Weinberger (ICML 2017)
   - *Measuring Calibration in Deep Learning*, Nixon, Dusenberry, Zhang, Jerfel, Tran (2019)
+  - *Beyond temperature scaling: Obtaining well-calibrated multiclass probabilities with
+    Dirichlet calibration*, Kull, Perello-Nieto, Kängsepp, Silva Filho, Song, Flach
+    (NeurIPS 2019)
+  - *Verified Uncertainty Calibration*, Kumar, Liang, Ma (NeurIPS 2019)
   - *Verification of forecasts expressed in terms of probability*, Brier (1950)
 """
 
@@ -103,6 +110,17 @@ class ReliabilityCurve:
     def calibration_gap(self) -> np.ndarray:
         """``|accuracy - confidence|`` per bin (NaN for empty bins)."""
         return np.abs(np.asarray(self.accuracy) - np.asarray(self.confidence))
+
+
+def top_label_outcomes(probs, labels) -> tuple[np.ndarray, np.ndarray]:
+    """Top-label confidence ``max_c p_c`` and outcome (1.0 where the argmax is the label), both
+    float64 ``(N,)``: all a top-label calibration measure sees of a prediction.
+
+    :param probs: predicted probabilities ``(N, C)``.
+    :param labels: true classes ``(N,)``.
+    """
+    p, y = _predictions(probs, labels)
+    return p.max(1).astype(np.float64), (p.argmax(1) == y).astype(np.float64)
 
 
 def reliability_curve(probs, labels, n_bins: int = 15,
@@ -201,6 +219,114 @@ def negative_log_likelihood(probs, labels) -> float:
     p, y = _predictions(probs, labels)
     with np.errstate(divide="ignore"):
         return float(-np.mean(np.log(p[np.arange(len(y)), y].astype(np.float64))))
+
+
+def classwise_residual_sums(probs, labels, n_bins: int = 15, groups=None,
+                            n_groups: int | None = None) -> np.ndarray:
+    """``sum_i (onehot(label_i)_k - p_ik)`` over the predictions ``i`` of each group whose
+    probability of class ``k`` falls into equal-width bin ``b``: an array ``(G, C, n_bins)``.
+
+    The sufficient statistic of :func:`classwise_calibration_error` (summing over groups gives
+    the data's), so a bootstrap over groups (e.g. windows) needs no pass over ``(N, C)``.
+
+    :param probs: predicted probabilities ``(N, C)``.
+    :param labels: true classes ``(N,)``.
+    :param n_bins: equal-width bins per class (the convention of the module docstring).
+    :param groups: group of each prediction ``(N,)`` in ``[0, n_groups)``; ``None``: one group.
+    :param n_groups: number of groups (default ``groups.max() + 1``).
+    """
+    p, y = _predictions(probs, labels)
+    n_bins = check_n_bins(n_bins)
+    n, n_classes = p.shape
+    if groups is None:
+        groups, n_groups = np.zeros(n, dtype=np.int64), 1
+    else:
+        groups = label_array(groups, "groups", n_classes=n_groups)
+        check_same_length(probs=p, groups=groups)
+        n_groups = int(groups.max()) + 1 if n_groups is None else n_groups
+    edges = _equal_width_edges(n_bins, p.dtype)
+    index = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)  # (N, C)
+    cell = (groups[:, None] * n_classes + np.arange(n_classes)) * n_bins + index  # (N, C)
+    residual = -p.astype(np.float64)
+    residual[np.arange(n), y] += 1.0  # onehot - p
+    sums = np.bincount(cell.ravel(), residual.ravel(), n_groups * n_classes * n_bins)
+    return sums.reshape(n_groups, n_classes, n_bins)
+
+
+def classwise_calibration_error(probs, labels, n_bins: int = 15) -> float:
+    """Class-wise ECE (Kull et al. 2019): the binned ECE of every class's probability against
+    that class's indicator, averaged over the ``C`` classes,
+
+        ``(1 / C) sum_k sum_b (|B_kb| / N) |freq_kb(label = k) - mean_kb(p_k)|``,
+
+    with ``B_kb`` the predictions whose ``p_k`` falls into equal-width bin ``b`` (the
+    convention of the module docstring). Every class counts, also one that never occurs (it
+    adds its mean probability): with a large vocabulary the value shrinks like ``1 / C``.
+
+    :param probs: predicted probabilities ``(N, C)``.
+    :param labels: true classes ``(N,)``.
+    :param n_bins: equal-width bins per class (15, as for the ECE).
+
+    References: *Beyond temperature scaling: Obtaining well-calibrated multiclass probabilities
+    with Dirichlet calibration*, Kull et al. (NeurIPS 2019): "classwise-ECE".
+    """
+    sums = classwise_residual_sums(probs, labels, n_bins)[0]  # (C, n_bins)
+    n = len(np.asarray(labels))
+    return float(np.abs(sums).sum() / (sums.shape[0] * n))
+
+
+def squared_calibration_error_from_confidence(confidence, correct, n_bins: int = 15,
+                                              debiased: bool = True) -> float:
+    """:func:`squared_calibration_error` from top-label confidences and outcomes ``(N,)``."""
+    n_bins = check_n_bins(n_bins)
+    f = float_array(confidence, "confidence", ndims=(1,))
+    y = float_array(correct, "correct", ndims=(1,))
+    check_same_length(confidence=f, correct=y)
+    if np.any((f < 0) | (f > 1)):
+        raise ValueError("confidence must lie in [0, 1]")
+    if np.any((y != 0) & (y != 1)):
+        raise ValueError("correct must hold 0 or 1 (whether the top label is right)")
+    index = equal_mass_bin_index(f, n_bins)
+    count = np.bincount(index, minlength=n_bins).astype(np.float64)
+    filled = count > 0
+    accuracy = np.bincount(index, y, n_bins)[filled] / count[filled]
+    gap = accuracy - np.bincount(index, f, n_bins)[filled] / count[filled]
+    terms = gap ** 2
+    if debiased:
+        several = count[filled] > 1
+        variance = np.zeros_like(terms)
+        variance[several] = (accuracy * (1 - accuracy))[several] / (count[filled][several] - 1)
+        terms = np.where(several, terms - variance, 0.0)
+    return float(np.sum(count[filled] / len(f) * terms))
+
+
+def squared_calibration_error(probs, labels, n_bins: int = 15, debiased: bool = True) -> float:
+    """Top-label squared (l2) calibration error with equal-mass bins, debiased as in Kumar,
+    Liang & Ma (2019):
+
+        ``sum_j (n_j / N) [(acc_j - conf_j)^2 - acc_j (1 - acc_j) / (n_j - 1)]``,
+
+    bins with fewer than two predictions adding 0. The plug-in ``(acc_j - conf_j)^2``
+    overestimates the squared gap by the variance of ``acc_j``, ``mu_j (1 - mu_j) / n_j``; the
+    subtracted term is that variance's unbiased estimate, so a calibrated predictor scores
+    about 0 instead of about ``n_bins * mean(mu (1 - mu)) / N``. This is the *squared* error:
+    the paper's l2-CE is its square root (after clipping at 0). Bins follow
+    :func:`~bayes_router.core.arrays.equal_mass_bin_index` (ties may straddle a boundary; the
+    paper's code keeps tied confidences in one bin).
+
+    .. warning:: The debiased value can be negative (it is unbiased for a non-negative
+        quantity); the plug-in (``debiased=False``) is biased upward.
+
+    :param probs: predicted probabilities ``(N, C)``.
+    :param labels: true classes ``(N,)``.
+    :param n_bins: equal-mass bins (15, as for the ECE).
+    :param debiased: subtract the variance term (default); ``False`` gives the plug-in.
+
+    References: *Verified Uncertainty Calibration*, Kumar, Liang, Ma (NeurIPS 2019): the
+    debiased estimator of the squared calibration error with equal-mass bins.
+    """
+    return squared_calibration_error_from_confidence(*top_label_outcomes(probs, labels), n_bins,
+                                                     debiased)
 
 
 # -------------------------------------------------------------------------------- bootstrap

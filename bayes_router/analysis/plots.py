@@ -20,6 +20,11 @@ from matplotlib.patches import Patch
 
 from bayes_router.analysis.diagnostics import mean_by_uncertainty_bin
 from bayes_router.analysis.metrics import ReliabilityCurve, reliability_curve
+from bayes_router.analysis.selective import RiskCoverageCurve, risk_coverage_curve
+from bayes_router.analysis.smooth_calibration import (
+    SmoothReliabilityCurve,
+    smooth_reliability_curve,
+)
 from bayes_router.core.arrays import check_same_length, check_simplex, float_array, to_numpy
 from bayes_router.core.routing import expert_share
 
@@ -439,4 +444,80 @@ def plot_estimator_bars(names: Sequence[str], values, ax: Axes | None = None,
     if log:
         ax.set_yscale("log")
     ax.set_ylabel(ylabel)
+    return ax
+
+
+DENSITY_HEIGHT = 0.25  # the density's peak, as a share of the reliability diagram's height
+SUPPORTED_DENSITY = 0.01  # the smoothed curve is drawn bold where the density exceeds this x peak
+
+
+def plot_smooth_reliability_diagram(confidence=None, correct=None, *,
+                                    curve: SmoothReliabilityCurve | None = None,
+                                    ax: Axes | None = None, label: str | None = None,
+                                    color="C3") -> Axes:
+    """The smoothed reliability diagram (Błasiok & Nakkiran 2023): the kernel-smoothed accuracy
+    against confidence, its bootstrap band when the curve has one, the diagonal of perfect
+    calibration, and the density of the confidences as a grey area along the bottom (peak
+    scaled to a quarter of the height). The curve is bold where the density exceeds 1 % of its
+    peak and faint elsewhere, where it rests on almost no tokens.
+
+    :param confidence: top-label confidences ``(N,)`` (with ``correct``), or
+    :param curve: a precomputed
+        :class:`~bayes_router.analysis.smooth_calibration.SmoothReliabilityCurve`.
+    :param label: legend entry of the curve.
+    """
+    if curve is None:
+        if confidence is None or correct is None:
+            raise ValueError("plot_smooth_reliability_diagram needs confidence and correct, "
+                             "or curve")
+        if np.size(confidence) == 0:
+            raise _nothing_to_draw("confidence", "no predictions")
+        curve = smooth_reliability_curve(confidence, correct)
+    elif confidence is not None or correct is not None:
+        raise ValueError("pass either confidence and correct, or curve, not both")
+    ax = _axes(ax)
+    mesh = np.asarray(curve.mesh)
+    density = np.asarray(curve.density)
+    peak = density.max()
+    if peak > 0:
+        ax.fill_between(mesh, 0, DENSITY_HEIGHT * density / peak, color="gray", alpha=0.3,
+                        linewidth=0, label="density of confidence")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1)
+    if curve.low is not None:
+        ax.fill_between(mesh, curve.low, curve.high, color=color, alpha=0.25, linewidth=0,
+                        label="95 % band")
+    supported = density >= SUPPORTED_DENSITY * peak  # elsewhere the curve is mostly the eps
+    ax.plot(mesh, curve.accuracy, color=color, linewidth=0.8, alpha=0.35)
+    ax.plot(mesh, np.where(supported, curve.accuracy, np.nan), color=color, linewidth=1.8,
+            label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.03)  # a curve at accuracy 1 stays visible above the frame
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("smoothed accuracy")
+    return ax
+
+
+def plot_risk_coverage(scores=None, losses=None, *, curve: RiskCoverageCurve | None = None,
+                       ax: Axes | None = None, label: str | None = None, **line) -> Axes:
+    """The risk-coverage curve of selective prediction (Geifman & El-Yaniv 2017): the mean loss
+    of the predictions kept, most trusted first, against the share kept.
+
+    :param scores: uncertainty per prediction ``(N,)`` (with ``losses``), or
+    :param curve: a precomputed :class:`~bayes_router.analysis.selective.RiskCoverageCurve`.
+    :param label: legend entry of the line.
+    :param line: further arguments of :meth:`matplotlib.axes.Axes.plot` (colour, style).
+    """
+    if curve is None:
+        if scores is None or losses is None:
+            raise ValueError("plot_risk_coverage needs scores and losses, or curve")
+        if np.size(scores) == 0:
+            raise _nothing_to_draw("scores", "no predictions")
+        curve = risk_coverage_curve(scores, losses)
+    elif scores is not None or losses is not None:
+        raise ValueError("pass either scores and losses, or curve, not both")
+    ax = _axes(ax)
+    ax.plot(curve.coverage, curve.risk, label=label, **line)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("coverage (share of tokens kept)")
+    ax.set_ylabel("risk of the kept tokens")
     return ax

@@ -10,10 +10,14 @@ from matplotlib.figure import Figure
 from bayes_router.analysis.metrics import ReliabilityCurve
 from bayes_router.analysis.plots import (
     plot_reliability_diagram,
+    plot_risk_coverage,
     plot_routing_simplex,
+    plot_smooth_reliability_diagram,
     plot_uncertainty_strip,
     plot_uncertainty_vs_damage,
 )
+from bayes_router.analysis.selective import RiskCoverageCurve
+from bayes_router.analysis.smooth_calibration import SmoothReliabilityCurve
 from bayes_router.analysis.token_statistics import uncertainty_scores
 
 
@@ -34,6 +38,47 @@ def reliability_figure(curves: dict[str, ReliabilityCurve], ece: dict[str, float
         plot_reliability_diagram(curve=curve, ax=ax)
         title = name if ece is None or name not in ece else f"{name}: ECE {ece[name]:.3f}"
         ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def smooth_reliability_figure(curves: dict[str, SmoothReliabilityCurve]) -> Figure:
+    """One smoothed reliability diagram per predictive, side by side, each titled with its
+    smooth ECE and bandwidth."""
+    if not curves:
+        raise ValueError("curves is empty: nothing to draw")
+    fig = Figure(figsize=(3.6 * len(curves), 3.5))
+    axes = fig.subplots(1, len(curves), squeeze=False)[0]
+    for ax, (name, curve) in zip(axes, curves.items(), strict=True):
+        plot_smooth_reliability_diagram(curve=curve, ax=ax)
+        ax.set_title(f"{name}:\nsmECE {curve.smooth_ece:.3f} (σ = {curve.bandwidth:.3f})",
+                     fontsize=9)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def risk_coverage_figure(curves: dict[str, dict[str, RiskCoverageCurve]],
+                         oracle: dict[str, RiskCoverageCurve] | None = None,
+                         reference: str | None = None) -> Figure:
+    """Risk-coverage curves, one panel per risk (e.g. error and NLL), one line per score; the
+    ``reference`` score drawn black, the ``oracle`` (ranking by the loss itself) dotted.
+
+    :param curves: ``{risk: {score: curve}}``.
+    """
+    if not curves or not all(curves.values()):
+        raise ValueError("curves is empty: nothing to draw")
+    fig = Figure(figsize=(4.4 * len(curves), 3.6))
+    axes = fig.subplots(1, len(curves), squeeze=False)[0]
+    for ax, (risk, by_score) in zip(axes, curves.items(), strict=True):
+        for name, curve in by_score.items():
+            style = {"color": "black", "linewidth": 2} if name == reference else {}
+            plot_risk_coverage(curve=curve, ax=ax, label=name, **style)
+        if oracle is not None and risk in oracle:
+            plot_risk_coverage(curve=oracle[risk], ax=ax, label="oracle (ranked by the loss)",
+                               color="gray", linestyle=":")
+        ax.set_ylabel(f"{risk} of the kept tokens")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -7,13 +7,19 @@ On the validation split of a run directory (see :mod:`~bayes_router.experiments.
   the prior-free router's softmax weights) and, for the Bayesian router, of the *Bayesian model
   average* (BMA) over ``S`` routing samples from the guide: top-label ECE with 15 equal-width and
   15 equal-mass bins, MCE, multiclass Brier score and NLL, each with a percentile-bootstrap
-  interval that resamples whole windows (the tokens of one window are not independent);
+  interval that resamples whole windows (the tokens of one window are not independent); the
+  smooth ECE with its smoothed reliability diagram, the class-wise ECE and the debiased squared
+  calibration error, with intervals over the same windows;
 - **routing uncertainty** per token and layer from the guide's Dirichlet concentration (total,
   aleatoric, epistemic, concentration; see :mod:`~bayes_router.core.dirichlet`); the
   prior-free router has only the entropy of its softmax weights;
 - **damage** of hard routing per token, ``KL(soft predictive || hard predictive)`` on the same
   windows, and how well each uncertainty measure predicts it and the NLL
   (:func:`~bayes_router.analysis.diagnostics.uncertainty_diagnostics`);
+- **selective prediction**: the risk-coverage curve and its area (AURC) when the tokens with
+  the highest score are dropped first, for the error and the NLL of the plug-in predictive, for
+  every routing-uncertainty measure, the predictive's own entropy and a random score, with the
+  paired difference to the predictive entropy (window bootstrap);
 - on synthetic tasks, the **routing accuracy** of the argmax expert against the oracle, overall
   and per uncertainty decile.
 
@@ -24,6 +30,8 @@ and ``report.md``; :func:`calibrate_run` only the calibration part. Both write i
 References:
   - *On Calibration of Modern Neural Networks*, Guo, Pleiss, Sun, Weinberger (ICML 2017)
   - *Predictive Uncertainty Estimation via Prior Networks*, Malinin, Gales (NeurIPS 2018)
+  - *Smooth ECE: Principled Reliability Diagrams via Kernel Smoothing*, Błasiok, Nakkiran (2023)
+  - *Selective Classification for Deep Neural Networks*, Geifman, El-Yaniv (NeurIPS 2017)
 """
 
 from __future__ import annotations
@@ -53,9 +61,13 @@ from bayes_router.analysis.calibration import (
 from bayes_router.analysis.report_figures import (
     damage_figure,
     reliability_figure,
+    risk_coverage_figure,
     simplex_figure,
+    smooth_reliability_figure,
     uncertainty_strip_figure,
 )
+from bayes_router.analysis.selective import curve_from_points, selective_prediction_summary
+from bayes_router.analysis.smooth_calibration import smooth_curve_from_dict
 from bayes_router.analysis.token_statistics import (
     oracle_accuracy,
     oracle_label_quality,
@@ -67,6 +79,7 @@ from bayes_router.experiments.report_text import (
     analysis_report,
     calibration_table,
     comparison_report,
+    further_calibration_table,
     plug_in_label,
     run_line,
 )
@@ -85,7 +98,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BATCHES = EVAL_BATCHES  # the windows behind metrics.json
 EXCERPT_LEN = 80
 SIMPLEX_SAMPLES = 400
+PREDICTIVE_ENTROPY = "predictive_entropy (reference)"
+RANDOM_SCORE = "random score"
 _SYMBOLS = string.digits + string.ascii_letters + string.punctuation
+
+
 def _save(fig: Figure, path: Path) -> str:
     fig.savefig(path, dpi=120)
     return path.name
@@ -185,6 +202,46 @@ def _reliability_png(calibration: dict, path: Path) -> str:
     return _save(reliability_figure(curves, ece), path)
 
 
+def _smooth_reliability_png(calibration: dict, path: Path) -> str:
+    labels = {"plug_in": plug_in_label(calibration.get("router", "")),
+              "bma": "Bayesian model average"}
+    curves = {labels[k]: smooth_curve_from_dict({**v["smooth_ece"],
+                                                 "curve": v["smooth_reliability"]})
+              for k, v in calibration["predictives"].items()}
+    return _save(smooth_reliability_figure(curves), path)
+
+
+def _selective_prediction(arrays: TokenArrays, scores: dict[str, np.ndarray], n_boot: int,
+                          seed: int) -> dict:
+    """AURC of the routing measures (mean over layers), the predictive entropy and a random
+    score, for the error and the NLL of the plug-in predictive, and which routing measures
+    beat the predictive entropy (paired interval below 0)."""
+    ranked = {name: values for name, values in scores.items() if "/" not in name}
+    ranked[RANDOM_SCORE] = np.random.default_rng(seed).random(len(arrays.targets))
+    losses = {"error": (arrays.probs.argmax(-1) != arrays.targets).astype(np.float64),
+              "nll": arrays.nll.astype(np.float64)}
+    by_loss = selective_prediction_summary(ranked, losses, arrays.window_len,
+                                           PREDICTIVE_ENTROPY, n_boot, seed=seed)
+    routing = [name for name in ranked if name not in (PREDICTIVE_ENTROPY, RANDOM_SCORE)]
+    verdict = {}
+    for loss, entry in by_loss.items():
+        best = min(routing, key=lambda name: entry["scores"][name]["aurc"]["value"])
+        verdict[loss] = {
+            "best_routing_measure": best,
+            "beat_reference": [name for name in routing
+                               if entry["scores"][name]["minus_reference"]["high"] < 0]}
+    return {"reference": PREDICTIVE_ENTROPY, "predictive": "plug_in", "n_boot": n_boot,
+            "bootstrap_unit": "window", "losses": by_loss, "verdict": verdict}
+
+
+def _risk_coverage_png(selective: dict, path: Path) -> str:
+    curves = {loss: {name: curve_from_points(e["curve"]) for name, e in entry["scores"].items()}
+              for loss, entry in selective["losses"].items()}
+    oracle = {loss: curve_from_points(entry["oracle_curve"])
+              for loss, entry in selective["losses"].items()}
+    return _save(risk_coverage_figure(curves, oracle, selective["reference"]), path)
+
+
 def calibrate_run(run_dir: Path, out_dir: Path | None = None,
                   max_batches: int | None = DEFAULT_MAX_BATCHES, num_samples: int = 8,
                   n_boot: int = 1000, batch_size: int = 16, seed: int = 0,
@@ -201,11 +258,15 @@ def calibrate_run(run_dir: Path, out_dir: Path | None = None,
     result = {"run_dir": str(run_dir), "router": train_cfg.router, "split": "val",
               "num_samples": num_samples if isinstance(model, BayesianRoutedLM) else None,
               **_calibration(arrays, n_boot, seed, progress), "versions": versions()}
-    result["figures"] = {"reliability": _reliability_png(result, out_dir / "reliability.png")}
+    result["figures"] = {
+        "reliability": _reliability_png(result, out_dir / "reliability.png"),
+        "smooth_reliability": _smooth_reliability_png(result, out_dir / "smooth_reliability.png")}
     write_json(out_dir / "calibration.json", result)
     (out_dir / "calibration.md").write_text(
         "\n".join([f"# Calibration: {train_cfg.router} router", "", run_line(result), "",
-                   *calibration_table(result), "", "![reliability](reliability.png)", ""]))
+                   *calibration_table(result), "", "![reliability](reliability.png)", "",
+                   *further_calibration_table(result), "",
+                   "![smooth reliability](smooth_reliability.png)", ""]))
     return result
 
 
@@ -236,8 +297,7 @@ def analyse_run(run_dir: Path, out_dir: Path | None = None,
     uncertainty = token_uncertainty(arrays)
     scores = uncertainty_scores(uncertainty)
     probs = arrays.probs.astype(np.float64)
-    scores["predictive_entropy (reference)"] = -(probs * np.log(np.clip(probs, 1e-300, None))
-                                                 ).sum(-1)
+    scores[PREDICTIVE_ENTROPY] = -(probs * np.log(np.clip(probs, 1e-300, None))).sum(-1)
     result = {
         "run_dir": str(run_dir), "router": train_cfg.router, "split": "val",
         "corpus": data.name, "experts": list(model_cfg.experts), "seq_len": train_cfg.seq_len,
@@ -253,6 +313,7 @@ def analyse_run(run_dir: Path, out_dir: Path | None = None,
         "damage": {**summary(arrays.damage), "soft_nll": float(arrays.nll.mean()),
                    "hard_nll": float(arrays.hard_nll.mean())},
         "diagnostics": uncertainty_diagnostics(scores, arrays.nll, arrays.damage, seed=seed),
+        "selective_prediction": _selective_prediction(arrays, scores, n_boot, seed),
         "routing_accuracy": None,
         "versions": versions(),
     }
@@ -274,7 +335,11 @@ def analyse_run(run_dir: Path, out_dir: Path | None = None,
 
 def _analysis_figures(result, arrays, uncertainty, data, prior_mean, experts, out_dir: Path,
                       seed: int) -> dict:
-    figures = {"reliability": _reliability_png(result["calibration"], out_dir / "reliability.png")}
+    figures = {"reliability": _reliability_png(result["calibration"], out_dir / "reliability.png"),
+               "smooth_reliability": _smooth_reliability_png(result["calibration"],
+                                                             out_dir / "smooth_reliability.png"),
+               "risk_coverage": _risk_coverage_png(result["selective_prediction"],
+                                                   out_dir / "risk_coverage.png")}
     length = min(EXCERPT_LEN, arrays.window_len)
     text = _decode(data, arrays.tokens[:length])
     strip = {"total routing uncertainty H(abar) (nats)": uncertainty["total"][:, :length]}

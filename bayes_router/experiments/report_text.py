@@ -55,12 +55,77 @@ def calibration_table(result: dict) -> list[str]:
 
 
 
+def _ci_or_value(entry: dict, digits: int = 4) -> str:
+    if entry.get("low") is None:
+        return f"{entry['value']:.{digits}f}"
+    return _ci(entry, digits)
+
+
+def further_calibration_table(result: dict) -> list[str]:
+    """Markdown lines of the smooth ECE, class-wise ECE and debiased squared calibration error."""
+    c = result.get("calibration", result)
+    names = {"plug_in": plug_in_label(result.get("router", c.get("router", ""))),
+             "bma": "Bayesian model average"}
+    lines = ["| predictive | smooth ECE | bandwidth σ | class-wise ECE | debiased squared CE "
+             f"({CALIBRATION_BINS} equal-mass bins) |", "|---|---|---|---|---|"]
+    for key, p in c["predictives"].items():
+        lines.append(f"| {names[key]} | {_ci(p['smooth_ece'])} | "
+                     f"{p['smooth_ece']['bandwidth']:.4f} | {_ci_or_value(p['classwise_ece'], 5)}"
+                     f" | {_ci(p['debiased_squared_ce'], 5)} |")
+    lines += ["", "Smooth ECE: Błasiok & Nakkiran (2023), Gaussian kernel reflected at 0 and 1, "
+              "bandwidth solving smECE(σ) = σ as in `relplot`. Class-wise ECE: Kull et al. "
+              f"(2019), {CALIBRATION_BINS} equal-width bins per class, averaged over all classes. "
+              "Debiased squared CE: Kumar, Liang & Ma (2019), top label; it can be negative, "
+              "and its square root is the l2 calibration error."]
+    return lines
+
+
+def selective_section(selective: dict, figure: str) -> list[str]:
+    """Markdown lines of the selective-prediction comparison (AURC of each score)."""
+    reference = selective["reference"]
+    losses = selective["losses"]
+    lines = ["## Selective prediction", "",
+             "Dropping the tokens with the highest score first: area under the risk-coverage "
+             "curve (AURC, lower is better; Geifman & El-Yaniv 2017, Geifman et al. 2019) of the "
+             "plug-in predictive's error (1 − top-1 accuracy) and NLL, and the paired difference "
+             f"to `{reference}` (negative: the score ranks better). Ties in a score count "
+             "as a random order (each tied token gets the tie group's mean loss).", "",
+             "| score | " + " | ".join(f"AURC {loss} | − reference | E-AURC {loss}"
+                                       for loss in losses) + " |",
+             "|---" * (1 + 3 * len(losses)) + "|"]
+    for name in next(iter(losses.values()))["scores"]:
+        cells = []
+        for entry in losses.values():
+            e = entry["scores"][name]
+            cells += [_ci(e["aurc"]), "—" if name == reference else _ci(e["minus_reference"]),
+                      f"{e['e_aurc']:.4f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Overall risk (the AURC of a constant score) and the oracle's AURC (ranking by "
+              "the loss itself): " + "; ".join(
+                  f"{loss} {e['overall']:.4f} and {e['oracle_aurc']:.4f}"
+                  for loss, e in losses.items()) + ".", ""]
+    for loss, verdict in selective["verdict"].items():
+        beat = verdict["beat_reference"]
+        best = verdict["best_routing_measure"]
+        delta = losses[loss]["scores"][best]["minus_reference"]
+        lines.append(
+            f"- {loss}: " + (f"{', '.join(f'`{b}`' for b in beat)} beat"
+                             f"{'s' if len(beat) == 1 else ''} the predictive entropy "
+                             "(interval of the difference below 0)." if beat else
+                             "no routing measure beats the predictive entropy") +
+            ("" if beat else f"; the best, `{best}`, differs by {_ci(delta)}."))
+    lines += ["", f"![risk-coverage]({figure})"]
+    return lines
+
+
 def analysis_report(result: dict) -> str:
     """The markdown report of :func:`analyse_run`."""
     f = result["figures"]
     lines = [f"# Analysis: {result['router']} router", "", run_line(result), "",
              "## Predictive calibration", "", *calibration_table(result), "",
-             f"![reliability]({f['reliability']})", "", "## Routing uncertainty", "",
+             f"![reliability]({f['reliability']})", "", *further_calibration_table(result), "",
+             f"![smooth reliability]({f['smooth_reliability']})", "",
+             "## Routing uncertainty", "",
              "| layer | " + " | ".join(f"{n} (mean / median)" for n in
                                        result["uncertainty"]["per_layer"][0]) + " |",
              "|---" * (1 + len(result["uncertainty"]["per_layer"][0])) + "|"]
@@ -90,6 +155,8 @@ def analysis_report(result: dict) -> str:
     for name, row in rows.items():
         lines.append(f"| {name} | {_num(row['auroc_top_damage'])} | "
                      f"{_num(row['spearman_damage'])} | {_num(row['spearman_nll'])} |")
+    if result.get("selective_prediction"):
+        lines += ["", *selective_section(result["selective_prediction"], f["risk_coverage"])]
     if result["routing_accuracy"]:
         lines += ["", "## Routing accuracy against the oracle", "",
                   "The majority baseline is the accuracy of sending every token to the most "

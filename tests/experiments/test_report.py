@@ -12,14 +12,22 @@ from matplotlib.collections import PathCollection
 from matplotlib.image import AxesImage
 
 from bayes_router.analysis import (
+    area_under_risk_coverage,
+    classwise_calibration_error,
     expected_calibration_error,
     reliability_curve,
+    risk_coverage_curve,
     routing_accuracy_by_decile,
+    smooth_calibration_error,
+    smooth_reliability_curve,
+    squared_calibration_error,
 )
 from bayes_router.analysis.report_figures import (
     damage_figure,
     reliability_figure,
+    risk_coverage_figure,
     simplex_figure,
+    smooth_reliability_figure,
     uncertainty_strip_figure,
 )
 from bayes_router.cli import main
@@ -32,8 +40,9 @@ from bayes_router.inference.train import TrainConfig, load_trained
 from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM
 from bayes_router.models.config import TinyLMConfig
 
-FIGURES = ("reliability.png", "uncertainty_strip.png", "routing_simplex.png", "expert_share.png",
-           "uncertainty_vs_damage.png")
+FIGURES = ("reliability.png", "smooth_reliability.png", "uncertainty_strip.png",
+           "routing_simplex.png", "expert_share.png", "uncertainty_vs_damage.png",
+           "risk_coverage.png")
 OPTIONS = dict(max_batches=2, num_samples=4, n_boot=20, progress=False)
 
 
@@ -88,6 +97,12 @@ def _finite_calibration(predictive: dict) -> None:
     assert 0 <= predictive["ece"]["value"] <= predictive["mce"]["value"] <= 1
     assert 0 <= predictive["ece_equal_mass"]["value"] <= 1
     assert 0 <= predictive["brier"]["value"] <= 2
+    for name in ("smooth_ece", "classwise_ece", "debiased_squared_ce"):
+        entry = predictive[name]
+        assert np.isfinite(entry["value"]) and entry["low"] <= entry["high"], name
+    assert 0 < predictive["smooth_ece"]["bandwidth"] <= 1
+    band = predictive["smooth_reliability"]
+    assert len(band["mesh"]) == len(band["accuracy"]) == len(band["low"]) == 200
 
 
 def test_bayesian_analysis_writes_files_and_consistent_numbers(runs, tmp_path):
@@ -128,9 +143,40 @@ def test_bayesian_analysis_writes_files_and_consistent_numbers(runs, tmp_path):
     assert {"total", "aleatoric", "epistemic", "neg_log_concentration"} <= set(measures)
     assert stored["routing_accuracy"] is None  # a text corpus has no oracle
 
+    # the new calibration measures equal the public metrics on the plug-in predictive
+    plug_in = predictives["plug_in"]
+    assert plug_in["smooth_ece"]["value"] == pytest.approx(
+        smooth_calibration_error(probs, soft["targets"]), abs=1e-6)
+    assert plug_in["classwise_ece"]["value"] == pytest.approx(
+        classwise_calibration_error(probs, soft["targets"]), abs=1e-6)
+    assert plug_in["debiased_squared_ce"]["value"] == pytest.approx(
+        squared_calibration_error(probs, soft["targets"]), abs=1e-6)
+    assert "smooth ECE" in report and "Selective prediction" in report
+
+    # selective prediction: the AURCs of the stored per-token arrays, entropy as reference
+    selective = stored["selective_prediction"]
+    assert selective["reference"] == "predictive_entropy (reference)"
+    error = selective["losses"]["error"]
+    assert set(error["scores"]) == {"total", "aleatoric", "epistemic", "neg_log_concentration",
+                                    "predictive_entropy (reference)", "random score"}
+    correct = (probs.argmax(-1) == soft["targets"]).numpy()
+    assert error["overall"] == pytest.approx(1 - correct.mean())
+    assert error["scores"]["total"]["aurc"]["value"] == pytest.approx(
+        area_under_risk_coverage(tokens["uncertainty_total"].mean(0), 1.0 - correct))
+    assert selective["losses"]["nll"]["scores"]["aleatoric"]["aurc"]["value"] == pytest.approx(
+        area_under_risk_coverage(tokens["uncertainty_aleatoric"].mean(0), tokens["nll"]))
+    reference = error["scores"]["predictive_entropy (reference)"]["minus_reference"]
+    assert reference["value"] == reference["low"] == reference["high"] == 0
+    for loss, verdict in selective["verdict"].items():
+        assert ("beats the predictive entropy" in report or "beat the predictive entropy"
+                in report or "no routing measure beats" in report), loss
+        assert verdict["best_routing_measure"] in measures
+
 
 def test_prior_free_analysis_has_plug_in_and_entropy_only(runs, tmp_path):
     result = analyse_run(runs["prior-free"], tmp_path, **OPTIONS)
+    assert set(result["selective_prediction"]["losses"]["error"]["scores"]) == {
+        "total", "predictive_entropy (reference)", "random score"}
     assert set(result["calibration"]["predictives"]) == {"plug_in"}
     _finite_calibration(result["calibration"]["predictives"]["plug_in"])
     assert set(result["uncertainty"]["per_layer"][0]) == {"total"}
@@ -141,8 +187,10 @@ def test_prior_free_analysis_has_plug_in_and_entropy_only(runs, tmp_path):
 
 def test_calibrate_run_writes_the_calibration_part(runs, tmp_path):
     result = calibrate_run(runs["bayesian"], tmp_path, **OPTIONS)
-    for name in ("calibration.json", "calibration.md", "reliability.png"):
+    for name in ("calibration.json", "calibration.md", "reliability.png",
+                 "smooth_reliability.png"):
         assert (tmp_path / name).is_file()
+    assert "smooth ECE" in (tmp_path / "calibration.md").read_text()
     assert not (tmp_path / "analysis.json").exists()
     stored = strict_json(tmp_path / "calibration.json")
     assert stored["predictives"]["bma"]["nll"]["value"] == pytest.approx(
@@ -247,6 +295,22 @@ def test_reliability_figure_has_one_panel_per_predictive():
     for ax, curve in zip(fig.axes, curves.values()):
         assert len(ax.patches) == int((curve.count > 0).sum())
     assert fig.axes[1].get_title() == "BMA: ECE 0.200"
+
+
+def test_smooth_reliability_and_risk_coverage_figures_compose_the_panels():
+    rng = np.random.default_rng(3)
+    f = rng.uniform(0, 1, 300)
+    y = (rng.uniform(size=300) < f).astype(float)
+    curves = {"plug-in": smooth_reliability_curve(f, y), "BMA": smooth_reliability_curve(f, 1 - y)}
+    fig = smooth_reliability_figure(curves)
+    assert len(fig.axes) == 2 and fig.axes[1].get_title().startswith("BMA:\nsmECE")
+    risk = {"error": {"a": risk_coverage_curve(f, 1 - y), "b": risk_coverage_curve(-f, 1 - y)},
+            "nll": {"a": risk_coverage_curve(f, f)}}
+    fig = risk_coverage_figure(risk, {"error": risk_coverage_curve(1 - y, 1 - y)}, "b")
+    assert [len(ax.lines) for ax in fig.axes] == [3, 1]
+    assert fig.axes[0].lines[1].get_color() == "black"  # the reference
+    with pytest.raises(ValueError, match="empty"):
+        risk_coverage_figure({})
 
 
 def test_strip_simplex_and_damage_figures_compose_the_panels():
