@@ -47,6 +47,7 @@ from bayes_router.core.arrays import check_same_length, float_array, label_array
 from bayes_router.core.commitment import DEFAULT_LEVELS, commitment_cost, floor_kl
 from bayes_router.core.dirichlet import dirichlet_kl
 from bayes_router.core.elbo_surgery import log_dirichlet_draws
+from bayes_router.data.synthetic import ORACLE_LABELS
 from bayes_router.models.tinylm import FixedRouting
 
 
@@ -159,6 +160,9 @@ def summarise_layer(evidence: dict, experts: Sequence[str], levels=DEFAULT_LEVEL
 
 # ------------------------------------------------------------------ calibration of the decisions
 
+#: Draws of alpha held in memory at once by :func:`argmax_probability`.
+CHUNK_ENTRIES = 1 << 22
+
 
 def argmax_probability(concentration, draws: int = 4000, seed: int = 0) -> np.ndarray:
     """``P(alpha_j = max_k alpha_k)`` under ``Dir(a)`` for ``j`` the argmax of the posterior
@@ -174,9 +178,25 @@ def argmax_probability(concentration, draws: int = 4000, seed: int = 0) -> np.nd
                          "values")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
-    log_alpha = log_dirichlet_draws(a, draws, np.random.default_rng(seed))  # (n, S, K)
+    rng = np.random.default_rng(seed)
     chosen = a.argmax(1)  # the argmax of the mean: the same order as a
-    return (log_alpha.argmax(-1) == chosen[:, None]).mean(1)
+    rows = max(1, CHUNK_ENTRIES // (draws * a.shape[1]))  # bound the draws held at once
+    probability = np.empty(a.shape[0])
+    for start in range(0, a.shape[0], rows):
+        part = slice(start, start + rows)
+        log_alpha = log_dirichlet_draws(a[part], draws, rng)  # (rows, S, K)
+        probability[part] = (log_alpha.argmax(-1) == chosen[part, None]).mean(1)
+    return probability
+
+
+def oracle_experts(oracle, experts: Sequence[str]) -> np.ndarray:
+    """The expert index each oracle label names (:data:`~bayes_router.data.synthetic.
+    ORACLE_LABELS`), ``-1`` for "any" and for experts the model lacks."""
+    label = label_array(oracle, "oracle")
+    if np.any(label < -1) or np.any(label >= len(ORACLE_LABELS)):
+        raise ValueError(f"oracle must hold label ids in [-1, {len(ORACLE_LABELS)})")
+    index = np.array([list(experts).index(n) if n in experts else -1 for n in ORACLE_LABELS])
+    return np.where(label >= 0, index[np.clip(label, 0, None)], -1)
 
 
 def decision_calibration(best, weights, uncertainty: dict, argmax_prob=None,

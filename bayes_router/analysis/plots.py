@@ -521,3 +521,23 @@ def plot_risk_coverage(scores=None, losses=None, *, curve: RiskCoverageCurve | N
     ax.set_xlabel("coverage (share of tokens kept)")
     ax.set_ylabel("risk of the kept tokens")
     return ax
+
+
+def plot_decision_reliability(calibration: dict, ax: Axes | None = None,
+                              reference: str = "the counterfactual best",
+                              title: str = "routing decisions") -> Axes:
+    """The reliability of routing decisions: per confidence of
+    :func:`~bayes_router.analysis.evidence.decision_calibration` (the argmax weight, the
+    posterior probability that the argmax is the largest), the share of tokens whose argmax
+    expert is ``reference`` against the confidence, binned, with the ECE in the legend."""
+    ax = _axes(ax)
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8)
+    for i, (name, entry) in enumerate(calibration["confidence"].items()):
+        curve = entry["curve"]
+        filled = np.asarray(curve["count"]) > 0
+        ax.plot(np.asarray(curve["confidence"])[filled], np.asarray(curve["accuracy"])[filled],
+                "o-", color=f"C{i}", label=f"{name.replace('_', ' ')} (ECE {entry['ece']:.3f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence in the argmax expert",
+           ylabel=f"share where it is {reference}", title=title)
+    ax.legend(fontsize=7)
+    return ax

@@ -19,13 +19,14 @@ from bayes_router.analysis.evidence import (
     argmax_probability,
     decision_calibration,
     layer_evidence,
+    oracle_experts,
     summarise_layer,
 )
+from bayes_router.analysis.plots import plot_decision_reliability
 from bayes_router.analysis.study_plots import save_figure
 from bayes_router.core.commitment import DEFAULT_LEVELS
 from bayes_router.core.dirichlet import routing_uncertainty
 from bayes_router.core.elbo_surgery import split_kl
-from bayes_router.data.synthetic import ORACLE_LABELS
 from bayes_router.experiments.runs import check_run_dir, load_run, versions, write_json
 from bayes_router.models.bayesian import BayesianRoutedLM, compute_aware_prior
 
@@ -131,9 +132,7 @@ def _decisions(gain: np.ndarray, weights: torch.Tensor, concentration: torch.Ten
                                                      probability, seed=seed),
               "near_tie_share": float(np.mean(ordered[:, -1] - ordered[:, -2] < NEAR_TIE_NATS))}
     if oracle is not None:
-        label = oracle[rows, cols].numpy()
-        index = np.array([experts.index(n) if n in experts else -1 for n in ORACLE_LABELS])
-        best = np.where(label >= 0, index[np.clip(label, 0, None)], -1)
+        best = oracle_experts(oracle[rows, cols].numpy(), experts)
         if (best >= 0).any():
             result["oracle"] = decision_calibration(best, w, uncertainty, probability,
                                                     seed=seed)
@@ -147,18 +146,8 @@ def decision_figure(result: dict) -> Figure:
     fig = Figure(figsize=(4.2 * len(layers), 3.8))
     axes = fig.subplots(1, len(layers), squeeze=False)[0]
     for ax, layer in zip(axes, layers, strict=True):
-        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8)
-        decisions = layer["decisions"]["counterfactual"]
-        for i, (name, entry) in enumerate(decisions["confidence"].items()):
-            curve = entry["curve"]
-            filled = np.asarray(curve["count"]) > 0
-            ax.plot(np.asarray(curve["confidence"])[filled],
-                    np.asarray(curve["accuracy"])[filled], "o-", color=f"C{i}",
-                    label=f"{name.replace('_', ' ')} (ECE {entry['ece']:.3f})")
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence in the argmax expert",
-               ylabel="share where it is the counterfactual best",
-               title=f"layer {layer['layer']}: routing decisions")
-        ax.legend(fontsize=7)
+        plot_decision_reliability(layer["decisions"]["counterfactual"], ax=ax,
+                                  title=f"layer {layer['layer']}: routing decisions")
     fig.tight_layout()
     return fig
 

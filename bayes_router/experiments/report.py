@@ -58,6 +58,12 @@ from bayes_router.analysis.calibration import (
     curve_from_dict,
     paired_difference,
 )
+from bayes_router.analysis.evidence import (
+    argmax_probability,
+    decision_calibration,
+    oracle_experts,
+)
+from bayes_router.analysis.plots import plot_decision_reliability
 from bayes_router.analysis.report_figures import (
     damage_figure,
     reliability_figure,
@@ -322,6 +328,8 @@ def analyse_run(run_dir: Path, out_dir: Path | None = None,
                                                      uncertainty["total"], model_cfg.experts)
         result["oracle_labels"] = oracle_label_quality(arrays.probs, arrays.targets, arrays.nll,
                                                        arrays.oracle)
+        result["decision_calibration"] = _decision_calibration(arrays, uncertainty,
+                                                               model_cfg.experts, seed)
     result["figures"] = _analysis_figures(result, arrays, uncertainty, data, prior_mean,
                                           model_cfg.experts, out_dir, seed)
     np.savez_compressed(out_dir / "tokens.npz", tokens=arrays.tokens, targets=arrays.targets,
@@ -331,6 +339,41 @@ def analyse_run(run_dir: Path, out_dir: Path | None = None,
     write_json(out_dir / "analysis.json", result)
     (out_dir / "report.md").write_text(analysis_report(result))
     return result
+
+
+#: Draws per token of the posterior probability that the argmax weight is the largest.
+ARGMAX_DRAWS = 400
+
+
+def _decision_calibration(arrays: TokenArrays, uncertainty: dict, experts,
+                          seed: int) -> list[dict] | None:
+    """Per layer the calibration of the routing decisions against the oracle's expert
+    (:func:`~bayes_router.analysis.evidence.decision_calibration`), where a label names an
+    expert of the model."""
+    best = oracle_experts(arrays.oracle, experts)
+    labelled = best >= 0
+    if not labelled.any():
+        return None
+    rows = []
+    for layer in range(arrays.abar.shape[0]):
+        scores = {("low concentration" if name == "concentration" else name):
+                  (-values[layer] if name == "concentration" else values[layer])[labelled]
+                  for name, values in uncertainty.items()}
+        probability = (None if arrays.concentration is None else argmax_probability(
+            arrays.concentration[layer][labelled], draws=ARGMAX_DRAWS, seed=seed))
+        rows.append({"layer": layer, **decision_calibration(
+            best[labelled], arrays.abar[layer][labelled], scores, probability, seed=seed)})
+    return rows
+
+
+def _decision_png(rows: list[dict], path: Path) -> str:
+    fig = Figure(figsize=(4.2 * len(rows), 3.8))
+    axes = fig.subplots(1, len(rows), squeeze=False)[0]
+    for ax, row in zip(axes, rows, strict=True):
+        plot_decision_reliability(row, ax=ax, reference="the oracle's expert",
+                                  title=f"layer {row['layer']}: routing decisions")
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def _analysis_figures(result, arrays, uncertainty, data, prior_mean, experts, out_dir: Path,
@@ -357,6 +400,9 @@ def _analysis_figures(result, arrays, uncertainty, data, prior_mean, experts, ou
     figures["expert_share"] = _save(fig, out_dir / "expert_share.png")
     figures["uncertainty_vs_damage"] = _save(damage_figure(uncertainty, arrays.damage),
                                              out_dir / "uncertainty_vs_damage.png")
+    if result.get("decision_calibration"):
+        figures["decisions"] = _decision_png(result["decision_calibration"],
+                                             out_dir / "decisions.png")
     return figures
 
 

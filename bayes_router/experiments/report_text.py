@@ -118,6 +118,37 @@ def selective_section(selective: dict, figure: str) -> list[str]:
     return lines
 
 
+def decision_section(rows: list[dict], experts, figure: str | None) -> list[str]:
+    """Markdown of the routing decisions' calibration against the oracle, per layer."""
+    confidences = list(rows[0]["confidence"])
+    measures = list(rows[0]["auroc_wrong"])
+    lines = ["## Calibration of the routing decisions against the oracle", "",
+             "A decision is right when the argmax expert is the one the oracle label names "
+             "(targets labelled 'any' are left out). Confidence: the argmax weight"
+             + (" and the posterior probability that the argmax is the largest weight"
+                if "argmax_probability" in confidences else "")
+             + "; ECE over 10 equal-width bins. AUROC: how well each uncertainty measure picks "
+             "out the wrong decisions (0.5 is chance, the random score shows the noise).", "",
+             "| layer | tokens | right | "
+             + " | ".join(f"{c.replace('_', ' ')}: mean / ECE" for c in confidences)
+             + " | " + " | ".join(f"AUROC {m}" for m in measures) + " | AUROC random |",
+             "|---|---|---|" + "---|" * (len(confidences) + len(measures) + 1)]
+    for row in rows:
+        lines.append(
+            f"| {row['layer']} | {row['n_tokens']} | {100 * row['accuracy']:.1f} % | "
+            + " | ".join(f"{row['confidence'][c]['mean']:.3f} / {row['confidence'][c]['ece']:.3f}"
+                         for c in confidences)
+            + " | " + " | ".join(_num(row["auroc_wrong"][m]) for m in measures)
+            + f" | {_num(row['auroc_wrong_random'])} |")
+    lines += ["", "Right expert per layer: " + "; ".join(
+        f"layer {row['layer']} " + ", ".join(f"{e} {100 * v:.0f} %" for e, v in
+                                             zip(experts, row["best_share"], strict=True))
+        for row in rows) + "."]
+    if figure:
+        lines += ["", f"![routing decisions]({figure})"]
+    return lines
+
+
 def analysis_report(result: dict) -> str:
     """The markdown report of :func:`analyse_run`."""
     f = result["figures"]
@@ -168,6 +199,9 @@ def analysis_report(result: dict) -> str:
             lines.append(f"| {row['layer']} | {row['accuracy']:.3f} | {_num(baseline)} | "
                          f"{row['n_tokens']} | "
                          + " ".join(_num(a, 2) for a in row["bin_accuracy"]) + " |")
+    if result.get("decision_calibration"):
+        lines += ["", *decision_section(result["decision_calibration"], result["experts"],
+                                        f.get("decisions"))]
     if result.get("oracle_labels"):
         lines += ["", "## Prediction quality per oracle label (plug-in predictive)", "",
                   "| label | share of targets | NLL (nats) | accuracy |", "|---|---|---|---|"]

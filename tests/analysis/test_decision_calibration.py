@@ -89,3 +89,28 @@ def test_bad_concentrations_are_refused():
         argmax_probability(np.array([[1.0, 0.0]]))
     with pytest.raises(ValueError, match="draws must be an integer >= 1"):
         argmax_probability(np.ones((1, 2)), draws=0)
+
+
+def test_oracle_labels_name_the_models_experts():
+    from bayes_router.analysis.evidence import oracle_experts
+    from bayes_router.data.synthetic import ORACLE_LABELS
+
+    labels = np.array([-1, *range(len(ORACLE_LABELS))])
+    experts = ("local", "full")  # a model without linear
+    expected = [-1] + [experts.index(n) if n in experts else -1 for n in ORACLE_LABELS]
+    assert oracle_experts(labels, experts).tolist() == expected
+    with pytest.raises(ValueError, match="oracle must hold label ids"):
+        oracle_experts(np.array([len(ORACLE_LABELS)]), experts)
+
+
+def test_the_argmax_probability_is_the_same_in_chunks(monkeypatch):
+    import bayes_router.analysis.evidence as evidence
+
+    a = np.exp(np.random.default_rng(1).normal(size=(50, 3)))
+    whole = argmax_probability(a, draws=64, seed=2)
+    monkeypatch.setattr(evidence, "CHUNK_ENTRIES", 64 * 3 * 7)  # 7 rows at a time
+    chunked = argmax_probability(a, draws=64, seed=2)
+    assert chunked.shape == (50,)
+    assert np.all((chunked >= 0) & (chunked <= 1))
+    # one generator drawn in another order: equal in distribution, not entry by entry
+    assert abs(chunked.mean() - whole.mean()) < 0.05

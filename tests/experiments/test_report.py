@@ -264,6 +264,17 @@ def test_routing_accuracy_against_the_oracle_of_a_synthetic_task(tmp_path):
         assert row["accuracy"] == pytest.approx(np.mean(chosen[labelled] == oracle[labelled]))
         expected = routing_accuracy_by_decile(chosen, oracle, total)
         np.testing.assert_allclose(row["bin_accuracy"], expected["bin_accuracy"])
+    # the decisions' calibration scores the same decisions (every label names an expert here)
+    for row, decisions, abar in zip(rows, result["decision_calibration"], tokens["abar"]):
+        assert decisions["accuracy"] == pytest.approx(row["accuracy"])
+        assert decisions["n_tokens"] == row["n_tokens"]
+        labelled = oracle != -1
+        assert decisions["confidence"]["argmax_weight"]["mean"] == pytest.approx(
+            abar.max(-1)[labelled].mean())
+        assert set(decisions["confidence"]) == {"argmax_weight", "argmax_probability"}
+    assert (tmp_path / "run" / "analysis" / "decisions.png").is_file()
+    assert "## Calibration of the routing decisions against the oracle" in (
+        tmp_path / "run" / "analysis" / "report.md").read_text()
     # per-label prediction quality: the same NLLs as the run's own evaluation of those windows
     from bayes_router.inference.evaluate import evaluate
     from bayes_router.inference.train import load_trained
