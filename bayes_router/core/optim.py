@@ -1,9 +1,8 @@
 """The optimiser every training loop of the toolkit uses: AdamW on torch's fused kernel.
 
 torch's default AdamW on CPU updates one parameter tensor at a time; ``fused=True`` updates all
-of them in one kernel. Measured on this project's CPU (2 threads, interleaved, median of 30):
-0.70 ms against 2.39 ms per step for the Phase-1 model's 36 tensors, 1.86 ms against 5.85 ms at
-D=128, L=4. The update is the same algorithm (the tests' resume and data-parallel checks run on
+of them in one kernel, which is faster (``docs/experts.md``, SVI step, has the timings). The
+update is the same algorithm (the tests' resume and data-parallel checks run on
 it); only the floating-point order of operations differs from the per-tensor loop.
 """
 

@@ -35,47 +35,17 @@ handful of copy segments) and driven by a seeded :class:`torch.Generator`.
 through :func:`~bayes_router.data.corpus.load_corpus` (see :func:`preset_config`).
 
 ``recall-far``
-    A ``recall`` task that an all-``full`` Phase-1 LM learns in under 1000 steps while neither
-    local nor linear attention can: 4 pairs over 10 keys and 10 values (``vocab_size=40``), all
-    4 queried in the order they were stored (``query_order="stored"``), 16384 training
-    sequences (so the answers cannot be memorised), 512 per evaluation split. Defaults
-    ``seq_len=32``, ``window=4``. The run's ``seq_len`` and ``window`` are accepted as given, but
-    every recall target must lie more than ``2 * window`` tokens after its source (two stacked
-    local layers see ``2 w`` back), that is ``seq_len >= 2 * window + 12``; otherwise
-    :func:`preset_config` raises a ``ValueError`` naming the ``seq_len`` needed.
-
-    Measured with ``TinyLMConfig.phase1(40, window=4, max_seq_len=32)``, one expert in every
-    layer, AdamW lr ``1e-3``, grad clip 1, batch 16, 1 CPU thread, accuracy on the 2048 val
-    recall targets (chance ``1/10``), at steps 250/500/750/1000/1500:
-
-    ============  ==================================  =========
-    experts       recall accuracy                      wall time
-    ============  ==================================  =========
-    full, seed 0  0.09 / 0.11 / 0.90 / 1.00 / --       33 s (1000 steps)
-    full, seed 1  0.11 / 0.10 / 0.45 / 1.00 / 1.00     49 s (1500 steps)
-    local         0.09 / 0.11 / 0.09 / 0.10 / 0.11     58 s
-    linear        0.09 / 0.11 / 0.11 / 0.10 / 0.11     44 s
-    ============  ==================================  =========
-
-    The learning rate matters: at lr ``3e-3`` the all-``full`` LM stays at chance for 1000 steps.
-    An untied output head (``tie_weights=False``) learns faster (1.00 by step 500), **but then
-    the all-``linear`` LM solves the recall targets too** (1.00 in 3 of 3 seeds at 800 steps,
-    ``make demo``): the stored order makes the answer a fixed-offset lookup that the linear
-    kernel's running sum can express with learned positions. The label ``"full"`` here means
-    "out of the local window's reach", which the all-``local`` LM confirms (chance, 0.10-0.11).
-    ``make demo`` keeps the tied head (1200 steps, lr ``1e-3``, ``window=4``, ``seq_len=32``):
-    all-``full`` recall 1.00 / 0.89 / 1.00 over 3 seeds, all-``linear`` and all-``local`` at
-    chance (0.09-0.10).
-
-    Why the plain ``recall`` task fails at this budget: with queries in random order the model
-    must build a two-layer induction circuit (a previous-token head that writes each key into
-    its value, then a content match); at batch 16 this did not form within 1500-2000 steps
-    for any setting tried (4-8 pairs, ``seq_len`` 32-64, lr ``1e-3`` to ``1e-2``, fillers from one
-    symbol, tied or untied head), the best runs reaching only shortcuts: guessing among the
-    stored values (about 36 % with 4 pairs, 2 queries) or, when every pair is queried, among the
-    values not yet asked (about 60 %). Stored order keeps the task out of reach of the window
-    but makes the lookup one hop: the query at position ``t`` attends to a fixed earlier
-    position.
+    A ``recall`` task that all-``full`` attention can solve and local attention cannot reach:
+    4 pairs over 10 keys and 10 values (``vocab_size=40``), all 4 queried in the order they were
+    stored (``query_order="stored"``), 16384 training sequences (so the answers cannot be
+    memorised), 512 per evaluation split. Defaults ``seq_len=32``, ``window=4``. The run's
+    ``seq_len`` and ``window`` are accepted as given, but every recall target must lie more
+    than ``2 * window`` tokens after its source (two stacked local layers see ``2 w`` back),
+    that is ``seq_len >= 2 * window + 12``; otherwise :func:`preset_config` raises a
+    ``ValueError`` naming the ``seq_len`` needed. The label ``"full"`` here means "out of the
+    local window's reach": with stored order each answer is a fixed-offset lookup, which linear
+    attention can also express once the output head is untied. ``docs/phase1.md`` gives the
+    measurements behind these settings and the ``make demo`` results.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Hard routing of short sequences: the softmax experts share one attention.
 
 Below a crossover length the sparse path's bookkeeping (per-expert row layouts, gathers and
-scatters) costs more than the attention it skips: at ``T = 128`` a 50/0/50 mix of
-full/linear/local took 1.7x the full-only layer on CPU. There the tokens routed to a softmax
+scatters) costs more than the attention it skips. There the tokens routed to a softmax
 expert (full, local: those with
 :meth:`~bayes_router.models.experts.base.AttentionExpert.softmax_keys`) go through one
 ``scaled_dot_product_attention`` over the whole sequence, each query row masked to the keys of

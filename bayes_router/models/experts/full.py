@@ -16,11 +16,8 @@ from bayes_router.models.experts.naive import naive_full
 
 #: Gathered causal rows come from the dense causal SDPA and a gather when they are more than
 #: this share of a sequence of at least :data:`DENSE_ROWS_MIN_LEN` positions: the masked row
-#: tiles run slower per FLOP than causal SDPA, which skips the masked blocks. Measured, rows
-#: over dense and gather (B 2, H 4, d 64, random rows, 25 interleaved rounds where not said,
-#: ``docs/experts.md``), at shares 0.5 / 0.6 / 0.7 / 0.9: T = 1024 0.83, 0.95, 1.10, 1.38;
-#: T = 2048 (4 rounds) 0.87, 1.08, 1.17, 1.45; T = 4096 (3 rounds) 0.96, 1.06, 1.28, 1.44;
-#: shorter sequences cross over later (T = 512: 0.66, 0.82, 0.86, 1.10).
+#: tiles run slower per FLOP than causal SDPA, which skips the masked blocks. Shorter
+#: sequences cross over later (the crossover measured in ``docs/experts.md``).
 DENSE_ROWS_FROM = 0.6
 DENSE_ROWS_MIN_LEN = 1024
 

@@ -156,26 +156,22 @@ class _ChunkedLinear(torch.autograd.Function):
         return g_q, g_k, g_v
 
 
-#: Causal sequences of at most this many chunks run as one masked ``T x T`` product: at two
-#: chunks (T=128, C=64, B=2, H=4, d=64) it took 0.42x the prefix sums' forward time and 0.69x
-#: their forward+backward; at four chunks the prefix sums win (``docs/experts.md``).
+#: Causal sequences of at most this many chunks run as one masked ``T x T`` product: fewer,
+#: larger operations are faster there; at four chunks the prefix sums win
+#: (``docs/experts.md`` has the measurements).
 QUADRATIC_CHUNKS = 2
 
 #: ... and only while its ``B H x T x T`` scores (rows x T where rows are selected) hold at most
 #: this many entries (1 MB of float32): past it the passes over them cost more than the
-#: prefix sums' extra products save. Measured (a first run; ``docs/experts.md`` has a second,
-#: ``benchmarks/linear_quadratic_ab.py``), forward+backward over the prefix sums, at two
-#: chunks: (B, H, T, d) = (2, 4, 128, 64) 0.76x, (4, 4, 128, 64) 0.80x, (16, 4, 64, 16) 0.74x
-#: (all 2^18 entries or fewer); (8, 4, 128, 16) 1.18x, (16, 4, 128, 16) 1.41x,
-#: (16, 4, 256, 32) 1.70x (2^19 and more). Gathered rows take the same limit on rows x T,
+#: prefix sums' extra products save (``docs/experts.md``, measured by
+#: ``benchmarks/linear_quadratic_ab.py``). Gathered rows take the same limit on rows x T,
 #: not timed separately.
 QUADRATIC_SCORES = 1 << 18
 
 #: Gathered causal rows come from the dense prefix sums and a gather when they are more than
-#: this share of the sequence: the rows' chunk states are those of every position anyway.
-#: Measured, rows over dense and gather (B 2, H 4, d 64, C 64, random rows,
-#: ``docs/experts.md``): share 0.5 0.82-1.10, 0.6 0.90-1.15, 0.7 1.09-1.11, 0.8 1.07-1.32,
-#: 0.9 1.19-1.21 at T = 512, 2048 and 4096.
+#: this share of the sequence: the rows' chunk states are those of every position anyway,
+#: and above it the rows path is slower than dense and gather (the crossover measured in
+#: ``docs/experts.md``).
 DENSE_ROWS_FROM = 0.6
 
 

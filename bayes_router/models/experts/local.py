@@ -103,9 +103,8 @@ def _local_block_mask(n_blocks: int, block: int, n_keys: int, seq_len: int, wind
 SCORE_TILE = 1 << 18
 
 #: Hard-routed rows run the dense kernel and gather its rows when some block holds more than
-#: this share of its ``P`` queries (``M > 0.5 P``): measured crossover of the two at T = 4096,
-#: ``w = 64`` (M/P = 0.47: rows 0.78x dense; 0.59: 1.02x) and T = 512, ``w = 16``
-#: (``docs/experts.md``).
+#: this share of its ``P`` queries (``M > 0.5 P``): the crossover of the two, measured at
+#: T = 4096, ``w = 64`` and T = 512, ``w = 16`` (``docs/experts.md``).
 DENSE_ROWS_FROM = 0.5
 
 #: The smallest window whose dense kernel runs blocks of ``w / 2`` queries (see
@@ -296,9 +295,9 @@ class LocalAttention(AttentionExpert):
         """Queries per block of the dense kernel, ``P``: ``w / 2`` for an even ``w >= 64``,
         else ``w``. A block scores ``P + w`` keys per query (``P + 2w`` bidirectional), so
         halving it halves the wasted keys per query and scores a quarter fewer keys (a sixth,
-        bidirectional), where the blocks stay large enough for efficient products
-        (``docs/experts.md``: 0.85x forward time at ``w = 64``, ``d = 64``; slower
-        forward+backward at ``w = 16, 32``)."""
+        bidirectional), where the blocks stay large enough for efficient products (faster at
+        ``w = 64``, slower forward+backward at ``w = 16, 32``; measured in ``docs/experts.md``
+        and ``docs/notes/history.md``)."""
         w = self.window
         return w // 2 if w >= HALF_BLOCKS_FROM and w % 2 == 0 else w
 
