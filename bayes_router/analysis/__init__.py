@@ -1,8 +1,8 @@
-"""Metrics, uncertainty decomposition, calibration diagnostics and plots of routed models.
+"""Calibration metrics, selective prediction, diagnostics and plots of routed models.
 
-The routing metrics and the uncertainty decomposition are defined in the leaf layer
-(:mod:`bayes_router.core`) and re-exported here with the calibration metrics, diagnostics and
-plots.
+The routing metrics (:mod:`bayes_router.core.routing`), the uncertainty decomposition
+(:mod:`bayes_router.core.dirichlet`) and the categorical KL (:mod:`bayes_router.core.categorical`)
+live in the leaf layer and are imported from there: each function has one public home.
 """
 
 from bayes_router.analysis.diagnostics import (
@@ -55,21 +55,6 @@ from bayes_router.analysis.smooth_calibration import (
     smooth_calibration_summary,
     smooth_reliability_curve,
 )
-from bayes_router.core.categorical import kl_divergence_categorical
-from bayes_router.core.dirichlet import (
-    RoutingUncertainty,
-    aleatoric_uncertainty,
-    epistemic_uncertainty,
-    routing_uncertainty,
-    total_concentration,
-    total_uncertainty,
-)
-from bayes_router.core.routing import (
-    expected_flop_cost,
-    expert_share,
-    projected_flop_cost,
-    routing_entropy,
-)
 
 __all__ = [
     # metrics
@@ -79,14 +64,10 @@ __all__ = [
     "brier_score",
     "classwise_calibration_error",
     "expected_calibration_error",
-    "expected_flop_cost",
-    "expert_share",
     "maximum_calibration_error",
     "negative_log_likelihood",
-    "projected_flop_cost",
     "reliability_curve",
     "reliability_curve_from_confidence",
-    "routing_entropy",
     "smooth_calibration_bandwidth",
     "smooth_calibration_error",
     "smooth_calibration_error_from_confidence",
@@ -102,16 +83,8 @@ __all__ = [
     "oracle_area_under_risk_coverage",
     "risk_coverage_curve",
     "selective_prediction_summary",
-    # uncertainty
-    "RoutingUncertainty",
-    "aleatoric_uncertainty",
-    "epistemic_uncertainty",
-    "routing_uncertainty",
-    "total_concentration",
-    "total_uncertainty",
     # diagnostics
     "auroc",
-    "kl_divergence_categorical",
     "mean_by_uncertainty_bin",
     "routing_accuracy_by_decile",
     "spearman",

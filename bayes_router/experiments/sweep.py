@@ -28,11 +28,8 @@ import pyro
 import torch
 from matplotlib.figure import Figure
 
-from bayes_router.analysis import (
-    epistemic_uncertainty,
-    expected_calibration_error,
-    plot_beta0_sensitivity,
-)
+from bayes_router.analysis import expected_calibration_error, plot_beta0_sensitivity
+from bayes_router.core.dirichlet import epistemic_uncertainty
 from bayes_router.experiments.rundir import run_lock
 from bayes_router.experiments.runs import (
     finished_metrics,

@@ -13,7 +13,6 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from bayes_router.analysis import (
-    expert_share,
     plot_beta0_sensitivity,
     plot_estimator_bars,
     plot_expert_share,
@@ -24,6 +23,7 @@ from bayes_router.analysis import (
     plot_uncertainty_vs_damage,
     reliability_curve,
 )
+from bayes_router.core.routing import expert_share
 
 
 @pytest.fixture(autouse=True)

@@ -346,7 +346,7 @@ def test_strip_simplex_and_damage_figures_compose_the_panels():
     assert [ax.get_title() for ax in fig.axes] == ["layer 0", "layer 1"]
 
     concentration = np.random.default_rng(1).uniform(0.2, 3.0, size=(2, 300, 3))
-    from bayes_router.analysis import routing_uncertainty
+    from bayes_router.core.dirichlet import routing_uncertainty
     parts = routing_uncertainty(concentration)
     uncertainty = {"total": parts.total, "aleatoric": parts.aleatoric,
                    "epistemic": parts.epistemic, "concentration": parts.concentration}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bayes_router.analysis import (
+from bayes_router.core.dirichlet import (
     RoutingUncertainty,
     aleatoric_uncertainty,
     epistemic_uncertainty,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bayes_router.analysis import (
+from bayes_router.core.routing import (
     expected_flop_cost,
     expert_share,
     projected_flop_cost,
