@@ -25,18 +25,23 @@ def _qkv(B, T, H=2, d=4, requires_grad=False):
             for _ in range(3)]
 
 
-def _assert_rows_match_naive(expert, q, k, v, positions):
-    """``expert(q, k, v, positions)`` equals the naive twin's rows at ``positions``, outputs
-    and gradients (for an uneven upstream gradient)."""
-    B, H, _, d = q.shape
-    out = expert(q, k, v, positions)
-    ref = expert.naive(q, k, v).gather(2, positions[:, None, :, None].expand(
-        B, H, positions.shape[1], d))
+def _assert_matches_naive(expert, q, k, v, positions=None):
+    """``expert(q, k, v[, positions])`` against its naive twin (the twin's rows at
+    ``positions``): outputs, and when the inputs require grad, their gradients for an uneven
+    upstream gradient (float64: 1e-10 and 1e-9). Returns the twin's output."""
+    out = expert(q, k, v) if positions is None else expert(q, k, v, positions)
+    ref = expert.naive(q, k, v)
+    if positions is not None:
+        B, H, _, d = q.shape
+        ref = ref.gather(2, positions[:, None, :, None].expand(B, H, positions.shape[1], d))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    upstream = torch.randn_like(out)
-    for g, r in zip(torch.autograd.grad(out, (q, k, v), upstream),
-                    torch.autograd.grad(ref, (q, k, v), upstream), strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    if q.requires_grad:
+        upstream = torch.randn_like(out)
+        for g, r in zip(torch.autograd.grad(out, (q, k, v), upstream, retain_graph=True),
+                        torch.autograd.grad(ref, (q, k, v), upstream, retain_graph=True),
+                        strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    return ref
 
 
 @pytest.mark.parametrize("name", ["full", "linear", "local"])
@@ -44,15 +49,7 @@ def _assert_rows_match_naive(expert, q, k, v, positions):
 @pytest.mark.parametrize("B,T", SHAPES)
 def test_expert_matches_naive_twin(name, causal, B, T):
     expert = build_expert(name, TinyLMConfig(window=3, chunk_size=8, causal=causal))
-    q, k, v = _qkv(B, T, requires_grad=True)
-    out = expert(q, k, v)
-    ref = expert.naive(q, k, v)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    upstream = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), upstream)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), upstream)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    _assert_matches_naive(expert, *_qkv(B, T, requires_grad=True))
 
 
 @pytest.mark.parametrize("name", ["full", "linear", "local"])
@@ -66,7 +63,7 @@ def test_gathered_rows_match_dense_rows(name, causal, chunk_size, monkeypatch):
     B, T = 2, 45
     q, k, v = _qkv(B, T, requires_grad=True)
     positions = torch.stack([torch.randperm(T)[:17].sort().values for _ in range(B)])
-    _assert_rows_match_naive(expert, q, k, v, positions)
+    _assert_matches_naive(expert, q, k, v, positions)
 
 
 @pytest.mark.parametrize("name", ["full", "linear", "local"])
@@ -189,23 +186,7 @@ def test_padding_rows_do_not_widen_the_block_layout(name):
     _, _, M = block_layout(positions, 8, 5, 40)
     assert M == 8  # a block holds at most 8 distinct positions
     expert = build_expert(name, TinyLMConfig(window=8, chunk_size=8))
-    q, k, v = _qkv(2, 40)
-    out = expert(q, k, v, positions)
-    ref = expert.naive(q, k, v)
-    ref = ref.gather(2, positions[:, None, :, None].expand(2, 2, 40, 4))
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-
-
-def _assert_matches_naive(expert, q, k, v):
-    """Outputs and gradients (float64) of ``expert`` against its naive twin; the twin's
-    output."""
-    out, ref = expert(q, k, v), expert.naive(q, k, v)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    upstream = torch.randn_like(out)
-    for g, r in zip(torch.autograd.grad(out, (q, k, v), upstream, retain_graph=True),
-                    torch.autograd.grad(ref, (q, k, v), upstream, retain_graph=True)):
-        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
-    return ref
+    _assert_matches_naive(expert, *_qkv(2, 40), positions)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -320,7 +301,7 @@ def test_local_rows_by_either_path_match_naive(causal, dense_from, window, block
     q, k, v = _qkv(B, T, requires_grad=True)
     positions = torch.stack([torch.randperm(T)[:11].sort().values,
                              torch.tensor([7] * 11)])  # row 1: one token, then padding
-    _assert_rows_match_naive(expert, q, k, v, positions)
+    _assert_matches_naive(expert, q, k, v, positions)
 
 
 @pytest.mark.parametrize("name", ["full", "linear"])
@@ -346,7 +327,7 @@ def test_full_and_linear_rows_by_either_path_match_naive(name, causal, dense_fro
     q, k, v = _qkv(B, T, requires_grad=True)
     positions = torch.stack([torch.randperm(T)[:30].sort().values,
                              torch.cat([torch.arange(3, 32, 2), torch.full((15,), 31)])])
-    _assert_rows_match_naive(expert, q, k, v, positions)
+    _assert_matches_naive(expert, q, k, v, positions)
 
 
 @pytest.mark.parametrize("T", [7, 9, 12])
