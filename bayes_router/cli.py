@@ -83,7 +83,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_train_args(p: argparse.ArgumentParser, router: bool = True) -> None:
     from bayes_router.core.precision import DTYPES
     from bayes_router.inference.estimators import estimator_names
-    from bayes_router.inference.train import ROUTERS, TrainConfig
+    from bayes_router.inference.train_config import ROUTERS, TrainConfig
     from bayes_router.models.bayesian import PRIOR_MEANS, PRIORS
 
     d = _field_defaults(TrainConfig)
@@ -156,7 +156,7 @@ def _add_train_args(p: argparse.ArgumentParser, router: bool = True) -> None:
 
 
 def _configs(args, vocab_size: int):
-    from bayes_router.inference.train import TrainConfig
+    from bayes_router.inference.train_config import TrainConfig
     from bayes_router.models.config import TinyLMConfig
 
     model_cfg = TinyLMConfig(
@@ -220,7 +220,7 @@ def _train_arguments(p):
          _train_arguments)
 def cmd_train(args) -> int:
     from bayes_router.experiments.runs import EVAL_BATCHES, load_data, train_run
-    from bayes_router.inference.train import CHECKPOINT_NAME
+    from bayes_router.inference.checkpoint import CHECKPOINT_NAME
 
     if args.resume and not (Path(args.out) / CHECKPOINT_NAME).exists():
         raise ValueError(f"--resume: {args.out} holds no {CHECKPOINT_NAME}")
@@ -229,7 +229,7 @@ def cmd_train(args) -> int:
     model_cfg, train_cfg = _configs(args, vocab_size=data.vocab_size)
     _out_dir(args, "train")
     if args.resume:
-        from bayes_router.inference.train import check_same_config, load_checkpoint
+        from bayes_router.inference.checkpoint import check_same_config, load_checkpoint
 
         check_same_config(load_checkpoint(Path(args.out) / CHECKPOINT_NAME), model_cfg,
                           train_cfg)
@@ -500,7 +500,7 @@ def cmd_bench(args) -> int:
 
 
 def _data_arguments(p):
-    from bayes_router.inference.train import TrainConfig
+    from bayes_router.inference.train_config import TrainConfig
     from bayes_router.models.config import PHASE1_SIZE
 
     d = _field_defaults(TrainConfig)

@@ -1,6 +1,6 @@
 """Small configurations shared by the tests."""
 
-from bayes_router.inference.train import TrainConfig
+from bayes_router.inference.train_config import TrainConfig
 from bayes_router.models.config import TinyLMConfig
 
 

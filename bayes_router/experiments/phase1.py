@@ -35,7 +35,7 @@ from bayes_router.analysis.study_plots import save_figure
 from bayes_router.experiments.report import report_runs
 from bayes_router.experiments.rundir import run_lock
 from bayes_router.experiments.runs import load_data, train_runs, versions, write_json
-from bayes_router.inference.train import TrainConfig, objective_label
+from bayes_router.inference.train_config import TrainConfig, objective_label
 from bayes_router.models.config import TinyLMConfig
 
 logger = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ def run_phase1(out_dir: Path, seeds: int = 3, steps: int = 300,
     the Bayesian and prior-free runs also get their analysis reports (calibration, uncertainty
     diagnostics, figures) and ``out_dir/comparison`` a side-by-side calibration comparison.
 
-    :param routers: router specs (see :class:`~bayes_router.inference.train.TrainConfig`);
+    :param routers: router specs (see :class:`~bayes_router.inference.train_config.TrainConfig`);
         the claims need ``bayesian`` and ``prior-free``, the power check two ``fixed:<expert>``.
     :param jobs: parallel worker processes (one torch thread each).
     :param eval_batches: validation batches of the final metrics (``None``: the whole split).

@@ -37,6 +37,8 @@ from bayes_router.core.precision import dtype_name, resolve_dtype
 from bayes_router.data import corpus_statistics, load_corpus
 from bayes_router.data.tokens import TokenData, token_data
 from bayes_router.experiments.rundir import run_lock
+from bayes_router.inference.build import check_compatible, load_trained
+from bayes_router.inference.checkpoint import CHECKPOINT_NAME, config_differences
 from bayes_router.inference.distributed import Distributed, resolve_device
 from bayes_router.inference.evaluate import (
     bits_label,
@@ -46,17 +48,8 @@ from bayes_router.inference.evaluate import (
     timed_forward,
 )
 from bayes_router.inference.timing import DECODE_STEPS
-from bayes_router.inference.train import (
-    CHECKPOINT_NAME,
-    TrainConfig,
-    TrainingDiverged,
-    check_compatible,
-    config_differences,
-    gated_training_bias,
-    load_trained,
-    objective_label,
-    train,
-)
+from bayes_router.inference.train import TrainingDiverged, train
+from bayes_router.inference.train_config import TrainConfig, gated_training_bias, objective_label
 from bayes_router.models.bayesian import RoutedLM
 from bayes_router.models.config import TinyLMConfig
 
@@ -124,7 +117,7 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu",
              dtype: str | torch.dtype = "float32"
              ) -> tuple[RoutedLM, TinyLMConfig, TrainConfig, dict, TokenData]:
     """The trained model of a run directory (computing in ``dtype``, see
-    :func:`~bayes_router.inference.train.load_trained`), its configurations, checkpoint and data.
+    :func:`~bayes_router.inference.build.load_trained`), its configurations, checkpoint and data.
 
     The checkpoint is the source of truth; a warning says when ``config.json`` disagrees with
     it (a checkpoint copied in from another run) or when the corpus has changed since training

@@ -41,7 +41,7 @@ from bayes_router.experiments.runs import (
     write_json,
 )
 from bayes_router.inference.evaluate import collect
-from bayes_router.inference.train import TrainConfig
+from bayes_router.inference.train_config import TrainConfig
 from bayes_router.models.config import TinyLMConfig
 
 logger = logging.getLogger(__name__)

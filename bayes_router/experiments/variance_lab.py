@@ -26,6 +26,8 @@ from bayes_router.analysis.study_plots import (
 )
 from bayes_router.data.tokens import TokenData, token_data
 from bayes_router.experiments.runs import check_run_dir, load_run, versions, write_json
+from bayes_router.inference.build import build_routed_lm
+from bayes_router.inference.checkpoint import CHECKPOINT_NAME
 from bayes_router.inference.gradient_stats import snr_noise_floor
 from bayes_router.inference.toy_variance import (
     BOOTSTRAPPED,
@@ -34,12 +36,8 @@ from bayes_router.inference.toy_variance import (
     toy_gradient_variance,
     toy_variance_vs_particles,
 )
-from bayes_router.inference.train import (
-    CHECKPOINT_NAME,
-    TrainConfig,
-    build_routed_lm,
-    train,
-)
+from bayes_router.inference.train import train
+from bayes_router.inference.train_config import TrainConfig
 from bayes_router.inference.variance import (
     DEFAULT_PARTICLE_ESTIMATORS,
     DEFAULT_SWEEP_ESTIMATORS,

@@ -2,6 +2,8 @@
 estimators, the conjugate toy, empirical Bayes for beta0, and step timing."""
 
 from bayes_router.core.dirichlet import expected_log_alpha
+from bayes_router.inference.build import build_routed_lm, load_trained
+from bayes_router.inference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bayes_router.inference.decoding import DecodeConfig, Generation, generate
 from bayes_router.inference.estimators import Estimator, estimator_names, get_estimator
 from bayes_router.inference.evaluate import (
@@ -17,17 +19,8 @@ from bayes_router.inference.minka import (
     fit_precision_from_samples,
 )
 from bayes_router.inference.objective import loss_and_surrogate
-from bayes_router.inference.train import (
-    CheckpointError,
-    TrainConfig,
-    TrainingDiverged,
-    TrainResult,
-    build_routed_lm,
-    load_checkpoint,
-    load_trained,
-    save_checkpoint,
-    train,
-)
+from bayes_router.inference.train import TrainingDiverged, TrainResult, train
+from bayes_router.inference.train_config import TrainConfig
 
 __all__ = [
     "CheckpointError",

@@ -453,7 +453,7 @@ class BayesianRoutedLM(RoutedLM):
         :param kl_scale: factor on the ``alpha`` sites' log-densities (KL annealing or weight;
             the ELBO at 1).
         :param gate_threshold: training-time gate (0: soft routing); see
-            :func:`~bayes_router.inference.train.gated_training_bias` for what it does to
+            :func:`~bayes_router.inference.train_config.gated_training_bias` for what it does to
             pathwise gradients.
         """
         check_batch(x, y, self.cfg.vocab_size)

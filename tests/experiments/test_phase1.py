@@ -16,7 +16,7 @@ from bayes_router.experiments.phase1 import (
     run_phase1,
 )
 from bayes_router.inference.timing import DECODE_STEPS
-from bayes_router.inference.train import TrainConfig
+from bayes_router.inference.train_config import TrainConfig
 from bayes_router.models.config import TinyLMConfig
 
 

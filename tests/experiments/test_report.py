@@ -35,8 +35,9 @@ from bayes_router.data.synthetic import ORACLE_LABELS
 from bayes_router.data.tokens import TokenData
 from bayes_router.experiments.report import analyse_run, calibrate_run
 from bayes_router.experiments.runs import load_data, train_run
+from bayes_router.inference.build import load_trained
 from bayes_router.inference.evaluate import collect, collect_tokens
-from bayes_router.inference.train import TrainConfig, load_trained
+from bayes_router.inference.train_config import TrainConfig
 from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM
 from bayes_router.models.config import TinyLMConfig
 
@@ -276,8 +277,8 @@ def test_routing_accuracy_against_the_oracle_of_a_synthetic_task(tmp_path):
     assert "## Calibration of the routing decisions against the oracle" in (
         tmp_path / "run" / "analysis" / "report.md").read_text()
     # per-label prediction quality: the same NLLs as the run's own evaluation of those windows
+    from bayes_router.inference.build import load_trained
     from bayes_router.inference.evaluate import evaluate
-    from bayes_router.inference.train import load_trained
 
     model, *_ = load_trained(tmp_path / "run")
     own = evaluate(model, data, "val", 32, max_batches=1)["oracle"]

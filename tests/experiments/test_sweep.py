@@ -19,7 +19,7 @@ from bayes_router.experiments.sweep import (
     sweep_figure,
     sweep_table,
 )
-from bayes_router.inference.train import TrainConfig
+from bayes_router.inference.train_config import TrainConfig
 from bayes_router.models.config import TinyLMConfig
 
 

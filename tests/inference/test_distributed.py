@@ -14,8 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bayes_router.data.tokens import token_data
+from bayes_router.inference.checkpoint import CheckpointError, load_checkpoint
 from bayes_router.inference.distributed import Distributed, resolve_device, shard
-from bayes_router.inference.train import CheckpointError, load_checkpoint, train
+from bayes_router.inference.train import train
 from tests.conftest import TINY_TEXT
 from tests.helpers import tiny_configs
 

@@ -11,7 +11,9 @@ import torch
 from bayes_router.cli import main
 from bayes_router.experiments.runs import train_run
 from bayes_router.inference import objective as objective_module
-from bayes_router.inference.train import TrainConfig, TrainingDiverged, load_checkpoint
+from bayes_router.inference.checkpoint import load_checkpoint
+from bayes_router.inference.train import TrainingDiverged
+from bayes_router.inference.train_config import TrainConfig
 from bayes_router.models.bayesian import BayesianRoutedLM
 from tests.helpers import tiny_configs
 

@@ -27,7 +27,8 @@ from bayes_router.inference.toy import (
     replica_gradient_draws,
     toy_guide,
 )
-from bayes_router.inference.train import TrainConfig, gated_training_bias, train
+from bayes_router.inference.train import train
+from bayes_router.inference.train_config import TrainConfig, gated_training_bias
 from bayes_router.models.bayesian import _sample_decision
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.router import routing_weights

@@ -6,7 +6,8 @@ import importlib
 import pytest
 import torch
 
-from bayes_router.inference.train import TrainingDiverged, load_checkpoint, train
+from bayes_router.inference.checkpoint import load_checkpoint
+from bayes_router.inference.train import TrainingDiverged, train
 from tests.helpers import tiny_configs
 
 train_module = importlib.import_module("bayes_router.inference.train")

@@ -7,14 +7,10 @@ import pytest
 import torch
 
 from bayes_router.inference import objective as objective_module
+from bayes_router.inference.checkpoint import CheckpointError, load_checkpoint
 from bayes_router.inference.objective import AuxiliaryOptimiser
-from bayes_router.inference.train import (
-    CheckpointError,
-    TrainConfig,
-    TrainingDiverged,
-    load_checkpoint,
-    train,
-)
+from bayes_router.inference.train import TrainingDiverged, train
+from bayes_router.inference.train_config import TrainConfig
 from bayes_router.models.config import TinyLMConfig
 
 # the package re-exports the function `train`, which hides the module of the same name

@@ -9,14 +9,10 @@ import pytest
 import torch
 
 from bayes_router.experiments.runs import train_run
+from bayes_router.inference.build import check_compatible
 from bayes_router.inference.objective import FreeBitsELBO
-from bayes_router.inference.train import (
-    TrainConfig,
-    check_compatible,
-    make_objective,
-    objective_label,
-    train,
-)
+from bayes_router.inference.train import make_objective, train
+from bayes_router.inference.train_config import TrainConfig, objective_label
 from bayes_router.models.config import TinyLMConfig
 from tests.helpers import tiny_configs
 

@@ -14,7 +14,8 @@ from bayes_router.inference.gradient_stats import REFERENCE, add_relative, summa
 from bayes_router.inference.objective import loss_and_surrogate
 from bayes_router.inference.toy import toy_elbo_grad
 from bayes_router.inference.toy_variance import toy_gradient_variance
-from bayes_router.inference.train import TrainConfig, train
+from bayes_router.inference.train import train
+from bayes_router.inference.train_config import TrainConfig
 from bayes_router.inference.variance import (
     gradient_variance,
     lab_model,

@@ -44,7 +44,7 @@ class Estimator(ABC):
     :cvar bool pathwise: whether the gradient flows through the sampled values (every
         reparameterised estimator). Pathwise gradients are biased when the likelihood is a
         discontinuous function of the sample, as under training-time gating
-        (:func:`~bayes_router.inference.train.gated_training_bias`).
+        (:func:`~bayes_router.inference.train_config.gated_training_bias`).
     :cvar bool owns_state: whether the ELBO keeps state of its own between steps (running or
         learned baselines, :meth:`state_tensors`): under data parallelism the ranks average it
         after every step, so that it stays one state.
