@@ -1,6 +1,6 @@
-"""The package's layers import one way: core -> data -> models -> inference -> analysis ->
-experiments -> bench -> cli. Each subpackage imports on its own, and every import sits at the top
-of its module (the CLI may defer heavy imports for start-up time)."""
+"""The package's layers import one way: core -> data -> models -> inference -> variance ->
+analysis -> experiments -> bench -> cli. Each subpackage imports on its own, and every import
+sits at the top of its module (the CLI may defer heavy imports for start-up time)."""
 
 import ast
 import subprocess
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bayes_router"
-LAYERS = ("core", "data", "models", "inference", "analysis", "experiments", "bench", "cli",
-          "__main__")
+LAYERS = ("core", "data", "models", "inference", "variance", "analysis", "experiments", "bench",
+          "cli", "__main__")
 MAY_DEFER_IMPORTS = {"cli.py"}
 
 

@@ -22,7 +22,7 @@ from matplotlib.ticker import NullFormatter
 
 from bayes_router.analysis.plots import plot_estimator_bars
 from bayes_router.inference.estimators import estimator_names
-from bayes_router.inference.variance import GROUP_LABELS
+from bayes_router.variance.lm_variance import GROUP_LABELS, aligned_points
 
 
 def _axes(ax: Axes | None, figsize=(5.0, 3.4)) -> Axes:
@@ -245,15 +245,20 @@ def plot_variance_bars(result: dict, group: str, key: str = "total_variance",
 
 def _plot_sweep(sweep: dict, axis_key: str, group: str, key: str, ax: Axes | None,
                 xlabel: str) -> Axes:
-    """One line per estimator of ``key`` against ``sweep[axis_key]`` on a log y axis. An
-    infinite value is a triangle marked ``∞`` above the other points; a value a log axis
-    cannot show (zero, negative, unknown) is a triangle below them marked with the value."""
+    """One line per estimator of ``key`` against ``sweep[axis_key]`` on a log y axis, its
+    points ``sweep["estimators"][name]`` aligned with the axis (``{"skipped": reason}`` where
+    not measured). An infinite value is a triangle marked ``∞`` above the other points; a value
+    a log axis cannot show (zero, negative, unknown) is a triangle below them marked with the
+    value.
+
+    :raises ValueError: when there is nothing to draw, or an estimator's points are not a list
+        as long as the axis."""
     ax = _axes(ax)
     curves = []
     for name, points in sweep["estimators"].items():
         xs, ys = [], []
-        for x in sweep[axis_key]:
-            entry = points.get(repr(float(x)) if axis_key == "beta0_values" else str(x), {})
+        for x, entry in zip(sweep[axis_key], aligned_points(points, sweep[axis_key], name),
+                            strict=True):
             if "groups" in entry and group in entry["groups"]:
                 xs.append(x)
                 ys.append(_summary_value(entry["groups"][group], key))
@@ -338,7 +343,9 @@ def plot_particle_scaling(sweep: dict, group: str, key: str = "total_variance",
         if name in fits:
             line.set_label(slope_label(name, fits[name]))
     for name, fit in fits.items():
-        measured = [int(k) for k, entry in sweep["estimators"][name].items() if "groups" in entry]
+        points = aligned_points(sweep["estimators"][name], sweep["particles"], name)
+        measured = [k for k, entry in zip(sweep["particles"], points, strict=True)
+                    if "groups" in entry]
         if not fit or not measured:
             continue
         ks = np.array([min(measured), max(measured)], dtype=float)

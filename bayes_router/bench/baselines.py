@@ -39,8 +39,9 @@ except ImportError as error:  # an older torch: the baseline is reported unavail
 from bayes_router.core.optim import adamw
 from bayes_router.inference.estimators import get_estimator
 from bayes_router.inference.objective import svi_step
-from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM
+from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.prior_free import PriorFreeRoutedLM
 
 
 class PlainBlock(nn.Module):

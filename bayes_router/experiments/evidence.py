@@ -28,7 +28,8 @@ from bayes_router.core.commitment import DEFAULT_LEVELS
 from bayes_router.core.dirichlet import routing_uncertainty
 from bayes_router.core.elbo_surgery import split_kl
 from bayes_router.experiments.runs import check_run_dir, load_run, versions, write_json
-from bayes_router.models.bayesian import BayesianRoutedLM, compute_aware_prior
+from bayes_router.models.bayesian import BayesianRoutedLM
+from bayes_router.models.priors import compute_aware_prior
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,8 @@ from bayes_router.experiments.runs import (
     write_json,
 )
 from bayes_router.inference.evaluate import evaluate
-from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM
+from bayes_router.models.bayesian import BayesianRoutedLM
+from bayes_router.models.prior_free import PriorFreeRoutedLM
 
 logger = logging.getLogger(__name__)
 

@@ -50,8 +50,8 @@ from bayes_router.inference.evaluate import (
 from bayes_router.inference.timing import DECODE_STEPS
 from bayes_router.inference.train import TrainingDiverged, train
 from bayes_router.inference.train_config import TrainConfig, gated_training_bias, objective_label
-from bayes_router.models.bayesian import RoutedLM
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.routed_lm import RoutedLM
 
 logger = logging.getLogger(__name__)
 

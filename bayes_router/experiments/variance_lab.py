@@ -1,6 +1,10 @@
-"""A gradient-variance study as a run: the lab of :mod:`bayes_router.inference.variance` on a
+"""A gradient-variance study as a run: the lab of :mod:`bayes_router.variance` on a
 checkpoint (or a briefly trained model) and on the conjugate toy, written into a folder as
-``variance.json``, figures and ``report.md`` (``bayes-router variance``)."""
+``variance.json``, figures and ``report.md`` (``bayes-router variance``).
+
+In ``variance.json`` every sweep holds, per estimator, a list aligned with its axis
+(``particles``, ``beta0_values`` or ``steps``): ``sweep["estimators"][name][i]`` is the point
+at ``sweep[axis][i]``, ``{"skipped": reason}`` where it was not measured."""
 
 from __future__ import annotations
 
@@ -28,21 +32,17 @@ from bayes_router.data.tokens import TokenData, token_data
 from bayes_router.experiments.runs import check_run_dir, load_run, versions, write_json
 from bayes_router.inference.build import build_routed_lm
 from bayes_router.inference.checkpoint import CHECKPOINT_NAME
-from bayes_router.inference.gradient_stats import snr_noise_floor
-from bayes_router.inference.toy_variance import (
-    BOOTSTRAPPED,
-    check_num_bootstrap,
-    check_particles,
-    toy_gradient_variance,
-    toy_variance_vs_particles,
-)
 from bayes_router.inference.train import train
 from bayes_router.inference.train_config import TrainConfig
-from bayes_router.inference.variance import (
+from bayes_router.models.bayesian import BayesianRoutedLM
+from bayes_router.models.config import TinyLMConfig
+from bayes_router.variance.gradient_stats import snr_noise_floor
+from bayes_router.variance.lm_variance import (
     DEFAULT_PARTICLE_ESTIMATORS,
     DEFAULT_SWEEP_ESTIMATORS,
     GROUP_LABELS,
     GROUPS,
+    aligned_points,
     check_estimators,
     check_num_draws,
     gradient_variance,
@@ -50,11 +50,15 @@ from bayes_router.inference.variance import (
     variance_vs_beta0,
     variance_vs_particles,
 )
-from bayes_router.models.bayesian import BayesianRoutedLM
-from bayes_router.models.config import TinyLMConfig
+from bayes_router.variance.toy_variance import (
+    BOOTSTRAPPED,
+    check_num_bootstrap,
+    check_particles,
+    toy_gradient_variance,
+    toy_variance_vs_particles,
+)
 
 logger = logging.getLogger(__name__)
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,7 +96,9 @@ def variance_along_training(model_cfg, train_cfg, data: TokenData, out_dir: Path
     The training loop keeps only its latest checkpoint, so the run is stopped at each step with
     ``max_steps`` and resumed from it (resuming reproduces an uninterrupted run exactly).
 
-    :returns: ``{"steps": [...], "estimators": {name: {str(step): result}}, "loss": {...}}``.
+    :returns: ``{"steps": [...], "estimators": {name: [result]}, "train_loss": [...],
+        "num_draws", "run_dir"}``, the lists aligned with ``steps``; ``train_loss[i]`` is the
+        mean loss of the 10 training steps before ``steps[i]`` (``None`` at step 0).
     :raises ValueError: if ``out_dir`` already holds a checkpoint, or a step exceeds
         ``train_cfg.steps``.
     """
@@ -107,16 +113,15 @@ def variance_along_training(model_cfg, train_cfg, data: TokenData, out_dir: Path
     x, y = data.sample_batch("train", train_cfg.batch_size, train_cfg.seq_len,
                              torch.Generator().manual_seed(batch_seed))
     dataset_size = data.num_windows("train", train_cfg.seq_len)
-    table: dict[str, dict] = {name: {} for name in names}
-    losses = {}
-    for step, model, loss in models_along_training(model_cfg, train_cfg, data, out_dir, steps,
-                                                    progress):
-        if loss is not None:
-            losses[str(step)] = loss
+    table: dict[str, list] = {name: [] for name in names}
+    losses = []
+    for _, model, loss in models_along_training(model_cfg, train_cfg, data, out_dir, steps,
+                                                 progress):
+        losses.append(loss)
         measured = gradient_variance(model, x, y, dataset_size=dataset_size, estimators=names,
                                      num_draws=num_draws, **options)
         for name in names:
-            table[name][str(step)] = measured["estimators"][name]
+            table[name].append(measured["estimators"][name])
     return {"steps": steps, "estimators": table, "train_loss": losses,
             "num_draws": num_draws, "run_dir": str(out_dir)}
 
@@ -156,7 +161,7 @@ def variance_lab(out_dir: Path, *, checkpoint: Path | None = None, toy: bool = F
         ``out_dir/model``.
     :param toy: measure on the conjugate toy instead (bias against the exact gradient), and
         sweep the particles there
-        (:func:`~bayes_router.inference.toy_variance.toy_variance_vs_particles`: power-law
+        (:func:`~bayes_router.variance.toy_variance.toy_variance_vs_particles`: power-law
         slopes against ``K``, drawn in ``toy_particles.png``); the ``beta0`` and
         along-training sweeps are the LM's only.
     :param num_draws: ``M`` per estimator (default 50 on the LM, 20000 on the toy).
@@ -211,6 +216,8 @@ def variance_lab(out_dir: Path, *, checkpoint: Path | None = None, toy: bool = F
     result = {"mode": "lm", "source": source, "versions": versions(),
               "model_config": model_cfg.to_dict(), "train_config": train_cfg.to_dict()}
     along = sorted({int(s) for s in along_training})
+    if along and along[0] < 0:
+        raise ValueError(f"along_training steps must be >= 0, got {along}")
     if checkpoint is None:
         segments = sorted(set(along) | {train_steps})
         measured = _train_default_model(model_cfg, train_cfg, data, out_dir / "model",
@@ -269,17 +276,16 @@ def _train_default_model(model_cfg, train_cfg, data, run_dir: Path, segments, al
     x, y = data.sample_batch("train", train_cfg.batch_size, train_cfg.seq_len,
                              torch.Generator().manual_seed(seed))
     dataset_size = data.num_windows("train", train_cfg.seq_len)
-    table: dict[str, dict] = {name: {} for name in names}
-    losses, model = {}, None
+    table: dict[str, list] = {name: [] for name in names}
+    losses, model = [], None
     for step, model, loss in models_along_training(
             model_cfg, train_cfg, data, run_dir, [0] + [s for s in segments if s > 0], progress):
-        if loss is not None:
-            losses[str(step)] = loss
         if step in along and names:
+            losses.append(loss)
             measured = gradient_variance(model, x, y, dataset_size=dataset_size,
                                          estimators=names, num_draws=num_draws, seed=seed)
             for name in names:
-                table[name][str(step)] = measured["estimators"][name]
+                table[name].append(measured["estimators"][name])
     along_result = {"steps": along, "estimators": table, "train_loss": losses,
                     "num_draws": num_draws, "run_dir": str(run_dir)} if along else None
     return {"model": model, "along": along_result}
@@ -363,17 +369,16 @@ def summary_table(result: dict, group: str) -> list[str]:
 
 def sweep_table(sweep: dict, axis_key: str, group: str, key: str = "total_variance"
                 ) -> list[str]:
-    """Markdown rows: estimators by sweep values, one summary ``key`` of ``group``."""
+    """Markdown rows: estimators by sweep values, one summary ``key`` of ``group``.
+
+    ``sweep["estimators"][name][i]`` is the point at ``sweep[axis_key][i]``."""
     axis = sweep[axis_key]
-    labels = [repr(float(v)) if axis_key == "beta0_values" else str(v) for v in axis]
-    lines = ["| estimator | " + " | ".join(labels) + " |",
+    lines = ["| estimator | " + " | ".join(str(v) for v in axis) + " |",
              "|---|" + "---|" * len(axis)]
     for name, points in sweep["estimators"].items():
-        cells = []
-        for label in labels:
-            entry = points.get(label, {})
-            cells.append(_fmt(entry["groups"][group][key]) if "groups" in entry
-                         and group in entry["groups"] else "n/a")
+        cells = [_fmt(entry["groups"][group][key]) if "groups" in entry
+                 and group in entry["groups"] else "n/a"
+                 for entry in aligned_points(points, axis, name)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -422,7 +427,8 @@ def particle_scaling_report(sweep: dict) -> list[str]:
               "| estimator | " + " | ".join(f"{a} → {b}" for a, b in zip(ks, ks[1:])) + " |",
               "|---|" + "---|" * (len(ks) - 1)]
     for name, local in sweep["local_slopes"].items():
-        measured = [k for k in ks if "groups" in sweep["estimators"][name].get(str(k), {})]
+        measured = [k for k, entry in zip(ks, aligned_points(sweep["estimators"][name], ks, name))
+                    if "groups" in entry]
         pairs = dict(zip(zip(measured, measured[1:]),
                          zip(local.get("total_variance", []), local.get("median_snr", [])),
                          strict=False))
@@ -432,14 +438,14 @@ def particle_scaling_report(sweep: dict) -> list[str]:
     lines.append("")
     posterior = sweep.get("at_posterior")
     if posterior:
-        ks = [str(k) for k in sweep["particles"]]
         lines += [f"At the exact posterior a = {posterior['a']} ({posterior['num_draws']} "
                   "draws per K), total variance (largest |gradient|):", "",
                   "| estimator | " + " | ".join(f"K = {k}" for k in ks) + " |",
                   "|---|" + "---|" * len(ks)]
         for name, points in posterior["estimators"].items():
-            cells = [f"{_fmt(points[k]['total_variance'])} ({_fmt(points[k]['max_abs'])})"
-                     if k in points else "n/a" for k in ks]
+            cells = [f"{_fmt(point['total_variance'])} ({_fmt(point['max_abs'])})"
+                     if "total_variance" in point else "n/a"
+                     for point in aligned_points(points, ks, name)]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines

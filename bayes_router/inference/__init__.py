@@ -1,5 +1,6 @@
 """Inference: the SVI training loop, evaluation, generation with per-expert caches, ELBO
-estimators, the conjugate toy, empirical Bayes for beta0, and step timing."""
+estimators, empirical Bayes for beta0, and step timing. The gradient-variance lab and the
+conjugate toys are :mod:`bayes_router.variance`, a layer above."""
 
 from bayes_router.core.dirichlet import expected_log_alpha
 from bayes_router.inference.build import build_routed_lm, load_trained

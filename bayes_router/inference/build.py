@@ -20,8 +20,10 @@ from bayes_router.inference.checkpoint import (
 from bayes_router.inference.distributed import resolve_device
 from bayes_router.inference.estimators import get_estimator
 from bayes_router.inference.train_config import TrainConfig
-from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM, RoutedLM
+from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.prior_free import PriorFreeRoutedLM
+from bayes_router.models.routed_lm import RoutedLM
 from bayes_router.models.static import StaticRoutedLM
 
 logger = logging.getLogger(__name__)

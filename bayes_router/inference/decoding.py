@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bayes_router.models.bayesian import RoutedLM
+from bayes_router.models.routed_lm import RoutedLM
 from bayes_router.models.router import ROUTING_MODES, LayerRouting, RoutingDecision
 
 logger = logging.getLogger(__name__)

@@ -32,7 +32,8 @@ from bayes_router.data.tokens import TokenData
 from bayes_router.inference.estimators import get_estimator
 from bayes_router.inference.minka import fit_dirichlet, fit_precision
 from bayes_router.inference.objective import svi_step
-from bayes_router.models.bayesian import BayesianRoutedLM, compute_aware_prior
+from bayes_router.models.bayesian import BayesianRoutedLM
+from bayes_router.models.priors import compute_aware_prior
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ from bayes_router.inference.timing import (
     full_only_router,
     reference_expert,
 )
-from bayes_router.models.bayesian import BayesianRoutedLM, RoutedLM
+from bayes_router.models.bayesian import BayesianRoutedLM
+from bayes_router.models.routed_lm import RoutedLM
 
 
 @torch.no_grad()
@@ -120,7 +121,7 @@ def evaluate(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: s
              batch_size: int = 16, progress: bool = False, gate_measure: str = "total"
              ) -> dict:
     """``{split}_nll``, ``{split}_bpc`` and the routing metrics under routing ``mode`` (gated
-    routing reads ``gate_measure``, see :meth:`~bayes_router.models.bayesian.RoutedLM.
+    routing reads ``gate_measure``, see :meth:`~bayes_router.models.routed_lm.RoutedLM.
     predict`).
 
     ``{split}_bpc`` is the NLL in bits per token; ``bits_unit`` says what a token is

@@ -20,8 +20,10 @@ from bayes_router.core.clock import interleaved_times
 from bayes_router.core.optim import adamw
 from bayes_router.inference.estimators import get_estimator
 from bayes_router.inference.objective import svi_step
-from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM, RoutedLM
+from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.prior_free import PriorFreeRoutedLM
+from bayes_router.models.routed_lm import RoutedLM
 from bayes_router.models.router import ROUTING_MODES, Router, RoutingDecision
 from bayes_router.models.tinylm import DecodeCache, LMOutput
 
@@ -128,7 +130,7 @@ def decode_step_times(model: RoutedLM, x: Tensor, modes: Mapping[str, tuple[str,
 
     :param x: ``(B, >= context + steps)`` token ids, e.g. validation windows.
     :param modes: ``{label: (mode, gate_threshold)}`` the routings to time (``soft``, ``hard``
-        or ``gated``), read by :meth:`~bayes_router.models.bayesian.RoutedLM.predict`.
+        or ``gated``), read by :meth:`~bayes_router.models.routed_lm.RoutedLM.predict`.
     :param context: tokens cached per sequence before the timed steps (>= 1).
     :param steps: teacher-forced steps per timed call (>= 1).
     :param gate_measure: the uncertainty gated routing reads.

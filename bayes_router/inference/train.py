@@ -47,8 +47,9 @@ from bayes_router.inference.objective import (
     svi_step,
 )
 from bayes_router.inference.train_config import TrainConfig, gated_training_bias
-from bayes_router.models.bayesian import BayesianRoutedLM, RoutedLM
+from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.routed_lm import RoutedLM
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from bayes_router.core.precision import resolve_dtype
 from bayes_router.inference.estimators import estimator_names, get_estimator
-from bayes_router.models.bayesian import PRIOR_MEANS, PRIORS
+from bayes_router.models.priors import PRIOR_MEANS, PRIORS
 from bayes_router.models.static import STATIC_KINDS
 
 ROUTERS = ("bayesian", "prior-free")

@@ -1,17 +1,8 @@
 """Attention experts, the routed layer, TinyLM, and the Bayesian / prior-free routed LMs."""
 
-from bayes_router.models.bayesian import (
-    BATCH_PLATE,
-    OBS_SITE,
-    BayesianRoutedLM,
-    Controller,
-    PriorFreeRoutedLM,
-    RoutedLM,
-    alpha_site,
-    compute_aware_prior,
-    seed_prior,
-)
+from bayes_router.models.bayesian import BayesianRoutedLM, alpha_site
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.controller import Controller, controller_features
 from bayes_router.models.experts import (
     SEED_COSTS,
     AttentionExpert,
@@ -27,6 +18,9 @@ from bayes_router.models.experts import (
     naive_local,
     register_expert,
 )
+from bayes_router.models.prior_free import PriorFreeRoutedLM
+from bayes_router.models.priors import compute_aware_prior, seed_prior
+from bayes_router.models.routed_lm import BATCH_PLATE, OBS_SITE, RoutedLM
 from bayes_router.models.router import (
     ROUTING_MODES,
     LayerCache,
@@ -34,7 +28,6 @@ from bayes_router.models.router import (
     RoutedAttention,
     Router,
     RoutingDecision,
-    controller_features,
     routing_weights,
 )
 from bayes_router.models.static import StaticRoutedLM, parse_static_router

@@ -1,4 +1,4 @@
-"""The Bayesian router as a Pyro model/guide pair, and the prior-free baseline.
+"""The Bayesian router as a Pyro model/guide pair.
 
 Model (per layer ``l`` and sequence ``b`` in a subsampled ``batch`` plate)::
 
@@ -9,9 +9,10 @@ Guide::
 
     alpha_l[b, t] ~ Dirichlet(softplus(MLP_phi_l(features_l[b, t])) + floor_l)
 
-Two priors (``prior=``): ``"power"``, ``beta_l = beta0[l] * pi`` with ``pi ∝ c^-eta`` (or a
-learned per-layer ``pi_l``) and ``floor_l = a_min``; ``"seed"``, the public prototype's
-``beta_l = epsilon + beta0[l] (1 - c)`` with ``floor_l = beta_l``.
+Two priors (``prior=``, see :mod:`bayes_router.models.priors`): ``"power"``,
+``beta_l = beta0[l] * pi`` with ``pi ∝ c^-eta`` (or a learned per-layer ``pi_l``) and
+``floor_l = a_min``; ``"seed"``, the public prototype's ``beta_l = epsilon + beta0[l] (1 - c)``
+with ``floor_l = beta_l``.
 
 Tokens are an *event* dimension of the ``alpha_l`` and ``obs`` sites, not a plate: in a causal LM
 ``alpha_l[t]`` influences every ``y[t' >= t]``, so a token plate would be a false
@@ -48,105 +49,40 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.distributions import TorchDistribution
-from pyro.nn import PyroModule, PyroParam
-from torch import Tensor, nn
-from torch.distributions import constraints, register_kl
+from pyro.nn import PyroParam
+from torch import Tensor
+from torch.distributions import constraints
 
 from bayes_router.core.commitment import floor_kl
 from bayes_router.core.dirichlet import (
     SAMPLING_DTYPE,
     aleatoric_uncertainty,
     epistemic_uncertainty,
-    fused_dirichlet_kl,
     normalised_entropy,
     total_uncertainty,
 )
 from bayes_router.models.config import TinyLMConfig
-from bayes_router.models.experts import cost_vector
-from bayes_router.models.router import RoutingDecision, random_gate
-from bayes_router.models.tinylm import DecodeCache, LMOutput, TinyLM
+from bayes_router.models.priors import (
+    PRIOR_MEANS,
+    PRIORS,
+    RoutingPrior,
+    compute_aware_prior,
+    seed_prior,
+)
+from bayes_router.models.routed_lm import RoutedLM, check_batch
+from bayes_router.models.router import RoutingDecision
+from bayes_router.models.tinylm import LMOutput
 
 logger = logging.getLogger(__name__)
 
-OBS_SITE = "obs"
-BATCH_PLATE = "batch"
+#: The Bayesian router's routing-uncertainty measures (nats), by name.
+GATE_MEASURES = {"total": total_uncertainty, "aleatoric": aleatoric_uncertainty,
+                 "epistemic": epistemic_uncertainty}
 
 
 def alpha_site(layer: int) -> str:
     """Name of the routing-weight sample site of ``layer`` (shared by model and guide)."""
     return f"alpha_{layer}"
-
-
-def compute_aware_prior(costs: Tensor, beta0: float | Sequence[float] | Tensor, eta: float = 1.0
-                        ) -> Tensor:
-    """Dirichlet concentration ``beta0[l] * pi`` with ``pi ∝ c^-eta`` normalised to sum 1.
-
-    :param costs: ``(K,)`` positive relative costs.
-    :param beta0: total concentration, a scalar or one value per layer (``(L,)``).
-    :param eta: cost sensitivity; ``eta = 0`` gives the uniform, cost-blind prior.
-    :returns: ``(K,)`` for a scalar ``beta0``, else ``(L, K)``.
-    """
-    costs = torch.as_tensor(costs)
-    if not costs.is_floating_point():
-        costs = costs.to(torch.get_default_dtype())
-    if costs.dim() != 1 or not bool((costs > 0).all()) or not bool(torch.isfinite(costs).all()):
-        raise ValueError(f"costs must be a 1-D tensor of positive finite values, got {costs}")
-    beta0 = torch.as_tensor(beta0, dtype=costs.dtype)
-    if not bool((beta0 > 0).all()) or not bool(torch.isfinite(beta0).all()):
-        raise ValueError(f"beta0 must be > 0 (a scalar or one value per layer), got {beta0}")
-    if not math.isfinite(eta):
-        raise ValueError(f"eta must be finite, got {eta}")
-    pi = costs.pow(-eta)
-    pi = pi / pi.sum()
-    return beta0[..., None] * pi
-
-
-class RoutingPrior(dist.Dirichlet):
-    """The Dirichlet of the model's ``alpha`` sites, the same distribution as ``dist.Dirichlet``:
-    a class of its own only so that the KL from any Dirichlet guide (every analytic-KL ELBO
-    reads it, two layers a step) runs through
-    :func:`~bayes_router.core.dirichlet.fused_dirichlet_kl`, one autograd node with the
-    closed-form gradient, instead of torch's generic rule (the same numbers to rounding,
-    tested; faster, see ``docs/experts.md``, SVI step)."""
-
-
-@register_kl(torch.distributions.Dirichlet, RoutingPrior)
-def _kl_dirichlet_routing_prior(q: torch.distributions.Dirichlet, p: RoutingPrior) -> Tensor:
-    return fused_dirichlet_kl(q.concentration, p.concentration)
-
-
-PRIORS = ("power", "seed")
-#: The Bayesian router's routing-uncertainty measures (nats), by name.
-GATE_MEASURES = {"total": total_uncertainty, "aleatoric": aleatoric_uncertainty,
-                 "epistemic": epistemic_uncertainty}
-PRIOR_MEANS = ("fixed", "learn")
-#: The ``seed`` prior's offset: ``beta_k = SEED_EPSILON + beta0 (1 - c_k)``.
-SEED_EPSILON = 0.01
-
-
-def seed_prior(costs: Tensor, beta0: float | Sequence[float] | Tensor,
-               epsilon: float = SEED_EPSILON) -> Tensor:
-    """The public prototype's prior: ``beta_k = epsilon + beta0[l] (1 - c_k)``.
-
-    With the seed costs ``[1.0, 0.15, 0.30]`` and ``beta0 = 1``: ``[0.01, 0.86, 0.71]``, mean
-    ``[0.006, 0.544, 0.449]``. Its guide is ``beta + softplus(MLP(features))``, so it never puts
-    less concentration than the prior on any expert.
-
-    :param costs: ``(K,)`` costs relative to ``full``, each in ``(0, 1]``.
-    :returns: ``(K,)`` for a scalar ``beta0``, else ``(L, K)``.
-    """
-    costs = torch.as_tensor(costs)
-    if not costs.is_floating_point():
-        costs = costs.to(torch.get_default_dtype())
-    if costs.dim() != 1 or not bool(((costs > 0) & (costs <= 1)).all()):
-        raise ValueError(f"the seed prior needs costs in (0, 1] (relative to full), got "
-                         f"{costs.tolist()}")
-    beta0 = torch.as_tensor(beta0, dtype=costs.dtype)
-    if not bool((beta0 > 0).all()) or not bool(torch.isfinite(beta0).all()):
-        raise ValueError(f"beta0 must be > 0 (a scalar or one value per layer), got {beta0}")
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon}")
-    return epsilon + beta0[..., None] * (1 - costs)
 
 
 class DirichletFamily(Protocol):
@@ -168,106 +104,6 @@ class DefaultDirichletFamily:
 
     def site_infer(self) -> dict:
         return {}
-
-
-def check_batch(x: Tensor, y: Tensor | None, vocab_size: int) -> None:
-    """Clear errors for token batches of the wrong type, shape or range."""
-    for name, t in (("x", x), ("y", y)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or t.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name} must be an integer tensor of token ids")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must have shape (B, T), got {tuple(t.shape)}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
-            raise ValueError(f"{name} holds token ids outside [0, {vocab_size})")
-    if y is not None and x.shape != y.shape:
-        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and "
-                         f"{tuple(y.shape)}")
-
-
-class Controller(nn.Module):
-    """The routing controller: an MLP from features ``(..., F)`` to ``K`` outputs."""
-
-    def __init__(self, in_dim: int, hidden: int, n_experts: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(),
-                                 nn.Linear(hidden, n_experts))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, features: Tensor) -> Tensor:
-        return self.net(features)
-
-
-class RoutedLM(PyroModule):
-    """Base of the two routed LMs: the TinyLM, one controller per layer, the cost vector.
-
-    Subclasses provide ``model(x, y, dataset_size)``, ``guide(x, y, dataset_size)`` and
-    :meth:`decision` (the evaluation-time routing of a layer).
-    """
-
-    kind = ""
-
-    def __init__(self, cfg: TinyLMConfig, costs: Tensor | None = None, controllers: bool = True):
-        super().__init__()
-        self.cfg = cfg
-        self.lm = TinyLM(cfg)
-        self.controllers = nn.ModuleList(
-            Controller(self.lm.feature_dim, cfg.controller_hidden, cfg.n_experts)
-            for _ in range(cfg.n_layers if controllers else 0)
-        )
-        costs = cost_vector(cfg) if costs is None else torch.as_tensor(costs, dtype=torch.float32)
-        if costs.shape != (cfg.n_experts,) or not bool((costs > 0).all()):
-            raise ValueError(f"costs must hold {cfg.n_experts} positive values, got {costs}")
-        self.register_buffer("costs", costs)
-
-    def set_precision(self, dtype: str | torch.dtype | None) -> None:
-        """Run the LM's matmuls in ``dtype`` under autocast (see
-        :meth:`~bayes_router.models.tinylm.TinyLM.set_precision`): the routing controllers,
-        the Dirichlet sites and the likelihood stay in full precision."""
-        self.lm.set_precision(dtype)
-
-    def _plate(self, x: Tensor, dataset_size: int | None):
-        B = x.shape[0]
-        size = B if dataset_size is None else int(dataset_size)
-        if size < B:
-            raise ValueError(f"dataset_size ({size}) must be >= the batch size ({B})")
-        return pyro.plate(BATCH_PLATE, size, subsample=torch.arange(B, device=x.device), dim=-1)
-
-    def _observe(self, logits: Tensor, y: Tensor | None) -> None:
-        pyro.sample(OBS_SITE, dist.Categorical(logits=logits).to_event(1), obs=y)
-
-    @staticmethod
-    def _training_mode(gate_threshold: float) -> tuple[str, float | None]:
-        """Routing mode of a training pass: gated above a zero threshold, soft otherwise."""
-        if not 0.0 <= gate_threshold <= 1.0:
-            raise ValueError(f"gate_threshold must be in [0, 1], got {gate_threshold}")
-        return ("gated", float(gate_threshold)) if gate_threshold > 0 else ("soft", None)
-
-    def decision(self, layer: int, features: Tensor, gate_measure: str = "total"
-                 ) -> RoutingDecision:
-        raise NotImplementedError
-
-    def predict(self, x: Tensor, mode: str = "soft", gate_threshold: float | None = None,
-                gate_measure: str = "total", cache: DecodeCache | None = None,
-                lengths: Tensor | None = None, generator: torch.Generator | None = None
-                ) -> LMOutput:
-        """Evaluation forward pass with the posterior-mean (or softmax) routing in ``mode``;
-        with a ``cache``, a prefill or a decoding step (see
-        :meth:`~bayes_router.models.tinylm.TinyLM.forward`).
-
-        :param gate_measure: the uncertainty gated routing reads (see :meth:`decision`), or
-            ``"random"``: a uniform draw from ``generator`` in its place (:func:`~bayes_router.
-            models.router.random_gate`), the control at a soft fraction of ``1 -
-            gate_threshold``.
-        """
-        if gate_measure == "random":
-            return self.lm(x, random_gate(lambda layer, f: self.decision(layer, f), generator),
-                           mode=mode, gate_threshold=gate_threshold, cache=cache,
-                           lengths=lengths)
-        return self.lm(x, lambda layer, f: self.decision(layer, f, gate_measure), mode=mode,
-                       gate_threshold=gate_threshold, cache=cache, lengths=lengths)
 
 
 def _sample_decision(alpha: Tensor, dtype: torch.dtype, gated: bool) -> RoutingDecision:
@@ -536,47 +372,3 @@ class BayesianRoutedLM(RoutedLM):
 
         logits = self.lm(x, router).logits  # (S, B, T, V)
         return logits.softmax(-1).mean(0)
-
-
-class DeterministicRoutedLM(RoutedLM):
-    """A routed LM without latent variables: its Pyro model has only the ``obs`` site and its
-    guide is empty, so the same SVI loop trains it on the log-likelihood (its ELBO), through the
-    same code path as the Bayesian router. Subclasses provide :meth:`decision`."""
-
-    def model(self, x: Tensor, y: Tensor | None = None, dataset_size: int | None = None,
-              kl_scale: float = 1.0, gate_threshold: float = 0.0) -> Tensor:
-        check_batch(x, y, self.cfg.vocab_size)
-        mode, threshold = self._training_mode(gate_threshold)
-        with self._plate(x, dataset_size):
-            logits = self.predict(x, mode=mode, gate_threshold=threshold).logits
-            self._observe(logits, y)
-        return logits
-
-    def guide(self, x: Tensor, y: Tensor | None = None, dataset_size: int | None = None,
-              kl_scale: float = 1.0, gate_threshold: float = 0.0) -> None:
-        check_batch(x, y, self.cfg.vocab_size)
-
-
-class PriorFreeRoutedLM(DeterministicRoutedLM):
-    """The prior-free baseline: ``alpha = softmax(MLP(features) / tau)``, deterministic,
-    trained on the log-likelihood (see :class:`DeterministicRoutedLM`)."""
-
-    kind = "prior-free"
-
-    def __init__(self, cfg: TinyLMConfig, tau: float = 1.0, costs: Tensor | None = None):
-        super().__init__(cfg, costs)
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        self.tau = float(tau)
-
-    def decision(self, layer: int, features: Tensor, gate_measure: str = "total"
-                 ) -> RoutingDecision:
-        if gate_measure != "total":
-            raise ValueError("the prior-free router has a single uncertainty measure: "
-                             "gate_measure must be 'total'")
-        logits = self.controllers[layer](features)
-        weights = torch.softmax(logits / self.tau, -1)
-        uncertainty = (normalised_entropy(weights) if self.cfg.n_experts > 1
-                       else torch.zeros(weights.shape[:-1], dtype=weights.dtype))
-        return RoutingDecision(weights=weights, mean=weights, uncertainty=uncertainty,
-                               logits=logits)

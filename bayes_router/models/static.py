@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from bayes_router.core.dirichlet import normalised_entropy
-from bayes_router.models.bayesian import DeterministicRoutedLM
 from bayes_router.models.config import TinyLMConfig
-from bayes_router.models.router import RoutingDecision, feature_position
+from bayes_router.models.controller import feature_position
+from bayes_router.models.routed_lm import DeterministicRoutedLM
+from bayes_router.models.router import RoutingDecision
 
 STATIC_KINDS = ("fixed", "soft")
 

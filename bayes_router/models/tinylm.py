@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from bayes_router.core.precision import autocast, full_precision, resolve_dtype
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.controller import controller_features
 from bayes_router.models.experts.base import common_value
 from bayes_router.models.router import (
     LayerCache,
@@ -25,7 +26,6 @@ from bayes_router.models.router import (
     RoutedAttention,
     Router,
     RoutingDecision,
-    controller_features,
     routing_weights,
 )
 

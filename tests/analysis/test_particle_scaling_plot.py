@@ -15,10 +15,10 @@ def _point(variance):
 
 SWEEP = {
     "particles": [1, 2, 8],
-    "estimators": {"reparam-mc": {"1": _point(4.0), "2": _point(2.0), "8": _point(0.5)},
-                   "dreg": {"1": {"skipped": "dreg needs num_particles >= 2"},
-                            "2": _point(1.0), "8": _point(1.0 / 64)},
-                   "stl": {"1": _point(1.0), "2": _point(0.5), "8": _point(0.125)}},
+    "estimators": {"reparam-mc": [_point(4.0), _point(2.0), _point(0.5)],
+                   "dreg": [{"skipped": "dreg needs num_particles >= 2"},
+                            _point(1.0), _point(1.0 / 64)],
+                   "stl": [_point(1.0), _point(0.5), _point(0.125)]},
     "slopes": {"reparam-mc": {"total_variance": {"slope": -1.0, "intercept": math.log(4.0),
                                                  "interval": [-1.1, -0.9]}},
                "dreg": {"total_variance": {"slope": -3.0, "intercept": math.log(8.0),
@@ -53,3 +53,13 @@ def test_particle_scaling_without_slopes_draws_the_points_only():
     assert all(line.get_linestyle() != "--" for line in ax.get_lines())
     with pytest.raises(ValueError, match="nothing to draw"):
         plot_particle_scaling(sweep, "phi", ax=Figure().add_subplot())
+
+
+@pytest.mark.parametrize("points", [
+    {"1": _point(4.0), "2": _point(2.0), "8": _point(0.5)},  # keyed by strings, as before
+    [_point(4.0), _point(2.0)],  # one point short
+])
+def test_points_not_aligned_with_the_axis_are_rejected(points):
+    sweep = {"particles": [1, 2, 8], "estimators": {"reparam-mc": points}}
+    with pytest.raises(ValueError, match="reparam-mc must be a list aligned"):
+        plot_particle_scaling(sweep, "a", ax=Figure().add_subplot())

@@ -81,9 +81,9 @@ def test_variance_axes_have_human_labels():
     assert plot_variance_bars(result, "phi", ax=_ax()).get_ylabel() == "total gradient variance"
     ax = plot_variance_bars(result, "phi", "median_snr", ax=_ax())
     assert ax.get_ylabel() == "median signal-to-noise ratio"
-    sweep = {"particles": [1, 2], "estimators": {"stl": {
-        "1": {"groups": {"phi": {"median_snr": 1.0}}},
-        "2": {"groups": {"phi": {"median_snr": 1.5}}}}}}
+    sweep = {"particles": [1, 2], "estimators": {"stl": [
+        {"groups": {"phi": {"median_snr": 1.0}}},
+        {"groups": {"phi": {"median_snr": 1.5}}}]}}
     ax = plot_variance_vs_particles(sweep, "phi", "median_snr", ax=_ax())
     assert ax.get_ylabel() == "median signal-to-noise ratio" and "_" not in ax.get_xlabel()
 
@@ -107,10 +107,9 @@ def test_infinite_snr_is_drawn_at_the_top_and_marked():
     assert [t.get_text() for t in ax.texts].count("∞") == 2
     # on a sweep: a marker above the finite points, annotated, at the measured x
     sweep = {"beta0_values": [0.1, 1.0], "estimators": {
-        "stl": {"0.1": {"groups": {"phi": _summary(0.5)}},
-                "1.0": {"groups": {"phi": _summary(0.8)}}},
-        "reparam-analytic": {"0.1": {"groups": {"phi": _summary(3.0)}},
-                             "1.0": {"groups": {"phi": _summary(math.inf, 0.0, 4)}}}}}
+        "stl": [{"groups": {"phi": _summary(0.5)}}, {"groups": {"phi": _summary(0.8)}}],
+        "reparam-analytic": [{"groups": {"phi": _summary(3.0)}},
+                             {"groups": {"phi": _summary(math.inf, 0.0, 4)}}]}}
     ax = plot_variance_vs_beta0(sweep, "phi", "median_snr", ax=_ax())
     finite_top = max(np.nanmax(line.get_ydata()) for line in ax.lines if line.get_gid() is None)
     marks = [line for line in ax.lines if line.get_gid() == "infinite-value"]
@@ -129,9 +128,9 @@ def test_values_a_log_axis_cannot_show_are_said_so_and_panels_report_empty_ones(
     assert len(ax.patches) == 1 and len(ax.get_xticklabels()) == 3  # the slots stay
     assert [t.get_text() for t in ax.texts] == ["0 (not drawn)", "n/a (not drawn)"]
     assert np.isfinite([p.get_height() for p in ax.patches]).all()
-    sweep = {"particles": [1, 2], "estimators": {"stl": {
-        "1": {"groups": {"phi": {"total_variance": 0.5}}},
-        "2": {"groups": {"phi": {"total_variance": 0.0}}}}}}
+    sweep = {"particles": [1, 2], "estimators": {"stl": [
+        {"groups": {"phi": {"total_variance": 0.5}}},
+        {"groups": {"phi": {"total_variance": 0.0}}}]}}
     ax = plot_variance_vs_particles(sweep, "phi", ax=_ax())
     undrawn = [line for line in ax.lines if line.get_gid() == "undrawn-value"]
     assert len(undrawn) == 1 and list(undrawn[0].get_xdata()) == [2]

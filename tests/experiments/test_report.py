@@ -38,8 +38,9 @@ from bayes_router.experiments.runs import load_data, train_run
 from bayes_router.inference.build import load_trained
 from bayes_router.inference.evaluate import collect, collect_tokens
 from bayes_router.inference.train_config import TrainConfig
-from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM
+from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.prior_free import PriorFreeRoutedLM
 
 FIGURES = ("reliability.png", "smooth_reliability.png", "uncertainty_strip.png",
            "routing_simplex.png", "expert_share.png", "uncertainty_vs_damage.png",

@@ -9,8 +9,8 @@ from bayes_router.data.tokens import TokenData
 from bayes_router.experiments.runs import corpus_report, decode_timing, evaluate_run, train_run
 from bayes_router.inference.timing import DECODE_STEPS
 from bayes_router.inference.train_config import TrainConfig
-from bayes_router.models.bayesian import PriorFreeRoutedLM
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.prior_free import PriorFreeRoutedLM
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from bayes_router.inference.empirical_bayes import (
     guide_concentrations,
 )
 from bayes_router.inference.train import train
-from bayes_router.models.bayesian import compute_aware_prior
+from bayes_router.models.priors import compute_aware_prior
 from tests.helpers import tiny_configs
 
 

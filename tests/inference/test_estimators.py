@@ -22,7 +22,7 @@ from bayes_router.inference.estimators._util import (
     path_log_prob,
     with_detached_values,
 )
-from bayes_router.inference.toy import toy_guide, toy_model
+from bayes_router.variance.toy import toy_guide, toy_model
 
 NAMES = ("reparam-mc", "reparam-analytic", "score", "score-baseline", "score-nn-baseline", "stl",
          "naive-gamma", "rsvi", "iwae", "dreg")

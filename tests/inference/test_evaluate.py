@@ -5,7 +5,8 @@ import torch
 from pyro.settings import context
 
 from bayes_router.inference.evaluate import evaluate
-from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM
+from bayes_router.models.bayesian import BayesianRoutedLM
+from bayes_router.models.prior_free import PriorFreeRoutedLM
 from tests.helpers import tiny_configs
 
 

@@ -10,8 +10,9 @@ from pyro.infer import TraceMeanField_ELBO
 
 from bayes_router.core.dirichlet import dirichlet_kl
 from bayes_router.inference.objective import FreeBitsELBO, loss_and_surrogate, objective_terms
-from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM, alpha_site
+from bayes_router.models.bayesian import BayesianRoutedLM, alpha_site
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.prior_free import PriorFreeRoutedLM
 
 CFG = TinyLMConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_seq_len=16, window=3,
                    chunk_size=4, controller_hidden=8)

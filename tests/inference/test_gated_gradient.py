@@ -21,17 +21,17 @@ from scipy.stats import chi2
 from torch.distributions import constraints
 
 from bayes_router.inference.estimators import estimator_names, get_estimator
-from bayes_router.inference.toy import (
-    TOY_CONCENTRATION,
-    observe_counts,
-    replica_gradient_draws,
-    toy_guide,
-)
 from bayes_router.inference.train import train
 from bayes_router.inference.train_config import TrainConfig, gated_training_bias
 from bayes_router.models.bayesian import _sample_decision
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.router import routing_weights
+from bayes_router.variance.toy import (
+    TOY_CONCENTRATION,
+    observe_counts,
+    replica_gradient_draws,
+    toy_guide,
+)
 
 THRESHOLD = 0.6
 EXPERTS = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])  # P_k(y) of the two experts

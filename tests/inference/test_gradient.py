@@ -5,7 +5,7 @@ import torch
 from scipy.stats import chi2
 
 from bayes_router.inference.estimators import RSVI, estimator_names, get_estimator
-from bayes_router.inference.toy import gradient_draws, toy_elbo_grad
+from bayes_router.variance.toy import gradient_draws, toy_elbo_grad
 
 COUNTS = torch.tensor([6.0, 3.0, 1.0], dtype=torch.float64)
 PRIOR = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)

@@ -11,8 +11,8 @@ import torch
 from scipy.stats import chi2
 
 from bayes_router.inference.estimators import estimator_names, get_estimator
-from bayes_router.inference.toy import toy_elbo_grad
-from bayes_router.inference.toy_two_site import (
+from bayes_router.variance.toy import toy_elbo_grad
+from bayes_router.variance.toy_two_site import (
     two_site_elbo,
     two_site_elbo_grad,
     two_site_gradient_draws,

@@ -11,8 +11,9 @@ from bayes_router.inference.timing import (
     full_only_router,
     reference_expert,
 )
-from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM
+from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.prior_free import PriorFreeRoutedLM
 
 pytestmark = pytest.mark.usefixtures("local_params")
 

@@ -9,13 +9,10 @@ from torch.distributions import Dirichlet, kl_divergence
 
 from bayes_router.inference.estimators import get_estimator
 from bayes_router.inference.objective import loss_and_surrogate
-from bayes_router.models.bayesian import (
-    BayesianRoutedLM,
-    PriorFreeRoutedLM,
-    alpha_site,
-    compute_aware_prior,
-)
+from bayes_router.models.bayesian import BayesianRoutedLM, alpha_site
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.prior_free import PriorFreeRoutedLM
+from bayes_router.models.priors import compute_aware_prior
 from bayes_router.models.tinylm import FixedRouting
 
 CFG = TinyLMConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_seq_len=16, window=3,

@@ -6,9 +6,10 @@ import torch
 from pyro import poutine
 
 from bayes_router.core.precision import autocast, dtype_name, gradient_scaler, resolve_dtype
-from bayes_router.models.bayesian import BayesianRoutedLM, PriorFreeRoutedLM, alpha_site
+from bayes_router.models.bayesian import BayesianRoutedLM, alpha_site
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.experts import build_expert
+from bayes_router.models.prior_free import PriorFreeRoutedLM
 
 pytestmark = pytest.mark.usefixtures("local_params")
 

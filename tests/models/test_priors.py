@@ -6,8 +6,9 @@ import logging
 import pytest
 import torch
 
-from bayes_router.models.bayesian import SEED_EPSILON, BayesianRoutedLM, seed_prior
+from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.priors import SEED_EPSILON, seed_prior
 
 CFG = TinyLMConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_seq_len=16, window=3,
                    chunk_size=4, controller_hidden=8, cost_preset="seed")

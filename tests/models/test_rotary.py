@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from bayes_router.models import BayesianRoutedLM, StaticRoutedLM, TinyLMConfig
+from bayes_router.models.controller import controller_features, feature_position
 from bayes_router.models.rotary import apply_rotary, rotary_angles
-from bayes_router.models.router import controller_features, feature_position
 
 
 def test_rotation_matches_its_closed_form():

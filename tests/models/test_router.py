@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.controller import controller_features
 from bayes_router.models.router import (
     RoutedAttention,
     RoutingDecision,
-    controller_features,
     routing_weights,
     selected_positions,
 )

@@ -11,8 +11,9 @@ from torch.distributions.kl import _kl_dirichlet_dirichlet
 
 from bayes_router.inference.estimators import estimator_names, get_estimator
 from bayes_router.inference.estimators._util import importance_traces
-from bayes_router.models.bayesian import BayesianRoutedLM, RoutingPrior, alpha_site
+from bayes_router.models.bayesian import BayesianRoutedLM, alpha_site
 from bayes_router.models.config import TinyLMConfig
+from bayes_router.models.priors import RoutingPrior
 
 CFG = TinyLMConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_seq_len=16, window=3,
                    chunk_size=4, controller_hidden=8)

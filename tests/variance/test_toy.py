@@ -9,7 +9,7 @@ from pyro import poutine
 from pyro.infer import SVI
 
 from bayes_router.inference.estimators import estimator_names, get_estimator
-from bayes_router.inference.toy import (
+from bayes_router.variance.toy import (
     TOY_CONCENTRATION,
     gradient_draws,
     toy_elbo,

@@ -28,14 +28,14 @@ import torch
 from scipy.stats import chi2
 
 from bayes_router.inference.estimators import get_estimator
-from bayes_router.inference.gradient_stats import REFERENCE, add_relative, summarise_gradients
-from bayes_router.inference.toy import gradient_draws, toy_elbo_grad
-from bayes_router.inference.variance import (
+from bayes_router.variance.gradient_stats import REFERENCE, add_relative, summarise_gradients
+from bayes_router.variance.lm_variance import (
     DEFAULT_PARTICLE_ESTIMATORS,
     check_estimators,
     check_num_draws,
     particles_for,
 )
+from bayes_router.variance.toy import gradient_draws, toy_elbo_grad
 
 logger = logging.getLogger(__name__)
 
@@ -301,11 +301,12 @@ def toy_variance_vs_particles(estimators: Sequence[str] | None = DEFAULT_PARTICL
     respect to ``a``) is measured.
 
     :returns: ``{"particles", "num_draws", "num_bootstrap", "level", "a", "counts", "prior",
-        "estimators": {name: {str(K): {"num_particles", "unbiased", "groups":
-        {"a": summary}} or {"skipped"}}}, "slopes": {name: {key: fit dict or None}},
+        "estimators": {name: [{"num_particles", "unbiased", "groups": {"a": summary}} or
+        {"skipped": reason}]}, "slopes": {name: {key: fit dict or None}},
         "local_slopes": {name: {key: [...]}}, "expected_slopes": {name: {key: slope}},
-        "at_posterior": {"a", "num_draws", "estimators": {name: {str(K): {"total_variance",
-        "max_abs"}}}}}``.
+        "at_posterior": {"a", "num_draws", "estimators": {name: [{"total_variance",
+        "max_abs"} or {"skipped": reason}]}}}``, each estimator's lists aligned with
+        ``particles``; ``local_slopes`` lie between neighbouring measured ``K``.
     :raises ValueError: for an unknown estimator, ``particles`` not integers ``>= 1``,
         ``num_draws < 2``, ``num_bootstrap < 0``, ``posterior_draws`` neither 0 nor ``>= 2``,
         or ``level`` outside ``(0, 1)``.
@@ -322,24 +323,28 @@ def toy_variance_vs_particles(estimators: Sequence[str] | None = DEFAULT_PARTICL
     posterior = prior + counts
     rng = np.random.default_rng(seed)
     seeds = {k: int(np.random.SeedSequence([seed, k]).generate_state(1)[0]) for k in particles}
-    table: dict[str, dict] = {name: {} for name in names}
-    at_posterior: dict[str, dict] = {name: {} for name in names}
+    table: dict[str, list] = {name: [] for name in names}
+    at_posterior: dict[str, list] = {name: [] for name in names}
     slopes, expected = {}, {}
     local: dict[str, dict] = {name: {} for name in names}
     for name in names:
         estimator = get_estimator(name)
-        usable, resampled = [], {key: [] for key in BOOTSTRAPPED}
+        usable, summaries, resampled = [], [], {key: [] for key in BOOTSTRAPPED}
         for k in particles:
             if k < estimator.min_particles:
-                table[name][str(k)] = {"skipped": f"{name} needs num_particles >= "
-                                                  f"{estimator.min_particles}"}
+                skipped = {"skipped": f"{name} needs num_particles >= "
+                                      f"{estimator.min_particles}"}
+                table[name].append(skipped)
+                if posterior_draws:
+                    at_posterior[name].append(dict(skipped))
                 continue
             draws, seconds = _timed_draws(estimator, a, num_draws, counts, prior, k,
                                           batch_size, seeds[k])
             summary = summarise_gradients(draws, seconds).to_dict()
-            table[name][str(k)] = {"num_particles": k, "unbiased": estimator.unbiased,
-                                   "groups": {"a": summary}}
+            table[name].append({"num_particles": k, "unbiased": estimator.unbiased,
+                                "groups": {"a": summary}})
             usable.append(k)
+            summaries.append(summary)
             if num_bootstrap:
                 for key, values in bootstrap_summaries(draws, num_bootstrap, rng).items():
                     resampled[key].append(values)
@@ -347,13 +352,13 @@ def toy_variance_vs_particles(estimators: Sequence[str] | None = DEFAULT_PARTICL
                 at = gradient_draws(estimator, posterior, posterior_draws, counts, prior,
                                     num_particles=k, batch_size=batch_size,
                                     seed=seeds[k]).numpy()
-                at_posterior[name][str(k)] = {"total_variance": float(at.var(0, ddof=1).sum()),
-                                              "max_abs": float(np.abs(at).max())}
+                at_posterior[name].append({"total_variance": float(at.var(0, ddof=1).sum()),
+                                           "max_abs": float(np.abs(at).max())})
             logger.info("%s, K = %d: total variance %.3g, median SNR %.3g", name, k,
                         summary["total_variance"], summary["median_snr"])
         slopes[name] = {}
         for key in FITTED:
-            values = [table[name][str(k)]["groups"]["a"][key] for k in usable]
+            values = [measured[key] for measured in summaries]
             rows = (np.stack(resampled[key], -1) if key in BOOTSTRAPPED and num_bootstrap
                     and usable else None)
             fit = _fit_with_interval(usable, values, rows, level) if usable else None

@@ -1,4 +1,5 @@
-"""The gradient-variance lab: many independent ELBO-gradient estimates at one fixed point.
+"""The gradient-variance lab on the routed LM: many independent ELBO-gradient estimates at one
+fixed point.
 
 Holding the parameters and one minibatch fixed, each estimator of the registry draws ``M``
 independent gradient estimates. They are summarised separately for three parameter groups of
@@ -10,15 +11,16 @@ independent gradient estimates. They are summarised separately for three paramet
   A model with a fixed ``beta0`` is copied into a lab model whose ``beta0`` is learned and
   initialised at the fixed value (the forward pass is unchanged), so its gradient is defined.
 
-Per estimator and group the statistics of :mod:`bayes_router.inference.gradient_stats`
+Per estimator and group the statistics of :mod:`bayes_router.variance.gradient_stats`
 (variance, median SNR, seconds per estimate, efficiency, each relative to ``reparam-mc``).
 Gradients are those of the per-token loss the training loop differentiates, ``-ELBO / (N T)``.
 
 Sweeps here: over the number of particles (:func:`variance_vs_particles`) and over ``beta0``
-with the guide held fixed (:func:`variance_vs_beta0`). The study along training (it trains in
-segments) is :func:`bayes_router.experiments.variance_lab.variance_along_training`; the
-conjugate toy, where the exact gradient is known, is
-:func:`bayes_router.inference.toy_variance.toy_gradient_variance`;
+with the guide held fixed (:func:`variance_vs_beta0`); each estimator's results are a list
+aligned with the swept values. The study along training (it trains in segments) is
+:func:`bayes_router.experiments.variance_lab.variance_along_training`; the conjugate toy, where
+the exact gradient is known, is
+:func:`bayes_router.variance.toy_variance.toy_gradient_variance`;
 :func:`bayes_router.experiments.variance_lab.variance_lab` runs a whole study into a folder
 (``variance.json``, figures, ``report.md``).
 
@@ -33,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyro
@@ -42,14 +44,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bayes_router.inference.estimators import estimator_names, get_estimator
-from bayes_router.inference.gradient_stats import REFERENCE, add_relative, summarise_gradients
 from bayes_router.inference.objective import AuxiliaryOptimiser, per_token_loss_and_surrogate
 from bayes_router.models.bayesian import BayesianRoutedLM
+from bayes_router.variance.gradient_stats import REFERENCE, add_relative, summarise_gradients
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_PARTICLE_ESTIMATORS",
+    "DEFAULT_SWEEP_ESTIMATORS",
     "GROUPS",
+    "GROUP_LABELS",
+    "aligned_points",
     "check_estimators",
     "gradient_variance",
     "lab_model",
@@ -225,6 +231,19 @@ def gradient_variance(model: BayesianRoutedLM, x: Tensor, y: Tensor, *,
             "beta0": model.current_beta0().detach().clone().tolist() if beta0 is None else beta0}
 
 
+def aligned_points(points: Sequence, axis: Sequence, name: str) -> Sequence:
+    """``points``, the entries of estimator ``name`` in a sweep, one per value of ``axis``:
+    ``points[i]`` is the result (or ``{"skipped": reason}``) at ``axis[i]``.
+
+    :raises ValueError: unless ``points`` is a sequence as long as ``axis`` (a dict keyed by
+        the values' strings, the layout of sweeps before, is not)."""
+    if isinstance(points, Mapping) or len(points) != len(axis):
+        raise ValueError(f"the points of {name} must be a list aligned with the sweep's axis "
+                         f"of {len(axis)} values, got {type(points).__name__} of "
+                         f"{len(points)}")
+    return points
+
+
 def variance_vs_particles(model: BayesianRoutedLM, x: Tensor, y: Tensor, *,
                           particles: Sequence[int] = (1, 2, 4, 8),
                           estimators: Sequence[str] | None = DEFAULT_PARTICLE_ESTIMATORS,
@@ -232,24 +251,22 @@ def variance_vs_particles(model: BayesianRoutedLM, x: Tensor, y: Tensor, *,
     """:func:`gradient_variance` at each number of particles; counts below an estimator's
     minimum (``iwae``, ``dreg`` with 1) are recorded as skipped.
 
-    :returns: ``{"particles": [...], "estimators": {name: {str(N): result or {"skipped"}}}}``.
+    :returns: ``{"particles": [...], "estimators": {name: [result or {"skipped": reason}]},
+        "num_draws"}``, each estimator's list aligned with ``particles``.
     """
     names = check_estimators(estimators)
     particles = sorted({int(n) for n in particles})
     if not particles or particles[0] < 1:
         raise ValueError(f"particles must be integers >= 1, got {particles}")
-    table: dict[str, dict] = {name: {} for name in names}
+    table: dict[str, list] = {name: [] for name in names}
     for count in particles:
         usable = [n for n in names if get_estimator(n).min_particles <= count]
-        for name in set(names) - set(usable):
-            table[name][str(count)] = {"skipped": f"{name} needs num_particles >= "
-                                                  f"{get_estimator(name).min_particles}"}
-        if not usable:
-            continue
-        result = gradient_variance(model, x, y, estimators=usable, num_draws=num_draws,
-                                   num_particles=count, **options)
-        for name in usable:
-            table[name][str(count)] = result["estimators"][name]
+        result = (gradient_variance(model, x, y, estimators=usable, num_draws=num_draws,
+                                    num_particles=count, **options) if usable else None)
+        for name in names:
+            table[name].append(result["estimators"][name] if name in usable else
+                               {"skipped": f"{name} needs num_particles >= "
+                                           f"{get_estimator(name).min_particles}"})
     return {"particles": particles, "estimators": table, "num_draws": num_draws}
 
 
@@ -260,18 +277,19 @@ def variance_vs_beta0(model: BayesianRoutedLM, x: Tensor, y: Tensor, *,
     """:func:`gradient_variance` with the prior concentration set to each value (the same in
     every layer) while the guide and the LM stay as trained.
 
-    :returns: ``{"beta0_values": [...], "estimators": {name: {str(beta0): result}}}``.
+    :returns: ``{"beta0_values": [...], "estimators": {name: [result]}, "num_draws"}``, each
+        estimator's list aligned with ``beta0_values``.
     """
     names = check_estimators(estimators)
     values = sorted({float(v) for v in beta0_values})
     if not values or not all(math.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"beta0 values must be > 0, got {list(beta0_values)}")
-    table: dict[str, dict] = {name: {} for name in names}
+    table: dict[str, list] = {name: [] for name in names}
     for value in values:
         result = gradient_variance(model, x, y, estimators=names, num_draws=num_draws,
                                    beta0=value, **options)
         for name in names:
-            table[name][repr(value)] = result["estimators"][name]
+            table[name].append(result["estimators"][name])
     return {"beta0_values": values, "estimators": table, "num_draws": num_draws}
 
 

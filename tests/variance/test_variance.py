@@ -10,20 +10,21 @@ from scipy.stats import chi2
 
 from bayes_router.experiments.variance_lab import variance_along_training
 from bayes_router.inference.estimators import estimator_names, get_estimator
-from bayes_router.inference.gradient_stats import REFERENCE, add_relative, summarise_gradients
 from bayes_router.inference.objective import loss_and_surrogate
-from bayes_router.inference.toy import toy_elbo_grad
-from bayes_router.inference.toy_variance import toy_gradient_variance
 from bayes_router.inference.train import train
 from bayes_router.inference.train_config import TrainConfig
-from bayes_router.inference.variance import (
+from bayes_router.models.bayesian import BayesianRoutedLM
+from bayes_router.models.config import TinyLMConfig
+from bayes_router.variance.gradient_stats import REFERENCE, add_relative, summarise_gradients
+from bayes_router.variance.lm_variance import (
     gradient_variance,
     lab_model,
     parameter_groups,
+    variance_vs_beta0,
     variance_vs_particles,
 )
-from bayes_router.models.bayesian import BayesianRoutedLM
-from bayes_router.models.config import TinyLMConfig
+from bayes_router.variance.toy import toy_elbo_grad
+from bayes_router.variance.toy_variance import toy_gradient_variance
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_dreg_with_one_particle_is_rejected_clearly(data):
 
 
 def test_prior_free_model_is_rejected(data):
-    from bayes_router.models.bayesian import PriorFreeRoutedLM
+    from bayes_router.models.prior_free import PriorFreeRoutedLM
 
     x, y = batch(data)
     with pytest.raises(TypeError, match="BayesianRoutedLM"):
@@ -222,9 +223,26 @@ def test_particle_sweep_skips_counts_below_an_estimators_minimum(data):
     x, y = batch(data)
     sweep = variance_vs_particles(tiny_model(data), x, y, particles=[1, 2],
                                   estimators=["reparam-mc", "dreg"], num_draws=2, warmup=0)
-    assert "skipped" in sweep["estimators"]["dreg"]["1"]
-    assert sweep["estimators"]["dreg"]["2"]["num_particles"] == 2
-    assert sweep["estimators"]["reparam-mc"]["1"]["num_particles"] == 1
+    assert sweep["particles"] == [1, 2]
+    assert set(sweep["estimators"]["dreg"][0]) == {"skipped"}
+    assert sweep["estimators"]["dreg"][1]["num_particles"] == 2
+    assert [p["num_particles"] for p in sweep["estimators"]["reparam-mc"]] == [1, 2]
+
+
+def test_beta0_sweep_lists_each_estimators_points_in_the_order_of_its_values(data):
+    """Point ``i`` is the lab at ``beta0_values[i]`` (sorted): the same seed draws the same
+    gradients as a direct call at that value."""
+    model, (x, y) = tiny_model(data), batch(data)
+    options = dict(estimators=["reparam-mc"], num_draws=2, warmup=0, seed=3)
+    sweep = variance_vs_beta0(model, x, y, beta0_values=[10.0, 0.1], **options)
+    assert sweep["beta0_values"] == [0.1, 10.0]
+    points = sweep["estimators"]["reparam-mc"]
+    assert len(points) == 2
+    for value, point in zip(sweep["beta0_values"], points, strict=True):
+        direct = gradient_variance(model, x, y, beta0=value, **options)["estimators"]
+        assert point["groups"]["beta0"]["total_variance"] == \
+            direct["reparam-mc"]["groups"]["beta0"]["total_variance"]
+    assert points[0]["groups"]["beta0"] != points[1]["groups"]["beta0"]
 
 
 def test_along_training_measures_at_each_step(data, tmp_path):
@@ -233,7 +251,10 @@ def test_along_training_measures_at_each_step(data, tmp_path):
     result = variance_along_training(tiny_cfg(data), train_cfg, data, tmp_path, [0, 2, 3],
                                      estimators=["reparam-analytic"], num_draws=2, warmup=0)
     assert result["steps"] == [0, 2, 3]
-    assert set(result["estimators"]["reparam-analytic"]) == {"0", "2", "3"}
+    points = result["estimators"]["reparam-analytic"]
+    assert len(points) == 3 and all(p["groups"]["phi"]["num_draws"] == 2 for p in points)
+    assert result["train_loss"][0] is None and all(math.isfinite(v)
+                                                   for v in result["train_loss"][1:])
     assert (tmp_path / "checkpoint.pt").exists()
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         variance_along_training(tiny_cfg(data), train_cfg, data, tmp_path, [1],

@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy import stats
 
-from bayes_router.inference.gradient_stats import summarise_gradients
-from bayes_router.inference.toy import gradient_draws
-from bayes_router.inference.toy_variance import (
+from bayes_router.variance.gradient_stats import summarise_gradients
+from bayes_router.variance.toy import gradient_draws
+from bayes_router.variance.toy_variance import (
     BOOTSTRAPPED,
     EXPECTED_SLOPES,
     FITTED,
@@ -112,14 +112,14 @@ def test_sweep_records_skips_slopes_and_the_posterior_check():
     sweep = toy_variance_vs_particles(["reparam-mc", "stl", "dreg", "iwae"], [16, 1, 4, 4],
                                       num_draws=300, num_bootstrap=20, posterior_draws=50)
     assert sweep["particles"] == [1, 4, 16]
-    assert "skipped" in sweep["estimators"]["dreg"]["1"]
-    assert sweep["estimators"]["stl"]["4"]["groups"]["a"]["num_draws"] == 300
+    assert set(sweep["estimators"]["dreg"][0]) == {"skipped"}
+    assert [p["num_particles"] for p in sweep["estimators"]["dreg"][1:]] == [4, 16]
+    assert sweep["estimators"]["stl"][1]["groups"]["a"]["num_draws"] == 300
     assert set(sweep["slopes"]["reparam-mc"]) == set(FITTED)
     for key in FITTED:
         fit = sweep["slopes"]["dreg"][key]
         assert fit["num_points"] == 2 and (fit["interval"] is not None) == (key in BOOTSTRAPPED)
-        values = [sweep["estimators"]["reparam-mc"][k]["groups"]["a"][key]
-                  for k in ("1", "4", "16")]
+        values = [point["groups"]["a"][key] for point in sweep["estimators"]["reparam-mc"]]
         assert sweep["slopes"]["reparam-mc"][key]["slope"] == pytest.approx(
             fit_power_law([1, 4, 16], values).slope, abs=1e-12)
         if key in BOOTSTRAPPED:
@@ -128,16 +128,17 @@ def test_sweep_records_skips_slopes_and_the_posterior_check():
     posterior = sweep["at_posterior"]
     assert posterior["a"] == [p + c for p, c in zip(TOY_PRIOR, TOY_COUNTS, strict=True)]
     for name in ZERO_AT_POSTERIOR:
-        for point in posterior["estimators"][name].values():
-            assert point["max_abs"] < 1e-8
-    assert set(posterior["estimators"]["dreg"]) == {"4", "16"}
+        measured = [p for p in posterior["estimators"][name] if "skipped" not in p]
+        assert len(measured) == (3 if name == "stl" else 2)
+        assert all(point["max_abs"] < 1e-8 for point in measured)
+    assert set(posterior["estimators"]["dreg"][0]) == {"skipped"}
     assert all(point["total_variance"] > 1e-3
-               for point in posterior["estimators"]["reparam-mc"].values())
+               for point in posterior["estimators"]["reparam-mc"])
     # at the posterior every importance weight is p(x): iwae averages the particles' ELBO
     # gradients, and common random numbers make it reparam-mc's draw for draw
-    for k in ("4", "16"):
-        assert posterior["estimators"]["iwae"][k] == pytest.approx(
-            posterior["estimators"]["reparam-mc"][k], rel=1e-9)
+    for i in (1, 2):  # K = 4, 16
+        assert posterior["estimators"]["iwae"][i] == pytest.approx(
+            posterior["estimators"]["reparam-mc"][i], rel=1e-9)
 
 
 def test_sweep_is_reproducible_from_its_seed():
@@ -145,8 +146,9 @@ def test_sweep_is_reproducible_from_its_seed():
         sweep = toy_variance_vs_particles(["reparam-mc"], [1, 3], num_draws=50,
                                           num_bootstrap=num_bootstrap, posterior_draws=0,
                                           seed=seed)
-        return ([sweep["estimators"]["reparam-mc"][k]["groups"]["a"]["total_variance"]
-                 for k in ("1", "3")], sweep["slopes"]["reparam-mc"]["total_variance"]["interval"])
+        return ([point["groups"]["a"]["total_variance"]
+                 for point in sweep["estimators"]["reparam-mc"]],
+                sweep["slopes"]["reparam-mc"]["total_variance"]["interval"])
 
     assert run(5) == run(5) and run(5) != run(6)
     assert run(5, num_bootstrap=0) == (run(5)[0], None)

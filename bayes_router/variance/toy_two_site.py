@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.distributions import constraints
 
 from bayes_router.inference.estimators import Estimator, get_estimator
-from bayes_router.inference.toy import observe_counts, replica_gradient_draws
+from bayes_router.variance.toy import observe_counts, replica_gradient_draws
 
 FIRST_CONCENTRATION = "two_site_a"
 SECOND_BASE = "two_site_b"
@@ -149,7 +149,7 @@ def two_site_gradient_draws(estimator: Estimator | str, theta, num_draws: int, c
                             num_particles: int | None = None, batch_size: int = 2000,
                             warmup: int | None = None, seed: int | None = None) -> Tensor:
     """Independent gradient estimates ``(M, 5)`` with respect to ``theta = (a1, a2, b1, b2, c)``
-    (see :func:`~bayes_router.inference.toy.replica_gradient_draws`)."""
+    (see :func:`~bayes_router.variance.toy.replica_gradient_draws`)."""
     estimator = get_estimator(estimator)
     theta = torch.as_tensor(theta, dtype=torch.float64)
     counts = torch.as_tensor(counts, dtype=torch.float64)
