@@ -46,139 +46,99 @@ def _comma_list(kind: type):
     return parse
 
 
+def _comma_tuple(text: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ``("a", "b")``; empty names are kept for the config to refuse by name."""
+    return tuple(text.split(","))
+
+
 # ------------------------------------------------------------------------------------------------
+# options generated from the configuration dataclasses
+
+
+#: Fields whose option type their annotation does not give.
+FIELD_PARSERS = {"beta0": _beta0, "experts": _comma_tuple}
+_ANNOTATION_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 def _field_defaults(cls) -> dict:
     return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
+def _option_type(cls, field):
+    if field.name in FIELD_PARSERS:
+        return FIELD_PARSERS[field.name]
+    annotation = field.type if isinstance(field.type, str) else field.type.__name__
+    kind = _ANNOTATION_TYPES.get(annotation.removesuffix(" | None"))
+    if kind is None:  # a new field needs an entry in FIELD_PARSERS
+        raise TypeError(f"{cls.__name__}.{field.name}: no command-line type for {field.type!r}")
+    return kind
+
+
+def add_config_options(group, cls, defaults: dict | None = None, skip=()) -> None:
+    """One option per field of the dataclass ``cls`` (built with
+    :func:`bayes_router.core.options.option`): ``--<field-name>`` or the field's ``flag``, its
+    type, choices and help from the field, its default from the field or ``defaults``. The
+    option's destination is the field's name, so :func:`config_from_args` rebuilds ``cls``."""
+    defaults = defaults or {}
+    for field in dataclasses.fields(cls):
+        meta = field.metadata
+        if field.name in skip or not meta.get("command_line", True):
+            continue
+        default = defaults.get(field.name, field.default)
+        names = (meta.get("flag", "--" + field.name.replace("_", "-")), *meta.get("aliases", ()))
+        kind = _option_type(cls, field)
+        if kind is bool:
+            action = "store_false" if meta.get("negate") else argparse.BooleanOptionalAction
+            group.add_argument(*names, dest=field.name, action=action, default=default,
+                               help=meta["help"])
+            continue
+        help = meta["help"]
+        if "choices" in meta and "metavar" in meta:  # the metavar hides the choices: list them
+            help += f"; one of {', '.join(meta['choices'])}"
+        if isinstance(default, tuple):  # shown and parsed as the comma list one types
+            default = ",".join(default)
+        metavar = meta.get("metavar")
+        if metavar is None and "choices" not in meta:  # named after the flag, not the field
+            metavar = names[0].lstrip("-").replace("-", "_").upper()
+        group.add_argument(*names, dest=field.name, type=kind, default=default, help=help,
+                           choices=meta.get("choices"), metavar=metavar)
+        if "none_flag" in meta:
+            group.add_argument(meta["none_flag"], dest=field.name, action="store_const",
+                               const=None, help=meta["none_help"])
+
+
+def config_from_args(cls, args, **fixed):
+    """``cls`` from the options :func:`add_config_options` added, with ``fixed`` fields."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if hasattr(args, f.name) and f.metadata.get("command_line", True)}
+    return cls(**{**values, **fixed})
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from bayes_router.models.config import COST_PRESETS, PHASE1_SIZE, POSITIONS, TinyLMConfig
+    from bayes_router.models.config import PHASE1_SIZE, TinyLMConfig
 
-    d = {**_field_defaults(TinyLMConfig), **PHASE1_SIZE}
     g = p.add_argument_group("model (defaults: the Phase-1 size, TinyLMConfig.phase1)")
-    g.add_argument("--d-model", type=int, default=d["d_model"], help="residual width D")
-    g.add_argument("--n-heads", type=int, default=d["n_heads"], help="attention heads H")
-    g.add_argument("--n-layers", type=int, default=d["n_layers"], help="transformer blocks L")
-    g.add_argument("--max-seq-len", type=int, default=d["max_seq_len"],
-                   help="longest training sequence (fixes the position feature); with learned "
-                        "positions also the longest context the model can decode")
-    g.add_argument("--positions", default=d["positions"], choices=POSITIONS,
-                   help="learned: absolute position embeddings up to --max-seq-len; rotary: "
-                        "rotary embeddings of q and k (decodes past --max-seq-len)")
-    g.add_argument("--window", type=int, default=d["window"], help="local expert's look-back w")
-    g.add_argument("--chunk-size", type=int, default=d["chunk_size"],
-                   help="linear expert's chunk length")
-    g.add_argument("--experts", default=",".join(d["experts"]),
-                   help="comma-separated expert names (see the expert registry)")
-    g.add_argument("--separate-qkv", action="store_true",
-                   help="one q/k/v/out projection per expert (default: shared)")
-    g.add_argument("--untie-head", action="store_true",
-                   help="an output head of its own (default: tied to the token embedding)")
-    g.add_argument("--cost-preset", default=d["cost_preset"], choices=COST_PRESETS,
-                   help="seed: the paper's fixed [1.0, 0.15, 0.30]; flops: from the FLOP model")
+    add_config_options(g, TinyLMConfig, defaults=PHASE1_SIZE)
 
 
-def _add_train_args(p: argparse.ArgumentParser, router: bool = True) -> None:
-    from bayes_router.core.precision import DTYPES
-    from bayes_router.inference.estimators import estimator_names
-    from bayes_router.inference.train_config import ROUTERS, TrainConfig
-    from bayes_router.models.bayesian import PRIOR_MEANS, PRIORS
+def _add_train_args(p: argparse.ArgumentParser, skip=()) -> None:
+    from bayes_router.inference.train_config import TrainConfig
 
-    d = _field_defaults(TrainConfig)
     g = p.add_argument_group("training (defaults: TrainConfig)")
-    if router:
-        g.add_argument("--router", default=d["router"],
-                       help=f"{' or '.join(ROUTERS)}, or a static baseline: fixed:<expert> "
-                            "(one expert everywhere), fixed:<s1,..,sK> (constant hard shares in "
-                            "the order of --experts, positions assigned at random with the "
-                            "seed), soft:<s1,..,sK> (a constant soft mix)")
-    g.add_argument("--corpus", default=d["dataset"],
-                   help="'stdlib', a text file or folder, or synthetic:{recall,copy,drift,mixed}")
-    g.add_argument("--max-chars", type=int, default=d["dataset_max_chars"],
-                   help="characters of the corpus used")
-    g.add_argument("--beta0", type=_beta0, default=d["beta0"],
-                   help="prior concentration: a number, one per layer (a,b), or 'learn'")
-    g.add_argument("--beta0-init", type=float, default=d["beta0_init"],
-                   help="initial beta0 with --beta0 learn")
-    g.add_argument("--eta", type=float, default=d["eta"],
-                   help="cost sensitivity of the prior mean pi ~ c^-eta")
-    g.add_argument("--prior", default=d["prior"], choices=PRIORS,
-                   help="power: beta0 * pi with pi ~ c^-eta, guide softplus + a_min; seed: the "
-                        "public prototype's eps + beta0 (1 - c), guide beta + softplus")
-    g.add_argument("--prior-mean", default=d["prior_mean"], choices=PRIOR_MEANS,
-                   help="learn: a per-layer prior mean fitted by type-II ML (empirical Bayes)")
-    g.add_argument("--a-min", type=float, default=d["a_min"],
-                   help="floor of the guide's concentrations (power prior)")
-    g.add_argument("--free-bits", type=float, default=d["free_bits"],
-                   help="lambda >= 0: each token's KL per layer counts as max(KL, lambda); "
-                        "NOT an ELBO for lambda > 0 (needs --elbo reparam-analytic)")
-    g.add_argument("--warm-start", default=d["warm_start"], metavar="RUN_DIR",
-                   help="initialise the LM from a trained run (prior-free or fixed), then fit")
-    g.add_argument("--elbo", "--estimator", dest="estimator", default=d["estimator"],
-                   choices=estimator_names(), metavar="NAME",
-                   help=f"ELBO gradient estimator, one of {', '.join(estimator_names())}")
-    g.add_argument("--num-particles", type=int, default=d["num_particles"],
-                   help="vectorised particles per step")
-    g.add_argument("--steps", type=int, default=d["steps"], help="SVI steps")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"],
-                   help="sequences per step: the global batch, shared out over torchrun's "
-                        "processes")
-    g.add_argument("--micro-batches", type=int, default=d["micro_batches"],
-                   help="shards of each process's batch whose gradients are averaged (gradient "
-                        "accumulation)")
-    g.add_argument("--dtype", default=d["dtype"], choices=list(DTYPES),
-                   help="the LM's matmuls under autocast (float16 with loss scaling); the "
-                        "router and the Dirichlet maths stay in full precision")
-    g.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per sequence")
-    g.add_argument("--lr", type=float, default=d["lr"], help="AdamW learning rate")
-    g.add_argument("--grad-clip", type=float, default=d["grad_clip"],
-                   help="gradient-norm clipping threshold")
-    g.add_argument("--kl-anneal-steps", type=int, default=d["kl_anneal_steps"],
-                   help="steps over which the KL weight rises to 1 (0: no annealing)")
-    g.add_argument("--kl-weight", type=float, default=d["kl_weight"],
-                   help="constant factor on the KL term (1: the ELBO; else a beta-VAE ablation)")
-    g.add_argument("--gate-final", type=float, default=d["gate_final"],
-                   help="final soft-to-hard gate threshold (normalised entropy); 0: off")
-    g.add_argument("--tau", type=float, default=d["tau"], help="prior-free softmax temperature")
-    g.add_argument("--eval-every", type=int, default=d["eval_every"],
-                   help="validate every N steps")
-    g.add_argument("--eval-batches", type=int, default=d["eval_batches"],
-                   help="validation batches per periodic evaluation")
-    g.add_argument("--eval-all", action="store_true",
-                   help="evaluate on the whole validation split (periodic and final)")
-    g.add_argument("--log-every", type=int, default=d["log_every"],
-                   help="log the objective's parts (NLL, KL per layer, spread, a0) every N steps")
-    g.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"],
-                   help="checkpoint every N steps")
-    g.add_argument("--seed", type=int, default=d["seed"], help="random seed")
+    add_config_options(g, TrainConfig, skip=skip)
 
 
-def _configs(args, vocab_size: int):
+def _load_configs(args, **fixed):
+    """The model and training configurations of the options, and the data they load: the data
+    are loaded from a first pass (synthetic tasks take the model's window and sequence length)
+    and the model is then built for their vocabulary."""
+    from bayes_router.experiments.runs import load_data
     from bayes_router.inference.train_config import TrainConfig
     from bayes_router.models.config import TinyLMConfig
 
-    model_cfg = TinyLMConfig(
-        vocab_size=vocab_size, d_model=args.d_model, n_heads=args.n_heads,
-        n_layers=args.n_layers, max_seq_len=args.max_seq_len, window=args.window,
-        chunk_size=args.chunk_size, experts=tuple(args.experts.split(",")),
-        shared_qkv=not args.separate_qkv, cost_preset=args.cost_preset,
-        tie_weights=not args.untie_head, positions=args.positions)
-    train_cfg = TrainConfig(
-        router=args.router, estimator=args.estimator, num_particles=args.num_particles,
-        beta0=args.beta0, beta0_init=args.beta0_init, eta=args.eta, tau=args.tau,
-        prior=args.prior, prior_mean=args.prior_mean, a_min=args.a_min,
-        free_bits=args.free_bits, warm_start=args.warm_start, log_every=args.log_every,
-        eval_batches=None if args.eval_all else args.eval_batches,
-        micro_batches=args.micro_batches, dtype=args.dtype,
-        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-        grad_clip=args.grad_clip, kl_anneal_steps=args.kl_anneal_steps,
-        kl_weight=args.kl_weight,
-        gate_final=args.gate_final, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, seed=args.seed, dataset=args.corpus,
-        dataset_max_chars=args.max_chars)
-    return model_cfg, train_cfg
+    probe = config_from_args(TrainConfig, args, **fixed)
+    data = load_data(probe, config_from_args(TinyLMConfig, args))
+    return (config_from_args(TinyLMConfig, args, vocab_size=data.vocab_size), probe, data)
 
 
 def _add_out(p, required: bool = True, help: str = "output folder") -> None:
@@ -219,22 +179,23 @@ def _train_arguments(p):
 @command("train", "train a Bayesian, prior-free or static routed LM into a run directory",
          _train_arguments)
 def cmd_train(args) -> int:
-    from bayes_router.experiments.runs import EVAL_BATCHES, load_data, train_run
-    from bayes_router.inference.checkpoint import CHECKPOINT_NAME
+    from bayes_router.experiments.runs import EVAL_BATCHES, train_run
+    from bayes_router.inference.checkpoint import (
+        CHECKPOINT_NAME,
+        check_same_config,
+        load_checkpoint,
+    )
 
     if args.resume and not (Path(args.out) / CHECKPOINT_NAME).exists():
         raise ValueError(f"--resume: {args.out} holds no {CHECKPOINT_NAME}")
-    probe_model, probe = _configs(args, vocab_size=128)
-    data = load_data(probe, probe_model)  # synthetic tasks take the model's window
-    model_cfg, train_cfg = _configs(args, vocab_size=data.vocab_size)
+    model_cfg, train_cfg, data = _load_configs(args)
     _out_dir(args, "train")
     if args.resume:
-        from bayes_router.inference.checkpoint import check_same_config, load_checkpoint
-
         check_same_config(load_checkpoint(Path(args.out) / CHECKPOINT_NAME), model_cfg,
                           train_cfg)
     metrics = train_run(model_cfg, train_cfg, Path(args.out), resume=args.resume, data=data,
-                        eval_batches=None if args.eval_all else EVAL_BATCHES, device=args.device)
+                        eval_batches=None if train_cfg.eval_batches is None else EVAL_BATCHES,
+                        device=args.device)
     if metrics is None:  # a torchrun process other than rank 0: rank 0 reports
         return 0
     print(f"wrote {args.out}/metrics.json and {args.out}/report.md")
@@ -245,8 +206,10 @@ def cmd_train(args) -> int:
 
 
 def _evaluate_arguments(p):
-    p.add_argument("run_dir", help="a finished run directory (of `bayes-router train`)")
+    from bayes_router.core.precision import DTYPES
     from bayes_router.models.router import ROUTING_MODES
+
+    p.add_argument("run_dir", help="a finished run directory (of `bayes-router train`)")
 
     p.add_argument("--routing", default=ROUTING_MODES[0], choices=ROUTING_MODES,
                    help="soft: every expert weighted; hard: each token's argmax expert only; "
@@ -255,8 +218,6 @@ def _evaluate_arguments(p):
                    help="normalised-entropy threshold in [0, 1] of --routing gated")
     p.add_argument("--split", default="val", choices=["val", "test"],
                    help="held-out split to evaluate")
-    from bayes_router.core.precision import DTYPES
-
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="the LM's matmuls under autocast (default full precision, whatever "
                         "the run trained in)")
@@ -401,7 +362,7 @@ def _phase1_arguments(p):
     from bayes_router.experiments.phase1 import PHASE1_ROUTERS
 
     _add_model_args(p)
-    _add_train_args(p, router=False)
+    _add_train_args(p, skip=("router",))
     g = p.add_argument_group("comparison")
     _add_out(g, help="comparison folder (one run folder per router and seed inside)")
     g.add_argument("--routers", type=_comma_names_routers, default=list(PHASE1_ROUTERS),
@@ -422,19 +383,17 @@ def _comma_names_routers(text: str) -> list[str]:
          "one-expert baselines, with a power check", _phase1_arguments)
 def cmd_phase1(args) -> int:
     from bayes_router.experiments.phase1 import phase1_table, run_phase1
-    from bayes_router.experiments.runs import load_data
+    from bayes_router.experiments.runs import EVAL_BATCHES
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    args.router = "bayesian"  # replaced by each of --routers
-    probe_model, probe = _configs(args, vocab_size=128)
-    data = load_data(probe, probe_model)  # synthetic tasks take the model's window
-    model_cfg, train_cfg = _configs(args, vocab_size=data.vocab_size)
+    # the router is replaced by each of --routers
+    model_cfg, train_cfg, _ = _load_configs(args, router="bayesian")
     _out_dir(args, "phase1")
     result = run_phase1(Path(args.out), seeds=args.seeds, model_cfg=model_cfg,
                         train_cfg=train_cfg, report=not args.no_report,
                         routers=tuple(args.routers), jobs=args.jobs, first_seed=args.seed,
-                        eval_batches=None if args.eval_all else EVAL_BATCHES_PHASE1,
+                        eval_batches=None if train_cfg.eval_batches is None else EVAL_BATCHES,
                         device=args.device)
     print(phase1_table(result))
     print(f"\npower check: {result['power']['reason']}")
@@ -443,10 +402,6 @@ def cmd_phase1(args) -> int:
     print(f"\nwrote {args.out}/phase1.json, {args.out}/phase1.md and "
           f"{args.out}/quality_vs_compute.png")
     return 0
-
-
-#: Validation batches of 16 windows behind each Phase-1 run's final metrics (--eval-all: all).
-EVAL_BATCHES_PHASE1 = 32
 
 
 def _bench_arguments(p):
@@ -537,7 +492,9 @@ def cmd_data(args) -> int:
 
 
 def _analysis_options(p):
-    p.add_argument("--max-batches", type=int, default=32,
+    from bayes_router.experiments.runs import EVAL_BATCHES
+
+    p.add_argument("--max-batches", type=int, default=EVAL_BATCHES,
                    help="validation batches of 16 windows to analyse (default: the windows "
                         "behind metrics.json)")
     p.add_argument("--num-samples", type=int, default=8,
@@ -607,10 +564,10 @@ def cmd_report(args) -> int:
 
 def _sweep_beta0_arguments(p):
     _add_model_args(p)
-    _add_train_args(p)
+    _add_train_args(p, skip=("beta0",))
     g = p.add_argument_group("sweep")
     g.add_argument("--values", type=_comma_list(float), default=[0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
-                   help="comma-separated beta0 values (each > 0); --beta0 is ignored")
+                   help="comma-separated beta0 values (each > 0)")
     g.add_argument("--seeds", type=int, default=3, help="seeds --seed .. --seed + N - 1")
     _add_out(g, help="sweep folder")
     g.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
@@ -622,19 +579,17 @@ def _sweep_beta0_arguments(p):
 @command("sweep-beta0", "train and evaluate Bayesian runs over a grid of beta0 values x seeds",
          _sweep_beta0_arguments)
 def cmd_sweep_beta0(args) -> int:
-    from bayes_router.experiments.runs import load_data
+    from bayes_router.experiments.runs import EVAL_BATCHES
     from bayes_router.experiments.sweep import sweep_beta0, sweep_report
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    args.beta0 = 1.0  # replaced by each sweep value
-    probe_model, probe = _configs(args, vocab_size=128)
-    data = load_data(probe, probe_model)  # synthetic tasks take the model's window
-    model_cfg, train_cfg = _configs(args, vocab_size=data.vocab_size)
+    # beta0 is replaced by each sweep value
+    model_cfg, train_cfg, _ = _load_configs(args, beta0=1.0)
     _out_dir(args, "sweep-beta0")
     result = sweep_beta0(args.values, list(range(args.seed, args.seed + args.seeds)),
                          Path(args.out), model_cfg, train_cfg, jobs=args.jobs, mark=args.mark,
-                         eval_batches=None if args.eval_all else args.eval_batches,
+                         eval_batches=None if train_cfg.eval_batches is None else EVAL_BATCHES,
                          device=args.device)
     print(sweep_report(result))
     print(f"wrote {args.out}/sweep.json and {args.out}/report.md")
@@ -704,9 +659,9 @@ def cmd_variance(args) -> int:
 
 
 def _fit_beta0_arguments(p):
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished Bayesian run directory")
     from bayes_router.inference.empirical_bayes import METHODS
 
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished Bayesian run directory")
     p.add_argument("--method", default="both", choices=METHODS,
                    help="svi: type-II ML by SVI on log beta0; minka: the fixed-point M-step on "
                         "the guide's expected statistics; both")
@@ -778,6 +733,18 @@ def _add_global_options(p: argparse.ArgumentParser, default) -> None:
              "cores for `bench`)")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default once: not where its help already states it ("(default ..."),
+    nor for switches and options without one."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if ("(default" in help or action.default is None or isinstance(action.default, bool)
+                or isinstance(action, argparse._StoreConstAction)):
+            return help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bayes-router",
@@ -786,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text, arguments) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
         if arguments is not None:
             arguments(p)
         _add_global_options(p.add_argument_group("global options"), default=argparse.SUPPRESS)

@@ -7,7 +7,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from bayes_router.core.precision import resolve_dtype
+from bayes_router.core.options import option
+from bayes_router.core.precision import DTYPES, resolve_dtype
 from bayes_router.inference.estimators import estimator_names, get_estimator
 from bayes_router.models.priors import PRIOR_MEANS, PRIORS
 from bayes_router.models.static import STATIC_KINDS
@@ -60,39 +61,72 @@ class TrainConfig:
         :mod:`bayes_router.core.precision`).
     """
 
-    router: str = "bayesian"
-    prior: str = "power"
-    prior_mean: str = "fixed"
-    estimator: str = "reparam-analytic"
-    num_particles: int = 1
-    beta0: float | tuple[float, ...] | str = 1.0
-    beta0_init: float = 1.0
-    eta: float = 1.0
-    a_min: float = 0.05
-    tau: float = 1.0
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    kl_anneal_steps: int = 0
-    kl_anneal_start: float = 0.0
-    kl_weight: float = 1.0
-    free_bits: float = 0.0
-    warm_start: str | None = None
-    gate_final: float = 0.0
-    gate_start: float = 0.5
-    gate_end: float = 0.9
-    eval_every: int = 100
-    eval_batches: int | None = 8
-    log_every: int = 10
-    micro_batches: int = 1
-    dtype: str = "float32"
-    checkpoint_every: int = 100
-    seed: int = 0
-    dataset: str = "stdlib"
-    dataset_max_chars: int | None = 1_000_000
+    router: str = option(
+        "bayesian", f"{' or '.join(ROUTERS)}, or a static baseline: fixed:<expert> (one expert "
+        "everywhere), fixed:<s1,..,sK> (constant hard shares in the order of --experts, "
+        "positions assigned at random with the seed), soft:<s1,..,sK> (a constant soft mix)")
+    prior: str = option(
+        "power", "power: beta0 * pi with pi ~ c^-eta, guide softplus + a_min; seed: the public "
+        "prototype's eps + beta0 (1 - c), guide beta + softplus", choices=PRIORS)
+    prior_mean: str = option(
+        "fixed", "learn: a per-layer prior mean fitted by type-II ML (empirical Bayes)",
+        choices=PRIOR_MEANS)
+    estimator: str = option(
+        "reparam-analytic", "ELBO gradient estimator (see `bayes-router variance`)",
+        flag="--elbo", aliases=("--estimator",), choices=estimator_names(), metavar="NAME")
+    num_particles: int = option(1, "vectorised particles per step")
+    beta0: float | tuple[float, ...] | str = option(
+        1.0, "prior concentration: a number, one per layer (a,b), or 'learn'")
+    beta0_init: float = option(1.0, "initial beta0 with --beta0 learn")
+    eta: float = option(1.0, "cost sensitivity of the prior mean pi ~ c^-eta")
+    a_min: float = option(0.05, "floor of the guide's concentrations (power prior)")
+    tau: float = option(1.0, "prior-free softmax temperature")
+    steps: int = option(300, "SVI steps")
+    batch_size: int = option(
+        16, "sequences per step: the global batch, shared out over torchrun's processes")
+    seq_len: int = option(128, "tokens per sequence")
+    lr: float = option(3e-3, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradient-norm clipping threshold")
+    kl_anneal_steps: int = option(
+        0, "steps over which the KL weight rises to 1 (0: no annealing)")
+    kl_anneal_start: float = option(
+        0.0, "the KL weight at step 0 of the annealing, in [0, 1]")
+    kl_weight: float = option(
+        1.0, "constant factor on the KL term (1: the ELBO; else a beta-VAE ablation)")
+    free_bits: float = option(
+        0.0, "lambda >= 0: each token's KL per layer counts as max(KL, lambda); NOT an ELBO "
+        "for lambda > 0 (needs --elbo reparam-analytic)")
+    warm_start: str | None = option(
+        None, "initialise the LM from a trained run (prior-free or fixed), then fit",
+        metavar="RUN_DIR")
+    gate_final: float = option(
+        0.0, "final soft-to-hard gate threshold (normalised entropy); 0: off")
+    gate_start: float = option(
+        0.5, "fraction of training at which the gate threshold starts rising from 0")
+    gate_end: float = option(
+        0.9, "fraction of training at which the gate threshold reaches --gate-final")
+    eval_every: int = option(100, "validate every N steps")
+    eval_batches: int | None = option(
+        8, "validation batches of 16 windows per periodic evaluation",
+        none_flag="--eval-all",
+        none_help="evaluate on the whole validation split (periodic and final)")
+    log_every: int = option(
+        10, "log the objective's parts (NLL, KL per layer and its ELBO-surgery split, spread, "
+        "a0) every N steps")
+    micro_batches: int = option(
+        1, "shards of each process's batch whose gradients are averaged (gradient "
+        "accumulation)")
+    dtype: str = option(
+        "float32", "the LM's matmuls under autocast (float16 with loss scaling); the router "
+        "and the Dirichlet maths stay in full precision", choices=tuple(DTYPES))
+    checkpoint_every: int = option(100, "checkpoint every N steps")
+    seed: int = option(0, "random seed")
+    dataset: str = option(
+        "stdlib", "'stdlib', a text file or folder, or synthetic:<task or preset>",
+        flag="--corpus")
+    dataset_max_chars: int | None = option(
+        1_000_000, "characters of the corpus used", flag="--max-chars")
 
     def __post_init__(self):
         if isinstance(self.beta0, list):
@@ -137,6 +171,10 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
                 0 <= self.seed < 2 ** 63):
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if not (isinstance(self.weight_decay, int | float) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got "
+                             f"{self.weight_decay!r}")
         for name in ("beta0_init", "a_min", "tau", "lr", "grad_clip", "kl_weight"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):

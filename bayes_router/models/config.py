@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from bayes_router.core.options import option
 from bayes_router.models.experts import expert_names
 
 COST_PRESETS = ("flops", "seed")
@@ -52,23 +53,39 @@ class TinyLMConfig:
         (``docs/experts.md``).
     """
 
-    vocab_size: int = 128
-    d_model: int = 128
-    n_heads: int = 4
-    n_layers: int = 2
-    max_seq_len: int = 256
-    experts: tuple[str, ...] = ("full", "linear", "local")
-    window: int = 32
-    chunk_size: int = 64
-    shared_qkv: bool = True
-    causal: bool = True
-    mlp_ratio: int = 4
-    controller_hidden: int = 64
-    tie_weights: bool = True
-    cost_preset: str = "flops"
-    cost_includes_projections: bool = False
-    dense_hard_max_len: int = 256
-    positions: str = "learned"
+    vocab_size: int = option(128, "token ids: set from the corpus", command_line=False)
+    d_model: int = option(128, "residual width D")
+    n_heads: int = option(4, "attention heads H")
+    n_layers: int = option(2, "transformer blocks L")
+    max_seq_len: int = option(
+        256, "longest training sequence (fixes the position feature); with learned positions "
+        "also the longest context the model can decode")
+    experts: tuple[str, ...] = option(
+        ("full", "linear", "local"), "comma-separated expert names (see the expert registry)")
+    window: int = option(32, "local expert's look-back w")
+    chunk_size: int = option(64, "linear expert's chunk length")
+    shared_qkv: bool = option(
+        True, "one q/k/v/out projection per expert (default: shared)", flag="--separate-qkv",
+        negate=True)
+    causal: bool = option(
+        True, "bidirectional attention is for tests of the experts: a language model is causal",
+        command_line=False)
+    mlp_ratio: int = option(4, "feed-forward hidden width over d_model")
+    controller_hidden: int = option(64, "hidden width of the routing controller's MLP")
+    tie_weights: bool = option(
+        True, "an output head of its own (default: tied to the token embedding)",
+        flag="--untie-head", negate=True)
+    cost_preset: str = option(
+        "flops", "seed: the paper's fixed [1.0, 0.15, 0.30]; flops: from the FLOP model",
+        choices=COST_PRESETS)
+    cost_includes_projections: bool = option(
+        False, "count the q/k/v/out projections in the FLOP model's cost vector")
+    dense_hard_max_len: int = option(
+        256, "hard-routed sequences up to this length run every token through every expert "
+        "and select (0: always the sparse per-expert paths)")
+    positions: str = option(
+        "learned", "learned: absolute position embeddings up to --max-seq-len; rotary: rotary "
+        "embeddings of q and k (decodes past --max-seq-len)", choices=POSITIONS)
 
     @classmethod
     def phase1(cls, vocab_size: int = 128, **overrides) -> TinyLMConfig:

@@ -112,16 +112,6 @@ def test_corpus_report(tmp_path):
         assert (tmp_path / "out" / name).exists()
 
 
-def test_cli_defaults_are_the_dataclasses_defaults():
-    """`bayes-router train` and the Python API build the same model and run by default."""
-    from bayes_router.cli import _configs, build_parser
-
-    args = build_parser().parse_args(["train", "--out", "somewhere"])
-    model_cfg, train_cfg = _configs(args, vocab_size=77)
-    assert model_cfg == TinyLMConfig.phase1(77)
-    assert train_cfg == TrainConfig()
-
-
 def test_train_runs_in_parallel_match_serial_runs(tmp_path, tiny_corpus):
     from bayes_router.experiments.runs import train_runs
 
