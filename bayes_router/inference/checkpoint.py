@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from bayes_router.inference.estimators.base import running_baselines
 from bayes_router.inference.train_config import TrainConfig
 from bayes_router.models.config import TinyLMConfig
 
@@ -59,6 +60,8 @@ def checkpoint_payload(model: torch.nn.Module, optimiser: torch.optim.Optimizer,
         "evaluations": result.evaluations,
         "model_config": json.dumps(model_cfg.to_dict()),
         "train_config": json.dumps(train_cfg.to_dict()),
+        # score-function estimators' decaying-average baselines (empty for the others)
+        "running_baselines": running_baselines(),
     }
 
 

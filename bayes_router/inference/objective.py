@@ -120,8 +120,10 @@ class FreeBitsELBO(AnalyticKLELBO):
 class AuxiliaryOptimiser:
     """Adam over the parameters an estimator's ELBO owns (:meth:`Estimator.auxiliary_parameters`,
     e.g. learned baselines). They appear lazily, on first sight of a site, and join on the next
-    :meth:`step`. Their state is not checkpointed: a resumed run starts them afresh, which
-    changes the variance, not the expectation, of the gradient.
+    :meth:`step`. These nets and their Adam state are not checkpointed: a resumed run starts
+    them afresh, which changes the variance, not the expectation, of the gradient. (The
+    decaying-average baselines of the score-function estimators are: a checkpoint holds them
+    as ``running_baselines``.)
 
     :param estimator: the estimator that built ``elbo``.
     :param lr: Adam's learning rate.

@@ -38,6 +38,7 @@ from bayes_router.inference.checkpoint import (
 )
 from bayes_router.inference.distributed import Distributed, resolve_device, shard, shard_seed
 from bayes_router.inference.estimators import Estimator, get_estimator
+from bayes_router.inference.estimators.base import restore_running_baselines
 from bayes_router.inference.evaluate import bits_label, evaluate
 from bayes_router.inference.objective import (
     AuxiliaryOptimiser,
@@ -184,6 +185,9 @@ def _resume(path: Path | None, model: RoutedLM, optimiser: torch.optim.Optimizer
     batch_rng.set_state(payload["batch_rng"])
     if scaler is not None and payload.get("scaler") is not None:
         scaler.load_state_dict(payload["scaler"])
+    # checkpoints written before the baselines were saved restart them
+    restore_running_baselines(payload.get("running_baselines", {}),
+                              next(model.parameters()).device)
     result = TrainResult(model, history=list(payload["history"]),
                          evaluations=list(payload["evaluations"]), step=int(payload["step"]),
                          seconds=float(payload["seconds"]))
@@ -241,6 +245,7 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
                              train_cfg, group.world_size)
         else:
             result = TrainResult(model)
+            restore_running_baselines({})  # not another run's, left in this process
             if train_cfg.warm_start is not None:
                 warm_start_lm(model, Path(train_cfg.warm_start))
         dataset_size = data.num_windows("train", train_cfg.seq_len)

@@ -24,6 +24,25 @@ from bayes_router.core.dirichlet import SAMPLING_DTYPE
 BASELINE_PREFIX = "__baseline_avg_downstream_cost_"
 
 
+def running_baselines() -> dict[str, Tensor]:
+    """Copies of the decaying-average baselines in Pyro's global param store, by name: the
+    part of a score-function estimator's state that outlives its ELBO object."""
+    store = pyro.get_param_store()
+    return {name: store[name].detach().clone() for name in sorted(store.keys())
+            if name.startswith(BASELINE_PREFIX)}
+
+
+def restore_running_baselines(state: dict[str, Tensor], device=None) -> None:
+    """Make ``state`` the param store's decaying-average baselines, dropping any others, so a
+    run continues from its own (a checkpoint's) and never from another run's in the same
+    process."""
+    store = pyro.get_param_store()
+    for name in [n for n in store.keys() if n.startswith(BASELINE_PREFIX)]:
+        del store[name]
+    for name, value in state.items():
+        store[name] = value.detach().clone().to(device)
+
+
 class Estimator(ABC):
     """Abstract base of the ELBO gradient estimators.
 
