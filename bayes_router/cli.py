@@ -434,15 +434,15 @@ def _bench_arguments(p):
 @command("bench", "speed benchmark of the experts, the hard-routed layer and decoding",
          _bench_arguments)
 def cmd_bench(args) -> int:
-    from bayes_router.bench import format_table, run_benchmark
+    from bayes_router.bench import BenchConfig, format_table, run_benchmark
     from bayes_router.bench.decode import decode_table, run_decode_benchmark
 
     _out_dir(args, "bench")
     if not args.decode_only:
-        results = run_benchmark(Path(args.out), seq_lens=tuple(args.seq_lens),
-                                hard_seq_len=args.hard_seq_len, repeats=args.repeats,
-                                svi_configs=() if args.no_svi_step else None,
-                                flex=not args.no_flex, memory=not args.no_memory)
+        config = BenchConfig(seq_lens=tuple(args.seq_lens), hard_seq_len=args.hard_seq_len,
+                             repeats=args.repeats, svi_configs=() if args.no_svi_step else None,
+                             flex=not args.no_flex, memory=not args.no_memory)
+        results = run_benchmark(Path(args.out), config)
         print(format_table(results))
         print(f"\nwrote {args.out}/bench.json, {args.out}/bench.png and {args.out}/report.md")
     if not args.no_decode:

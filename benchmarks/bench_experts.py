@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from bayes_router.bench import format_table, run_benchmark
+from bayes_router.bench import BenchConfig, format_table, run_benchmark
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    results = run_benchmark(
-        args.out, seq_lens=tuple(args.seq_lens), batch=args.batch, d_model=args.d_model,
-        n_heads=args.n_heads, window=args.window, repeats=args.repeats,
-        hard_seq_len=args.hard_seq_len, progress=not args.no_progress)
+    config = BenchConfig(seq_lens=tuple(args.seq_lens), batch=args.batch, d_model=args.d_model,
+                         n_heads=args.n_heads, window=args.window, repeats=args.repeats,
+                         hard_seq_len=args.hard_seq_len)
+    results = run_benchmark(args.out, config, progress=not args.no_progress)
     print(format_table(results))
     print(f"\nwrote {args.out}/bench.json")
     return 0

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from bayes_router.bench import EXPERTS, format_table, one_hot_mix, run_benchmark
+from bayes_router.bench import EXPERTS, BenchConfig, format_table, one_hot_mix, run_benchmark
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.experts import cost_vector
 
 TOY = dict(seq_lens=(16, 32), d_model=32, n_heads=2, window=4, hard_seq_len=32, repeats=1,
-           warmup=0, progress=False, matmul_size=256, flex=False, memory=False,
+           warmup=0, matmul_size=256, flex=False, memory=False,
            svi_configs=({"vocab_size": 20, "d_model": 16, "n_heads": 2, "n_layers": 1,
                          "max_seq_len": 16, "window": 4, "chunk_size": 8, "batch_size": 2},))
 
@@ -31,7 +31,7 @@ def _numbers(obj):
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    results = run_benchmark(out, **TOY)
+    results = run_benchmark(out, BenchConfig(**TOY), progress=False)
     return out, results
 
 
@@ -64,8 +64,8 @@ def test_writes_a_report_and_a_figure(toy_run):
 
 def test_the_hard_layer_defaults_to_the_longest_requested_length(tmp_path):
     """--seq-lens 16 times nothing longer: the hard layer runs at 16, no SVI step asked."""
-    results = run_benchmark(tmp_path, **{**TOY, "seq_lens": (16,), "hard_seq_len": None,
-                                         "svi_configs": ()})
+    config = BenchConfig(**{**TOY, "seq_lens": (16,), "hard_seq_len": None, "svi_configs": ()})
+    results = run_benchmark(tmp_path, config, progress=False)
     assert results["hard_layer"]["seq_len"] == 16 and results["svi_step"] == []
     assert {r["seq_len"] for r in results["experts"]} == {16}
 
@@ -142,9 +142,9 @@ def test_one_hot_mix_has_exact_counts():
 
 @pytest.mark.parametrize("bad", [dict(mixes=((0.5, 0.5),)), dict(mixes=((0.5, 0.6, 0.0),)),
                                  dict(repeats=0), dict(n_heads=3), dict(seq_lens=())])
-def test_bad_arguments_raise_value_error(tmp_path, bad):
-    with pytest.raises(ValueError):
-        run_benchmark(tmp_path, **{**TOY, **bad})
+def test_bad_arguments_raise_value_error(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        BenchConfig(**{**TOY, **bad})
 
 
 def test_the_baselines_compute_what_they_claim():
@@ -187,8 +187,9 @@ def test_the_step_and_memory_targets_are_checked():
 
 
 def test_the_short_length_hard_layer_rows_and_target(tmp_path):
-    results = run_benchmark(tmp_path, **{**TOY, "seq_lens": (16, 128), "hard_seq_len": None,
-                                         "svi_configs": ()})
+    config = BenchConfig(**{**TOY, "seq_lens": (16, 128), "hard_seq_len": None,
+                            "svi_configs": ()})
+    results = run_benchmark(tmp_path, config, progress=False)
     rows = results["hard_layer_short"]
     assert {r["seq_len"] for r in rows} == {128} and len(rows) == 5  # the five default mixes
     for r in rows:
@@ -206,7 +207,7 @@ def test_the_local_scaling_target_reads_one_round_robin(tmp_path, monkeypatch):
 
     monkeypatch.setattr(harness, "SCALING_SEQ_LENS", (16, 32))
     monkeypatch.setattr(targets, "SCALING_SEQ_LENS", (16, 32))
-    results = run_benchmark(tmp_path, **{**TOY, "svi_configs": ()})
+    results = run_benchmark(tmp_path, BenchConfig(**{**TOY, "svi_configs": ()}), progress=False)
     scaling = results["local_scaling"]
     assert scaling["seq_lens"] == [16, 32]
     assert scaling["ratio"] == pytest.approx(scaling["fwd_ms"][1] / scaling["fwd_ms"][0])

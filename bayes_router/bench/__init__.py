@@ -5,6 +5,7 @@ number means (:mod:`.conventions`) and the table, report and figure (:mod:`.repo
 from bayes_router.bench.conventions import CONVENTIONS
 from bayes_router.bench.harness import (
     EXPERTS,
+    BenchConfig,
     matmul_throughput,
     median_time,
     median_times,
@@ -14,6 +15,6 @@ from bayes_router.bench.harness import (
 from bayes_router.bench.report import bench_figure, bench_report, format_table
 from bayes_router.bench.targets import check_targets
 
-__all__ = ["CONVENTIONS", "EXPERTS", "bench_figure", "bench_report", "check_targets",
+__all__ = ["CONVENTIONS", "EXPERTS", "BenchConfig", "bench_figure", "bench_report", "check_targets",
            "format_table", "matmul_throughput", "median_time", "median_times", "one_hot_mix",
            "run_benchmark"]

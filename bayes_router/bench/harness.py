@@ -26,6 +26,7 @@ import platform
 import statistics
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -133,21 +134,75 @@ def _check_mixes(mixes: Sequence[Sequence[float]], n_experts: int) -> list[tuple
     return checked
 
 
-def _validate(seq_lens, batch, d_model, n_heads, window, repeats, warmup, hard_seq_len,
-              matmul_size):
-    if not seq_lens or any(not isinstance(t, int) or t < 2 for t in seq_lens):
-        raise ValueError(f"seq_lens must be integers >= 2, got {seq_lens}")
-    for name, value in (("batch", batch), ("d_model", d_model), ("n_heads", n_heads),
-                        ("window", window), ("repeats", repeats), ("hard_seq_len", hard_seq_len),
-                        ("matmul_size", matmul_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if hard_seq_len < 2:
-        raise ValueError(f"hard_seq_len must be an integer >= 2, got {hard_seq_len!r}")
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
-    if d_model % n_heads:
-        raise ValueError(f"n_heads must divide d_model, got n_heads={n_heads}, d_model={d_model}")
+@dataclass(frozen=True)
+class BenchConfig:
+    """What :func:`run_benchmark` measures, checked when built.
+
+    :param seq_lens: sequence lengths ``T`` at which every expert is timed.
+    :param batch: batch size ``B``.
+    :param d_model: model width ``D`` (heads have ``D / H`` dimensions).
+    :param n_heads: number of heads ``H``.
+    :param window: look-back of the ``local`` expert.
+    :param repeats: timed runs per measurement (the median is reported).
+    :param mixes: expert shares ``(full, linear, local)`` of the hard-routed layer (the
+        defaults: full-only, the 25/50/25 mix of the projection target, all-linear, half full
+        and half local, and a router that keeps nine tokens in ten on ``full``).
+    :param hard_seq_len: sequence length of the layer benchmark (also its ``max_seq_len``);
+        ``None``: the longest of ``seq_lens``.
+    :param warmup: untimed runs before each measurement.
+    :param naive_max_seq_len: the naive twins are timed (forward) at the lengths up to this one.
+    :param chunk_size: chunk length of the ``linear`` expert.
+    :param matmul_size: side of the square fp32 matmul that measures the machine's throughput.
+    :param seed: seed of the random inputs and token assignments (a private generator; the
+        global RNG is left alone).
+    :param svi_configs: LM sizes (``TinyLMConfig`` fields plus ``batch_size``) at which one
+        Bayesian SVI step is timed against one prior-free step and one step of the plain causal
+        LM of that size (default :data:`SVI_CONFIGS`; ``()`` skips them).
+    :param flex: also time compiled ``flex_attention`` as a local-attention baseline (it
+        compiles once, tens of seconds).
+    :param memory: measure each training configuration's peak memory in a fresh process.
+    """
+
+    seq_lens: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)
+    batch: int = 2
+    d_model: int = 256
+    n_heads: int = 4
+    window: int = 64
+    repeats: int = 5
+    mixes: tuple[tuple[float, ...], ...] = ((1, 0, 0), (0.25, 0.5, 0.25), (0, 1, 0),
+                                            (0.5, 0, 0.5), (0.9, 0.05, 0.05))
+    hard_seq_len: int | None = None
+    warmup: int = 2
+    naive_max_seq_len: int = 512
+    chunk_size: int = 64
+    matmul_size: int = MATMUL_SIZE
+    seed: int = 0
+    svi_configs: tuple[dict, ...] | None = None
+    flex: bool = True
+    memory: bool = True
+
+    def __post_init__(self):
+        seq_lens = tuple(self.seq_lens)
+        object.__setattr__(self, "seq_lens", seq_lens)
+        if not seq_lens or any(not isinstance(t, int) or t < 2 for t in seq_lens):
+            raise ValueError(f"seq_lens must be integers >= 2, got {seq_lens}")
+        if self.hard_seq_len is None:
+            object.__setattr__(self, "hard_seq_len", max(seq_lens))
+        for name in ("batch", "d_model", "n_heads", "window", "repeats", "hard_seq_len",
+                     "matmul_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.hard_seq_len < 2:
+            raise ValueError(f"hard_seq_len must be an integer >= 2, got {self.hard_seq_len!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads must divide d_model, got n_heads={self.n_heads}, "
+                             f"d_model={self.d_model}")
+        object.__setattr__(self, "mixes", tuple(_check_mixes(self.mixes, len(EXPERTS))))
+        if self.svi_configs is not None:
+            object.__setattr__(self, "svi_configs", tuple(self.svi_configs))
 
 
 def _load_average() -> float | None:
@@ -175,53 +230,22 @@ def _environment() -> dict:
     }
 
 
-def run_benchmark(out_dir: str | os.PathLike,
-                  seq_lens: Sequence[int] = (128, 256, 512, 1024, 2048, 4096),
-                  batch: int = 2, d_model: int = 256, n_heads: int = 4, window: int = 64,
-                  repeats: int = 5,
-                  mixes: Sequence[Sequence[float]] = ((1, 0, 0), (0.25, 0.5, 0.25), (0, 1, 0),
-                                                      (0.5, 0, 0.5), (0.9, 0.05, 0.05)),
-                  hard_seq_len: int | None = None, progress: bool = True, warmup: int = 2,
-                  naive_max_seq_len: int = 512, chunk_size: int = 64,
-                  matmul_size: int = MATMUL_SIZE, seed: int = 0,
-                  svi_configs: Sequence[dict] | None = None, flex: bool = True,
-                  memory: bool = True) -> dict:
+def run_benchmark(out_dir: str | os.PathLike, config: BenchConfig | None = None,
+                  progress: bool = True) -> dict:
     """Benchmark the experts and the hard-routed layer; write ``out_dir/bench.json``.
 
     :param out_dir: output folder (created if missing).
-    :param seq_lens: sequence lengths ``T`` at which every expert is timed.
-    :param batch: batch size ``B``.
-    :param d_model: model width ``D`` (heads have ``D / H`` dimensions).
-    :param n_heads: number of heads ``H``.
-    :param window: look-back of the ``local`` expert.
-    :param repeats: timed runs per measurement (the median is reported).
-    :param mixes: expert shares ``(full, linear, local)`` of the hard-routed layer (the
-        defaults: full-only, the 25/50/25 mix of the projection target, all-linear, half full
-        and half local, and a router that keeps nine tokens in ten on ``full``).
-    :param hard_seq_len: sequence length of the layer benchmark (also its ``max_seq_len``);
-        ``None``: the longest of ``seq_lens``.
+    :param config: what to measure (default :class:`BenchConfig`'s defaults).
     :param progress: show a progress bar over the measurements.
-    :param warmup: untimed runs before each measurement.
-    :param naive_max_seq_len: the naive twins are timed (forward) at the lengths up to this one.
-    :param chunk_size: chunk length of the ``linear`` expert.
-    :param matmul_size: side of the square fp32 matmul that measures the machine's throughput.
-    :param seed: seed of the random inputs and token assignments (a private generator; the
-        global RNG is left alone).
-    :param svi_configs: LM sizes (``TinyLMConfig`` fields plus ``batch_size``) at which one
-        Bayesian SVI step is timed against one prior-free step and one step of the plain causal
-        LM of that size (default :data:`SVI_CONFIGS`; ``()`` skips them).
-    :param flex: also time compiled ``flex_attention`` as a local-attention baseline (it
-        compiles once, tens of seconds).
-    :param memory: measure each training configuration's peak memory in a fresh process.
     :returns: the results also written to ``bench.json`` (see :data:`CONVENTIONS`), with the
         table in ``report.md`` and the figure ``bench.png``.
     """
-    seq_lens = tuple(seq_lens)
-    if hard_seq_len is None and seq_lens:
-        hard_seq_len = max(seq_lens)
-    _validate(seq_lens, batch, d_model, n_heads, window, repeats, warmup, hard_seq_len,
-              matmul_size)
-    mixes = _check_mixes(mixes, len(EXPERTS))
+    c = BenchConfig() if config is None else config
+    seq_lens, batch, d_model, n_heads, window = c.seq_lens, c.batch, c.d_model, c.n_heads, c.window
+    repeats, warmup, mixes, hard_seq_len = c.repeats, c.warmup, c.mixes, c.hard_seq_len
+    naive_max_seq_len, chunk_size, matmul_size, seed = (c.naive_max_seq_len, c.chunk_size,
+                                                        c.matmul_size, c.seed)
+    svi_configs, flex, memory = c.svi_configs, c.flex, c.memory
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
