@@ -8,11 +8,16 @@ by default and may be switched off for speed once a pipeline is known to be soun
     validation.enable_validation(False)        # everywhere, or
     with validation.validation_enabled(False):  # inside a block
         ...
+
+It also holds the one wording of the rules many settings share (:func:`check_positive`,
+:func:`check_int`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -53,3 +58,22 @@ def validation_enabled(flag: bool = True) -> Iterator[None]:
         yield
     finally:
         enable_validation(before)
+
+
+def check_positive(name: str, value) -> float:
+    """``value`` as a float, if it is a finite number > 0; else a ``ValueError`` naming ``name``.
+
+    The rule of every positive setting (``lr``, ``tau``, ``a_min``, ...), checked where the value
+    enters: a configuration's construction or a public constructor.
+    """
+    if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value, least: int = 1) -> int:
+    """``value``, if it is an integer ``>= least`` (``True`` and ``False`` are not); else a
+    ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    return value

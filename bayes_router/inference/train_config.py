@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 from bayes_router.core.options import option
 from bayes_router.core.precision import DTYPES, resolve_dtype
+from bayes_router.core.validation import check_int, check_positive
 from bayes_router.inference.estimators import estimator_names, get_estimator
-from bayes_router.models.priors import PRIOR_MEANS, PRIORS
+from bayes_router.models.priors import PRIOR_MEANS, PRIORS, check_prior_options
 from bayes_router.models.static import STATIC_KINDS
 
 ROUTERS = ("bayesian", "prior-free")
@@ -135,13 +136,10 @@ class TrainConfig:
             raise ValueError(f"router must be one of {ROUTERS} or a static baseline "
                              f"'fixed:<expert>', 'fixed:<shares>', 'soft:<shares>'; got "
                              f"{self.router!r}")
-        if self.prior not in PRIORS:
-            raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
-        if self.prior_mean not in PRIOR_MEANS:
-            raise ValueError(f"prior_mean must be one of {PRIOR_MEANS}, got {self.prior_mean!r}")
-        if self.prior == "seed" and self.prior_mean == "learn":
-            raise ValueError("prior_mean 'learn' needs prior 'power' (the seed prior has no "
-                             "separate mean)")
+        # the prior's options: the rules the model applies too, in one place
+        check_prior_options(beta0=self.beta0, eta=self.eta, a_min=self.a_min,
+                            beta0_init=self.beta0_init, prior=self.prior,
+                            prior_mean=self.prior_mean)
         if not (math.isfinite(self.free_bits) and self.free_bits >= 0):
             raise ValueError(f"free_bits must be a finite number >= 0, got {self.free_bits!r}")
         if self.free_bits > 0 and self.estimator != "reparam-analytic":
@@ -157,17 +155,7 @@ class TrainConfig:
                              f"got {self.eval_batches!r}")
         for name in ("num_particles", "steps", "batch_size", "seq_len", "eval_every",
                      "log_every", "checkpoint_every", "micro_batches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.beta0, str):
-            if self.beta0 != "learn":
-                raise ValueError(f"beta0 must be > 0, a list of values > 0, or 'learn'; got "
-                                 f"{self.beta0!r}")
-        else:
-            values = self.beta0 if isinstance(self.beta0, tuple) else (self.beta0,)
-            if not values or not all(math.isfinite(v) and v > 0 for v in values):
-                raise ValueError(f"beta0 must be > 0, got {self.beta0!r}")
+            check_int(name, getattr(self, name))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
                 0 <= self.seed < 2 ** 63):
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
@@ -175,10 +163,8 @@ class TrainConfig:
                 and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got "
                              f"{self.weight_decay!r}")
-        for name in ("beta0_init", "a_min", "tau", "lr", "grad_clip", "kl_weight"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("tau", "lr", "grad_clip", "kl_weight"):
+            check_positive(name, getattr(self, name))
         if self.lr > 1e3:
             raise ValueError(f"lr must be <= 1000 (a learning rate beyond that only overflows), "
                              f"got {self.lr!r}")

@@ -63,13 +63,14 @@ from bayes_router.core.dirichlet import (
 )
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.priors import (
-    PRIOR_MEANS,
-    PRIORS,
     RoutingPrior,
-    compute_aware_prior,
-    seed_prior,
+    _power_prior,
+    _seed_prior,
+    check_concentration,
+    check_costs,
+    check_prior_options,
 )
-from bayes_router.models.routed_lm import RoutedLM, check_batch
+from bayes_router.models.routed_lm import RoutedLM
 from bayes_router.models.router import RoutingDecision
 from bayes_router.models.tinylm import LMOutput
 
@@ -133,7 +134,8 @@ class BayesianRoutedLM(RoutedLM):
         :func:`~bayes_router.inference.estimators.get_estimator`.
     :param beta0_init: initial value when ``beta0 == "learn"``.
     :param prior: ``"power"``: ``beta0 * pi`` with ``pi ∝ c^-eta`` and the guide
-        ``softplus(MLP) + a_min``; ``"seed"``: the public prototype's :func:`seed_prior` with
+        ``softplus(MLP) + a_min``; ``"seed"``: the public prototype's
+        :func:`~bayes_router.models.priors.seed_prior` with
         the guide ``beta + softplus(MLP)`` (``a_min`` and ``eta`` unused).
     :param prior_mean: ``"fixed"``, or ``"learn"``: the per-layer prior mean ``pi_l`` becomes a
         ``pyro.param`` on the simplex (initialised at ``c^-eta``), fitted by type-II maximum
@@ -151,15 +153,10 @@ class BayesianRoutedLM(RoutedLM):
             raise ValueError(f"the Bayesian router needs at least 2 experts, got "
                              f"{list(cfg.experts)} (train a one-expert LM with router "
                              f"'fixed:{cfg.experts[0]}')")
-        if not a_min > 0:
-            raise ValueError(f"a_min must be > 0, got {a_min}")
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
-        if prior_mean not in PRIOR_MEANS:
-            raise ValueError(f"prior_mean must be one of {PRIOR_MEANS}, got {prior_mean!r}")
-        if prior == "seed" and prior_mean == "learn":
-            raise ValueError("prior_mean='learn' needs prior='power' (the seed prior has no "
-                             "separate mean)")
+        check_prior_options(beta0=beta0, eta=eta, a_min=a_min, beta0_init=beta0_init,
+                            prior=prior, prior_mean=prior_mean, n_layers=cfg.n_layers)
+        if prior == "seed":
+            check_costs(self.costs, "seed")  # RoutedLM checked them > 0; the seed prior needs <= 1
         self.prior, self.learn_prior_mean = prior, prior_mean == "learn"
         if isinstance(estimator, str):
             raise TypeError(f"estimator must be an estimator object, not the name {estimator!r}: "
@@ -170,29 +167,15 @@ class BayesianRoutedLM(RoutedLM):
                             f"{type(estimator).__name__}")
         self.a_min, self.eta = float(a_min), float(eta)
         self.estimator = DefaultDirichletFamily() if estimator is None else estimator
-        self.learn_beta0 = beta0 == "learn"
+        self.learn_beta0 = isinstance(beta0, str)  # "learn": the only name allowed
         if self.learn_beta0:
-            compute_aware_prior(self.costs, beta0_init, eta)  # validates
             self.beta0 = PyroParam(torch.full((cfg.n_layers,), float(beta0_init)),
                                    constraint=constraints.positive)
         else:
-            if isinstance(beta0, str):
-                raise ValueError(f"beta0 must be a positive number, a list, or 'learn'; "
-                                 f"got {beta0!r}")
             values = torch.as_tensor(beta0, dtype=torch.float32)
-            if values.dim() > 1 or (values.dim() == 1 and len(values) not in (1, cfg.n_layers)):
-                raise ValueError(f"beta0 must be one number or one per layer ({cfg.n_layers} "
-                                 f"layers), got {len(values.reshape(-1))} values {beta0!r}")
-            if not bool(torch.isfinite(values).all()):
-                raise ValueError(f"beta0 must be finite in float32 (at most "
-                                 f"{torch.finfo(torch.float32).max:.3g}), got {beta0!r}")
-            values = values.expand(cfg.n_layers).clone()
-            compute_aware_prior(self.costs, values, eta)  # validates
-            self.register_buffer("beta0_fixed", values)
-        if prior == "seed":
-            seed_prior(self.costs, 1.0)  # validates the costs
+            self.register_buffer("beta0_fixed", values.expand(cfg.n_layers).clone())
         if self.learn_prior_mean:
-            pi = compute_aware_prior(self.costs, 1.0, eta)
+            pi = _power_prior(self.costs, 1.0, self.eta)
             self.prior_mean_param = PyroParam(pi.expand(cfg.n_layers, -1).clone(),
                                               constraint=constraints.simplex)
         if not self.learn_beta0 and not self.learn_prior_mean:
@@ -220,10 +203,10 @@ class BayesianRoutedLM(RoutedLM):
     def prior_concentration(self) -> Tensor:
         """``(L, K)`` Dirichlet concentration of the prior in force."""
         if self.prior == "seed":
-            return seed_prior(self.costs, self.current_beta0())
+            return _seed_prior(self.costs, self.current_beta0())
         if self.learn_prior_mean:
             return self.current_beta0()[:, None] * self.prior_mean_param
-        return compute_aware_prior(self.costs, self.current_beta0(), self.eta)
+        return _power_prior(self.costs, self.current_beta0(), self.eta)
 
     def guide_floor(self) -> Tensor:
         """``(L, K)`` lower bound of the guide's concentration: ``a_min`` (``power``) or the
@@ -253,11 +236,12 @@ class BayesianRoutedLM(RoutedLM):
         :param beta0: its initial value, a scalar or one per layer; default this model's.
         :param estimator: the copy's Dirichlet family; default this model's.
         """
-        values = (self.current_beta0().detach().clone() if beta0 is None
-                  else torch.as_tensor(beta0, dtype=torch.float32).expand(self.cfg.n_layers)
-                  .clone())
-        if not bool((values > 0).all()) or not bool(torch.isfinite(values).all()):
-            raise ValueError(f"beta0 must be > 0 and finite, got {values.tolist()}")
+        if beta0 is None:
+            values = self.current_beta0().detach().clone()
+        else:
+            check_concentration("beta0", beta0, self.cfg.n_layers)
+            values = torch.as_tensor(beta0, dtype=torch.float32).reshape(-1).expand(
+                self.cfg.n_layers).clone()
         copy = BayesianRoutedLM(self.cfg, beta0="learn", eta=self.eta, a_min=self.a_min,
                                 estimator=self.estimator if estimator is None else estimator,
                                 costs=self.costs, prior=self.prior,
@@ -292,7 +276,7 @@ class BayesianRoutedLM(RoutedLM):
             :func:`~bayes_router.inference.train_config.gated_training_bias` for what it does to
             pathwise gradients.
         """
-        check_batch(x, y, self.cfg.vocab_size)
+        self._check_batch(x, y)
         mode, threshold = self._training_mode(gate_threshold)
         prior = self.prior_concentration().to(SAMPLING_DTYPE)
         T, K = x.shape[1], self.cfg.n_experts
@@ -311,7 +295,7 @@ class BayesianRoutedLM(RoutedLM):
                 dtype = self.lm.token_embedding.weight.dtype
                 gated = mode == "gated"
                 logits = self.lm(x, lambda layer, f: _sample_decision(alphas[layer], dtype, gated),
-                                 mode=mode, gate_threshold=threshold).logits
+                                 mode=mode, gate_threshold=threshold, tokens_checked=True).logits
             self._observe(logits, y)
         return logits
 
@@ -320,7 +304,7 @@ class BayesianRoutedLM(RoutedLM):
         """The Pyro guide: ``alpha_l ~ Dir(softplus(MLP(features_l)) + a_min)``, layer by layer
         (layer ``l``'s features depend on the samples of the layers below). Arguments as
         :meth:`model`."""
-        check_batch(x, y, self.cfg.vocab_size)
+        self._check_batch(x, y)
         mode, threshold = self._training_mode(gate_threshold)
         infer = self.estimator.site_infer()
         samples = []
@@ -337,7 +321,7 @@ class BayesianRoutedLM(RoutedLM):
             return decision
 
         with self._plate(x, dataset_size):
-            out = self.lm(x, router, mode=mode, gate_threshold=threshold)
+            out = self.lm(x, router, mode=mode, gate_threshold=threshold, tokens_checked=True)
         if self.one_pass:
             self._memo = (self._memo_key(x, mode, threshold), tuple(samples), out.logits)
         return out

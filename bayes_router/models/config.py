@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from bayes_router.core.options import option
+from bayes_router.core.validation import check_int
 from bayes_router.models.experts import expert_names
 
 COST_PRESETS = ("flops", "seed")
@@ -99,10 +100,7 @@ class TinyLMConfig:
         object.__setattr__(self, "experts", tuple(self.experts))
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "mlp_ratio",
                      "controller_hidden", "chunk_size", "max_seq_len", "window"):
-            value = getattr(self, name)
-            least = 2 if name == "max_seq_len" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+            check_int(name, getattr(self, name), least=2 if name == "max_seq_len" else 1)
         if isinstance(self.dense_hard_max_len, bool) or not isinstance(
                 self.dense_hard_max_len, int) or self.dense_hard_max_len < 0:
             raise ValueError(f"dense_hard_max_len must be an integer >= 0 (0: always sparse), "

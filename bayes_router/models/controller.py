@@ -24,12 +24,20 @@ def controller_features(h: Tensor, max_seq_len: int, positions: Tensor | None = 
     do not change when later tokens arrive. ``positions (B, T)``: each token's ``t`` (decoding,
     where a sequence continues from its own length); default ``0 .. T - 1``.
     """
-    T, D = h.shape[-2:]
+    T = h.shape[-2]
     if scheme == "learned":
         last = T - 1 if positions is None else int(positions.max()) if positions.numel() else -1
         if last >= max_seq_len:
             raise ValueError(f"position {last} is past the model's max_seq_len={max_seq_len} "
                              f"(positions 0 .. {max_seq_len - 1})")
+    return _controller_features(h, max_seq_len, positions, scheme)
+
+
+def _controller_features(h: Tensor, max_seq_len: int, positions: Tensor | None = None,
+                         scheme: str = "learned") -> Tensor:
+    """:func:`controller_features` of positions already checked (the LM checks them once per
+    pass, not once per layer: reading ``positions.max()`` is a device synchronisation)."""
+    T, D = h.shape[-2:]
     norm = (h.detach().norm(dim=-1, keepdim=True) / D**0.5)
     if positions is None:
         position = torch.arange(T, device=h.device, dtype=h.dtype)[:, None]

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from bayes_router.core.dirichlet import normalised_entropy
+from bayes_router.core.validation import check_positive
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.routed_lm import DeterministicRoutedLM
 from bayes_router.models.router import RoutingDecision
@@ -25,9 +26,7 @@ class PriorFreeRoutedLM(DeterministicRoutedLM):
 
     def __init__(self, cfg: TinyLMConfig, tau: float = 1.0, costs: Tensor | None = None):
         super().__init__(cfg, costs)
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        self.tau = float(tau)
+        self.tau = check_positive("tau", tau)
 
     def decision(self, layer: int, features: Tensor, gate_measure: str = "total"
                  ) -> RoutingDecision:

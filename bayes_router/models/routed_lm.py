@@ -22,27 +22,11 @@ from torch import Tensor, nn
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.controller import Controller
 from bayes_router.models.experts import cost_vector
-from bayes_router.models.router import RoutingDecision, random_gate
+from bayes_router.models.router import RoutingDecision, check_gate_threshold, random_gate
 from bayes_router.models.tinylm import DecodeCache, LMOutput, TinyLM
 
 OBS_SITE = "obs"
 BATCH_PLATE = "batch"
-
-
-def check_batch(x: Tensor, y: Tensor | None, vocab_size: int) -> None:
-    """Clear errors for token batches of the wrong type, shape or range."""
-    for name, t in (("x", x), ("y", y)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or t.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name} must be an integer tensor of token ids")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must have shape (B, T), got {tuple(t.shape)}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
-            raise ValueError(f"{name} holds token ids outside [0, {vocab_size})")
-    if y is not None and x.shape != y.shape:
-        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and "
-                         f"{tuple(y.shape)}")
 
 
 class RoutedLM(PyroModule):
@@ -63,8 +47,10 @@ class RoutedLM(PyroModule):
             for _ in range(cfg.n_layers if controllers else 0)
         )
         costs = cost_vector(cfg) if costs is None else torch.as_tensor(costs, dtype=torch.float32)
-        if costs.shape != (cfg.n_experts,) or not bool((costs > 0).all()):
-            raise ValueError(f"costs must hold {cfg.n_experts} positive values, got {costs}")
+        if costs.shape != (cfg.n_experts,) or not bool((costs > 0).all()) or not bool(
+                torch.isfinite(costs).all()):
+            raise ValueError(f"costs must hold {cfg.n_experts} positive finite values, got "
+                             f"{costs}")
         self.register_buffer("costs", costs)
 
     def set_precision(self, dtype: str | torch.dtype | None) -> None:
@@ -72,6 +58,18 @@ class RoutedLM(PyroModule):
         :meth:`~bayes_router.models.tinylm.TinyLM.set_precision`): the routing controllers,
         the Dirichlet sites and the likelihood stay in full precision."""
         self.lm.set_precision(dtype)
+
+    def _check_batch(self, x: Tensor, y: Tensor | None) -> None:
+        """The Pyro pair's boundary: token ids ``x`` and next tokens ``y`` as
+        :meth:`~bayes_router.models.tinylm.TinyLM.check_tokens` wants them, of one shape. The
+        LM passes behind it trust ``x`` (``tokens_checked=True``)."""
+        self.lm.check_tokens(x)
+        if y is None:
+            return
+        self.lm.check_tokens(y, "y")
+        if x.shape != y.shape:
+            raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and "
+                             f"{tuple(y.shape)}")
 
     def _plate(self, x: Tensor, dataset_size: int | None):
         B = x.shape[0]
@@ -86,8 +84,7 @@ class RoutedLM(PyroModule):
     @staticmethod
     def _training_mode(gate_threshold: float) -> tuple[str, float | None]:
         """Routing mode of a training pass: gated above a zero threshold, soft otherwise."""
-        if not 0.0 <= gate_threshold <= 1.0:
-            raise ValueError(f"gate_threshold must be in [0, 1], got {gate_threshold}")
+        check_gate_threshold(gate_threshold)
         return ("gated", float(gate_threshold)) if gate_threshold > 0 else ("soft", None)
 
     def decision(self, layer: int, features: Tensor, gate_measure: str = "total"
@@ -122,13 +119,15 @@ class DeterministicRoutedLM(RoutedLM):
 
     def model(self, x: Tensor, y: Tensor | None = None, dataset_size: int | None = None,
               kl_scale: float = 1.0, gate_threshold: float = 0.0) -> Tensor:
-        check_batch(x, y, self.cfg.vocab_size)
+        self._check_batch(x, y)
         mode, threshold = self._training_mode(gate_threshold)
         with self._plate(x, dataset_size):
-            logits = self.predict(x, mode=mode, gate_threshold=threshold).logits
+            # the evaluation pass of predict (its decision, gate measure "total") on checked x
+            logits = self.lm(x, self.decision, mode=mode, gate_threshold=threshold,
+                             tokens_checked=True).logits
             self._observe(logits, y)
         return logits
 
     def guide(self, x: Tensor, y: Tensor | None = None, dataset_size: int | None = None,
               kl_scale: float = 1.0, gate_threshold: float = 0.0) -> None:
-        check_batch(x, y, self.cfg.vocab_size)
+        self._check_batch(x, y)

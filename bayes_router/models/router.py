@@ -322,6 +322,13 @@ def random_gate(router: Router, generator: torch.Generator | None = None) -> Rou
     return gated
 
 
+def check_gate_threshold(gate_threshold: float) -> None:
+    """The rule of a gate threshold: a normalised entropy, in ``[0, 1]``."""
+    if not 0.0 <= gate_threshold <= 1.0:
+        raise ValueError(f"gate_threshold must be in [0, 1] (normalised entropy), got "
+                         f"{gate_threshold}")
+
+
 def routing_weights(decision: RoutingDecision, mode: str, gate_threshold: float | None = None
                     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Turn a router's decision into the weights a layer applies in ``mode``.
@@ -340,9 +347,7 @@ def routing_weights(decision: RoutingDecision, mode: str, gate_threshold: float 
     if decision.uncertainty is None or gate_threshold is None:
         raise ValueError("gated routing needs a router that reports uncertainty and a "
                          "gate_threshold")
-    if not 0.0 <= gate_threshold <= 1.0:
-        raise ValueError(f"gate_threshold must be in [0, 1] (normalised entropy), got "
-                         f"{gate_threshold}")
+    check_gate_threshold(gate_threshold)
     hard = decision.uncertainty < gate_threshold
     weights = torch.where(hard[..., None], one_hot, decision.weights)
     return weights, torch.where(hard, index, -1), hard

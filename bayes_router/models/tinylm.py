@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from bayes_router.core.precision import autocast, full_precision, resolve_dtype
+from bayes_router.core.validation import check_int
 from bayes_router.models.config import TinyLMConfig
-from bayes_router.models.controller import controller_features
+from bayes_router.models.controller import _controller_features
 from bayes_router.models.experts.base import common_value
 from bayes_router.models.router import (
     LayerCache,
@@ -147,7 +148,9 @@ class TinyLM(nn.Module):
         return self.cfg.d_model + 2
 
     def check_tokens(self, x: Tensor, name: str = "x") -> None:
-        """Raise a clear error for token ids of the wrong shape, dtype or range."""
+        """Raise a clear error for token ids of the wrong shape, dtype, length or range: the one
+        rule of token ids, applied where they enter (:meth:`forward`, a routed LM's Pyro model
+        and guide)."""
         if not isinstance(x, Tensor) or x.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{name} must be an integer tensor of token ids, got "
                             f"{getattr(x, 'dtype', type(x))}")
@@ -166,8 +169,7 @@ class TinyLM(nn.Module):
         any length with rotary ones: the full expert's cache holds that many)."""
         capacity = self.cfg.max_seq_len if capacity is None else capacity
         limit = self.cfg.max_context
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_int("batch_size", batch_size)
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1 or (
                 limit is not None and capacity > limit):
             allowed = "an integer >= 1" if limit is None else f"an integer in [1, max_seq_len=" \
@@ -229,7 +231,7 @@ class TinyLM(nn.Module):
 
     def forward(self, x: Tensor, router: Router, mode: str = "soft",
                 gate_threshold: float | None = None, cache: DecodeCache | None = None,
-                lengths: Tensor | None = None) -> LMOutput:
+                lengths: Tensor | None = None, *, tokens_checked: bool = False) -> LMOutput:
         """Run the LM on token ids ``x (B, T)``, asking ``router`` for every layer's weights.
 
         Routing weights may carry extra leading dimensions (e.g. vectorised particles); the
@@ -241,8 +243,12 @@ class TinyLM(nn.Module):
             same positions under the same routing.
         :param lengths: ``(B,)`` the real length of each right-padded prompt (the prefill
             only); the logits past a prompt's length are not meaningful.
+        :param tokens_checked: the caller has checked ``x`` with :meth:`check_tokens` at its
+            own boundary (a routed LM's Pyro model and guide do), so the pass trusts it, as
+            ``validate_args=False`` does in ``torch.distributions``.
         """
-        self.check_tokens(x)
+        if not tokens_checked:
+            self.check_tokens(x)
         T = x.shape[1]
         positions = counts = None
         if cache is None:
@@ -275,8 +281,9 @@ class TinyLM(nn.Module):
         with autocast(h.device, self.compute_dtype):
             for layer, block in enumerate(self.blocks):
                 with full_precision(h.device, self.compute_dtype):  # the router's maths
-                    features = controller_features(h, self.cfg.max_seq_len, positions,
-                                                   self.cfg.positions)
+                    # the positions were checked against max_seq_len on entry
+                    features = _controller_features(h, self.cfg.max_seq_len, positions,
+                                                    self.cfg.positions)
                     decision = router(layer, features)
                     weights, index, hard = routing_weights(decision, mode, gate_threshold)
                 h = block(h, weights, sparse=mode != "soft",

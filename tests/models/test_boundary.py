@@ -3,6 +3,8 @@ bad input with a ValueError naming it, instead of failing deep inside torch or r
 
 import math
 
+import pyro
+import pyro.poutine as poutine
 import pytest
 import torch
 
@@ -121,3 +123,60 @@ def test_fixed_routing_must_cover_every_layer():
 def test_model_config_types_are_checked_at_construction(field, value, match):
     with pytest.raises(ValueError, match=match):
         TinyLMConfig(**{**CFG.to_dict(), field: value})
+
+
+@pytest.mark.parametrize("router", ["bayesian", "prior-free"])
+def test_token_ids_are_checked_once_where_they_enter(router, monkeypatch):
+    """TinyLM.check_tokens is the one rule of token ids: the Pyro model and guide apply it to x
+    and y on entry and their LM pass trusts x; predict applies it through the LM's forward."""
+    from bayes_router.models.bayesian import BayesianRoutedLM
+    from bayes_router.models.prior_free import PriorFreeRoutedLM
+
+    with pyro.settings.context(module_local_params=True):
+        model = BayesianRoutedLM(CFG) if router == "bayesian" else PriorFreeRoutedLM(CFG)
+    x, y = torch.randint(0, 11, (2, 8)), torch.randint(0, 11, (2, 8))
+    checked = []
+    original = TinyLM.check_tokens
+    monkeypatch.setattr(TinyLM, "check_tokens",
+                        lambda self, t, name="x": (checked.append(name), original(self, t, name)))
+    guide_trace = poutine.trace(model.guide).get_trace(x, y)
+    assert checked == ["x", "y"]
+    if router == "bayesian":
+        model.clear_cache()  # the model then runs the LM itself
+    poutine.replay(model.model, trace=guide_trace)(x, y)
+    assert checked == ["x", "y"] * 2
+    model.predict(x)
+    assert checked == ["x", "y"] * 2 + ["x"]
+    for bad, error, match in [
+        (y.float(), TypeError, "y must be an integer tensor of token ids, got torch.float32"),
+        (y[0], ValueError, r"y must have shape \(B, T\), got \(8,\)"),
+        (torch.full_like(y, 11), ValueError, r"y holds token ids outside \[0, 11\)"),
+        (y[:, :5], ValueError, r"x and y must have the same shape, got \(2, 8\) and \(2, 5\)"),
+    ]:
+        for program in (model.model, model.guide):
+            with pytest.raises(error, match=match):
+                program(x, bad)
+    with pytest.raises(ValueError, match="x has T=20 > max_seq_len=16"):
+        model.guide(torch.zeros(1, 20, dtype=torch.long))
+
+
+def test_routed_lm_settings_are_refused_with_one_wording():
+    """A gate threshold out of [0, 1] reads the same from the Pyro pair and from routing_weights
+    (router.check_gate_threshold); costs must be positive and finite wherever a routed LM is
+    built; tau shares the configuration's rule (core.validation.check_positive)."""
+    from bayes_router.models.prior_free import PriorFreeRoutedLM
+    from bayes_router.models.router import RoutingDecision, routing_weights
+
+    with pyro.settings.context(module_local_params=True):
+        model = PriorFreeRoutedLM(CFG)
+        x = torch.randint(0, 11, (2, 8))
+        message = r"gate_threshold must be in \[0, 1\] \(normalised entropy\), got 1.5"
+        with pytest.raises(ValueError, match=message):
+            model.model(x, gate_threshold=1.5)
+        w = torch.full((2, 8, 3), 1 / 3)
+        with pytest.raises(ValueError, match=message):
+            routing_weights(RoutingDecision(w, w, torch.zeros(2, 8)), "gated", 1.5)
+        with pytest.raises(ValueError, match="costs must hold 3 positive finite values"):
+            PriorFreeRoutedLM(CFG, costs=torch.tensor([1.0, math.inf, 0.3]))
+        with pytest.raises(ValueError, match="tau must be a finite number > 0, got 0"):
+            PriorFreeRoutedLM(CFG, tau=0)

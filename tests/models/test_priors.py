@@ -2,13 +2,14 @@
 and the guide floor against the prior."""
 
 import logging
+import math
 
 import pytest
 import torch
 
 from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.config import TinyLMConfig
-from bayes_router.models.priors import SEED_EPSILON, seed_prior
+from bayes_router.models.priors import SEED_EPSILON, compute_aware_prior, seed_prior
 
 CFG = TinyLMConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_seq_len=16, window=3,
                    chunk_size=4, controller_hidden=8, cost_preset="seed")
@@ -70,7 +71,7 @@ def test_prior_options_are_validated():
         BayesianRoutedLM(CFG, prior="cauchy")
     with pytest.raises(ValueError, match="prior_mean must be one of"):
         BayesianRoutedLM(CFG, prior_mean="fit")
-    with pytest.raises(ValueError, match="needs prior='power'"):
+    with pytest.raises(ValueError, match="needs prior 'power'"):
         BayesianRoutedLM(CFG, prior="seed", prior_mean="learn")
     one = TinyLMConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=1, max_seq_len=8,
                        window=3, chunk_size=4, experts=("full",))
@@ -119,3 +120,52 @@ def test_type_two_ml_of_the_prior_mean_recovers_a_known_mean():
     minka = fit_dirichlet(expected_log_alpha(guides).mean(0))
     assert minka.converged
     torch.testing.assert_close(prior, minka.precision * minka.mean, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"prior": "cauchy"}, "prior must be one of"),
+    ({"prior_mean": "fit"}, "prior_mean must be one of"),
+    ({"prior": "seed", "prior_mean": "learn"}, "prior_mean 'learn' needs prior 'power'"),
+    ({"beta0": 0.0}, r"beta0 must be > 0, got 0.0"),
+    ({"beta0": (1.0, -2.0)}, r"beta0 must be > 0, got \(1.0, -2.0\)"),
+    ({"beta0": math.nan}, "beta0 must be > 0, got nan"),
+    ({"beta0": "auto"}, "beta0 must be > 0, a list of values > 0, or 'learn'; got 'auto'"),
+    ({"beta0": ("a",)}, r"beta0 must be a number > 0 or one per layer, got \('a',\)"),
+    ({"beta0": 1e39}, r"beta0 must be finite in float32 \(at most 3.4e\+38\), got 1e\+39"),
+    ({"beta0_init": 0.0}, "beta0_init must be a finite number > 0, got 0.0"),
+    ({"beta0_init": 1e39}, "beta0_init must be finite in float32"),
+    ({"a_min": 0.0}, "a_min must be a finite number > 0, got 0.0"),
+    ({"eta": math.inf}, "eta must be a finite number, got inf"),
+])
+def test_the_configuration_and_the_model_refuse_a_prior_option_alike(options, match):
+    """One rule per option (models/priors.check_prior_options): TrainConfig at its construction
+    and BayesianRoutedLM at its own raise the same error for the same value."""
+    from bayes_router.inference.train_config import TrainConfig
+
+    with pytest.raises(ValueError, match=match) as from_config:
+        TrainConfig(**options)
+    with pytest.raises(ValueError, match=match) as from_model:
+        BayesianRoutedLM(CFG, **options)
+    assert str(from_config.value) == str(from_model.value)
+
+
+def test_a_per_layer_beta0_must_match_the_layers_where_the_model_knows_them():
+    from bayes_router.inference.train_config import TrainConfig
+
+    assert TrainConfig(beta0=(1.0, 2.0, 3.0)).beta0 == (1.0, 2.0, 3.0)  # no LM to match yet
+    with pytest.raises(ValueError, match=r"one number or one per layer, got 0 values \(\)"):
+        TrainConfig(beta0=())
+    for build in (lambda: BayesianRoutedLM(CFG, beta0=(1.0, 2.0, 3.0)),
+                  lambda: BayesianRoutedLM(CFG).with_learned_beta0((1.0, 2.0, 3.0))):
+        with pytest.raises(ValueError, match=r"one per layer \(2 layers\), got 3 values"):
+            build()
+
+
+def test_the_prior_in_force_is_the_public_functions_prior():
+    """The model computes its prior without the public functions' checks (it checked its
+    options once, at construction): the same numbers."""
+    for prior, public in (("power", lambda c, b: compute_aware_prior(c, b, 0.5)),
+                          ("seed", seed_prior)):
+        model = BayesianRoutedLM(CFG, beta0=[0.7, 2.0], eta=0.5, prior=prior)
+        torch.testing.assert_close(model.prior_concentration(),
+                                   public(model.costs, torch.tensor([0.7, 2.0])))

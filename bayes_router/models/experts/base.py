@@ -292,12 +292,6 @@ def check_expert_inputs(name: str, q, k, v, positions=None) -> None:
                          f"min {int(positions.min())}, max {int(positions.max())}")
 
 
-def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def gather_rows(x: Tensor, positions: Tensor) -> Tensor:
     """``x (B, H, T, d)``, ``positions (B, R)`` -> ``(B, H, R, d)``.
 

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bayes_router.core.validation import check_int
 from bayes_router.models.experts.base import (
     AttentionExpert,
     ExpertState,
     block_layout,
-    check_positive_int,
     gather_rows,
     pad_rows,
     valid_counts,
@@ -189,7 +189,7 @@ class LinearAttention(AttentionExpert):
 
     def __init__(self, chunk_size: int = 64, causal: bool = True):
         super().__init__(causal=causal)
-        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        self.chunk_size = check_int("chunk_size", chunk_size)
 
     @classmethod
     def from_config(cls, cfg) -> LinearAttention:

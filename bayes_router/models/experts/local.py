@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bayes_router.core.validation import check_int
 from bayes_router.models.experts.base import (
     AttentionExpert,
     ExpertState,
     additive_mask,
     block_layout,
-    check_positive_int,
     gather_rows,
     pad_rows,
     valid_counts,
@@ -277,7 +277,7 @@ class LocalAttention(AttentionExpert):
 
     def __init__(self, window: int = 32, causal: bool = True):
         super().__init__(causal=causal)
-        self.window = check_positive_int("window", window)
+        self.window = check_int("window", window)
 
     @classmethod
     def from_config(cls, cfg) -> LocalAttention:
