@@ -132,7 +132,7 @@ def _load_configs(args, **fixed):
     """The model and training configurations of the options, and the data they load: the data
     are loaded from a first pass (synthetic tasks take the model's window and sequence length)
     and the model is then built for their vocabulary."""
-    from bayes_router.experiments.runs import load_data
+    from bayes_router.experiments.run_loading import load_data
     from bayes_router.inference.train_config import TrainConfig
     from bayes_router.models.config import TinyLMConfig
 
@@ -150,8 +150,8 @@ def _add_out(p, required: bool = True, help: str = "output folder") -> None:
 def _out_dir(args, command: str, default: Path | None = None) -> Path:
     """``--out`` (or ``default``) checked and created: not empty, a writable folder, not
     another command's output unless ``--force``."""
+    from bayes_router.experiments.run_loading import check_run_dir
     from bayes_router.experiments.rundir import prepare_output_dir
-    from bayes_router.experiments.runs import check_run_dir
 
     if getattr(args, "run_dir", None) is not None:
         check_run_dir(Path(args.run_dir))  # before a default folder is made inside it
@@ -179,7 +179,8 @@ def _train_arguments(p):
 @command("train", "train a Bayesian, prior-free or static routed LM into a run directory",
          _train_arguments)
 def cmd_train(args) -> int:
-    from bayes_router.experiments.runs import EVAL_BATCHES, train_run
+    from bayes_router.experiments.run_evaluation import EVAL_BATCHES
+    from bayes_router.experiments.training_runs import train_run
     from bayes_router.inference.checkpoint import (
         CHECKPOINT_NAME,
         check_same_config,
@@ -227,7 +228,7 @@ def _evaluate_arguments(p):
 @command("evaluate", "evaluate a trained run under soft, hard or gated routing",
          _evaluate_arguments)
 def cmd_evaluate(args) -> int:
-    from bayes_router.experiments.runs import evaluate_run
+    from bayes_router.experiments.run_evaluation import evaluate_run
 
     if args.routing == "gated" and args.gate_threshold is None:
         raise ValueError("--routing gated needs --gate-threshold (normalised entropy in [0, 1])")
@@ -383,7 +384,7 @@ def _comma_names_routers(text: str) -> list[str]:
          "one-expert baselines, with a power check", _phase1_arguments)
 def cmd_phase1(args) -> int:
     from bayes_router.experiments.phase1 import phase1_table, run_phase1
-    from bayes_router.experiments.runs import EVAL_BATCHES
+    from bayes_router.experiments.run_evaluation import EVAL_BATCHES
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
@@ -480,7 +481,7 @@ def cmd_data(args) -> int:
     if args.corpus.startswith("synthetic:"):
         options.update(seq_len=args.seq_len, window=args.window)
     if args.out is not None:
-        from bayes_router.experiments.runs import corpus_report
+        from bayes_router.experiments.corpus_report import corpus_report
 
         stats = corpus_report(args.corpus, _out_dir(args, "data"), **options)
     else:
@@ -492,7 +493,7 @@ def cmd_data(args) -> int:
 
 
 def _analysis_options(p):
-    from bayes_router.experiments.runs import EVAL_BATCHES
+    from bayes_router.experiments.run_evaluation import EVAL_BATCHES
 
     p.add_argument("--max-batches", type=int, default=EVAL_BATCHES,
                    help="validation batches of 16 windows to analyse (default: the windows "
@@ -534,8 +535,8 @@ def _report_arguments(p):
 @command("report", "analysis of a run: calibration, routing uncertainty, damage of hard routing",
          _report_arguments)
 def cmd_report(args) -> int:
-    from bayes_router.experiments.report import analyse_run, report_runs
-    from bayes_router.experiments.runs import check_run_dir
+    from bayes_router.experiments.report import analyse_run, analyse_runs
+    from bayes_router.experiments.run_loading import check_run_dir
 
     options = dict(max_batches=args.max_batches, num_samples=args.num_samples,
                    n_boot=args.n_boot)
@@ -549,7 +550,7 @@ def cmd_report(args) -> int:
         for run_dir in args.run_dirs:
             check_run_dir(Path(run_dir))
             _out_dir(args, "report", Path(run_dir) / "analysis")
-        results = report_runs(args.run_dirs, out_dir=args.compare, **options)
+        results = analyse_runs(args.run_dirs, out_dir=args.compare, **options)
         outs = [Path(d) / "analysis" for d in args.run_dirs]
     for out, result in zip(outs, results, strict=True):
         c = result["calibration"]["predictives"]
@@ -579,7 +580,7 @@ def _sweep_beta0_arguments(p):
 @command("sweep-beta0", "train and evaluate Bayesian runs over a grid of beta0 values x seeds",
          _sweep_beta0_arguments)
 def cmd_sweep_beta0(args) -> int:
-    from bayes_router.experiments.runs import EVAL_BATCHES
+    from bayes_router.experiments.run_evaluation import EVAL_BATCHES
     from bayes_router.experiments.sweep import sweep_beta0, sweep_report
 
     if args.seeds < 1:

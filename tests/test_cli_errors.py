@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bayes_router.cli import main
-from bayes_router.experiments.runs import train_run
+from bayes_router.experiments.training_runs import train_run
 from tests.helpers import tiny_configs
 
 TINY = ["--steps", "2", "--seq-len", "32", "--max-seq-len", "32", "--d-model", "16",
@@ -170,7 +170,7 @@ def test_a_file_system_refusal_is_one_line(tmp_path, monkeypatch, capsys):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "out" / "data.json"))
 
-    monkeypatch.setattr("bayes_router.experiments.runs.write_json", refuse)
+    monkeypatch.setattr("bayes_router.experiments.corpus_report.write_json", refuse)
     code = main(["data", "--corpus", "synthetic:recall", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err

@@ -5,8 +5,10 @@ checkpoint written on one device and loaded onto another."""
 import pytest
 import torch
 
-from bayes_router.experiments.runs import evaluate_run, load_run, train_run
-from bayes_router.inference.evaluate import collect_tokens, timed_forward
+from bayes_router.experiments.run_evaluation import evaluate_run
+from bayes_router.experiments.run_loading import load_run_dir
+from bayes_router.experiments.training_runs import train_run
+from bayes_router.inference.evaluate import collect_token_arrays, timed_forward
 from tests.helpers import tiny_configs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (
@@ -33,12 +35,12 @@ def test_training_on_the_device_writes_a_finished_run(device_run):
 @pytest.mark.parametrize("load_on", DEVICES)
 def test_a_checkpoint_loads_onto_any_device_and_evaluates_alike(device_run, load_on):
     _, out, _ = device_run
-    model, *_, data = load_run(out, device=load_on)
+    model, *_, data = load_run_dir(out, device=load_on)
     assert next(model.parameters()).device.type == load_on
     metrics = evaluate_run(out, mode="hard", max_batches=1, device=load_on)
     reference = evaluate_run(out, mode="hard", max_batches=1, device="cpu")
     assert metrics["val_nll"] == pytest.approx(reference["val_nll"], rel=1e-4)
-    arrays = collect_tokens(model, data, "val", 32, max_batches=1, num_samples=2)
+    arrays = collect_token_arrays(model, data, "val", 32, max_batches=1, num_samples=2)
     assert arrays.probs.shape[0] == arrays.targets.shape[0]
     x, _ = next(data.eval_batches("val", 2, 32))
     assert timed_forward(model, x, repeats=1)["routed_seconds"] > 0

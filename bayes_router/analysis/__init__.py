@@ -5,15 +5,7 @@ The routing metrics (:mod:`bayes_router.core.routing`), the uncertainty decompos
 live in the leaf layer and are imported from there: each function has one public home.
 """
 
-from bayes_router.analysis.diagnostics import (
-    auroc,
-    mean_by_uncertainty_bin,
-    routing_accuracy_by_decile,
-    spearman,
-    top_fraction_mask,
-    uncertainty_diagnostics,
-)
-from bayes_router.analysis.metrics import (
+from bayes_router.analysis.calibration_metrics import (
     ReliabilityCurve,
     bootstrap_ci,
     brier_score,
@@ -26,6 +18,14 @@ from bayes_router.analysis.metrics import (
     squared_calibration_error,
     squared_calibration_error_from_confidence,
     top_label_outcomes,
+)
+from bayes_router.analysis.diagnostics import (
+    auroc,
+    mean_by_uncertainty_bin,
+    routing_accuracy_by_decile,
+    spearman,
+    top_fraction_mask,
+    uncertainty_diagnostics,
 )
 from bayes_router.analysis.plots import (
     plot_beta0_sensitivity,
@@ -57,7 +57,7 @@ from bayes_router.analysis.smooth_calibration import (
 )
 
 __all__ = [
-    # metrics
+    # calibration metrics
     "ReliabilityCurve",
     "SmoothReliabilityCurve",
     "bootstrap_ci",

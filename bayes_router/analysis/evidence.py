@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bayes_router.analysis.diagnostics import auroc
-from bayes_router.analysis.metrics import (
+from bayes_router.analysis.calibration_metrics import (
     curve_calibration_error,
     reliability_curve_from_confidence,
 )
+from bayes_router.analysis.diagnostics import auroc
 from bayes_router.core.arrays import check_same_length, float_array, label_array
 from bayes_router.core.commitment import DEFAULT_LEVELS, commitment_cost, floor_kl
 from bayes_router.core.dirichlet import dirichlet_kl
@@ -208,7 +208,7 @@ def decision_calibration(best, weights, uncertainty: dict, argmax_prob=None,
     confidence is the argmax weight and, for a router with a posterior, the posterior
     probability that the argmax is the largest weight (:func:`argmax_probability`). Each
     confidence gets an equal-width reliability curve and ECE
-    (:func:`~bayes_router.analysis.metrics.reliability_curve_from_confidence`), and each
+    (:func:`~bayes_router.analysis.calibration_metrics.reliability_curve_from_confidence`), and each
     uncertainty measure the AUROC for picking out the wrong decisions, beside a random score.
 
     :param best: ``(n,)`` the right expert per token, ``-1`` where none is defined (skipped).

@@ -2,9 +2,9 @@
 
 Every function is ``plot_<thing>(..., ax=None) -> Axes``: it draws into ``ax`` (a new figure's
 axes when ``None``) and returns it, so figures compose and tests can inspect the artists. Plots
-take precomputed values or compute them with the functions of :mod:`~bayes_router.analysis.metrics`
-and :mod:`~bayes_router.analysis.diagnostics`. A plot with nothing to draw raises ``ValueError``
-rather than returning an empty figure.
+take precomputed values or compute them with the functions of
+:mod:`~bayes_router.analysis.calibration_metrics` and :mod:`~bayes_router.analysis.diagnostics`.
+A plot with nothing to draw raises ``ValueError`` rather than returning an empty figure.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from matplotlib.axes import Axes
 from matplotlib.colors import to_rgba
 from matplotlib.patches import Patch
 
+from bayes_router.analysis.calibration_metrics import ReliabilityCurve, reliability_curve
 from bayes_router.analysis.diagnostics import mean_by_uncertainty_bin
-from bayes_router.analysis.metrics import ReliabilityCurve, reliability_curve
 from bayes_router.analysis.selective import RiskCoverageCurve, risk_coverage_curve
 from bayes_router.analysis.smooth_calibration import (
     SmoothReliabilityCurve,
@@ -58,7 +58,8 @@ def plot_reliability_diagram(probs=None, labels=None, *, curve: ReliabilityCurve
     and no count.
 
     :param probs: predicted probabilities ``(N, C)`` (with ``labels``), or
-    :param curve: a precomputed :class:`~bayes_router.analysis.metrics.ReliabilityCurve`.
+    :param curve: a precomputed
+        :class:`~bayes_router.analysis.calibration_metrics.ReliabilityCurve`.
     :param n_bins: bins when computing the curve.
     :param binning: ``"equal-width"`` or ``"equal-mass"`` when computing the curve.
     :param label: legend entry of the bars.
@@ -318,7 +319,7 @@ def plot_expert_share(share=None, ax: Axes | None = None,
 
     :param share: ``(L, K)`` shares (rows summing to 1), or
     :param abar: routing weights ``(L, N, K)`` passed to
-        :func:`~bayes_router.analysis.metrics.expert_share`.
+        :func:`~bayes_router.core.routing.expert_share`.
     :param expert_names: ``K`` legend entries.
     """
     if (share is None) == (abar is None):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from bayes_router.analysis.metrics import ReliabilityCurve
+from bayes_router.analysis.calibration_metrics import ReliabilityCurve
 from bayes_router.analysis.plots import (
     plot_reliability_diagram,
     plot_risk_coverage,

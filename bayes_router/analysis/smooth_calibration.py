@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bayes_router.analysis.metrics import top_label_outcomes
+from bayes_router.analysis.calibration_metrics import top_label_outcomes
 from bayes_router.core.arrays import check_same_length, float_array
 
 MESH_POINTS = 200  # relplot.config.smECE_mesh_pts and plot_mesh_pts
@@ -276,10 +276,10 @@ def smooth_calibration_summary(confidence, correct, window_len: int, n_boot: int
     reliability diagram with a pointwise band.
 
     Each resample draws ``W`` of the ``W`` windows with replacement (the same draws as
-    :func:`~bayes_router.analysis.metrics.bootstrap_ci` with this ``seed``) and weighs every
-    token by its window's multiplicity. The interval of the smooth ECE re-chooses the bandwidth
-    on every resample (it is part of the estimator); the band of the curve keeps the
-    bandwidth of the full data, as relplot's bagged band does.
+    :func:`~bayes_router.analysis.calibration_metrics.bootstrap_ci` with this ``seed``) and
+    weighs every token by its window's multiplicity. The interval of the smooth ECE re-chooses
+    the bandwidth on every resample (it is part of the estimator); the band of the curve keeps
+    the bandwidth of the full data, as relplot's bagged band does.
 
     .. warning:: Like every calibration error, the smooth ECE is biased upward on resamples
         (duplicated windows add noise), so the interval can sit above the point estimate.

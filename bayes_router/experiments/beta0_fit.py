@@ -16,7 +16,8 @@ from torch import Tensor
 
 from bayes_router.analysis.study_plots import plot_beta0_objective, plot_beta0_trace, save_figure
 from bayes_router.core.dirichlet import dirichlet_kl_to_prior
-from bayes_router.experiments.runs import check_run_dir, load_run, versions, write_json
+from bayes_router.experiments.json_files import versions, write_json
+from bayes_router.experiments.run_loading import check_run_dir, load_run_dir
 from bayes_router.inference.empirical_bayes import (
     METHODS,
     SETTLED_LOG_DRIFT,
@@ -92,7 +93,7 @@ def fit_beta0_run(run_dir, method: str = "both", out_dir=None, *, svi_steps: int
         raise ValueError("grid must hold positive beta0 values")
     run_dir = check_run_dir(Path(run_dir))
     out_dir = run_dir / "empirical-bayes" if out_dir is None else Path(out_dir)
-    model, model_cfg, train_cfg, payload, data = load_run(run_dir)
+    model, model_cfg, train_cfg, payload, data = load_run_dir(run_dir)
     if not isinstance(model, BayesianRoutedLM):
         raise ValueError(f"{run_dir} holds a {train_cfg.router} run; empirical Bayes for beta0 "
                          "needs a Bayesian run")

@@ -27,7 +27,8 @@ from bayes_router.analysis.study_plots import save_figure
 from bayes_router.core.commitment import DEFAULT_LEVELS
 from bayes_router.core.dirichlet import routing_uncertainty
 from bayes_router.core.elbo_surgery import split_kl
-from bayes_router.experiments.runs import check_run_dir, load_run, versions, write_json
+from bayes_router.experiments.json_files import versions, write_json
+from bayes_router.experiments.run_loading import check_run_dir, load_run_dir
 from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.priors import compute_aware_prior
 
@@ -58,7 +59,7 @@ def evidence_run(run_dir: Path, out_dir: Path | None = None, tokens: int = 256,
     run_dir = check_run_dir(run_dir)
     out_dir = run_dir / "evidence" if out_dir is None else Path(out_dir)
     with pyro.settings.context(module_local_params=True):
-        model, model_cfg, train_cfg, _, data = load_run(run_dir)
+        model, model_cfg, train_cfg, _, data = load_run_dir(run_dir)
         batch = next(data.eval_batches_with_oracle("val", windows, train_cfg.seq_len), None)
         if batch is None:
             raise ValueError(f"the validation split of {run_dir} is too short for one window")

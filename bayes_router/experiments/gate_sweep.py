@@ -10,7 +10,7 @@ gives every token nearly the same uncertainty, and fixed thresholds then jump fr
 to all hard); its soft fraction ``s`` (the share of layer-token
 decisions left soft) sets the threshold ``1 - s`` of the random gate, which sends the same
 share soft at random. Both are timed as decoding steps against the same model with every token
-on ``full`` (:func:`~bayes_router.experiments.runs.decode_timing`). If the router's
+on ``full`` (:func:`~bayes_router.experiments.run_evaluation.decode_timing`). If the router's
 uncertainty knows which tokens need the soft mixture, its curve lies below the random gate's at
 equal soft fraction; the decoding step says what each point costs. Writes ``gate_sweep.json``,
 ``gate_sweep.png`` and ``report.md``.
@@ -29,13 +29,9 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from bayes_router.analysis.study_plots import save_figure
-from bayes_router.experiments.runs import (
-    check_run_dir,
-    decode_timing,
-    load_run,
-    versions,
-    write_json,
-)
+from bayes_router.experiments.json_files import versions, write_json
+from bayes_router.experiments.run_evaluation import decode_timing
+from bayes_router.experiments.run_loading import check_run_dir, load_run_dir
 from bayes_router.inference.evaluate import evaluate
 from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.prior_free import PriorFreeRoutedLM
@@ -76,7 +72,7 @@ def gate_sweep(run_dir: Path, out_dir: Path | None = None,
     run_dir = check_run_dir(run_dir)
     out_dir = run_dir / "gate-sweep" if out_dir is None else Path(out_dir)
     with pyro.settings.context(module_local_params=True):
-        model, model_cfg, train_cfg, _, data = load_run(run_dir)
+        model, model_cfg, train_cfg, _, data = load_run_dir(run_dir)
         if not isinstance(model, BayesianRoutedLM | PriorFreeRoutedLM):
             raise ValueError(f"the gate sweep needs a learned router (bayesian or prior-free); "
                              f"{run_dir} holds a {train_cfg.router!r} run, whose uncertainty "

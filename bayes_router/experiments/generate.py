@@ -22,7 +22,8 @@ from bayes_router.analysis.plots import plot_routing_along_text
 from bayes_router.analysis.study_plots import save_figure
 from bayes_router.core.routing import expert_share
 from bayes_router.data.tokens import TokenData
-from bayes_router.experiments.runs import check_run_dir, load_run, versions, write_json
+from bayes_router.experiments.json_files import versions, write_json
+from bayes_router.experiments.run_loading import check_run_dir, load_run_dir
 from bayes_router.inference.decoding import DecodeConfig, Generation, generate
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def generate_run(run_dir: Path, out_dir: Path, config: DecodeConfig, prompt: str
     run_dir = check_run_dir(run_dir)
     out_dir = Path(out_dir)
     with pyro.settings.context(module_local_params=True):
-        model, model_cfg, train_cfg, _, data = load_run(run_dir, device)
+        model, model_cfg, train_cfg, _, data = load_run_dir(run_dir, device)
         prompts = (validation_prompts(data, batch, prompt_len) if prompt is None
                    else text_prompt(data, prompt, batch))
         generation = generate(model, prompts, config, progress=True)

@@ -32,9 +32,11 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from bayes_router.analysis.study_plots import save_figure
-from bayes_router.experiments.report import report_runs
+from bayes_router.experiments.json_files import versions, write_json
+from bayes_router.experiments.report import analyse_runs
+from bayes_router.experiments.run_loading import load_data
 from bayes_router.experiments.rundir import run_lock
-from bayes_router.experiments.runs import load_data, train_runs, versions, write_json
+from bayes_router.experiments.training_runs import train_runs
 from bayes_router.inference.train_config import TrainConfig, objective_label
 from bayes_router.models.config import TinyLMConfig
 
@@ -307,7 +309,7 @@ def _phase1(out_dir, specs, routers, seeds, seed_list, model_cfg, base_train, da
     learned = [r for r in ("bayesian", "prior-free") if r in routers]
     if report and learned:
         run_dirs = [out_dir / name for r in learned for name in result["runs"][r]]
-        report_runs(run_dirs, out_dir=out_dir / "comparison", progress=progress)
+        analyse_runs(run_dirs, out_dir=out_dir / "comparison", progress=progress)
         result["comparison"] = "comparison/comparison.md"
     write_json(out_dir / "phase1.json", result)
     (out_dir / "phase1.md").write_text(phase1_report(result))

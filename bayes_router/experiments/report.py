@@ -1,7 +1,7 @@
 """Analysis of a trained run: predictive calibration, per-token routing uncertainty, and the damage
 hard routing does.
 
-On the validation split of a run directory (see :mod:`~bayes_router.experiments.runs`):
+On the validation split of a run directory (see :mod:`~bayes_router.experiments.training_runs`):
 
 - **calibration** of the *plug-in* predictive (soft routing with the posterior-mean weights, or
   the prior-free router's softmax weights) and, for the Bayesian router, of the *Bayesian model
@@ -51,7 +51,7 @@ from bayes_router.analysis import (
     plot_expert_share,
     uncertainty_diagnostics,
 )
-from bayes_router.analysis.calibration import (
+from bayes_router.analysis.calibration_bootstrap import (
     CALIBRATION_BINS,
     CALIBRATION_METRICS,
     calibration_summary,
@@ -81,6 +81,7 @@ from bayes_router.analysis.token_statistics import (
     token_uncertainty,
     uncertainty_scores,
 )
+from bayes_router.experiments.json_files import versions, write_json
 from bayes_router.experiments.report_text import (
     analysis_report,
     calibration_table,
@@ -89,14 +90,9 @@ from bayes_router.experiments.report_text import (
     plug_in_label,
     run_line,
 )
-from bayes_router.experiments.runs import (
-    EVAL_BATCHES,
-    check_run_dir,
-    load_run,
-    versions,
-    write_json,
-)
-from bayes_router.inference.evaluate import TokenArrays, collect_tokens, routing_metrics
+from bayes_router.experiments.run_evaluation import EVAL_BATCHES
+from bayes_router.experiments.run_loading import check_run_dir, load_run_dir
+from bayes_router.inference.evaluate import TokenArrays, collect_token_arrays, routing_metrics
 from bayes_router.models.bayesian import BayesianRoutedLM
 
 logger = logging.getLogger(__name__)
@@ -161,9 +157,10 @@ def _run_tokens(run_dir: Path, max_batches, n_boot, batch_size, num_samples, har
     _check_options(max_batches, n_boot)
     run_dir = check_run_dir(run_dir)
     with pyro.settings.context(module_local_params=True):
-        model, model_cfg, train_cfg, _, data = load_run(run_dir)
-        arrays = collect_tokens(model, data, "val", train_cfg.seq_len, max_batches, batch_size,
-                                num_samples, hard=hard, seed=seed, progress=progress)
+        model, model_cfg, train_cfg, _, data = load_run_dir(run_dir)
+        arrays = collect_token_arrays(model, data, "val", train_cfg.seq_len, max_batches,
+                                      batch_size, num_samples, hard=hard, seed=seed,
+                                      progress=progress)
     return run_dir, model, model_cfg, train_cfg, data, arrays
 
 
@@ -428,7 +425,7 @@ def _simplex_png(arrays, uncertainty, data, prior_mean, experts, path: Path, see
     return _save(simplex_figure(panels, expert_names=experts), path)
 
 
-def report_runs(run_dirs, out_dir: Path | None = None, **options) -> list[dict]:
+def analyse_runs(run_dirs, out_dir: Path | None = None, **options) -> list[dict]:
     """:func:`analyse_run` on each run (into ``RUN_DIR/analysis``); with ``out_dir``, also a side
     by side comparison: ``comparison.json``, ``reliability_comparison.png``, ``comparison.md``.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from bayes_router.analysis.calibration import CALIBRATION_BINS, CALIBRATION_METRICS
+from bayes_router.analysis.calibration_bootstrap import CALIBRATION_BINS, CALIBRATION_METRICS
 
 
 def plug_in_label(router: str) -> str:
@@ -213,7 +213,7 @@ def analysis_report(result: dict) -> str:
 
 
 def comparison_report(run_dirs, results: list[dict], figure: str) -> str:
-    """``comparison.md`` of :func:`~bayes_router.experiments.report.report_runs`."""
+    """``comparison.md`` of :func:`~bayes_router.experiments.report.analyse_runs`."""
     lines = ["# Calibration comparison", "",
              "| run | predictive | ECE | ECE (equal-mass) | MCE | Brier | NLL | accuracy |",
              "|---|---|---|---|---|---|---|---|"]

@@ -1,13 +1,13 @@
 """Sensitivity to the prior concentration: a grid of ``beta0`` values x seeds of Bayesian runs.
 
 Each point ``(beta0, seed)`` is an ordinary run directory ``OUT/beta0=<v>/seed<s>`` trained by
-:func:`~bayes_router.experiments.runs.train_run`, plus ``sweep_point.json`` with the numbers the
-sweep reports: validation NLL under soft and hard routing, projected FLOP cost, routing entropy
-(from the run's ``metrics.json``), and the ECE of the plug-in predictive and the mean mutual
-information (epistemic routing uncertainty) over layers and tokens (computed here on the same
-validation windows). A point is finished when both files exist, so an interrupted sweep resumes
-where it stopped; a point interrupted mid-training resumes from its checkpoint. Points are
-independent and run in parallel processes with ``jobs > 1``.
+:func:`~bayes_router.experiments.training_runs.train_run`, plus ``sweep_point.json`` with the
+numbers the sweep reports: validation NLL under soft and hard routing, projected FLOP cost,
+routing entropy (from the run's ``metrics.json``), and the ECE of the plug-in predictive and the
+mean mutual information (epistemic routing uncertainty) over layers and tokens (computed here on
+the same validation windows). A point is finished when both files exist, so an interrupted sweep
+resumes where it stopped; a point interrupted mid-training resumes from its checkpoint. Points
+are independent and run in parallel processes with ``jobs > 1``.
 
 The sweep writes ``sweep.json``, ``sweep_beta0.png`` (one panel per metric against ``beta0`` on
 a log axis, the mean over seeds and a band from the lowest to the highest seed) and
@@ -30,17 +30,11 @@ from matplotlib.figure import Figure
 
 from bayes_router.analysis import expected_calibration_error, plot_beta0_sensitivity
 from bayes_router.core.dirichlet import epistemic_uncertainty
+from bayes_router.experiments.json_files import read_json, versions, write_json
+from bayes_router.experiments.run_loading import load_data, load_run_dir
 from bayes_router.experiments.rundir import run_lock
-from bayes_router.experiments.runs import (
-    finished_metrics,
-    load_data,
-    load_run,
-    read_json,
-    train_runs,
-    versions,
-    write_json,
-)
-from bayes_router.inference.evaluate import collect
+from bayes_router.experiments.training_runs import read_finished_metrics, train_runs
+from bayes_router.inference.evaluate import collect_batch_outputs
 from bayes_router.inference.train_config import TrainConfig
 from bayes_router.models.config import TinyLMConfig
 
@@ -134,10 +128,10 @@ def evaluate_point(run_dir: Path, eval_batches: int | None, data=None) -> dict:
     the numbers of its ``metrics.json``."""
     metrics = read_json(Path(run_dir) / "metrics.json")
     with pyro.settings.context(module_local_params=True):
-        model, model_cfg, train_cfg, _, run_data = load_run(run_dir)
+        model, model_cfg, train_cfg, _, run_data = load_run_dir(run_dir)
         data = run_data if data is None else data
-        arrays = collect(model, data, "val", train_cfg.seq_len, mode="soft",
-                         max_batches=eval_batches)
+        arrays = collect_batch_outputs(model, data, "val", train_cfg.seq_len, mode="soft",
+                                       max_batches=eval_batches)
     probs = arrays["logits"].softmax(-1)
     return {
         "beta0": train_cfg.beta0, "seed": train_cfg.seed, "steps": metrics["steps"],
@@ -200,7 +194,7 @@ def _sweep(values, seeds, out_dir, model_cfg, train_cfg, jobs, progress, mark, m
         for seed in seeds:
             cfg = dataclasses.replace(train_cfg, beta0=value, seed=seed)
             run_dir = point_dir(out_dir, value, seed)
-            finished_metrics(run_dir, model_cfg, cfg)  # refuses a run of another configuration
+            read_finished_metrics(run_dir, model_cfg, cfg)  # refuses a run of another configuration
             if point_finished(run_dir):
                 logger.info("reusing finished point %s", run_dir)
                 points[value, seed] = read_json(run_dir / POINT_FILE)

@@ -29,7 +29,8 @@ from bayes_router.analysis.study_plots import (
     save_figure,
 )
 from bayes_router.data.tokens import TokenData, token_data
-from bayes_router.experiments.runs import check_run_dir, load_run, versions, write_json
+from bayes_router.experiments.json_files import versions, write_json
+from bayes_router.experiments.run_loading import check_run_dir, load_run_dir
 from bayes_router.inference.build import build_routed_lm
 from bayes_router.inference.checkpoint import CHECKPOINT_NAME
 from bayes_router.inference.train import train
@@ -204,7 +205,7 @@ def variance_lab(out_dir: Path, *, checkpoint: Path | None = None, toy: bool = F
     if checkpoint is not None:
         run_dir = check_run_dir(Path(checkpoint))
         with pyro.settings.context(module_local_params=True):
-            model, model_cfg, train_cfg, payload, data = load_run(run_dir)
+            model, model_cfg, train_cfg, payload, data = load_run_dir(run_dir)
         if not isinstance(model, BayesianRoutedLM):
             raise ValueError(f"{run_dir} holds a {train_cfg.router} run; the gradient-variance "
                              "lab needs a Bayesian run")

@@ -3,12 +3,12 @@ estimators, empirical Bayes for beta0, and step timing. The gradient-variance la
 conjugate toys are :mod:`bayes_router.variance`, a layer above."""
 
 from bayes_router.core.dirichlet import expected_log_alpha
-from bayes_router.inference.build import build_routed_lm, load_trained
+from bayes_router.inference.build import build_routed_lm, load_lm_from_checkpoint
 from bayes_router.inference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bayes_router.inference.decoding import DecodeConfig, Generation, generate
 from bayes_router.inference.estimators import Estimator, estimator_names, get_estimator
 from bayes_router.inference.evaluate import (
-    collect,
+    collect_batch_outputs,
     evaluate,
     routing_metrics,
     timed_decode,
@@ -32,7 +32,7 @@ __all__ = [
     "TrainResult",
     "TrainingDiverged",
     "build_routed_lm",
-    "collect",
+    "collect_batch_outputs",
     "estimator_names",
     "evaluate",
     "expected_log_alpha",
@@ -42,7 +42,7 @@ __all__ = [
     "generate",
     "get_estimator",
     "load_checkpoint",
-    "load_trained",
+    "load_lm_from_checkpoint",
     "loss_and_surrogate",
     "routing_metrics",
     "save_checkpoint",

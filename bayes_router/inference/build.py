@@ -1,7 +1,7 @@
 """Routed LMs from configurations: the one a training configuration names
 (:func:`build_routed_lm`), one whose LM starts from another run's (:func:`warm_start_lm`), a run's
-trained one (:func:`load_trained`), and the check that a configuration builds before a run writes
-anything (:func:`check_compatible`)."""
+trained one (:func:`load_lm_from_checkpoint`), and the check that a configuration builds before a
+run writes anything (:func:`check_compatible`)."""
 
 from __future__ import annotations
 
@@ -76,9 +76,9 @@ def warm_start_lm(model: RoutedLM, run_dir: Path) -> None:
                 saved_train.router, payload["step"])
 
 
-def load_trained(run_dir: Path, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = "float32"
-                 ) -> tuple[RoutedLM, TinyLMConfig, TrainConfig, dict]:
+def load_lm_from_checkpoint(run_dir: Path, device: str | torch.device = "cpu",
+                            dtype: str | torch.dtype = "float32"
+                            ) -> tuple[RoutedLM, TinyLMConfig, TrainConfig, dict]:
     """Rebuild the routed LM of a run directory from its checkpoint, on ``device`` (a
     checkpoint written on any device loads onto any other), computing in ``dtype`` (by
     default full precision, whatever the run trained in: analysis wants exact numbers)."""

@@ -72,9 +72,10 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def collect(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: str = "soft",
-            gate_threshold: float | None = None, max_batches: int | None = None,
-            batch_size: int = 16, gate_measure: str = "total", progress: bool = False) -> dict:
+def collect_batch_outputs(model: RoutedLM, data: TokenData, split: str, seq_len: int,
+                          mode: str = "soft", gate_threshold: float | None = None,
+                          max_batches: int | None = None, batch_size: int = 16,
+                          gate_measure: str = "total", progress: bool = False) -> dict:
     """:func:`batch_outputs` over every evaluation window of a split (at most ``max_batches``
     batches), concatenated along the token axis, with ``oracle (N,)``: the oracle label of
     every target of a synthetic task (``None`` for text)."""
@@ -127,8 +128,9 @@ def evaluate(model: RoutedLM, data: TokenData, split: str, seq_len: int, mode: s
     ``{split}_bpc`` is the NLL in bits per token; ``bits_unit`` says what a token is
     (``"character"`` for a text corpus, so bits per character; ``"token"`` for a synthetic
     task, whose reports say bits per token)."""
-    arrays = collect(model, data, split, seq_len, mode, gate_threshold, max_batches, batch_size,
-                     gate_measure=gate_measure, progress=progress)
+    arrays = collect_batch_outputs(model, data, split, seq_len, mode, gate_threshold,
+                                   max_batches, batch_size, gate_measure=gate_measure,
+                                   progress=progress)
     mean_nll = float(arrays["nll"].mean())
     metrics = {f"{split}_nll": mean_nll, f"{split}_bpc": mean_nll / math.log(2),
                "bits_unit": bits_unit(data), "mode": mode,
@@ -189,7 +191,7 @@ def oracle_metrics(arrays: dict, experts: tuple[str, ...]) -> dict:
     routing's agreement with the oracle (the share of the label's targets whose argmax routing
     is the expert the label names; ``None`` if the LM lacks that expert).
 
-    :param arrays: :func:`collect`'s output with its ``oracle`` labels.
+    :param arrays: :func:`collect_batch_outputs`'s output with its ``oracle`` labels.
     """
     oracle, nll = arrays["oracle"], arrays["nll"]
     correct = arrays["logits"].argmax(-1) == arrays["targets"]
@@ -312,13 +314,13 @@ class TokenArrays:
 
 
 @torch.no_grad()
-def collect_tokens(model, data, split: str, seq_len: int, max_batches: int | None = None,
-                   batch_size: int = 16, num_samples: int = 8, hard: bool = True,
-                   seed: int = 0, progress: bool = False) -> TokenArrays:
+def collect_token_arrays(model, data, split: str, seq_len: int, max_batches: int | None = None,
+                         batch_size: int = 16, num_samples: int = 8, hard: bool = True,
+                         seed: int = 0, progress: bool = False) -> TokenArrays:
     """Run the soft, hard and (Bayesian) sampled predictives over the windows of ``split``.
 
-    The windows are those of :func:`~bayes_router.inference.evaluate.collect` with the same
-    ``batch_size`` and ``max_batches``.
+    The windows are those of :func:`~bayes_router.inference.evaluate.collect_batch_outputs`
+    with the same ``batch_size`` and ``max_batches``.
 
     :param num_samples: routing samples of the Bayesian model average.
     :param hard: also run hard routing (for the damage).

@@ -10,7 +10,7 @@ from bayes_router.analysis import (
     squared_calibration_error,
     squared_calibration_error_from_confidence,
 )
-from bayes_router.analysis.metrics import classwise_residual_sums
+from bayes_router.analysis.calibration_metrics import classwise_residual_sums
 
 
 def loop_classwise_ece(probs, labels, n_bins):

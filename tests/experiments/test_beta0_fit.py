@@ -7,8 +7,8 @@ import pytest
 
 from bayes_router.cli import main
 from bayes_router.experiments.beta0_fit import fit_beta0_run
-from bayes_router.experiments.runs import train_run
 from bayes_router.experiments.sweep import read_beta0_mark
+from bayes_router.experiments.training_runs import train_run
 from tests.helpers import tiny_configs as configs
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from bayes_router.cli import main
 from bayes_router.experiments.evidence import evidence_run
-from bayes_router.experiments.runs import train_run
+from bayes_router.experiments.training_runs import train_run
 from tests.helpers import tiny_configs
 
 

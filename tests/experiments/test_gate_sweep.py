@@ -9,7 +9,7 @@ import torch
 
 from bayes_router.cli import main
 from bayes_router.experiments.gate_sweep import gate_sweep
-from bayes_router.experiments.runs import train_run
+from bayes_router.experiments.training_runs import train_run
 from bayes_router.models import BayesianRoutedLM, TinyLMConfig
 from tests.helpers import tiny_configs
 

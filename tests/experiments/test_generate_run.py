@@ -9,7 +9,7 @@ import pytest
 from bayes_router.cli import main
 from bayes_router.data.tokens import token_data
 from bayes_router.experiments.generate import generate_run
-from bayes_router.experiments.runs import train_run
+from bayes_router.experiments.training_runs import train_run
 from bayes_router.inference.decoding import DecodeConfig
 from tests.helpers import tiny_configs
 

@@ -34,9 +34,10 @@ from bayes_router.cli import main
 from bayes_router.data.synthetic import ORACLE_LABELS
 from bayes_router.data.tokens import TokenData
 from bayes_router.experiments.report import analyse_run, calibrate_run
-from bayes_router.experiments.runs import load_data, train_run
-from bayes_router.inference.build import load_trained
-from bayes_router.inference.evaluate import collect, collect_tokens
+from bayes_router.experiments.run_loading import load_data
+from bayes_router.experiments.training_runs import train_run
+from bayes_router.inference.build import load_lm_from_checkpoint
+from bayes_router.inference.evaluate import collect_batch_outputs, collect_token_arrays
 from bayes_router.inference.train_config import TrainConfig
 from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.config import TinyLMConfig
@@ -121,11 +122,12 @@ def test_bayesian_analysis_writes_files_and_consistent_numbers(runs, tmp_path):
     for predictive in predictives.values():
         _finite_calibration(predictive)
 
-    # the plug-in NLL and the hard-routing NLL agree with evaluate.collect on the same windows
-    model, model_cfg, train_cfg, _ = load_trained(runs["bayesian"])
+    # the plug-in NLL and the hard-routing NLL agree with evaluate.collect_batch_outputs on the
+    # same windows
+    model, model_cfg, train_cfg, _ = load_lm_from_checkpoint(runs["bayesian"])
     data = load_data(train_cfg, model_cfg)
-    soft = collect(model, data, "val", train_cfg.seq_len, max_batches=2)
-    hard = collect(model, data, "val", train_cfg.seq_len, mode="hard", max_batches=2)
+    soft = collect_batch_outputs(model, data, "val", train_cfg.seq_len, max_batches=2)
+    hard = collect_batch_outputs(model, data, "val", train_cfg.seq_len, mode="hard", max_batches=2)
     assert stored["n_tokens"] == soft["nll"].numel()
     assert predictives["plug_in"]["nll"]["value"] == pytest.approx(float(soft["nll"].mean()),
                                                                    rel=1e-5)
@@ -228,7 +230,7 @@ def test_collected_damage_is_the_kl_between_soft_and_hard_predictives():
         for controller in model.controllers:
             torch.nn.init.normal_(controller.net[-1].weight, std=2.0)
     data = TokenData("random", {"val": torch.randint(0, 50, (2 * 32 + 1,))}, vocab_size=50)
-    damage = torch.from_numpy(collect_tokens(model, data, "val", 32, num_samples=1).damage)
+    damage = torch.from_numpy(collect_token_arrays(model, data, "val", 32, num_samples=1).damage)
     (x, _), = data.eval_batches("val", 16, 32)
     with torch.no_grad():
         log_p = model.predict(x, mode="soft").logits.double().log_softmax(-1)
@@ -239,9 +241,9 @@ def test_collected_damage_is_the_kl_between_soft_and_hard_predictives():
 
 
 def test_collected_damage_is_zero_for_a_one_hot_router(runs):
-    model, model_cfg, train_cfg, _ = load_trained(runs["prior-free"])
+    model, model_cfg, train_cfg, _ = load_lm_from_checkpoint(runs["prior-free"])
     data = load_data(train_cfg, model_cfg)
-    arrays = collect_tokens(_one_hot_prior_free(98), data, "val", 32, max_batches=1)
+    arrays = collect_token_arrays(_one_hot_prior_free(98), data, "val", 32, max_batches=1)
     assert np.array_equal(arrays.damage, np.zeros_like(arrays.damage))
     assert arrays.bma_probs is None and arrays.concentration is None
 
@@ -278,10 +280,10 @@ def test_routing_accuracy_against_the_oracle_of_a_synthetic_task(tmp_path):
     assert "## Calibration of the routing decisions against the oracle" in (
         tmp_path / "run" / "analysis" / "report.md").read_text()
     # per-label prediction quality: the same NLLs as the run's own evaluation of those windows
-    from bayes_router.inference.build import load_trained
+    from bayes_router.inference.build import load_lm_from_checkpoint
     from bayes_router.inference.evaluate import evaluate
 
-    model, *_ = load_trained(tmp_path / "run")
+    model, *_ = load_lm_from_checkpoint(tmp_path / "run")
     own = evaluate(model, data, "val", 32, max_batches=1)["oracle"]
     labels = result["oracle_labels"]
     assert set(labels) == set(own)

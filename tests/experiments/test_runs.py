@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from bayes_router.data.tokens import TokenData
-from bayes_router.experiments.runs import corpus_report, decode_timing, evaluate_run, train_run
+from bayes_router.experiments.corpus_report import corpus_report
+from bayes_router.experiments.run_evaluation import decode_timing, evaluate_run
+from bayes_router.experiments.training_runs import train_run
 from bayes_router.inference.timing import DECODE_STEPS
 from bayes_router.inference.train_config import TrainConfig
 from bayes_router.models.config import TinyLMConfig
@@ -113,7 +115,7 @@ def test_corpus_report(tmp_path):
 
 
 def test_train_runs_in_parallel_match_serial_runs(tmp_path, tiny_corpus):
-    from bayes_router.experiments.runs import train_runs
+    from bayes_router.experiments.training_runs import train_runs
 
     model_cfg = TinyLMConfig(vocab_size=98, d_model=16, n_heads=2, n_layers=2, max_seq_len=32,
                              window=4, chunk_size=8, controller_hidden=8)
@@ -137,7 +139,7 @@ def test_train_runs_in_parallel_match_serial_runs(tmp_path, tiny_corpus):
 
 def test_a_run_finds_its_relative_corpus_from_any_directory_and_notices_changes(
         tmp_path, monkeypatch, caplog):
-    from bayes_router.experiments.runs import load_run
+    from bayes_router.experiments.run_loading import load_run_dir
     from tests.conftest import TINY_TEXT
 
     (tmp_path / "work").mkdir()
@@ -154,19 +156,19 @@ def test_a_run_finds_its_relative_corpus_from_any_directory_and_notices_changes(
 
     monkeypatch.chdir(tmp_path)  # "corpus.txt" no longer resolves from here
     with caplog.at_level("WARNING"):
-        *_, data = load_run(tmp_path / "run")
+        *_, data = load_run_dir(tmp_path / "run")
     assert data.fingerprint() == config["corpus_sha256"] and not caplog.records
 
     (tmp_path / "work" / "corpus.txt").write_text(TINY_TEXT.replace("fox", "cat"))
     with caplog.at_level("WARNING"):
-        load_run(tmp_path / "run")
+        load_run_dir(tmp_path / "run")
     assert "has changed since this run was trained" in caplog.text
 
 
 def test_a_checkpoint_that_disagrees_with_config_json_is_named(run_dir, tmp_path, caplog):
     import shutil
 
-    from bayes_router.experiments.runs import load_run
+    from bayes_router.experiments.run_loading import load_run_dir
 
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
@@ -174,5 +176,5 @@ def test_a_checkpoint_that_disagrees_with_config_json_is_named(run_dir, tmp_path
     config["train"]["lr"] = 0.5  # as if checkpoint.pt came from another run
     (copy / "config.json").write_text(json.dumps(config))
     with caplog.at_level("WARNING"):
-        load_run(copy)
+        load_run_dir(copy)
     assert "disagrees with config.json in ['train.lr']" in caplog.text

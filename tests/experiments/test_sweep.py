@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-import bayes_router.experiments.runs as runs_module
+import bayes_router.experiments.training_runs as training_runs_module
 from bayes_router.cli import main
 from bayes_router.experiments.sweep import (
     SWEEP_METRICS,
@@ -48,15 +48,15 @@ def configs(corpus: str, **train_kwargs):
 
 @pytest.fixture
 def counted_training(monkeypatch):
-    """Count the trainings the sweep starts (in this process, through runs.train_runs)."""
+    """Count the trainings the sweep starts (in this process, through training_runs.train_runs)."""
     trained = []
-    real = runs_module.train_run
+    real = training_runs_module.train_run
 
     def counting(model_cfg, train_cfg, out_dir, **kwargs):
         trained.append((train_cfg.beta0, train_cfg.seed))
         return real(model_cfg, train_cfg, out_dir, **kwargs)
 
-    monkeypatch.setattr(runs_module, "train_run", counting)
+    monkeypatch.setattr(training_runs_module, "train_run", counting)
     return trained
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bayes_router.cli import main
-from bayes_router.experiments.runs import train_run
+from bayes_router.experiments.training_runs import train_run
 from bayes_router.inference import objective as objective_module
 from bayes_router.inference.checkpoint import load_checkpoint
 from bayes_router.inference.train import TrainingDiverged

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from bayes_router.experiments.runs import train_run
+from bayes_router.experiments.training_runs import train_run
 from bayes_router.inference.build import check_compatible
 from bayes_router.inference.objective import FreeBitsELBO
 from bayes_router.inference.train import make_objective, train

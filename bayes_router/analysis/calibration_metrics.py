@@ -1,7 +1,7 @@
 """Prediction (calibration) metrics and a bootstrap for any metric.
 
 The routing metrics (``projected_flop_cost`` and co.) live in :mod:`bayes_router.core.routing`,
-below the inference layer that evaluates with them; :mod:`bayes_router.analysis` re-exports them.
+below the inference layer that evaluates with them.
 
 Prediction metrics take probabilities ``probs (N, C)`` (rows on the simplex, not logits) and
 integer ``labels (N,)``. All metrics accept NumPy arrays or torch tensors and return Python floats

@@ -8,7 +8,7 @@ from bayes_router.analysis import (
     smooth_calibration_error,
     squared_calibration_error,
 )
-from bayes_router.analysis.calibration import (
+from bayes_router.analysis.calibration_bootstrap import (
     CALIBRATION_METRICS,
     calibration_summary,
     summary_metric,

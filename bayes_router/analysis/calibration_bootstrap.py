@@ -2,12 +2,13 @@
 
 The bootstrap resamples per-token summaries (top-label confidence, correctness, Brier term, NLL)
 instead of the ``(N, V)`` probabilities, so a resample never copies the vocabulary axis; the
-metrics of the summaries are the public metrics of :mod:`bayes_router.analysis.metrics`
-(the same reliability curves and calibration errors), which the tests check number for number.
-The class-wise ECE resamples per-window sums of its bins
-(:func:`~bayes_router.analysis.metrics.classwise_residual_sums`), the smooth ECE weighs tokens
-by their window's multiplicity (:mod:`~bayes_router.analysis.smooth_calibration`); every
-interval of one summary uses the same resampled windows.
+metrics of the summaries are the public metrics of
+:mod:`bayes_router.analysis.calibration_metrics` (the same reliability curves and calibration
+errors), which the tests check number for number. The class-wise ECE resamples per-window sums
+of its bins (:func:`~bayes_router.analysis.calibration_metrics.classwise_residual_sums`), the
+smooth ECE weighs tokens by their window's multiplicity
+(:mod:`~bayes_router.analysis.smooth_calibration`); every interval of one summary uses the same
+resampled windows.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from functools import partial
 
 import numpy as np
 
-from bayes_router.analysis.metrics import (
+from bayes_router.analysis.calibration_metrics import (
     ReliabilityCurve,
     bootstrap_ci,
     brier_score,
