@@ -240,10 +240,8 @@ def cmd_evaluate(args) -> int:
 
 
 def _generate_arguments(p):
-    from bayes_router.inference.decoding import GATE_MEASURES, DecodeConfig
-    from bayes_router.models.router import ROUTING_MODES
+    from bayes_router.inference.decoding import DecodeConfig
 
-    d = _field_defaults(DecodeConfig)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default=None, metavar="TEXT",
@@ -255,25 +253,7 @@ def _generate_arguments(p):
     p.add_argument("--prompt-len", type=int, default=None,
                    help="without a prompt: the first N tokens of each validation window "
                         "(default 16)")
-    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"],
-                   help="tokens to generate per sequence (the prompt and the new tokens, "
-                        "less one, must fit the run's --max-seq-len)")
-    p.add_argument("--routing", default=d["routing"], choices=ROUTING_MODES,
-                   help="soft: every expert read and mixed; hard: each token's argmax expert "
-                        "only; gated: hard where the routing uncertainty is below "
-                        "--gate-threshold, soft above")
-    p.add_argument("--gate-threshold", type=float, default=d["gate_threshold"],
-                   help="normalised uncertainty in [0, 1] of --routing gated")
-    p.add_argument("--gate-measure", default=d["gate_measure"], choices=GATE_MEASURES,
-                   help="the uncertainty the gate reads (aleatoric, epistemic: the Bayesian "
-                        "router only); random: a uniform draw, the control at the same soft "
-                        "fraction")
-    p.add_argument("--temperature", type=float, default=d["temperature"],
-                   help="divides the logits before sampling; 0: greedy")
-    p.add_argument("--top-k", type=int, default=d["top_k"],
-                   help="sample among the K most likely tokens only; None: all")
-    p.add_argument("--seed", type=int, default=d["seed"],
-                   help="seed of the sampling: the same seed, the same text")
+    add_config_options(p.add_argument_group("decoding (defaults: DecodeConfig)"), DecodeConfig)
     p.add_argument("--batch", type=int, default=1, help="sequences generated together")
     _add_device(p)
     _add_out(p, required=False, help="output folder (default RUN_DIR/generate)")
@@ -285,12 +265,7 @@ def cmd_generate(args) -> int:
     from bayes_router.experiments.generate import generate_run
     from bayes_router.inference.decoding import DecodeConfig
 
-    if args.routing == "gated" and args.gate_threshold is None:
-        raise ValueError("--routing gated needs --gate-threshold (normalised uncertainty in "
-                         "[0, 1])")
-    config = DecodeConfig(max_new_tokens=args.max_new_tokens, routing=args.routing,
-                          gate_threshold=args.gate_threshold, gate_measure=args.gate_measure,
-                          temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    config = config_from_args(DecodeConfig, args)  # its checks name the field and the range
     prompt = args.prompt
     if args.prompt_len is not None and (prompt is not None or args.prompt_file is not None):
         raise ValueError("--prompt-len takes the prompts from validation windows; a given "

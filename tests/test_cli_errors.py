@@ -98,7 +98,9 @@ def cases(corpus):
         "generate no new token": (["generate", "run", "--max-new-tokens", "0"],
                                   "max_new_tokens must be an integer >= 1, got 0"),
         "generate gated without a threshold": (["generate", "run", "--routing", "gated"],
-                                               "--routing gated needs --gate-threshold"),
+                                               "gate_threshold must be a number in [0, 1] "
+                                               "(normalised uncertainty) for gated routing, "
+                                               "got None"),
         "generate gate threshold out of range": (["generate", "run", "--routing", "gated",
                                                   "--gate-threshold", "2"],
                                                  "gate_threshold must be a number in [0, 1]"),

@@ -74,3 +74,17 @@ def test_help_shows_each_default_once():
         assert "(default: 0.003)" in text if command == "train" else True
         # an option whose help states its default gets no second one
         assert "(default 50; toy 20000) (default" not in text
+
+
+def test_generate_takes_every_decoding_field():
+    from bayes_router.inference.decoding import DecodeConfig
+
+    dests = {a.dest for a in _subparser("generate")._actions}
+    assert {f.name for f in _settable(DecodeConfig)} <= dests
+    args = build_parser().parse_args(["generate", "run", "--routing", "gated",
+                                      "--gate-threshold", "0.4", "--gate-measure", "random",
+                                      "--top-k", "5", "--temperature", "0"])
+    assert config_from_args(DecodeConfig, args) == DecodeConfig(
+        routing="gated", gate_threshold=0.4, gate_measure="random", top_k=5, temperature=0.0)
+    assert config_from_args(DecodeConfig, build_parser().parse_args(["generate", "run"])) == \
+        DecodeConfig()

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from bayes_router.core.options import option
 from bayes_router.models.routed_lm import RoutedLM
 from bayes_router.models.router import ROUTING_MODES, LayerRouting, RoutingDecision
 
@@ -53,13 +54,23 @@ class DecodeConfig:
     :param seed: seed of the sampling (and of the random gate): the same seed, the same text.
     """
 
-    max_new_tokens: int = 100
-    routing: str = "hard"
-    gate_threshold: float | None = None
-    gate_measure: str = "total"
-    temperature: float = 1.0
-    top_k: int | None = None
-    seed: int = 0
+    max_new_tokens: int = option(
+        100, "tokens to generate per sequence (with learned positions the prompt and the new "
+        "tokens, less one, must fit the run's --max-seq-len)")
+    routing: str = option(
+        "hard", "soft: every expert read and mixed; hard: each token's argmax expert only; "
+        "gated: hard where the routing uncertainty is below --gate-threshold, soft above",
+        choices=ROUTING_MODES)
+    gate_threshold: float | None = option(
+        None, "normalised uncertainty in [0, 1] of --routing gated")
+    gate_measure: str = option(
+        "total", "the uncertainty the gate reads (aleatoric, epistemic: the Bayesian router "
+        "only); random: a uniform draw, the control at the same soft fraction",
+        choices=GATE_MEASURES)
+    temperature: float = option(1.0, "divides the logits before sampling; 0: greedy")
+    top_k: int | None = option(
+        None, "sample among the K most likely tokens only (default: all)")
+    seed: int = option(0, "seed of the sampling: the same seed, the same text")
 
     def __post_init__(self):
         n = self.max_new_tokens
