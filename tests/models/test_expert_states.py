@@ -190,3 +190,34 @@ def test_a_chunk_read_for_some_rows_only(name, rows):
     if rows:
         ref = _naive_at(expert, q[index], k[index], v[index], [list(range(4, 9))])
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_linear_sums_accumulate_in_float32_under_autocast():
+    """2000 bfloat16 tokens decoded under autocast: the running sums stay float32, so the last
+    output is within bfloat16's read precision of the float64 naive twin on the same rounded
+    inputs. A bfloat16 running sum of the same tokens (built here) drifts far past that bound:
+    the check can fail."""
+    from bayes_router.models.experts.naive import elu_feature_map
+
+    expert = _expert("linear")
+    torch.manual_seed(0)
+    T = 2000
+    q, k, v = (torch.randn(1, 2, T, 4).to(torch.bfloat16) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = expert.write_state(None, k[:, :, :1], v[:, :, :1], capacity=T)
+        for t in range(1, T):
+            out = expert.decode(state, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+    assert state.state.dtype == torch.float32
+    ref = expert.naive(q.double(), k.double(), v.double())[:, :, -1:]
+    error = float((out.double() - ref).abs().max())
+    assert error < 0.005  # measured 0.0003
+    # the same sums kept in bfloat16, token after token
+    phi_k = elu_feature_map(k.double())
+    ones = torch.ones(1, 2, T, 1, dtype=torch.float64)
+    sums = torch.zeros(1, 2, 4, 5, dtype=torch.bfloat16)
+    for t in range(T):
+        sums += (phi_k[:, :, t, :, None] * torch.cat([v.double(), ones], -1)[:, :, t, None, :]
+                 ).to(torch.bfloat16)
+    read = elu_feature_map(q[:, :, -1:].double()) @ sums.double()
+    drifted = read[..., :4] / (read[..., 4:] + expert.eps)
+    assert float((drifted - ref).abs().max()) > 10 * error  # measured 0.055

@@ -24,13 +24,21 @@ from bayes_router.models.experts.naive import elu_feature_map, naive_linear
 class LinearState(ExpertState):
     """The running sums of every sequence, ``state = sum_s phi(k_s) [v_s, 1]^T`` ``(B, H, d,
     d + 1)``: the numerator's ``d x d`` state and, in its last column, the normaliser ``z =
-    sum_s phi(k_s)``. Constant memory."""
+    sum_s phi(k_s)``. Constant memory.
+
+    The sums are kept in at least float32 (:func:`accumulator_dtype`) and written with
+    autocast off: over thousands of tokens a bfloat16 sum (8 bits of mantissa) would drift
+    by its own rounding at every step, while each read may still run in the compute dtype."""
 
     state: Tensor
 
     def write(self, k: Tensor, v: Tensor, counts: Tensor | None = None) -> None:
         """Add ``phi(k_s) [v_s, 1]^T`` of the first ``counts[b]`` of the ``T`` new tokens (all
         by default)."""
+        with torch.autocast(k.device.type, enabled=False):
+            self._write(k.to(self.state.dtype), v.to(self.state.dtype), counts)
+
+    def _write(self, k: Tensor, v: Tensor, counts: Tensor | None) -> None:
         B, H, T, d = k.shape
         if counts is None and T > 1:  # a prompt: phi(k)^T v = elu(k)^T v + 1 (sum_s v_s)^T,
             # and the same for z, saving the passes of the + 1 and of [v, 1] over T rows
@@ -46,6 +54,12 @@ class LinearState(ExpertState):
         self.state.view(B * H, d, d + 1).baddbmm_(phi_k.reshape(B * H, T, d).transpose(1, 2),
                                                   _with_ones(v, T).view(B * H, T, d + 1))
         self.advance(T, counts)
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the running sums for inputs of ``dtype``: float32, or ``dtype`` where it
+    is wider (float64)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _readout(phi_q: Tensor, scores: Tensor, v_chunks: Tensor, prior: Tensor, eps: float
@@ -236,7 +250,7 @@ class LinearAttention(AttentionExpert):
         if state is None:
             B, H, _, d = k.shape
             state = LinearState(torch.zeros(B, dtype=torch.long, device=k.device),
-                                k.new_zeros(B, H, d, d + 1))
+                                k.new_zeros(B, H, d, d + 1, dtype=accumulator_dtype(k.dtype)))
         state.write(k, v, counts)
         return state
 
@@ -251,6 +265,7 @@ class LinearAttention(AttentionExpert):
             prior, scores, values = state.state, None, None
             if rows is not None:
                 prior = prior[rows]
+            prior = prior.to(phi_q.dtype)  # read in the compute dtype, as autocast would
         else:
             phi_k, values = elu_feature_map(k), _with_ones(v, T)
             if rows is not None:
@@ -258,6 +273,7 @@ class LinearAttention(AttentionExpert):
             scores = (phi_q @ phi_k.transpose(-1, -2)).tril_()  # (R, H, T, T)
             # the sums before the new tokens (a copy: the write below adds in place)
             prior = state.state.clone() if rows is None else state.state[rows]
+            prior = prior.to(phi_q.dtype)  # read in the compute dtype, as autocast would
             state.write(k, v)
         out = phi_q @ prior if scores is None else torch.baddbmm(
             (phi_q @ prior).flatten(0, 1), scores.flatten(0, 1), values.flatten(0, 1)
