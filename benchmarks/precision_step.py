@@ -17,7 +17,7 @@ import torch
 
 from bayes_router.core.clock import interleaved_times
 from bayes_router.inference.estimators import get_estimator
-from bayes_router.inference.objective import svi_step
+from bayes_router.inference.objective import StepOptions, svi_step
 from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.config import TinyLMConfig
 
@@ -28,7 +28,8 @@ SIZES = {"phase1": TinyLMConfig.phase1(98),
 
 def _step(elbo, model, x, y):
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
-    return lambda: svi_step(elbo, model, x, y, optimiser, dataset_size=1000)
+    options = StepOptions(dataset_size=1000)
+    return lambda: svi_step(elbo, model, x, y, optimiser, options)
 
 
 def main() -> None:

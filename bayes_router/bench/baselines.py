@@ -38,7 +38,7 @@ except ImportError as error:  # an older torch: the baseline is reported unavail
 
 from bayes_router.core.optim import adamw
 from bayes_router.inference.estimators import get_estimator
-from bayes_router.inference.objective import svi_step
+from bayes_router.inference.objective import StepOptions, svi_step
 from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.prior_free import PriorFreeRoutedLM
@@ -112,11 +112,11 @@ def prior_free_step(cfg: TinyLMConfig, x: Tensor, y: Tensor,
         model = PriorFreeRoutedLM(cfg)
     elbo = get_estimator("reparam-mc").make_elbo(max_plate_nesting=1)
     optimiser = adamw(model.parameters(), lr=lr)
+    options = StepOptions(dataset_size=1000, grad_clip=grad_clip)
 
     def step() -> float:
         with pyro.settings.context(module_local_params=True):
-            return svi_step(elbo, model, x, y, optimiser, dataset_size=1000,
-                            grad_clip=grad_clip).loss
+            return svi_step(elbo, model, x, y, optimiser, options).loss
 
     return step
 
@@ -190,10 +190,11 @@ def _memory_child(kind: str, spec: dict, batch_size: int, steps: int, queue) -> 
             model = BayesianRoutedLM(cfg, estimator=get_estimator("reparam-analytic"))
         elbo = get_estimator("reparam-analytic").make_elbo(max_plate_nesting=1)
         optimiser = adamw(model.parameters(), lr=1e-4)
+        options = StepOptions(dataset_size=1000, grad_clip=1.0)
 
         def step():
             with pyro.settings.context(module_local_params=True):
-                svi_step(elbo, model, x, y, optimiser, dataset_size=1000, grad_clip=1.0)
+                svi_step(elbo, model, x, y, optimiser, options)
     for _ in range(steps):
         step()
     if reset:

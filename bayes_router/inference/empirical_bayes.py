@@ -31,7 +31,7 @@ from bayes_router.core.optim import adamw
 from bayes_router.data.tokens import TokenData
 from bayes_router.inference.estimators import get_estimator
 from bayes_router.inference.minka import fit_dirichlet, fit_precision
-from bayes_router.inference.objective import svi_step
+from bayes_router.inference.objective import StepOptions, svi_step
 from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.priors import compute_aware_prior
 
@@ -161,7 +161,6 @@ def fit_beta0_svi(model: BayesianRoutedLM, data: TokenData, train_cfg, steps: in
                          f"{steps}, {average_last}, {beta0_lr}")
     if freeze_guide and not learn_beta0:
         raise ValueError("freeze_guide with learn_beta0=False leaves nothing to train")
-    dataset_size = data.num_windows("train", train_cfg.seq_len)
     generator = torch.Generator().manual_seed(seed)
     trace = []
     with pyro.settings.context(module_local_params=True), torch.random.fork_rng(devices=[]):
@@ -184,6 +183,9 @@ def fit_beta0_svi(model: BayesianRoutedLM, data: TokenData, train_cfg, steps: in
         optimiser = adamw(groups)
         elbo = estimator.make_elbo(num_particles=train_cfg.num_particles,
                                    vectorize_particles=True, max_plate_nesting=1)
+        options = StepOptions(dataset_size=data.num_windows("train", train_cfg.seq_len),
+                              grad_clip=None if freeze_guide else train_cfg.grad_clip,
+                              clip_parameters=[beta0] if freeze_guide else others)
         for step in tqdm(range(steps), disable=not progress, desc="svi beta0",
                          dynamic_ncols=True):
             if batches is not None:
@@ -194,9 +196,7 @@ def fit_beta0_svi(model: BayesianRoutedLM, data: TokenData, train_cfg, steps: in
                 x, y = data.sample_batch("train", train_cfg.batch_size, train_cfg.seq_len,
                                          generator)
             lab.train()
-            outcome = svi_step(elbo, lab, x, y, optimiser, dataset_size=dataset_size,
-                               grad_clip=None if freeze_guide else train_cfg.grad_clip,
-                               clip_parameters=[beta0] if freeze_guide else others)
+            outcome = svi_step(elbo, lab, x, y, optimiser, options)
             if outcome.failed is not None:
                 raise FloatingPointError(f"the {outcome.failed} is not finite at SVI step "
                                          f"{step + 1}")

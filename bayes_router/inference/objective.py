@@ -2,8 +2,9 @@
 
 :func:`loss_and_surrogate` returns ``(loss value, surrogate to differentiate)`` for any ELBO;
 :func:`per_token_loss_and_surrogate` scales them per token; :func:`svi_step` is the step that
-training, empirical Bayes and the step timing share; :class:`AuxiliaryOptimiser` trains the
-parameters an estimator's ELBO owns.
+training, empirical Bayes and the step timing share, configured once per run by
+:class:`StepOptions`; :class:`AuxiliaryOptimiser` trains the parameters an estimator's ELBO
+owns.
 
 Pyro's ELBOs expose their surrogate differently: ``Trace_ELBO`` and its subclasses through
 ``_differentiable_loss_particle``, ``TraceGraph_ELBO`` through ``_loss_and_surrogate_loss``.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from pyro.distributions.util import scale_and_mask
@@ -25,6 +26,8 @@ from torch import Tensor
 from torch.distributions import Independent, kl_divergence
 
 from bayes_router.core.elbo_surgery import split_kl
+from bayes_router.core.validation import check_int, check_positive
+from bayes_router.inference.distributed import Distributed
 from bayes_router.inference.estimators.reparam_analytic import AnalyticKLELBO
 
 
@@ -182,31 +185,72 @@ class StepResult:
     overflow: bool = False
 
 
-def svi_step(elbo: ELBO, model, x: Tensor, y: Tensor, optimiser: torch.optim.Optimizer, *,
-             dataset_size: int, grad_clip: float | None = None,
-             clip_parameters: Iterable[Tensor] | None = None,
-             auxiliary: AuxiliaryOptimiser | None = None, micro_batches: int = 1,
-             seeds: Sequence[int] | None = None, distributed=None,
-             scaler: torch.amp.GradScaler | None = None, **model_kwargs) -> StepResult:
-    """One SVI step: the per-token surrogate's gradient, clipping, the optimiser step and the
-    auxiliary parameters' step. A non-finite loss or gradient norm skips every update.
+@dataclass(frozen=True, eq=False)
+class StepOptions:
+    """What :func:`svi_step` does the same way at every step of a run; built (and checked) once,
+    before the loop. The per-step inputs (batch, seeds, ``kl_scale``, ``gate_threshold``) are
+    :func:`svi_step`'s arguments.
 
-    :param clip_parameters: the parameters whose joint norm is clipped to ``grad_clip``
-        (default all of ``model``'s); ``grad_clip=None`` measures the norm without clipping.
-        Every gradient of ``model``'s parameters must be finite either way.
-    :param micro_batches: split ``(x, y)`` into this many equal shards and average their
+    The auxiliary optimiser, the process group and the loss scaler are held by reference: they
+    change as the run goes, the options never do. Options therefore compare by identity.
+
+    :param dataset_size: sequences in the training split: the ``batch`` plate scales each
+        minibatch to it, and the loss is divided by ``dataset_size * T`` tokens.
+    :param grad_clip: the joint norm of ``clip_parameters`` is clipped to this (``None``: the
+        norm is measured, not clipped).
+    :param clip_parameters: the parameters whose joint norm is clipped (``None``: all of the
+        model's), kept as a tuple. Every gradient of the model's parameters must be finite
+        either way.
+    :param auxiliary: the optimiser of the parameters the ELBO owns (learned baselines), stepped
+        after the model's.
+    :param micro_batches: split each batch into this many equal shards and average their
         gradients (gradient accumulation): each shard's loss is itself an estimate of the whole
-        ELBO, so the average is the batch's.
-    :param seeds: one torch seed per shard, set before its objective (``None``: the RNG runs
-        on): what makes a shard's noise the same as a micro-batch and as a process of its own.
+        ELBO, so the average is the batch's. It must divide every batch.
     :param distributed: a :class:`~bayes_router.inference.distributed.Distributed` group whose
         ranks average their loss and gradients (data parallelism); ``None``: one process.
     :param scaler: a dynamic loss scaler (``float16`` training, see
         :func:`~bayes_router.core.precision.gradient_scaler`): the backward runs on the scaled
         surrogate and the gradients are unscaled before clipping; an overflow skips the update
         and lowers the scale (``StepResult.overflow``).
-    :param model_kwargs: ``kl_scale``, ``gate_threshold`` for model and guide.
+    :raises ValueError: for a ``dataset_size`` or ``micro_batches`` that is not an integer
+        >= 1, or a ``grad_clip`` that is neither ``None`` nor a finite number > 0.
     """
+
+    dataset_size: int
+    grad_clip: float | None = None
+    clip_parameters: Iterable[Tensor] | None = field(default=None, repr=False)
+    auxiliary: AuxiliaryOptimiser | None = None
+    micro_batches: int = 1
+    distributed: Distributed | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    def __post_init__(self):
+        check_int("dataset_size", self.dataset_size)
+        check_int("micro_batches", self.micro_batches)
+        if self.grad_clip is not None:
+            check_positive("grad_clip", self.grad_clip)
+        if self.clip_parameters is not None:  # an iterator would be spent by the first step
+            object.__setattr__(self, "clip_parameters", tuple(self.clip_parameters))
+
+
+def svi_step(elbo: ELBO, model, x: Tensor, y: Tensor, optimiser: torch.optim.Optimizer,
+             options: StepOptions, *, seeds: Sequence[int] | None = None,
+             **model_kwargs) -> StepResult:
+    """One SVI step: the per-token surrogate's gradient, clipping, the optimiser step and the
+    auxiliary parameters' step. A non-finite loss or gradient norm skips every update.
+
+    :param options: what stays the same for the whole run (:class:`StepOptions`).
+    :param seeds: one torch seed per shard (``options.micro_batches`` of them), set before its
+        objective (``None``: the RNG runs on): what makes a shard's noise the same as a
+        micro-batch and as a process of its own.
+    :param model_kwargs: ``kl_scale``, ``gate_threshold`` for model and guide.
+    :raises ValueError: when ``options.micro_batches`` does not divide the batch, or ``seeds``
+        does not hold one seed per shard.
+    """
+    dataset_size, grad_clip, clip_parameters = (options.dataset_size, options.grad_clip,
+                                                options.clip_parameters)
+    auxiliary, micro_batches = options.auxiliary, options.micro_batches
+    distributed, scaler = options.distributed, options.scaler
     if x.shape[0] % micro_batches:
         raise ValueError(f"micro_batches ({micro_batches}) must divide the batch "
                          f"({x.shape[0]} sequences)")

@@ -19,7 +19,7 @@ from torch import Tensor
 from bayes_router.core.clock import interleaved_times
 from bayes_router.core.optim import adamw
 from bayes_router.inference.estimators import get_estimator
-from bayes_router.inference.objective import svi_step
+from bayes_router.inference.objective import StepOptions, svi_step
 from bayes_router.models.bayesian import BayesianRoutedLM
 from bayes_router.models.config import TinyLMConfig
 from bayes_router.models.prior_free import PriorFreeRoutedLM
@@ -64,10 +64,11 @@ def svi_step_times(cfg: TinyLMConfig, batch_size: int = 16, seq_len: int | None 
             "prior_free": (prior_free, plain),
         }
         optimisers = {k: adamw(m.parameters(), lr=1e-4) for k, (m, _) in kinds.items()}
+        options = StepOptions(dataset_size=1000)
 
         def step(kind: str):
             model, objective = kinds[kind]
-            return lambda: svi_step(objective, model, x, y, optimisers[kind], dataset_size=1000)
+            return lambda: svi_step(objective, model, x, y, optimisers[kind], options)
 
         steps = {kind: step(kind) for kind in kinds}
         if extra_steps is not None:

@@ -43,6 +43,7 @@ from bayes_router.inference.evaluate import bits_label, evaluate
 from bayes_router.inference.objective import (
     AuxiliaryOptimiser,
     FreeBitsELBO,
+    StepOptions,
     StepResult,
     objective_terms,
     svi_step,
@@ -248,7 +249,10 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
             restore_running_baselines({})  # not another run's, left in this process
             if train_cfg.warm_start is not None:
                 warm_start_lm(model, Path(train_cfg.warm_start))
-        dataset_size = data.num_windows("train", train_cfg.seq_len)
+        options = StepOptions(dataset_size=data.num_windows("train", train_cfg.seq_len),
+                              grad_clip=train_cfg.grad_clip, auxiliary=auxiliary,
+                              micro_batches=train_cfg.micro_batches,
+                              distributed=group if group.active else None, scaler=scaler)
         last_good = checkpoint_path if resume else None  # never a stale file of another run
         stop = train_cfg.steps if max_steps is None else min(train_cfg.steps, max_steps)
         bar = tqdm(total=stop, initial=result.step, disable=not progress or not group.is_main,
@@ -266,12 +270,8 @@ def train(model_cfg: TinyLMConfig, train_cfg: TrainConfig, data: TokenData,
                 shard_seed(train_cfg.seed, step, group.rank * train_cfg.micro_batches + i)
                 for i in range(train_cfg.micro_batches)]
             try:
-                outcome = svi_step(objective, model, x, y, optimiser, dataset_size=dataset_size,
-                                   grad_clip=train_cfg.grad_clip, auxiliary=auxiliary,
-                                   micro_batches=train_cfg.micro_batches, seeds=seeds,
-                                   distributed=group if group.active else None,
-                                   scaler=scaler, kl_scale=kl_scale,
-                                   gate_threshold=gate_threshold)
+                outcome = svi_step(objective, model, x, y, optimiser, options, seeds=seeds,
+                                   kl_scale=kl_scale, gate_threshold=gate_threshold)
             except ValueError as error:
                 # torch's argument validation of a distribution built from diverged parameters
                 if not str(error).startswith("Expected parameter"):

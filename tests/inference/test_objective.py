@@ -1,4 +1,5 @@
-"""The one SVI step: per-token scaling, clipping, and no update when anything is not finite."""
+"""The one SVI step: per-token scaling, clipping, and no update when anything is not finite;
+its options, checked once when built."""
 
 import math
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from bayes_router.inference.estimators import get_estimator
-from bayes_router.inference.objective import svi_step
+from bayes_router.inference.objective import StepOptions, svi_step
 
 
 class Tiny(nn.Module):
@@ -29,12 +30,19 @@ class Tiny(nn.Module):
         pass
 
 
-def _step(model, **kwargs):
+def _steps(model, count: int, **options):
+    """``count`` SGD steps (learning rate 0.1) on ``x = 0``, ``y = 1`` (2 sequences of 3), with
+    one :class:`StepOptions` built from ``options`` for all of them."""
     x, y = torch.zeros(2, 3), torch.ones(2, 3)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
     elbo = get_estimator("reparam-mc").make_elbo(max_plate_nesting=1)
+    step_options = StepOptions(dataset_size=10, **options)
     with pyro.settings.context(module_local_params=True):
-        return svi_step(elbo, model, x, y, optimiser, dataset_size=10, **kwargs)
+        return [svi_step(elbo, model, x, y, optimiser, step_options) for _ in range(count)]
+
+
+def _step(model, **options):
+    return _steps(model, 1, **options)[0]
 
 
 def test_the_loss_is_per_token_and_the_step_is_taken():
@@ -52,3 +60,25 @@ def test_a_non_finite_gradient_outside_the_clipped_set_still_stops_the_step():
     assert result.failed == "gradient norm"
     assert torch.equal(model.w.detach(), torch.tensor(0.5))  # nothing was updated
     assert torch.equal(model.v.detach(), torch.tensor(-0.2))
+
+
+def test_clip_parameters_given_as_an_iterator_serve_every_step():
+    model = Tiny()
+    results = _steps(model, 2, grad_clip=10.0, clip_parameters=iter([model.w]))
+    # d/dw of the per-token 0.5 (1 - w - v)^2 is -(1 - w - v): 0.7 at (0.5, -0.2); SGD moves
+    # w and v by 0.07 each, so 1 - w - v is 0.56 at the second step
+    assert [r.grad_norm for r in results] == pytest.approx([0.7, 0.56], rel=1e-5)
+
+
+def test_micro_batches_must_divide_each_batch():
+    with pytest.raises(ValueError, match=r"micro_batches \(4\) must divide the batch"):
+        _step(Tiny(), micro_batches=4)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("dataset_size", 0), ("dataset_size", 2.5), ("micro_batches", 0), ("micro_batches", True),
+    ("grad_clip", 0.0), ("grad_clip", math.inf), ("grad_clip", math.nan)])
+def test_step_options_are_checked_when_built(field, value):
+    options = {"dataset_size": 10, field: value}
+    with pytest.raises(ValueError, match=field):
+        StepOptions(**options)
