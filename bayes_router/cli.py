@@ -46,6 +46,11 @@ def _comma_list(kind: type):
     return parse
 
 
+def _comma_names(text: str) -> list[str]:
+    """``"a, b,"`` -> ``["a", "b"]``: names stripped, empty ones dropped."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def _comma_tuple(text: str) -> tuple[str, ...]:
     """``"a,b"`` -> ``("a", "b")``; empty names are kept for the config to refuse by name."""
     return tuple(text.split(","))
@@ -56,7 +61,13 @@ def _comma_tuple(text: str) -> tuple[str, ...]:
 
 
 #: Fields whose option type their annotation does not give.
-FIELD_PARSERS = {"beta0": _beta0, "experts": _comma_tuple}
+FIELD_PARSERS = {"beta0": _beta0, "experts": _comma_tuple,
+                 # VarianceLabConfig
+                 "estimators": _comma_names, "particle_estimators": _comma_names,
+                 "sweep_estimators": _comma_names, "particles": _comma_list(int),
+                 "beta0_values": _comma_list(float), "along_training": _comma_list(int),
+                 # Beta0FitConfig
+                 "grid": _comma_list(float)}
 _ANNOTATION_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
@@ -88,7 +99,8 @@ def add_config_options(group, cls, defaults: dict | None = None, skip=()) -> Non
         names = (meta.get("flag", "--" + field.name.replace("_", "-")), *meta.get("aliases", ()))
         kind = _option_type(cls, field)
         if kind is bool:
-            action = "store_false" if meta.get("negate") else argparse.BooleanOptionalAction
+            action = ("store_false" if meta.get("negate") else "store_true" if meta.get("switch")
+                      else argparse.BooleanOptionalAction)
             group.add_argument(*names, dest=field.name, action=action, default=default,
                                help=meta["help"])
             continue
@@ -96,7 +108,7 @@ def add_config_options(group, cls, defaults: dict | None = None, skip=()) -> Non
         if "choices" in meta and "metavar" in meta:  # the metavar hides the choices: list them
             help += f"; one of {', '.join(meta['choices'])}"
         if isinstance(default, tuple):  # shown and parsed as the comma list one types
-            default = ",".join(default)
+            default = ",".join(str(v) for v in default)
         metavar = meta.get("metavar")
         if metavar is None and "choices" not in meta:  # named after the flag, not the field
             metavar = names[0].lstrip("-").replace("-", "_").upper()
@@ -572,99 +584,52 @@ def cmd_sweep_beta0(args) -> int:
     return 0
 
 
-def _comma_names(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
 def _variance_arguments(p):
+    from bayes_router.experiments.variance_lab import VarianceLabConfig
+
     _add_out(p)
     p.add_argument("--checkpoint", default=None, metavar="RUN_DIR",
                    help="measure a trained Bayesian run (default: train a small model here)")
-    p.add_argument("--toy", action="store_true",
-                   help="the conjugate toy instead: bias against the exact gradient, and the "
-                        "particle sweep's power-law slopes in K")
-    p.add_argument("--estimators", type=_comma_names, default=None,
-                   help="comma-separated estimator names (default: all registered)")
-    p.add_argument("--draws", type=int, default=None,
-                   help="gradient estimates M per estimator (default 50; toy 20000)")
-    p.add_argument("--num-particles", type=int, default=None,
-                   help="particles per estimate (default: each estimator's fewest, 1 or 2)")
-    p.add_argument("--particles", type=_comma_list(int), default=[1, 2, 4, 8],
-                   help="particle counts of the particle sweep, on the LM or the toy ('' to "
-                        "skip)")
-    p.add_argument("--particle-estimators", type=_comma_names,
-                   default=["reparam-mc", "reparam-analytic", "stl", "score-baseline", "iwae",
-                            "dreg"], help="estimators of the particle sweep")
-    p.add_argument("--beta0-values", type=_comma_list(float), default=[0.1, 1.0, 10.0],
-                   help="beta0 values of the beta0 sweep, guide fixed ('' to skip)")
-    p.add_argument("--sweep-estimators", type=_comma_names,
-                   default=["reparam-mc", "reparam-analytic", "stl", "score-baseline"],
-                   help="estimators of the beta0 and along-training sweeps")
-    p.add_argument("--along-training", type=_comma_list(int), default=[],
-                   help="training steps at which to measure, training afresh in segments "
-                        "(e.g. 0,50,100,200,300; default: skip)")
-    p.add_argument("--sweep-draws", type=int, default=None,
-                   help="M of the sweeps (default min(draws, 30); toy: draws)")
-    p.add_argument("--bootstrap", type=int, default=400,
-                   help="bootstrap resamples of the draws behind the intervals of the toy "
-                        "sweep's slopes (0: none)")
-    p.add_argument("--train-steps", type=int, default=100,
-                   help="steps of the small model trained without --checkpoint")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draws (and of the model)")
+    add_config_options(p.add_argument_group("lab (defaults: VarianceLabConfig)"),
+                       VarianceLabConfig)
 
 
 @command("variance", "gradient-variance lab: variance, SNR and cost of every ELBO estimator",
          _variance_arguments)
 def cmd_variance(args) -> int:
-    from bayes_router.experiments.variance_lab import variance_lab, variance_report
+    from bayes_router.experiments.variance_lab import (
+        VarianceLabConfig,
+        variance_lab,
+        variance_report,
+    )
 
     if args.toy and args.checkpoint:
         raise ValueError("--toy and --checkpoint exclude each other")
+    config = config_from_args(VarianceLabConfig, args)  # its checks name the field
     _out_dir(args, "variance")
-    result = variance_lab(
-        Path(args.out), checkpoint=Path(args.checkpoint) if args.checkpoint else None,
-        toy=args.toy, estimators=args.estimators, num_draws=args.draws,
-        num_particles=args.num_particles, particles=args.particles,
-        particle_estimators=args.particle_estimators, beta0_values=args.beta0_values,
-        sweep_estimators=args.sweep_estimators, along_training=args.along_training,
-        sweep_draws=args.sweep_draws, train_steps=args.train_steps,
-        num_bootstrap=args.bootstrap, seed=args.seed)
+    result = variance_lab(Path(args.out), config,
+                          Path(args.checkpoint) if args.checkpoint else None)
     print(variance_report(result))
     print(f"wrote {args.out}/variance.json and {args.out}/report.md")
     return 0
 
 
 def _fit_beta0_arguments(p):
-    from bayes_router.inference.empirical_bayes import METHODS
+    from bayes_router.experiments.beta0_fit import Beta0FitConfig
 
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished Bayesian run directory")
-    p.add_argument("--method", default="both", choices=METHODS,
-                   help="svi: type-II ML by SVI on log beta0; minka: the fixed-point M-step on "
-                        "the guide's expected statistics; both")
     _add_out(p, required=False, help="output folder (default RUN_DIR/empirical-bayes)")
-    p.add_argument("--svi-steps", type=int, default=200,
-                   help="SVI steps continuing a fixed-beta0 run with beta0 learned")
-    p.add_argument("--beta0-lr", type=float, default=0.05,
-                   help="learning rate of log beta0 in those steps")
-    p.add_argument("--stat-batches", type=int, default=16,
-                   help="training batches of the guide's expected statistics (Minka)")
-    p.add_argument("--eval-batches", type=int, default=8,
-                   help="validation batches of the held-out ELBO")
-    p.add_argument("--update-pi", action="store_true",
-                   help="also fit the prior mean pi (Minka, full Dirichlet)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the batches and guide samples")
+    add_config_options(p.add_argument_group("fit (defaults: Beta0FitConfig)"), Beta0FitConfig)
 
 
 @command("fit-beta0", "empirical-Bayes beta0 of a run: type-II ML in SVI and Minka's M-step",
          _fit_beta0_arguments)
 def cmd_fit_beta0(args) -> int:
-    from bayes_router.experiments.beta0_fit import beta0_report, fit_beta0_run
+    from bayes_router.experiments.beta0_fit import Beta0FitConfig, beta0_report, fit_beta0_run
 
+    config = config_from_args(Beta0FitConfig, args)  # its checks name the field
     out = _out_dir(args, "fit-beta0", Path(args.run_dir) / "empirical-bayes")
-    result = fit_beta0_run(Path(args.run_dir), args.method, out, svi_steps=args.svi_steps,
-                           beta0_lr=args.beta0_lr, stat_batches=args.stat_batches,
-                           eval_batches=args.eval_batches, update_pi=args.update_pi,
-                           seed=args.seed)
+    result = fit_beta0_run(Path(args.run_dir), config, out)
     print(beta0_report(result))
     print(f"wrote {out}/beta0.json and {out}/report.md")
     return 0

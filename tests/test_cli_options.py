@@ -88,3 +88,39 @@ def test_generate_takes_every_decoding_field():
         routing="gated", gate_threshold=0.4, gate_measure="random", top_k=5, temperature=0.0)
     assert config_from_args(DecodeConfig, build_parser().parse_args(["generate", "run"])) == \
         DecodeConfig()
+
+
+@pytest.mark.parametrize(("command", "module", "name", "required"), [
+    ("variance", "bayes_router.experiments.variance_lab", "VarianceLabConfig", ["--out", "x"]),
+    ("fit-beta0", "bayes_router.experiments.beta0_fit", "Beta0FitConfig", ["run"]),
+])
+def test_every_study_config_field_is_an_option_of_its_command(command, module, name, required):
+    import importlib
+
+    cls = getattr(importlib.import_module(module), name)
+    dests = {a.dest for a in _subparser(command)._actions}
+    assert [f.name for f in dataclasses.fields(cls) if f.name not in dests] == []
+    args = build_parser().parse_args([command, *required])
+    assert config_from_args(cls, args) == cls()
+
+
+def test_study_options_parse_as_before():
+    from bayes_router.experiments.beta0_fit import Beta0FitConfig
+    from bayes_router.experiments.variance_lab import VarianceLabConfig
+
+    args = build_parser().parse_args([
+        "variance", "--out", "x", "--toy", "--draws", "60", "--bootstrap", "0",
+        "--particles", "", "--beta0-values", "0.5,2", "--estimators", "stl, dreg,",
+        "--along-training", "0,5", "--sweep-draws", "3"])
+    lab = config_from_args(VarianceLabConfig, args)
+    assert lab == VarianceLabConfig(toy=True, num_draws=60, num_bootstrap=0, particles=(),
+                                    beta0_values=(0.5, 2.0), estimators=("stl", "dreg"),
+                                    along_training=(0, 5), sweep_draws=3)
+    args = build_parser().parse_args(["fit-beta0", "run", "--method", "minka", "--update-pi",
+                                      "--stat-batches", "2", "--grid", "0.1,10"])
+    assert config_from_args(Beta0FitConfig, args) == Beta0FitConfig(
+        method="minka", update_pi=True, stat_batches=2, grid=(0.1, 10.0))
+    for argv in (["variance", "--out", "x", "--no-toy"], ["fit-beta0", "run", "--no-update-pi"]):
+        build_parser().parse_args(argv[:-1])
+        with pytest.raises(SystemExit):  # a switch, as before: no --no- form
+            build_parser().parse_args(argv)

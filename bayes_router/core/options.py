@@ -18,8 +18,9 @@ def option(default, help: str, **cli):
     :param help: the option's help text (without the default: the CLI shows it).
     :param cli: how the option differs from ``--<field-name>``: ``flag`` (and ``aliases``), the
         ``choices``, a ``metavar``; for a boolean field, ``flag`` with ``negate=True`` names a
-        switch that sets the field to ``False``; ``none_flag`` and ``none_help`` add a second
-        switch that sets the field to ``None``; ``command_line=False`` leaves the field out of
-        the command line (with the reason in ``help``).
+        switch that sets the field to ``False``, and ``switch=True`` makes the option a switch
+        that sets it to ``True`` (no ``--no-`` form); ``none_flag`` and ``none_help`` add a
+        second switch that sets the field to ``None``; ``command_line=False`` leaves the field
+        out of the command line (with the reason in ``help``).
     """
     return dataclasses.field(default=default, metadata={"help": help, **cli})

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from torch import Tensor
 
 from bayes_router.analysis.study_plots import plot_beta0_objective, plot_beta0_trace, save_figure
 from bayes_router.core.dirichlet import dirichlet_kl_to_prior
+from bayes_router.core.options import option
 from bayes_router.experiments.json_files import versions, write_json
 from bayes_router.experiments.run_loading import check_run_dir, load_run_dir
 from bayes_router.inference.empirical_bayes import (
@@ -49,32 +52,98 @@ ESTIMATES = ("run", "svi", "minka", "minka_after_svi", "heldout_optimum")
 _DEFAULT_GRID = tuple(10.0 ** (i / 10) for i in range(-20, 21))  # 0.01 .. 100
 
 
-def fit_beta0_run(run_dir, method: str = "both", out_dir=None, *, svi_steps: int = 200,
-                  beta0_lr: float = 0.05, lr: float | None = None, stat_batches: int = 16,
-                  eval_batches: int = 8, update_pi: bool = False,
-                  grid: tuple[float, ...] = _DEFAULT_GRID, seed: int = 0,
+def _check_count(name: str, value, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def _check_rate(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Beta0FitConfig:
+    """How :func:`fit_beta0_run` fits ``beta0``.
+
+    :param method: ``"svi"`` (type-II ML by SVI on ``log beta0``), ``"minka"`` (the
+        fixed-point M-step on the guide's expected statistics) or ``"both"``.
+    :param svi_steps: SVI steps continuing a fixed-``beta0`` run with ``beta0`` learned (and
+        as many for the control continued with it fixed).
+    :param beta0_lr: learning rate of ``log beta0`` in those steps.
+    :param lr: learning rate of the guide and the LM in those steps; ``None``: the run's.
+    :param stat_batches: random training batches behind the guide's expected statistics
+        (Minka).
+    :param eval_batches: validation batches of the held-out ELBO.
+    :param update_pi: with Minka, also report a full fit of the prior mean ``pi`` and the
+        precision beside the fit of ``beta0`` under the run's ``pi``.
+    :param grid: ``beta0`` values at which the held-out ``-KL`` is tabulated and drawn.
+    :param seed: seed of the batches and of the guide's samples.
+    """
+
+    method: str = option(
+        "both", "svi: type-II ML by SVI on log beta0; minka: the fixed-point M-step on the "
+        "guide's expected statistics; both", choices=METHODS)
+    svi_steps: int = option(200, "SVI steps continuing a fixed-beta0 run with beta0 learned")
+    beta0_lr: float = option(0.05, "learning rate of log beta0 in those steps")
+    lr: float | None = option(
+        None, "learning rate of the guide and the LM in those steps (default: the run's)")
+    stat_batches: int = option(
+        16, "training batches of the guide's expected statistics (Minka)")
+    eval_batches: int = option(8, "validation batches of the held-out ELBO")
+    update_pi: bool = option(
+        False, "also fit the prior mean pi (Minka, full Dirichlet)", switch=True)
+    grid: tuple[float, ...] = option(
+        _DEFAULT_GRID, "comma-separated beta0 values of the held-out -KL curve (default: 41 "
+        "values from 0.01 to 100, log-spaced)")
+    seed: int = option(0, "seed of the batches and guide samples")
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        _check_count("svi_steps", self.svi_steps, 1)
+        _check_rate("beta0_lr", self.beta0_lr)
+        if self.lr is not None:
+            _check_rate("lr", self.lr)
+        _check_count("stat_batches", self.stat_batches, 1)
+        _check_count("eval_batches", self.eval_batches, 1)
+        if not isinstance(self.update_pi, bool):
+            raise TypeError(f"update_pi must be a bool, got {self.update_pi!r}")
+        if isinstance(self.grid, str | bytes) or not hasattr(self.grid, "__iter__"):
+            raise TypeError(f"grid must be a list or tuple, got {self.grid!r}")
+        object.__setattr__(self, "grid", tuple(self.grid))
+        if not self.grid or not all(isinstance(v, Real) and not isinstance(v, bool)
+                                    and math.isfinite(v) and v > 0 for v in self.grid):
+            raise ValueError("grid must hold positive beta0 values")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, Integral):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+
+def fit_beta0_run(run_dir, config: Beta0FitConfig, out_dir=None, *,
                   progress: bool = True) -> dict:
-    """Empirical-Bayes ``beta0`` of a trained Bayesian run, by type-II ML in SVI and/or Minka.
+    """Empirical-Bayes ``beta0`` of a trained Bayesian run, by type-II ML in SVI and/or Minka
+    (``config.method``).
 
     - ``minka``: Minka's M-step per layer (:func:`fit_beta0_minka`) on the trained guide's
-      ``E_q[log alpha]`` averaged over the tokens of ``stat_batches`` random training batches,
-      with the run's cost-based ``pi`` (with ``update_pi``, a full fit of mean and precision is
-      reported beside it).
+      ``E_q[log alpha]`` averaged over the tokens of ``config.stat_batches`` random training
+      batches, with the run's cost-based ``pi`` (with ``config.update_pi``, a full fit of mean
+      and precision is reported beside it).
     - ``svi``: if the run learned ``beta0`` (``--beta0 learn``), its value is read; otherwise
-      the run is continued for ``svi_steps`` steps with ``beta0`` learned from the run's value
-      (:func:`fit_beta0_svi`, jointly with the guide and the LM). With ``both``, Minka is also
-      applied to the continued guide (``minka_after_svi``): at a joint fixed point the two
+      the run is continued for ``config.svi_steps`` steps with ``beta0`` learned from the run's
+      value (:func:`fit_beta0_svi`, jointly with the guide and the LM). With ``both``, Minka is
+      also applied to the continued guide (``minka_after_svi``): at a joint fixed point the two
       coincide, so that is the cross-check. The SVI estimate is the geometric mean of
       ``beta0`` over the last quarter of the steps if it has settled there (``log beta0`` moved
       by less than 0.05), else the final iterate (flagged ``settled: false``). A control run
       continued for as many steps with ``beta0`` fixed is scored beside the continued model
       (``fixed_continued_model``).
 
-    Every estimate is scored by the per-token ELBO on ``eval_batches`` validation batches with
-    the run's guide and that ``beta0`` plugged into the prior (the guide is fixed, so only the
-    KL term moves; the likelihood term is the same sample for every estimate). The held-out
-    optimum per layer (``heldout_optimum``) is Minka's fit on the validation statistics, and
-    the held-out ``-KL`` is also tabulated on ``grid``.
+    Every estimate is scored by the per-token ELBO on ``config.eval_batches`` validation
+    batches with the run's guide and that ``beta0`` plugged into the prior (the guide is fixed,
+    so only the KL term moves; the likelihood term is the same sample for every estimate). The
+    held-out optimum per layer (``heldout_optimum``) is Minka's fit on the validation
+    statistics, and the held-out ``-KL`` is also tabulated on ``config.grid``.
 
     Writes into ``out_dir`` (default ``run_dir/empirical-bayes``): ``beta0.json``, whose only
     keys naming ``beta0`` hold estimates (the top-level ``"beta0"``, one value per layer: the
@@ -84,13 +153,8 @@ def fit_beta0_run(run_dir, method: str = "both", out_dir=None, *, svi_steps: int
 
     :returns: the content of ``beta0.json``.
     """
-
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if stat_batches < 1 or eval_batches < 1:
-        raise ValueError("stat_batches and eval_batches must be >= 1")
-    if not grid or not all(math.isfinite(v) and v > 0 for v in grid):
-        raise ValueError("grid must hold positive beta0 values")
+    method, seed = config.method, config.seed
+    svi_steps, beta0_lr = config.svi_steps, config.beta0_lr
     run_dir = check_run_dir(Path(run_dir))
     out_dir = run_dir / "empirical-bayes" if out_dir is None else Path(out_dir)
     model, model_cfg, train_cfg, payload, data = load_run_dir(run_dir)
@@ -106,10 +170,10 @@ def fit_beta0_run(run_dir, method: str = "both", out_dir=None, *, svi_steps: int
     pi = prior_mean(model)
     with pyro.settings.context(module_local_params=True):
         run_beta0 = model.current_beta0().detach().tolist()
-    train_batches = _sample_batches(data, "train", stat_batches, train_cfg.batch_size,
+    train_batches = _sample_batches(data, "train", config.stat_batches, train_cfg.batch_size,
                                     train_cfg.seq_len, seed)
     val_batches = list(data.eval_batches("val", train_cfg.batch_size, train_cfg.seq_len,
-                                         max_batches=eval_batches))
+                                         max_batches=config.eval_batches))
     if not val_batches:
         raise ValueError(f"the validation split of {run_dir} is too short for one window")
     train_conc, _, train_tokens = guide_concentrations(model, train_batches, seed)
@@ -121,15 +185,15 @@ def fit_beta0_run(run_dir, method: str = "both", out_dir=None, *, svi_steps: int
     estimates = result["estimates"]  # name -> {"values": per layer, ...}; no key names beta0
     estimates["run"] = {"values": run_beta0}
     if method in ("minka", "both"):
-        minka = fit_beta0_minka(train_conc, pi, update_pi=update_pi)
+        minka = fit_beta0_minka(train_conc, pi, update_pi=config.update_pi)
         estimates["minka"] = {"values": minka.pop("beta0"), **minka}
     continued = None
     if method in ("svi", "both"):
         if model.learn_beta0:
             estimates["svi"] = {"values": run_beta0, "source": "learned during training"}
         else:
-            fit = fit_beta0_svi(model, data, train_cfg, svi_steps, beta0_lr=beta0_lr, lr=lr,
-                                seed=seed, progress=progress)
+            fit = fit_beta0_svi(model, data, train_cfg, svi_steps, beta0_lr=beta0_lr,
+                                lr=config.lr, seed=seed, progress=progress)
             continued = fit.pop("model")
             settled = fit["tail_log_drift"] < SETTLED_LOG_DRIFT
             estimates["svi"] = {"values": fit["beta0"] if settled else fit["last"],
@@ -146,16 +210,18 @@ def fit_beta0_run(run_dir, method: str = "both", out_dir=None, *, svi_steps: int
     result["elbo"] = {name: _heldout(val_conc, val_loglik, val_tokens, e["values"], pi)
                       for name, e in estimates.items()}
     if continued is not None:
-        control = fit_beta0_svi(model, data, train_cfg, svi_steps, beta0_lr=beta0_lr, lr=lr,
-                                learn_beta0=False, seed=seed, progress=progress)["model"]
+        control = fit_beta0_svi(model, data, train_cfg, svi_steps, beta0_lr=beta0_lr,
+                                lr=config.lr, learn_beta0=False, seed=seed,
+                                progress=progress)["model"]
         for name, other in (("svi_continued_model", continued),
                             ("fixed_continued_model", control)):
             conc, loglik, tokens = guide_concentrations(other, val_batches, seed)
             with pyro.settings.context(module_local_params=True):
                 own = other.beta0.detach().tolist()
             result["elbo"][name] = _heldout(conc, loglik, tokens, own, pi)
-    result["grid"] = {"values": list(grid), "kl": [
-        [float(dirichlet_kl_to_prior(c, b, pi).mean()) for b in grid] for c in val_conc]}
+    result["grid"] = {"values": list(config.grid), "kl": [
+        [float(dirichlet_kl_to_prior(c, b, pi).mean()) for b in config.grid]
+        for c in val_conc]}
     chosen = [name for name in ("svi", "minka") if name in estimates]
     per_layer = torch.tensor([estimates[name]["values"] for name in chosen],
                              dtype=torch.float64)
@@ -244,6 +310,7 @@ def beta0_report(result: dict) -> str:
 
 __all__ = [
     "ESTIMATES",
+    "Beta0FitConfig",
     "beta0_report",
     "fit_beta0_run",
     "plot_beta0_fit",

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bayes_router.cli import main
-from bayes_router.experiments.variance_lab import sweep_table, variance_lab
+from bayes_router.experiments.variance_lab import VarianceLabConfig, sweep_table, variance_lab
 from bayes_router.variance.gradient_stats import REFERENCE
 from bayes_router.variance.toy_variance import EXPECTED_SLOPES
 
@@ -16,8 +16,9 @@ def test_cli_reports_unknown_estimators(tmp_path, capsys):
 
 
 def test_toy_lab_writes_its_outputs(tmp_path):
-    variance_lab(tmp_path, toy=True, estimators=["stl", "dreg"], num_draws=200, particles=(),
-                 progress=False)
+    config = VarianceLabConfig(toy=True, estimators=("stl", "dreg"), num_draws=200,
+                               particles=())
+    variance_lab(tmp_path, config, progress=False)
     saved = json.loads((tmp_path / "variance.json").read_text())
     assert set(saved["main"]["estimators"]) == {REFERENCE, "stl", "dreg"}
     assert "particles" not in saved and not (tmp_path / "toy_particles.png").exists()
@@ -26,9 +27,10 @@ def test_toy_lab_writes_its_outputs(tmp_path):
 
 
 def test_toy_lab_sweeps_particles_into_json_figure_and_report(tmp_path):
-    variance_lab(tmp_path, toy=True, estimators=["stl"], num_draws=100, particles=[1, 4, 16],
-                 particle_estimators=["reparam-mc", "iwae"], sweep_draws=300, num_bootstrap=20,
-                 progress=False)
+    config = VarianceLabConfig(toy=True, estimators=["stl"], num_draws=100, particles=[1, 4, 16],
+                               particle_estimators=["reparam-mc", "iwae"], sweep_draws=300,
+                               num_bootstrap=20)
+    variance_lab(tmp_path, config, progress=False)
     saved = json.loads((tmp_path / "variance.json").read_text())
     assert "beta0" not in saved and "along_training" not in saved  # the LM's sweeps only
     sweep = saved["particles"]
@@ -78,10 +80,12 @@ def test_sweep_table_reads_each_point_by_its_position_on_the_axis():
 
 def test_lm_lab_writes_its_sweeps_as_lists_aligned_with_their_axes(tmp_path):
     """The LM path end to end at toy size: a model trained here for 2 steps, every sweep."""
-    variance_lab(tmp_path, train_steps=2, estimators=["reparam-mc"], num_draws=2, sweep_draws=2,
-                 particles=(2, 1), particle_estimators=["reparam-mc", "dreg"],
-                 beta0_values=(1.0, 0.5), sweep_estimators=["reparam-mc"],
-                 along_training=(2, 0), progress=False)
+    config = VarianceLabConfig(train_steps=2, estimators=["reparam-mc"], num_draws=2,
+                               sweep_draws=2, particles=(2, 1),
+                               particle_estimators=["reparam-mc", "dreg"],
+                               beta0_values=(1.0, 0.5), sweep_estimators=["reparam-mc"],
+                               along_training=(2, 0))
+    variance_lab(tmp_path, config, progress=False)
     saved = json.loads((tmp_path / "variance.json").read_text())
     particles, beta0, along = saved["particles"], saved["beta0"], saved["along_training"]
     assert particles["particles"] == [1, 2]
@@ -99,3 +103,39 @@ def test_lm_lab_writes_its_sweeps_as_lists_aligned_with_their_axes(tmp_path):
     assert "| estimator | 0.5 | 1.0 |" in report and "| estimator | 0 | 2 |" in report
     for name in ("variance_vs_particles", "variance_vs_beta0", "variance_along_training"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"estimators": ["nope"]}, "stl"),
+    ({"estimators": []}, "estimators is empty"),
+    ({"particle_estimators": ["nope"]}, "particle_estimators: .*stl"),
+    ({"sweep_estimators": []}, "sweep_estimators: estimators is empty"),
+    ({"num_draws": 1}, r"num_draws \(M\) must be an integer >= 2"),
+    ({"sweep_draws": 1}, r"num_draws \(M\) must be an integer >= 2"),
+    ({"num_particles": 1, "estimators": ["dreg"]}, "needs num_particles >= 2"),
+    ({"particles": [0, 2]}, "particles must be integers >= 1"),
+    ({"beta0_values": [1.0, -1.0]}, "beta0_values must be finite numbers > 0"),
+    ({"along_training": [5, -1]}, "along_training steps must be >= 0"),
+    ({"num_bootstrap": -1}, "num_bootstrap must be an integer >= 0"),
+    ({"train_steps": 0}, "train_steps must be >= 1"),
+])
+def test_the_config_refuses_bad_values_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        VarianceLabConfig(**options)
+
+
+def test_the_config_holds_tuples_and_refuses_a_string_for_a_list():
+    config = VarianceLabConfig(particles=[4, 2], along_training=[0, 5])
+    assert config.particles == (4, 2) and config.along_training == (0, 5)
+    assert config == VarianceLabConfig(particles=(4, 2), along_training=(0, 5))
+    assert VarianceLabConfig(particles=(), beta0_values=()).particles == ()  # sweeps skipped
+    with pytest.raises(TypeError, match="particles must be a list or tuple"):
+        VarianceLabConfig(particles="1,2")
+
+
+def test_the_toy_takes_no_checkpoint(tmp_path, capsys):
+    with pytest.raises(ValueError, match="exclude each other"):
+        variance_lab(tmp_path, VarianceLabConfig(toy=True), tmp_path / "run", progress=False)
+    assert main(["variance", "--toy", "--checkpoint", str(tmp_path / "run"),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "--toy and --checkpoint exclude each other" in capsys.readouterr().err
