@@ -597,11 +597,8 @@ def _variance_arguments(p):
 @command("variance", "gradient-variance lab: variance, SNR and cost of every ELBO estimator",
          _variance_arguments)
 def cmd_variance(args) -> int:
-    from bayes_router.experiments.variance_lab import (
-        VarianceLabConfig,
-        variance_lab,
-        variance_report,
-    )
+    from bayes_router.experiments.variance_lab import VarianceLabConfig, variance_lab
+    from bayes_router.experiments.variance_report import variance_report
 
     if args.toy and args.checkpoint:
         raise ValueError("--toy and --checkpoint exclude each other")

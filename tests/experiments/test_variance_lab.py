@@ -5,7 +5,8 @@ import json
 import pytest
 
 from bayes_router.cli import main
-from bayes_router.experiments.variance_lab import VarianceLabConfig, sweep_table, variance_lab
+from bayes_router.experiments.variance_lab import VarianceLabConfig, variance_lab
+from bayes_router.experiments.variance_report import sweep_table
 from bayes_router.variance.gradient_stats import REFERENCE
 from bayes_router.variance.toy_variance import EXPECTED_SLOPES
 
