@@ -43,6 +43,21 @@ def _nothing_to_draw(name: str, what: str) -> ValueError:
     return ValueError(f"{name} is empty: nothing to draw ({what})")
 
 
+def _data_or_curve(plot: str, names: tuple[str, str], data: tuple, curve, compute):
+    """The curve a ``plot_<thing>`` draws: ``curve`` as given, or ``compute()`` from its two
+    ``data`` arrays; exactly one of the two must be given, and the data must not be empty."""
+    given = [x is not None for x in data]
+    if curve is not None:
+        if any(given):
+            raise ValueError(f"pass either {names[0]} and {names[1]}, or curve, not both")
+        return curve
+    if not all(given):
+        raise ValueError(f"{plot} needs {names[0]} and {names[1]}, or curve")
+    if any(np.size(x) == 0 for x in data):
+        raise _nothing_to_draw(names[0], "no predictions")
+    return compute()
+
+
 def _checked(values, name: str, ndims: tuple[int, ...], what: str) -> np.ndarray:
     """``float_array`` that reports empty input as 'nothing to draw'."""
     if np.size(values) == 0:
@@ -64,14 +79,9 @@ def plot_reliability_diagram(probs=None, labels=None, *, curve: ReliabilityCurve
     :param binning: ``"equal-width"`` or ``"equal-mass"`` when computing the curve.
     :param label: legend entry of the bars.
     """
-    if curve is None:
-        if probs is None or labels is None:
-            raise ValueError("plot_reliability_diagram needs probs and labels, or curve")
-        if np.size(probs) == 0 or np.size(labels) == 0:
-            raise _nothing_to_draw("probs", "no predictions")
-        curve = reliability_curve(probs, labels, n_bins=n_bins, binning=binning)
-    elif probs is not None or labels is not None:
-        raise ValueError("pass either probs and labels, or curve, not both")
+    curve = _data_or_curve("plot_reliability_diagram", ("probs", "labels"), (probs, labels),
+                           curve, lambda: reliability_curve(probs, labels, n_bins=n_bins,
+                                                            binning=binning))
     count = np.asarray(curve.count)
     filled = count > 0
     if not filled.any():
@@ -467,15 +477,9 @@ def plot_smooth_reliability_diagram(confidence=None, correct=None, *,
         :class:`~bayes_router.analysis.smooth_calibration.SmoothReliabilityCurve`.
     :param label: legend entry of the curve.
     """
-    if curve is None:
-        if confidence is None or correct is None:
-            raise ValueError("plot_smooth_reliability_diagram needs confidence and correct, "
-                             "or curve")
-        if np.size(confidence) == 0:
-            raise _nothing_to_draw("confidence", "no predictions")
-        curve = smooth_reliability_curve(confidence, correct)
-    elif confidence is not None or correct is not None:
-        raise ValueError("pass either confidence and correct, or curve, not both")
+    curve = _data_or_curve("plot_smooth_reliability_diagram", ("confidence", "correct"),
+                           (confidence, correct), curve,
+                           lambda: smooth_reliability_curve(confidence, correct))
     ax = _axes(ax)
     mesh = np.asarray(curve.mesh)
     density = np.asarray(curve.density)
@@ -508,14 +512,8 @@ def plot_risk_coverage(scores=None, losses=None, *, curve: RiskCoverageCurve | N
     :param label: legend entry of the line.
     :param line: further arguments of :meth:`matplotlib.axes.Axes.plot` (colour, style).
     """
-    if curve is None:
-        if scores is None or losses is None:
-            raise ValueError("plot_risk_coverage needs scores and losses, or curve")
-        if np.size(scores) == 0:
-            raise _nothing_to_draw("scores", "no predictions")
-        curve = risk_coverage_curve(scores, losses)
-    elif scores is not None or losses is not None:
-        raise ValueError("pass either scores and losses, or curve, not both")
+    curve = _data_or_curve("plot_risk_coverage", ("scores", "losses"), (scores, losses), curve,
+                           lambda: risk_coverage_curve(scores, losses))
     ax = _axes(ax)
     ax.plot(curve.coverage, curve.risk, label=label, **line)
     ax.set_xlim(0, 1)
