@@ -332,6 +332,15 @@ def squared_calibration_error(probs, labels, n_bins: int = 15, debiased: bool = 
 # -------------------------------------------------------------------------------- bootstrap
 
 
+def check_bootstrap(n_boot, level: float) -> None:
+    """The options every bootstrap of this package shares: ``n_boot`` an integer >= 1 and the
+    interval's ``level`` in ``(0, 1)``."""
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level!r}")
+
+
 def bootstrap_ci(metric: Callable[..., float], *arrays, n_boot: int = 1000, level: float = 0.95,
                  seed: int = 0) -> tuple[float, float, float]:
     """Point estimate and percentile-bootstrap interval of ``metric(*arrays)``.
@@ -353,10 +362,7 @@ def bootstrap_ci(metric: Callable[..., float], *arrays, n_boot: int = 1000, leve
     """
     if not arrays:
         raise ValueError("arrays: bootstrap_ci needs at least one array to resample")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must lie in (0, 1), got {level!r}")
+    check_bootstrap(n_boot, level)
     data = [to_numpy(array, f"arrays[{i}]") for i, array in enumerate(arrays)]
     for i, array in enumerate(data):
         if array.ndim == 0:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import digamma
 
+from bayes_router.analysis.calibration_metrics import check_bootstrap
 from bayes_router.core.arrays import check_same_length, float_array
 
 CURVE_POINTS = 101  # coverage 0, 0.01, ..., 1 in stored curves
@@ -186,10 +187,7 @@ def selective_prediction_summary(scores: dict[str, np.ndarray], losses: dict[str
                          f"got {reference!r}")
     if not losses:
         raise ValueError("losses is empty: nothing to rank")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must lie in (0, 1), got {level!r}")
+    check_bootstrap(n_boot, level)
     checked_scores = {name: float_array(score, f"scores[{name!r}]", ndims=(1,))
                       for name, score in scores.items()}
     checked_losses = {name: float_array(loss, f"losses[{name!r}]", ndims=(1,))

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bayes_router.analysis.calibration_metrics import top_label_outcomes
+from bayes_router.analysis.calibration_metrics import check_bootstrap, top_label_outcomes
 from bayes_router.core.arrays import check_same_length, float_array
 
 MESH_POINTS = 200  # relplot.config.smECE_mesh_pts and plot_mesh_pts
@@ -296,10 +296,7 @@ def smooth_calibration_summary(confidence, correct, window_len: int, n_boot: int
             or window_len < 1 or len(f) % window_len:
         raise ValueError(f"window_len must be an integer >= 1 dividing the {len(f)} tokens, "
                          f"got {window_len!r}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must lie in (0, 1), got {level!r}")
+    check_bootstrap(n_boot, level)
     curve = smooth_reliability_curve(f, y, n_mesh=n_mesh)
     n_windows = len(f) // window_len
     rng = np.random.default_rng(seed)
