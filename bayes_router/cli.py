@@ -234,6 +234,10 @@ def _evaluate_arguments(p):
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="the LM's matmuls under autocast (default full precision, whatever "
                         "the run trained in)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per evaluation window, and the decoding step timed at the "
+                        "context they leave (default: the run's training length; longer than "
+                        "max_seq_len only for a run trained with --positions rotary)")
     _add_device(p)
 
 
@@ -246,7 +250,7 @@ def cmd_evaluate(args) -> int:
         raise ValueError("--routing gated needs --gate-threshold (normalised entropy in [0, 1])")
     metrics = evaluate_run(Path(args.run_dir), mode=args.routing,
                            gate_threshold=args.gate_threshold, split=args.split,
-                           device=args.device, dtype=args.dtype)
+                           device=args.device, dtype=args.dtype, seq_len=args.seq_len)
     print(json.dumps({k: v for k, v in metrics.items() if k != "expert_share"}, indent=2))
     return 0
 

@@ -95,6 +95,8 @@ def cases(corpus):
                                                  "micro_batches (3) must divide batch_size"),
         "gate threshold out of range": (["evaluate", "run", "--routing", "gated",
                                          "--gate-threshold", "2"], "gate_threshold must be"),
+        "evaluate past max_seq_len": (["evaluate", "run", "--seq-len", "33"],
+                                      "seq_len 33 is past the model's max_seq_len=32"),
         "generate no new token": (["generate", "run", "--max-new-tokens", "0"],
                                   "max_new_tokens must be an integer >= 1, got 0"),
         "generate gated without a threshold": (["generate", "run", "--routing", "gated"],

@@ -57,6 +57,13 @@ class TokenData:
                 digest.update(part.to(torch.int64).contiguous().numpy().tobytes())
         return digest.hexdigest()
 
+    def split_length(self, split: str) -> int:
+        """Tokens in ``split`` of a text corpus (a synthetic task has sequences instead)."""
+        if self.synthetic:
+            raise ValueError(f"{self.name} is a synthetic task: its splits hold sequences of "
+                             f"their own length, not a token stream")
+        return int(self._split(split).numel())
+
     def num_windows(self, split: str, seq_len: int) -> int:
         """Number of disjoint windows of ``seq_len`` tokens (or sequences) in ``split``."""
         data = self._split(split)

@@ -11,7 +11,9 @@ same evaluation, timing and reports apply. Three kinds, named by a router spec:
     of the positions ``0 .. max_seq_len - 1`` (drawn once from ``seed``, different per layer)
     gives the first ``round(s_1 * max_seq_len)`` positions to expert 1, the next to expert 2,
     and so on. The assignment depends on the position only, so it is the same for every
-    sequence and shares are exact at ``T = max_seq_len``;
+    sequence and shares are exact at ``T = max_seq_len``. With rotary positions a model reads
+    past ``max_seq_len``; there the assignment repeats with period ``max_seq_len`` (position
+    ``p`` takes row ``p mod max_seq_len``), so shares stay exact over every whole period;
 ``soft:<s_1>,...,<s_K>``
     every token mixed with the constant weights ``s`` (a soft static mix).
 """
@@ -102,12 +104,8 @@ class StaticRoutedLM(DeterministicRoutedLM):
         position = feature_position(features[..., -1], self.cfg.max_seq_len,
                                     self.cfg.positions)
         table = self.weights[layer]  # (max_seq_len, K)
-        if position.numel() and int(position.max()) >= table.shape[0]:
-            if not bool((table == table[0]).all()):
-                raise ValueError(f"the static router {self.spec!r} assigns its hard shares to "
-                                 f"the positions 0 .. {table.shape[0] - 1} (max_seq_len); "
-                                 f"position {int(position.max())} has none")
-            position = position.clamp(max=table.shape[0] - 1)  # the same row everywhere
+        # past max_seq_len (rotary positions only) the assignment repeats with its period
+        position = position.remainder(table.shape[0])
         w = table[position].to(features.dtype)  # (..., T, K)
         uncertainty = (normalised_entropy(w) if self.cfg.n_experts > 1
                        else torch.zeros(w.shape[:-1], dtype=w.dtype))

@@ -8,6 +8,7 @@ import torch
 from bayes_router.data.tokens import TokenData
 from bayes_router.experiments.corpus_report import corpus_report
 from bayes_router.experiments.run_evaluation import decode_timing, evaluate_run
+from bayes_router.experiments.run_loading import load_run_dir
 from bayes_router.experiments.training_runs import train_run
 from bayes_router.inference.timing import DECODE_STEPS
 from bayes_router.inference.train_config import TrainConfig
@@ -98,6 +99,52 @@ def test_a_run_times_decoding_in_the_longest_windows_its_split_holds():
     short = decode_timing(model, data, "test", seq_len=8, mode="hard", repeats=1)
     assert (short["decode_context"], short["decode_steps"]) == (1, 7)
     assert short["decode_time_ratio"] > 0
+
+
+@pytest.fixture(scope="module")
+def rotary_run_dir(tmp_path_factory, tiny_corpus):
+    root = tmp_path_factory.mktemp("rotary")
+    model_cfg = TinyLMConfig(vocab_size=98, d_model=16, n_heads=2, n_layers=2, max_seq_len=32,
+                             window=4, chunk_size=8, controller_hidden=8, positions="rotary")
+    train_cfg = TrainConfig(router="fixed:0.25,0.5,0.25", steps=2, batch_size=4, seq_len=32,
+                            eval_every=2, eval_batches=1, checkpoint_every=2,
+                            dataset=str(tiny_corpus), dataset_max_chars=None)
+    train_run(model_cfg, train_cfg, root / "run", progress=False, eval_batches=1)
+    return root / "run"
+
+
+@pytest.mark.usefixtures("local_params")
+def test_a_rotary_run_is_evaluated_and_timed_past_its_training_length(rotary_run_dir):
+    """Windows of 80 tokens for a run trained on 32: the NLL is that of the model on those
+    windows (computed here by hand), the decoding step is timed at their context, and the files
+    carry the length in their tag."""
+    metrics = evaluate_run(rotary_run_dir, mode="hard", max_batches=1, seq_len=80)
+    assert metrics["seq_len"] == 80
+    assert metrics["timing"]["decode_context"] == 80 - DECODE_STEPS
+    assert (rotary_run_dir / "metrics_val_hard_T80.json").exists()
+    assert (rotary_run_dir / "evaluation_val_hard_T80.md").exists()
+    model, _, _, _, data = load_run_dir(rotary_run_dir)
+    x, y = next(data.eval_batches("val", 16, 80))
+    with torch.no_grad():
+        logits = model.predict(x, "hard").logits
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    assert metrics["val_nll"] == pytest.approx(float(nll), rel=1e-5)
+    assert metrics["tokens"] == y.numel()
+    # the training length keeps the plain tag
+    evaluate_run(rotary_run_dir, mode="hard", max_batches=1, seq_len=32)
+    assert (rotary_run_dir / "metrics_val_hard.json").exists()
+
+
+@pytest.mark.usefixtures("local_params")
+def test_evaluation_windows_past_what_the_model_or_split_reads_are_refused(run_dir,
+                                                                         rotary_run_dir):
+    with pytest.raises(ValueError, match="past the model's max_seq_len=32: learned positions"):
+        evaluate_run(run_dir, seq_len=33)
+    with pytest.raises(ValueError, match="longer than the val split allows"):
+        evaluate_run(rotary_run_dir, seq_len=10**7)
+    with pytest.raises(ValueError, match="seq_len must be an integer >= 2"):
+        evaluate_run(rotary_run_dir, seq_len=1)
+    assert not list(run_dir.glob("metrics_*_T33.json"))
 
 
 def test_evaluate_run_needs_a_run_directory(tmp_path):

@@ -76,7 +76,8 @@ def _model(kind, **overrides):
     return model.double().eval()
 
 
-@pytest.mark.parametrize("kind", ["bayesian", "soft:0.2,0.5,0.3", "fixed:local"])
+@pytest.mark.parametrize("kind", ["bayesian", "soft:0.2,0.5,0.3", "fixed:local",
+                                  "fixed:0.3,0.4,0.3"])
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_rotary_decoding_equals_the_forward_pass_past_the_training_length(kind, mode):
     """A model trained at max_seq_len 24 reads 60 tokens: the whole-sequence pass and the
@@ -98,10 +99,17 @@ def test_a_rotary_model_has_no_position_table():
     assert not any("position_embedding" in k for k in model.state_dict())
 
 
-def test_static_hard_shares_have_no_assignment_past_the_training_length():
-    model = _model("fixed:0.3,0.4,0.3")
-    with pytest.raises(ValueError, match="position 29 has none"):
-        model.predict(torch.zeros(1, 30, dtype=torch.long), "hard")
+def test_static_hard_shares_repeat_their_assignment_past_the_training_length():
+    """Position p takes the assignment of p mod max_seq_len: the shares stay exact over every
+    whole period, and the whole pass equals its periodic continuation."""
+    model = _model("fixed:0.25,0.5,0.25")
+    x = torch.randint(0, 11, (1, 72))
+    with torch.no_grad():
+        routing = model.predict(x, "hard").routing
+    for layer in routing:
+        index = layer.expert_index[0]  # (72,)
+        assert torch.equal(index[24:48], index[:24]) and torch.equal(index[48:], index[:24])
+        assert torch.equal(torch.bincount(index[:24], minlength=3), torch.tensor([6, 12, 6]))
 
 
 def test_learned_positions_still_cap_the_context():
