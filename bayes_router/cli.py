@@ -332,6 +332,10 @@ def _gate_sweep_arguments(p):
                    help="validation batches of 16 windows behind each NLL")
     p.add_argument("--repeats", type=int, default=5, help="timed calls of each decoding step")
     p.add_argument("--seed", type=int, default=0, help="seed of the random gate's draws")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per validation window, and the decoding context they leave "
+                        "(default: the run's training length; longer than max_seq_len only "
+                        "for a run trained with --positions rotary)")
 
 
 @command("gate-sweep", "validation NLL against the measured decoding step as the gate "
@@ -344,7 +348,8 @@ def cmd_gate_sweep(args) -> int:
     result = gate_sweep(Path(args.run_dir), out,
                         thresholds=None if args.thresholds is None else tuple(args.thresholds),
                         soft_fractions=tuple(args.soft_fractions),
-                        eval_batches=args.eval_batches, repeats=args.repeats, seed=args.seed)
+                        eval_batches=args.eval_batches, repeats=args.repeats, seed=args.seed,
+                        seq_len=args.seq_len)
     print(gate_sweep_report(result))
     print(f"wrote {out}/gate_sweep.json, {out}/gate_sweep.png and {out}/report.md")
     return 0

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from bayes_router.analysis.study_plots import save_figure
 from bayes_router.experiments.json_files import versions, write_json
-from bayes_router.experiments.run_evaluation import decode_timing
+from bayes_router.experiments.run_evaluation import check_eval_length, decode_timing
 from bayes_router.experiments.run_loading import check_run_dir, load_run_dir
 from bayes_router.inference.evaluate import evaluate
 from bayes_router.models.bayesian import BayesianRoutedLM
@@ -57,7 +57,8 @@ def _check(thresholds: Sequence[float] | None, soft_fractions: Sequence[float],
 def gate_sweep(run_dir: Path, out_dir: Path | None = None,
                thresholds: Sequence[float] | None = None,
                soft_fractions: Sequence[float] = DEFAULT_SOFT_FRACTIONS, eval_batches: int = 8,
-               repeats: int = 5, seed: int = 0, progress: bool = True) -> dict:
+               repeats: int = 5, seed: int = 0, progress: bool = True,
+               seq_len: int | None = None) -> dict:
     """Sweep the gate threshold of a Bayesian or prior-free run (see the module docstring);
     writes into ``out_dir`` (default ``RUN_DIR/gate-sweep``).
 
@@ -67,6 +68,9 @@ def gate_sweep(run_dir: Path, out_dir: Path | None = None,
     :param eval_batches: validation batches of 16 windows behind each NLL.
     :param repeats: timed calls of each decoding step.
     :param seed: seed of the random gate's draws (the same draws at every point).
+    :param seq_len: tokens per validation window, and the decoding context they leave
+        (default: the run's training length; past ``max_seq_len`` with rotary positions only,
+        see :func:`~bayes_router.experiments.run_evaluation.check_eval_length`).
     """
     thresholds = _check(thresholds, soft_fractions, eval_batches, repeats)
     run_dir = check_run_dir(run_dir)
@@ -77,24 +81,28 @@ def gate_sweep(run_dir: Path, out_dir: Path | None = None,
             raise ValueError(f"the gate sweep needs a learned router (bayesian or prior-free); "
                              f"{run_dir} holds a {train_cfg.router!r} run, whose uncertainty "
                              f"is the same for every token")
+        length = train_cfg.seq_len if seq_len is None else check_eval_length(
+            seq_len, model, data, "val")
         measures = ("total", "epistemic") if isinstance(model, BayesianRoutedLM) else ("total",)
         per_measure = {m: thresholds if thresholds is not None else _quantile_thresholds(
-            model, data, train_cfg.seq_len, eval_batches, m, soft_fractions) for m in measures}
+            model, data, length, eval_batches, m, soft_fractions) for m in measures}
         points = []
         bar = tqdm(total=2 * sum(len(t) for t in per_measure.values()), desc="gate sweep",
                    disable=not progress)
 
         def point(gate: str, threshold: float, measure: str, matched: str | None) -> dict:
             torch.manual_seed(seed)  # the random gate draws from torch's stream
-            metrics = evaluate(model, data, "val", train_cfg.seq_len, mode="gated",
+            metrics = evaluate(model, data, "val", length, mode="gated",
                                gate_threshold=threshold, max_batches=eval_batches,
                                gate_measure=measure)
-            timing = decode_timing(model, data, "val", train_cfg.seq_len, "gated", threshold,
-                                   repeats, gate_measure=measure)
+            timing = decode_timing(model, data, "val", length, "gated", threshold, repeats,
+                                   gate_measure=measure,
+                                   length=None if seq_len is None else length)
             bar.update()
             return {"gate": gate, "measure": measure, "matched_to": matched,
                     "threshold": threshold, "soft_fraction": 1.0 - metrics["hard_fraction"],
                     "val_nll": metrics["val_nll"], "val_bpc": metrics["val_bpc"],
+                    "tokens": metrics["tokens"],
                     "expected_flop_cost": metrics["expected_flop_cost"],
                     "decode_time_ratio": timing.get("decode_time_ratio"),
                     "decode_step_ms": timing.get("decode_step_ms"),
@@ -112,7 +120,8 @@ def gate_sweep(run_dir: Path, out_dir: Path | None = None,
               "thresholds": {m: list(t) for m, t in per_measure.items()},
               "soft_fractions": None if thresholds is not None else list(soft_fractions),
               "measures": list(measures), "eval_batches": eval_batches,
-              "seq_len": train_cfg.seq_len, "repeats": repeats, "seed": seed,
+              "seq_len": length, "train_seq_len": train_cfg.seq_len, "repeats": repeats,
+              "seed": seed,
               "points": points, "versions": versions()}
     save_figure(gate_sweep_figure(result), out_dir / "gate_sweep.png")
     write_json(out_dir / "gate_sweep.json", result)
@@ -174,11 +183,18 @@ def _fmt(value, digits: int = 3) -> str:
         else f"{value:.{digits}f}"
 
 
+def _tokens(result: dict) -> str:
+    """The tokens behind each NLL (the same windows at every point)."""
+    counts = {p.get("tokens") for p in result["points"]}
+    return "?" if None in counts or len(counts) != 1 else str(counts.pop())
+
+
 def gate_sweep_report(result: dict) -> str:
     """The sweep as markdown: one table per uncertainty measure beside its random control."""
     lines = [f"# Gate sweep: {result['router']} run", "",
              f"Run `{result['run_dir']}` (corpus {result['corpus']}); validation NLL on "
-             f"{result['eval_batches']} batches of 16 windows of {result['seq_len']} tokens; "
+             f"{_tokens(result)} tokens in windows of {result['seq_len']} (at most "
+             f"{result['eval_batches']} batches of 16 windows); "
              f"decoding steps timed against every token on `full` ({result['repeats']} calls, "
              f"median). The random gate sends the same share of decisions soft as the "
              f"uncertainty gate beside it, at random (seed {result['seed']}).", ""]

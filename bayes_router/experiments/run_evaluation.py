@@ -98,7 +98,7 @@ def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None
     dtype = dtype_name(resolve_dtype(dtype))  # "bfloat16" for torch.bfloat16 too
     with pyro.settings.context(module_local_params=True):
         model, model_cfg, train_cfg, _, data = load_run_dir(run_dir, device, dtype)
-        length = train_cfg.seq_len if seq_len is None else _check_seq_len(seq_len, model, data,
+        length = train_cfg.seq_len if seq_len is None else check_eval_length(seq_len, model, data,
                                                                            split)
         metrics = evaluate(model, data, split, length, mode=mode,
                            gate_threshold=gate_threshold, max_batches=max_batches,
@@ -121,9 +121,9 @@ def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None
     return metrics
 
 
-def _check_seq_len(seq_len, model: RoutedLM, data: TokenData, split: str) -> int:
-    """``seq_len`` if the model reads windows that long and ``split`` holds one, else a
-    ``ValueError`` that says which limit it passes."""
+def check_eval_length(seq_len, model: RoutedLM, data: TokenData, split: str) -> int:
+    """``seq_len`` if the model reads windows that long and the text split ``split`` holds
+    one, else a ``ValueError`` that says which limit it passes."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
     limit = model.cfg.max_context

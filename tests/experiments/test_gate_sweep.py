@@ -10,6 +10,7 @@ import torch
 from bayes_router.cli import main
 from bayes_router.experiments.gate_sweep import gate_sweep
 from bayes_router.experiments.training_runs import train_run
+from bayes_router.inference.timing import DECODE_STEPS
 from bayes_router.models import BayesianRoutedLM, TinyLMConfig
 from tests.helpers import tiny_configs
 
@@ -88,3 +89,21 @@ def test_default_thresholds_are_quantiles_at_the_asked_soft_fractions(runs, tmp_
     assert abs(gated[1]["soft_fraction"] - 0.5) < 0.1
     assert result["soft_fractions"] == [0.0, 0.5, 1.0]
     assert len(result["thresholds"]["total"]) == 3
+
+
+def test_a_rotary_run_sweeps_past_its_training_length(runs, tiny_data, tiny_corpus, tmp_path):
+    """Windows of 64 tokens for a run trained on 32: every NLL on the same tokens, the decoding
+    steps timed at their context; a run with learned positions is refused that length."""
+    model_cfg, train_cfg = tiny_configs(tiny_data, tiny_corpus, steps=2, router="prior-free")
+    model_cfg = dataclasses.replace(model_cfg, positions="rotary")
+    train_run(model_cfg, train_cfg, tmp_path / "rotary", progress=False, eval_batches=1,
+              data=tiny_data)
+    result = gate_sweep(tmp_path / "rotary", tmp_path / "s", (0.5,), eval_batches=1, repeats=1,
+                        progress=False, seq_len=64)
+    assert (result["seq_len"], result["train_seq_len"]) == (64, 32)
+    windows = min(16, tiny_data.num_windows("val", 64))
+    assert {p["tokens"] for p in result["points"]} == {64 * windows}
+    assert {p["decode_context"] for p in result["points"]} == {64 - DECODE_STEPS}
+    assert f"{64 * windows} tokens in windows of 64" in (tmp_path / "s" / "report.md").read_text()
+    with pytest.raises(ValueError, match="past the model's max_seq_len=32"):
+        gate_sweep(runs / "prior-free", tmp_path / "t", (0.5,), progress=False, seq_len=64)
