@@ -47,6 +47,7 @@ from bayes_router.core.arrays import check_same_length, float_array, label_array
 from bayes_router.core.commitment import DEFAULT_LEVELS, commitment_cost, floor_kl
 from bayes_router.core.dirichlet import dirichlet_kl
 from bayes_router.core.elbo_surgery import log_dirichlet_draws
+from bayes_router.core.validation import check_int
 from bayes_router.data.synthetic import ORACLE_LABELS
 from bayes_router.models.tinylm import FixedRouting
 
@@ -176,8 +177,7 @@ def argmax_probability(concentration, draws: int = 4000, seed: int = 0) -> np.nd
     if a.shape[1] < 2 or not np.all(np.isfinite(a) & (a > 0)):
         raise ValueError("concentration must have shape (n, K >= 2) with positive finite "
                          "values")
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
+    check_int("draws", draws)
     rng = np.random.default_rng(seed)
     chosen = a.argmax(1)  # the argmax of the mean: the same order as a
     rows = max(1, CHUNK_ENTRIES // (draws * a.shape[1]))  # bound the draws held at once

@@ -43,6 +43,7 @@ import numpy as np
 
 from bayes_router.analysis.calibration_metrics import check_bootstrap, top_label_outcomes
 from bayes_router.core.arrays import check_same_length, float_array
+from bayes_router.core.validation import check_int
 
 MESH_POINTS = 200  # relplot.config.smECE_mesh_pts and plot_mesh_pts
 SMOOTHING_EPS = 1e-4  # added to the smoothed weights before dividing (relplot)
@@ -258,8 +259,7 @@ def smooth_reliability_curve(confidence, correct, bandwidth: float | None = None
     :param weights: multiplicities ``(N,)`` (default 1).
     """
     f, y, w = _outcomes(confidence, correct, weights)
-    if isinstance(n_mesh, bool) or not isinstance(n_mesh, (int, np.integer)) or n_mesh < 2:
-        raise ValueError(f"n_mesh must be an integer >= 2, got {n_mesh!r}")
+    check_int("n_mesh", n_mesh, least=2)
     sigma = _search_bandwidth(f, y, w) if bandwidth is None else _check_bandwidth(bandwidth)
     mesh = np.linspace(0, 1, n_mesh)
     accuracy, density = _curve_arrays(f, y, w, sigma, mesh)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bayes_router.core.validation import check_int
+
 PROBABILITY_TOLERANCE = 1e-3  # largest accepted |sum_k p_k - 1| of a probability vector
 
 
@@ -94,9 +96,7 @@ def check_same_length(**arrays: np.ndarray) -> int:
 
 
 def check_n_bins(n_bins) -> int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
-    return int(n_bins)
+    return check_int("n_bins", n_bins)
 
 
 def equal_mass_bin_index(values: np.ndarray, n_bins: int) -> np.ndarray:

@@ -45,6 +45,7 @@ import torch
 from scipy.special import gammaln, logsumexp
 
 from bayes_router.core.dirichlet import dirichlet_kl
+from bayes_router.core.validation import check_int
 
 #: Tokens whose mixture stands for the aggregate posterior, and draws per token.
 DEFAULT_SUBSAMPLE = 512
@@ -105,9 +106,8 @@ def split_kl(concentration, prior, *, subsample: int = DEFAULT_SUBSAMPLE,
         raise ValueError("concentration holds no token")
     if not bool(torch.isfinite(beta).all()) or not bool((beta > 0).all()):
         raise ValueError(f"prior must hold positive finite values, got {beta.tolist()}")
-    for name, value in (("subsample", subsample), ("draws", draws)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_int("subsample", subsample)
+    check_int("draws", draws)
     kl = float(dirichlet_kl(a, beta).mean())  # validates a and beta: positive and finite
     rng = np.random.default_rng(seed)
     rows = a.cpu().numpy()

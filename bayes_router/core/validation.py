@@ -72,8 +72,8 @@ def check_positive(name: str, value) -> float:
 
 
 def check_int(name: str, value, least: int = 1) -> int:
-    """``value``, if it is an integer ``>= least`` (``True`` and ``False`` are not); else a
-    ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+    """``value`` as an ``int``, if it is an integer ``>= least`` (a Python or NumPy integer;
+    ``True`` and ``False`` are not); else a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    return value
+    return int(value)

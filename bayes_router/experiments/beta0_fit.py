@@ -19,6 +19,7 @@ from torch import Tensor
 from bayes_router.analysis.study_plots import plot_beta0_objective, plot_beta0_trace, save_figure
 from bayes_router.core.dirichlet import dirichlet_kl_to_prior
 from bayes_router.core.options import option
+from bayes_router.core.validation import check_int
 from bayes_router.experiments.json_files import versions, write_json
 from bayes_router.experiments.run_loading import check_run_dir, load_run_dir
 from bayes_router.inference.empirical_bayes import (
@@ -51,10 +52,6 @@ def _heldout(concentrations: list[Tensor], log_likelihood: float, tokens: int, b
 ESTIMATES = ("run", "svi", "minka", "minka_after_svi", "heldout_optimum")
 _DEFAULT_GRID = tuple(10.0 ** (i / 10) for i in range(-20, 21))  # 0.01 .. 100
 
-
-def _check_count(name: str, value, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
 def _check_rate(name: str, value) -> None:
@@ -102,12 +99,12 @@ class Beta0FitConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        _check_count("svi_steps", self.svi_steps, 1)
+        check_int("svi_steps", self.svi_steps)
         _check_rate("beta0_lr", self.beta0_lr)
         if self.lr is not None:
             _check_rate("lr", self.lr)
-        _check_count("stat_batches", self.stat_batches, 1)
-        _check_count("eval_batches", self.eval_batches, 1)
+        check_int("stat_batches", self.stat_batches)
+        check_int("eval_batches", self.eval_batches)
         if not isinstance(self.update_pi, bool):
             raise TypeError(f"update_pi must be a bool, got {self.update_pi!r}")
         if isinstance(self.grid, str | bytes) or not hasattr(self.grid, "__iter__"):

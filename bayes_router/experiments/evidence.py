@@ -27,6 +27,7 @@ from bayes_router.analysis.study_plots import save_figure
 from bayes_router.core.commitment import DEFAULT_LEVELS
 from bayes_router.core.dirichlet import routing_uncertainty
 from bayes_router.core.elbo_surgery import split_kl
+from bayes_router.core.validation import check_int
 from bayes_router.experiments.json_files import versions, write_json
 from bayes_router.experiments.run_loading import check_run_dir, load_run_dir
 from bayes_router.models.bayesian import BayesianRoutedLM
@@ -41,9 +42,8 @@ SURGERY_SUBSAMPLE = 1024
 
 
 def _check(tokens: int, windows: int) -> None:
-    for name, value in (("tokens", tokens), ("windows", windows)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_int("tokens", tokens)
+    check_int("windows", windows)
 
 
 def evidence_run(run_dir: Path, out_dir: Path | None = None, tokens: int = 256,

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from bayes_router.analysis.study_plots import save_figure
+from bayes_router.core.validation import check_int
 from bayes_router.experiments.json_files import versions, write_json
 from bayes_router.experiments.run_evaluation import check_eval_length, decode_timing
 from bayes_router.experiments.run_loading import check_run_dir, load_run_dir
@@ -48,9 +49,8 @@ def _check(thresholds: Sequence[float] | None, soft_fractions: Sequence[float],
                                                               for t in values)):
             raise ValueError(f"{name} must be numbers in [0, 1], got {list(values)}")
     thresholds = None if thresholds is None else tuple(float(t) for t in thresholds)
-    for name, value in (("eval_batches", eval_batches), ("repeats", repeats)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_int("eval_batches", eval_batches)
+    check_int("repeats", repeats)
     return thresholds
 
 

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from bayes_router.analysis.plots import plot_routing_along_text
 from bayes_router.analysis.study_plots import save_figure
 from bayes_router.core.routing import expert_share
+from bayes_router.core.validation import check_int
 from bayes_router.data.tokens import TokenData
 from bayes_router.experiments.json_files import versions, write_json
 from bayes_router.experiments.run_loading import check_run_dir, load_run_dir
@@ -30,9 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 def _check(batch: int, prompt_len: int) -> None:
-    for name, value in (("batch", batch), ("prompt_len", prompt_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_int("batch", batch)
+    check_int("prompt_len", prompt_len)
 
 
 def text_prompt(data: TokenData, prompt: str, batch: int) -> torch.Tensor:

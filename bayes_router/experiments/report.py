@@ -81,6 +81,7 @@ from bayes_router.analysis.token_statistics import (
     token_uncertainty,
     uncertainty_scores,
 )
+from bayes_router.core.validation import check_int
 from bayes_router.experiments.json_files import versions, write_json
 from bayes_router.experiments.report_text import (
     analysis_report,
@@ -167,8 +168,7 @@ def _run_tokens(run_dir: Path, max_batches, n_boot, batch_size, num_samples, har
 def _check_options(max_batches, n_boot) -> None:
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches must be an integer >= 1 or None, got {max_batches!r}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    check_int("n_boot", n_boot)
 
 
 def _calibration(arrays: TokenArrays, n_boot: int, seed: int, progress: bool = True) -> dict:

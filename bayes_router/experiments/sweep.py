@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from bayes_router.analysis import expected_calibration_error, plot_beta0_sensitivity
 from bayes_router.core.dirichlet import epistemic_uncertainty
+from bayes_router.core.validation import check_int
 from bayes_router.experiments.json_files import read_json, versions, write_json
 from bayes_router.experiments.run_loading import load_data, load_run_dir
 from bayes_router.experiments.rundir import run_lock
@@ -178,8 +179,7 @@ def sweep_beta0(values: Sequence[float], seeds: int | Sequence[int], out_dir: Pa
     if train_cfg.router != "bayesian":
         raise ValueError(f"train_cfg.router must be 'bayesian' for a beta0 sweep, got "
                          f"{train_cfg.router!r}")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    check_int("jobs", jobs)
     mark_value = read_beta0_mark(mark) if mark is not None else None
     out_dir = Path(out_dir)
     with run_lock(out_dir):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from bayes_router.core.validation import check_int
 from bayes_router.data.tokens import TokenData
 from bayes_router.experiments.json_files import read_json, versions, write_json
 from bayes_router.experiments.run_evaluation import EVAL_BATCHES, held_out_metrics
@@ -151,8 +152,7 @@ def train_runs(specs: list[tuple[TinyLMConfig, TrainConfig, Path]], jobs: int = 
 
     :raises ValueError: for ``jobs < 1`` or a run directory holding another configuration.
     """
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    check_int("jobs", jobs)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("phase1 and sweep-beta0 do not run under torchrun: they train many "
                          "small runs, in parallel with --jobs; use torchrun for one large "

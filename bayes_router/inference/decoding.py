@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bayes_router.core.options import option
+from bayes_router.core.validation import check_int
 from bayes_router.models.routed_lm import RoutedLM
 from bayes_router.models.router import ROUTING_MODES, LayerRouting, RoutingDecision
 
@@ -73,9 +74,7 @@ class DecodeConfig:
     seed: int = option(0, "seed of the sampling: the same seed, the same text")
 
     def __post_init__(self):
-        n = self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {n!r}")
+        check_int("max_new_tokens", self.max_new_tokens)
         if self.routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {list(ROUTING_MODES)}, got "
                              f"{self.routing!r}")

@@ -25,6 +25,7 @@ from bayes_router.core.routing import (
     projected_flop_cost,
     routing_entropy,
 )
+from bayes_router.core.validation import check_int
 from bayes_router.data.synthetic import ORACLE_LABEL_IDS, ORACLE_LABELS
 from bayes_router.data.tokens import TokenData
 from bayes_router.inference.objective import objective_terms
@@ -326,8 +327,7 @@ def collect_token_arrays(model, data, split: str, seq_len: int, max_batches: int
     :param hard: also run hard routing (for the damage).
     :param seed: seed of the routing samples (the global torch generator is restored after).
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    check_int("num_samples", num_samples)
     model.eval()
     bayesian = isinstance(model, BayesianRoutedLM)
     total = -(-data.num_windows(split, seq_len) // batch_size)

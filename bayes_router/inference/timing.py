@@ -18,6 +18,7 @@ from torch import Tensor
 
 from bayes_router.core.clock import interleaved_times
 from bayes_router.core.optim import adamw
+from bayes_router.core.validation import check_int
 from bayes_router.inference.estimators import get_estimator
 from bayes_router.inference.objective import StepOptions, svi_step
 from bayes_router.models.bayesian import BayesianRoutedLM
@@ -104,10 +105,6 @@ def full_only_router(model: RoutedLM) -> Router:
     return router
 
 
-def _check_count(name: str, value, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-
 
 @torch.no_grad()
 def decode_step_times(model: RoutedLM, x: Tensor, modes: Mapping[str, tuple[str, float | None]],
@@ -140,8 +137,8 @@ def decode_step_times(model: RoutedLM, x: Tensor, modes: Mapping[str, tuple[str,
     :raises ValueError: for a context or steps below 1, ``context + steps`` past ``x``'s
         length or the model's ``max_seq_len``, an unknown mode, or a label :data:`FULL_ONLY`.
     """
-    _check_count("context", context, 1)
-    _check_count("steps", steps, 1)
+    check_int("context", context)
+    check_int("steps", steps)
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a (B, T) tensor of token ids, got "
                          f"{getattr(x, 'shape', type(x).__name__)}")
