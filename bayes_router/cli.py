@@ -402,6 +402,8 @@ def cmd_phase1(args) -> int:
 
 
 def _bench_arguments(p):
+    from bayes_router.bench.decode import DECODE_MODEL
+
     _add_out(p)
     p.add_argument("--seq-lens", type=_comma_list(int), default=[128, 256, 512, 1024, 2048, 4096],
                    help="sequence lengths of the expert timings")
@@ -422,6 +424,10 @@ def _bench_arguments(p):
                    help="sequences decoded together")
     g.add_argument("--decode-steps", type=int, default=16,
                    help="decoding steps per timed run (the time of one step is their mean)")
+    g.add_argument("--decode-d-model", type=int, default=DECODE_MODEL["d_model"],
+                   help="residual width D of the decoded model (64: the Phase-1 width)")
+    g.add_argument("--decode-window", type=int, default=DECODE_MODEL["window"],
+                   help="local expert's look-back w of the decoded model (16: Phase-1's)")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--no-decode", action="store_true", help="skip the decoding benchmark")
     mode.add_argument("--decode-only", action="store_true",
@@ -445,7 +451,9 @@ def cmd_bench(args) -> int:
     if not args.no_decode:
         decode = run_decode_benchmark(Path(args.out), contexts=tuple(args.decode_contexts),
                                       batches=tuple(args.decode_batches), repeats=args.repeats,
-                                      steps=args.decode_steps)
+                                      steps=args.decode_steps,
+                                      model={"d_model": args.decode_d_model,
+                                             "window": args.decode_window})
         print(decode_table(decode))
         print(f"\nwrote {args.out}/decode.json, {args.out}/decode.png and {args.out}/decode.md")
     return 0

@@ -118,3 +118,15 @@ def test_filled_cache_and_rewind():
 def test_bad_arguments(tmp_path, bad):
     with pytest.raises(ValueError):
         run_decode_benchmark(tmp_path, **{**TOY, **bad})
+
+
+def test_the_command_decodes_a_model_of_the_asked_width_and_window(tmp_path, capsys):
+    """`bench --decode-d-model 16 --decode-window 4` times that model, not the default one."""
+    from bayes_router.cli import main
+
+    code = main(["bench", "--out", str(tmp_path / "b"), "--decode-only", "--decode-contexts",
+                 "16", "--decode-batches", "1", "--decode-steps", "1", "--repeats", "1",
+                 "--decode-d-model", "16", "--decode-window", "4"])
+    assert code == 0, capsys.readouterr().err
+    model = json.loads((tmp_path / "b" / "decode.json").read_text())["config"]["model"]
+    assert (model["d_model"], model["window"]) == (16, 4)
