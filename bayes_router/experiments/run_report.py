@@ -160,7 +160,9 @@ def write_evaluation_report(run_dir: Path, metrics: dict, mode: str, split: str,
     if t.get("decode_time_ratio") is not None:
         lines.append(f"| decoding step / {t['decode_reference']}-only, context "
                      f"{t['decode_context']} | {_fmt(t['decode_time_ratio'], 2)} |")
-    lines += ["", f"{metrics['tokens']} tokens. ![expert share](expert_share_{tag}.png)", ""]
+    windows = f" in windows of {metrics['seq_len']}" if "seq_len" in metrics else ""
+    lines += ["", f"{metrics['tokens']} tokens{windows}. ![expert share](expert_share_{tag}.png)",
+              ""]
     if "oracle" in metrics:
         lines += oracle_table(metrics["oracle"]) + [""]
     (run_dir / f"evaluation_{tag}.md").write_text("\n".join(lines))
