@@ -97,7 +97,7 @@ def gate_sweep(run_dir: Path, out_dir: Path | None = None,
                                gate_measure=measure)
             timing = decode_timing(model, data, "val", length, "gated", threshold, repeats,
                                    gate_measure=measure,
-                                   length=None if seq_len is None else length)
+                                   length=None if length == train_cfg.seq_len else length)
             bar.update()
             return {"gate": gate, "measure": measure, "matched_to": matched,
                     "threshold": threshold, "soft_fraction": 1.0 - metrics["hard_fraction"],

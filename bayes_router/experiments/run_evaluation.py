@@ -110,7 +110,8 @@ def evaluate_run(run_dir: Path, mode: str = "soft", gate_threshold: float | None
         metrics["timing"] = timed_forward(model, x, mode=mode, gate_threshold=gate_threshold)
         metrics["timing"].update(decode_timing(model, data, split, length, mode,
                                                gate_threshold,
-                                               length=None if seq_len is None else length))
+                                               length=None if length == train_cfg.seq_len
+                                               else length))
     metrics["dtype"] = dtype
     metrics["seq_len"] = length
     tag = (evaluation_tag(split, mode, gate_threshold)
